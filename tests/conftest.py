@@ -1,0 +1,44 @@
+"""Shared fixtures. Every test writes only under ``tmp_path``; network chatter is off."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("MELANOMA_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+
+def require(condition: bool, reason: str) -> None:
+    """Skip with ``reason`` on a user's machine; fail under CI (``CI=true``), where it must be there."""
+    if condition:
+        return
+    if IN_CI:
+        pytest.fail(f"required under CI: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def isic_sample_dir() -> Path:
+    """The real HAM10000 sample (1,391 images) from ../shared/data/isic_sample."""
+    path = SHARED_DATA / "isic_sample"
+    require(path.is_dir(), f"real ISIC sample not found at {path} (set MELANOMA_SHARED_DATA)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def isic_metadata_dir() -> Path:
+    """Official ISIC 2020/2019 and HAM10000 metadata tables from ../shared/data/isic_metadata."""
+    path = SHARED_DATA / "isic_metadata"
+    require(path.is_dir(), f"real ISIC metadata not found at {path} (set MELANOMA_SHARED_DATA)")
+    return path
