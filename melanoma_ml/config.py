@@ -50,6 +50,12 @@ class DataConfig(_Strict):
     layout: Literal["auto", "isic2020", "isic2019", "ham10000", "isic_cli"] = "auto"
     n_folds: int = Field(5, ge=2, description="Number of patient-grouped stratified folds.")
     fold_seed: int = 42
+    fold_prevalence_tolerance: float = Field(
+        0.3,
+        gt=0,
+        description="folds.fold_problems flags a fold whose melanoma rate differs from the overall rate by "
+        "more than this fraction of it (0.3: 1.76% +/- 0.53 points).",
+    )
     image_size: int = Field(256, ge=16, description="Training image side; the image cache is keyed by it.")
     synthetic: SyntheticConfig = SyntheticConfig()
 
@@ -74,12 +80,27 @@ class ModelConfig(_Strict):
 
 
 class AugmentationConfig(_Strict):
-    hflip: float = 0.5
-    vflip: float = 0.5
-    rotate90: float = 0.5
-    rotate_limit: int = 30
-    color_jitter: float = 0.5
-    coarse_dropout: float = 0.3
+    """Training augmentation: probabilities (``p``) and magnitudes of each albumentations transform."""
+
+    hflip: float = Field(0.5, ge=0, le=1)
+    vflip: float = Field(0.5, ge=0, le=1)
+    rotate90: float = Field(0.5, ge=0, le=1)
+    rotate_limit: int = Field(30, ge=0, le=180, description="Affine rotation range in degrees (+/-).")
+    affine: float = Field(0.5, ge=0, le=1, description="Probability of the shift/scale/rotate affine.")
+    shift_limit: float = Field(0.0625, ge=0, lt=1, description="Affine shift as a fraction of the side.")
+    scale_limit: float = Field(0.1, ge=0, lt=1, description="Affine zoom range (+/- fraction).")
+    color_jitter: float = Field(0.5, ge=0, le=1)
+    jitter_strength: float = Field(
+        0.2, ge=0, lt=1, description="Brightness/contrast/saturation jitter range (+/- fraction)."
+    )
+    jitter_hue: float = Field(
+        0.05, ge=0, le=0.5, description="Hue jitter range (+/- fraction of the circle)."
+    )
+    coarse_dropout: float = Field(0.3, ge=0, le=1)
+    dropout_holes: tuple[int, int] = Field((1, 8), description="Inclusive range of dropped rectangles.")
+    dropout_size: tuple[float, float] = Field(
+        (0.05, 0.1), description="Side range of a dropped rectangle as a fraction of the image side."
+    )
 
 
 class TrainingConfig(_Strict):
@@ -113,16 +134,49 @@ class EvaluationConfig(_Strict):
     bootstrap_seed: int = 0
     pauc_min_tpr: float = Field(0.80, ge=0, lt=1)
     ece_bins: int = Field(10, ge=2)
+    fixed_threshold: float = Field(
+        0.5, gt=0, lt=1, description="Second reported operating point, besides the tuned threshold."
+    )
+    subgroup_min_cases: int = Field(
+        5,
+        ge=1,
+        description="A subgroup's AUC is reported only with at least this many melanoma and benign images.",
+    )
     promotion_auc_floor: float = Field(
         0.70, ge=0, le=1, description="Candidate's AUC lower CI bound must exceed this to be promoted."
     )
 
 
 class ServingConfig(_Strict):
+    """The Gradio app and the model service behind it."""
+
     tta: bool = True
     cam_method: Literal["eigencam", "gradcam"] = "eigencam"
     host: str = "127.0.0.1"
     port: int = 7860
+    reload_check_interval_s: float = Field(
+        0.0,
+        ge=0,
+        description="Seconds between checks of the registry's current pointer; 0 checks on every request "
+        "(one stat of a small file locally; raise it for remote artifact roots).",
+    )
+    queue_max_size: int = Field(
+        16, ge=1, description="Requests waiting in the Gradio queue before new ones are refused."
+    )
+    concurrency_limit: int = Field(2, ge=1, description="Requests the app runs at the same time.")
+    max_upload_mb: int = Field(25, ge=1, description="Largest accepted upload in megabytes.")
+    max_image_pixels: int = Field(
+        50_000_000,
+        ge=1,
+        description="Uploads whose header declares more pixels are refused (decompression bombs).",
+    )
+    max_image_side: int = Field(
+        1024,
+        ge=16,
+        description="Uploads are downscaled (keeping aspect) to at most this side before inference.",
+    )
+    min_age: float = Field(0, ge=0, description="Smallest age the app accepts.")
+    max_age: float = Field(120, gt=0, description="Largest age the app accepts.")
 
 
 class PipelineConfig(BaseSettings):

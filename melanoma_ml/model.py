@@ -24,7 +24,8 @@ def validate_backbone(name: str) -> None:
     """
     if timm.is_model(name):
         return
-    close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+    scored = [(difflib.SequenceMatcher(None, name, m).ratio(), m) for m in timm.list_models()]
+    close = [m for score, m in sorted(scored, key=lambda t: (-t[0], t[1])) if score >= 0.6][:5]
     hint = f" Did you mean: {', '.join(close)}?" if close else " See timm.list_models() for names."
     raise ValueError(f"unknown backbone {name!r}: it is not a timm model name.{hint}")
 
