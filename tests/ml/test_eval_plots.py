@@ -1,0 +1,49 @@
+"""Evaluation figures: each is a valid PNG, written atomically, quickly."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from melanoma_ml.config import EvaluationConfig
+from melanoma_ml.evaluation import evaluate_predictions, plot_all
+from melanoma_ml.evaluation.plots import FIGURE_NAMES
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def predictions(n: int = 240, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < 0.3).astype(int)
+    return pd.DataFrame(
+        {
+            "image_name": [f"ISIC_{i:05d}" for i in range(n)],
+            "group_id": [f"IP_{i // 2}" for i in range(n)],
+            "target": y,
+            "prob": 1 / (1 + np.exp(-(2 * y + rng.normal(size=n) - 1))),
+        }
+    )
+
+
+def test_plot_all_writes_every_figure_as_a_valid_png(tmp_path, record_property):
+    oof = predictions()
+    report = evaluate_predictions(oof, EvaluationConfig(n_bootstrap=50), name="demo")
+    plot_all(oof, report, tmp_path / "warmup")  # first call pays matplotlib's one-off font setup
+    start = time.perf_counter()
+    figures = plot_all(oof, report, tmp_path / "figures")
+    per_figure = (time.perf_counter() - start) / len(figures)
+    record_property("seconds_per_figure", round(per_figure, 3))
+    print(f"\n{per_figure:.3f} s per figure")
+    assert tuple(figures) == FIGURE_NAMES
+    for name, path in figures.items():
+        assert path == tmp_path / "figures" / f"{name}.png"
+        assert path.read_bytes()[:8] == PNG_MAGIC
+        with Image.open(path) as image:
+            image.verify()
+            assert min(image.size) >= 300
+    assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == sorted(
+        f"{n}.png" for n in FIGURE_NAMES
+    )
