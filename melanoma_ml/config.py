@@ -36,6 +36,29 @@ class SyntheticConfig(_Strict):
     seed: int = 0
 
 
+DatasetLayout = Literal["auto", "isic2020", "isic2019", "ham10000", "isic_cli"]
+"""``auto`` detects the layout from the files in the folder (``melanoma_ml.metadata.layouts``)."""
+
+
+class ExternalSource(_Strict):
+    """An extra dataset whose rows are used for training only, e.g. ISIC 2019 added to ISIC 2020."""
+
+    path: str = Field(description="Dataset folder or metadata CSV file (any ISIC layout).")
+    layout: DatasetLayout = "auto"
+    image_dir: str | None = Field(None, description="Image folder; None auto-detects it beside the table.")
+    name: str | None = Field(
+        None,
+        description="Value of the source column; None uses the layout's name (ISIC2020, ISIC2019, HAM10000, "
+        "ISIC-archive). Set it when two sources share a layout.",
+    )
+    require_labels: bool | Literal["auto"] = Field(
+        "auto",
+        description="auto: labels are required unless the source is ISIC 2019 metadata without its "
+        "ground-truth file (a supplementary table whose values are compared with, and fill gaps in, the "
+        "other sources; its images no labelled source lists are quarantined as no_label).",
+    )
+
+
 class DataConfig(_Strict):
     """Where the data come from and how they are split."""
 
@@ -47,7 +70,13 @@ class DataConfig(_Strict):
     image_dir: str | None = Field(
         None, description="Image folder; None auto-detects (jpeg/train, train, images, ...) inside source_dir."
     )
-    layout: Literal["auto", "isic2020", "isic2019", "ham10000", "isic_cli"] = "auto"
+    layout: DatasetLayout = "auto"
+    external_sources: list[ExternalSource] = Field(
+        default_factory=list,
+        description="Extra datasets for training only (never validated on), merged with the primary one "
+        "(duplicates by id and image content removed, disagreements recorded). Env: "
+        'MELANOMA_DATA__EXTERNAL_SOURCES=\'[{"path": "/data/isic2019"}]\'.',
+    )
     n_folds: int = Field(5, ge=2, description="Number of patient-grouped stratified folds.")
     fold_seed: int = 42
     fold_prevalence_tolerance: float = Field(

@@ -1,0 +1,91 @@
+"""Albumentations pipelines: random augmentation for training, deterministic resize + normalize for eval.
+
+Both take a ``(H, W, 3)`` uint8 RGB array (``transform(image=array)["image"]``) and return a ``(3, size,
+size)`` float32 tensor normalized with the backbone's mean/std (given on the 0-1 scale).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import albumentations as A
+import cv2
+from albumentations.pytorch import ToTensorV2
+
+from melanoma_ml.config import AugmentationConfig
+
+
+def _normalize(mean: Sequence[float], std: Sequence[float]) -> list[A.BasicTransform]:
+    if len(mean) != 3 or len(std) != 3:
+        raise ValueError(f"mean and std need 3 values (RGB), got mean={list(mean)} std={list(std)}")
+    if any(s <= 0 for s in std):
+        raise ValueError(f"std values must be positive, got {list(std)}")
+    return [
+        A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0),
+        ToTensorV2(),
+    ]
+
+
+def _check_size(size: int) -> None:
+    if size < 1:
+        raise ValueError(f"image size must be a positive number of pixels, got {size}")
+
+
+def train_transform(
+    size: int,
+    aug: AugmentationConfig,
+    mean: Sequence[float],
+    std: Sequence[float],
+    seed: int | None = None,
+) -> A.Compose:
+    """Random flips, 90-degree turns, shift/scale/rotate, colour jitter and coarse dropout.
+
+    Args:
+        size: Output side in pixels (inputs of another size are resized first).
+        aug: Probabilities and magnitudes of each augmentation.
+        mean: Per-channel mean on the 0-1 scale (from ``normalization_for``).
+        std: Per-channel std on the 0-1 scale.
+        seed: Seed of the pipeline's own random state. Albumentations ignores global seeds, so a fixed
+            seed is what makes two training runs see the same augmentations.
+    """
+    _check_size(size)
+    low_holes, high_holes = aug.dropout_holes
+    low_side, high_side = aug.dropout_size
+    strength = aug.jitter_strength
+    return A.Compose(
+        [
+            A.Resize(size, size),
+            A.HorizontalFlip(p=aug.hflip),
+            A.VerticalFlip(p=aug.vflip),
+            A.RandomRotate90(p=aug.rotate90),
+            A.Affine(
+                scale=(1 - aug.scale_limit, 1 + aug.scale_limit),
+                translate_percent=(-aug.shift_limit, aug.shift_limit),
+                rotate=(-aug.rotate_limit, aug.rotate_limit),
+                border_mode=cv2.BORDER_REFLECT_101,  # lesions near the edge keep skin, not black corners
+                p=aug.affine,
+            ),
+            A.ColorJitter(
+                brightness=strength,
+                contrast=strength,
+                saturation=strength,
+                hue=aug.jitter_hue,
+                p=aug.color_jitter,
+            ),
+            A.CoarseDropout(
+                num_holes_range=(low_holes, high_holes),
+                hole_height_range=(low_side, high_side),
+                hole_width_range=(low_side, high_side),
+                fill=0,
+                p=aug.coarse_dropout,
+            ),
+            *_normalize(mean, std),
+        ],
+        seed=seed,
+    )
+
+
+def eval_transform(size: int, mean: Sequence[float], std: Sequence[float]) -> A.Compose:
+    """Resize to ``size`` (a no-op for cached images of that size), normalize, convert to a tensor."""
+    _check_size(size)
+    return A.Compose([A.Resize(size, size), *_normalize(mean, std)])

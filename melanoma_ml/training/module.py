@@ -1,0 +1,108 @@
+"""The LightningModule: training logic only; the network is built elsewhere and passed in."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import (
+    BinaryAccuracy,
+    BinaryAUROC,
+    BinaryF1Score,
+    BinaryPrecision,
+    BinaryRecall,
+)
+
+from melanoma_ml.config import TrainingConfig
+from melanoma_ml.training.losses import build_loss
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+MONITOR = "val/auroc"
+"""The metric that picks the best epoch, drives early stopping and the plateau scheduler."""
+
+
+def _metrics(prefix: str) -> MetricCollection:
+    return MetricCollection(
+        {
+            "auroc": BinaryAUROC(),
+            "f1": BinaryF1Score(),
+            "recall": BinaryRecall(),
+            "precision": BinaryPrecision(),
+            "accuracy": BinaryAccuracy(),
+        },
+        prefix=prefix,
+    )
+
+
+class MelanomaModule(L.LightningModule):
+    """Trains a ``MelanomaNet`` (``net(image, metadata) -> logits``) with the configured loss.
+
+    Logs ``train/loss``, ``val/loss`` and ``{train,val}/{auroc,f1,recall,precision,accuracy}`` per epoch.
+
+    Args:
+        net: The network (not saved as a hyperparameter; checkpoints store it as safetensors).
+        training: Optimiser, loss and scheduler settings.
+    """
+
+    def __init__(self, net: nn.Module, training: TrainingConfig) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["net"])
+        self.net = net
+        self.training_config = training
+        self.criterion = build_loss(training)
+        self.train_metrics = _metrics("train/")
+        self.val_metrics = _metrics("val/")
+
+    def forward(self, image: torch.Tensor, metadata: torch.Tensor) -> torch.Tensor:
+        return self.net(image, metadata)
+
+    def model_step(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(loss, probabilities, integer targets)`` for one batch; shared by training and validation."""
+        image, metadata, target = batch
+        logits = self(image, metadata)
+        loss = self.criterion(logits.float(), target.float())
+        return loss, torch.sigmoid(logits.detach().float()), target.int()
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, "train", self.train_metrics)
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, "val", self.val_metrics)
+
+    def _shared_step(self, batch: Batch, stage: str, metrics: MetricCollection) -> torch.Tensor:
+        loss, probs, targets = self.model_step(batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"{stage} loss is {loss.item()} at epoch {self.current_epoch}; lower training.learning_rate "
+                "or use training.precision='32-true'"
+            )
+        batch_size = targets.shape[0]
+        metrics.update(probs, targets)
+        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, batch_size=batch_size)
+        self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=batch_size)
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        cfg = self.training_config
+        optimizer = torch.optim.Adam(
+            self.net.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay
+        )
+        if cfg.scheduler == "none":
+            return optimizer
+        if cfg.scheduler == "cosine":
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        if cfg.scheduler == "plateau":
+            # Halve early-stopping patience so the learning rate drops before training gives up.
+            scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimizer, mode="max", patience=max(1, cfg.early_stopping_patience // 2)
+            )
+            return {
+                "optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "monitor": MONITOR, "interval": "epoch"},
+            }
+        raise ValueError(f"unknown scheduler {cfg.scheduler!r}; use 'cosine', 'plateau' or 'none'")

@@ -1,0 +1,118 @@
+"""Fold checkpoints: safetensors round trip, no pickle on load, clear errors, atomic replacement."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from melanoma_ml.features import MetadataEncoder
+from melanoma_ml.spec import ModelSpec
+from melanoma_ml.training.checkpoint import (
+    CHECKPOINT_FILES,
+    INFO_FILE,
+    SPEC_FILE,
+    WEIGHTS_FILE,
+    load_checkpoint,
+    save_checkpoint,
+)
+
+
+def _spec(backbone: str = "test_efficientnet", meta_hidden: list[int] | None = None) -> ModelSpec:
+    encoder = MetadataEncoder(age_mean=50.0, age_std=12.0, sexes=("female", "male"), sites=("torso",))
+    return ModelSpec(
+        backbone=backbone,
+        meta_hidden=meta_hidden or [8],
+        meta_dropout=0.1,
+        head_dropout=0.1,
+        image_size=32,
+        mean=[0.5, 0.5, 0.5],
+        std=[0.25, 0.25, 0.25],
+        encoder=encoder,
+    )
+
+
+def _inputs(spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    image = torch.randn(3, 3, spec.image_size, spec.image_size, generator=generator)
+    metadata = torch.randn(3, spec.encoder.n_features, generator=generator)
+    return image, metadata
+
+
+@pytest.fixture()
+def saved(tmp_path: Path) -> tuple[Path, torch.nn.Module, ModelSpec]:
+    spec = _spec()
+    torch.manual_seed(1)
+    net = spec.build_network().eval()
+    out = save_checkpoint(tmp_path / "fold0", net, spec, {"fold": 0, "val/auroc": 0.75})
+    return out, net, spec
+
+
+def test_files_are_written_and_weights_are_a_safetensors_file(saved) -> None:
+    out, net, _spec_ = saved
+    assert sorted(p.name for p in out.iterdir()) == sorted(CHECKPOINT_FILES)
+    with safe_open(str(out / WEIGHTS_FILE), framework="pt") as weights:
+        assert set(weights.keys()) == set(net.state_dict())
+    assert json.loads((out / INFO_FILE).read_text()) == {"fold": 0, "val/auroc": 0.75}
+
+
+def test_round_trip_reproduces_outputs_spec_and_info(saved) -> None:
+    out, net, spec = saved
+    loaded, loaded_spec, info = load_checkpoint(out)
+    assert not loaded.training
+    assert loaded_spec == spec
+    assert info["fold"] == 0
+    image, metadata = _inputs(spec)
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(image, metadata), net(image, metadata), rtol=0, atol=1e-6)
+
+
+def test_loading_never_unpickles(saved, monkeypatch: pytest.MonkeyPatch) -> None:
+    out, _net, _spec_ = saved
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("pickle-based loading was used")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    net, _spec2, _info = load_checkpoint(out)
+    assert sum(p.numel() for p in net.parameters()) > 0
+
+
+@pytest.mark.parametrize("missing", CHECKPOINT_FILES)
+def test_a_missing_file_is_named(saved, missing: str) -> None:
+    out, _net, _spec_ = saved
+    (out / missing).unlink()
+    with pytest.raises(FileNotFoundError, match=missing.replace(".", r"\.")):
+        load_checkpoint(out)
+
+
+def test_a_missing_folder_says_to_train(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="train_fold"):
+        load_checkpoint(tmp_path / "nowhere")
+
+
+def test_weights_that_do_not_fit_the_spec_are_refused(saved) -> None:
+    out, _net, spec = saved
+    other = _spec(meta_hidden=[4])
+    (out / SPEC_FILE).write_text(json.dumps(other.to_dict()))
+    with pytest.raises(ValueError, match="does not match the architecture"):
+        load_checkpoint(out)
+
+
+def test_saving_again_replaces_the_folder_and_leaves_no_temp_files(saved) -> None:
+    out, _net, spec = saved
+    (out / "stale.txt").write_text("from an older run")
+    torch.manual_seed(2)
+    newer = spec.build_network().eval()
+    save_checkpoint(out, newer, spec, {"fold": 0, "run": 2})
+    assert sorted(p.name for p in out.iterdir()) == sorted(CHECKPOINT_FILES)
+    assert [p.name for p in out.parent.iterdir()] == [out.name]
+    loaded, _spec2, info = load_checkpoint(out)
+    assert info["run"] == 2
+    torch.testing.assert_close(loaded.state_dict(), newer.state_dict())
