@@ -1,0 +1,200 @@
+"""Model registry: immutable versions, atomic pointer, history, rollback, concurrent registration."""
+
+from __future__ import annotations
+
+import multiprocessing
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from melanoma_ml.atomic import sha256_file
+from melanoma_ml.features import MetadataEncoder
+from melanoma_ml.serving.bundle import BundleError, BundleIntegrityError, save_bundle
+from melanoma_ml.serving.registry import ModelRegistry, RegistryError
+from melanoma_ml.spec import ModelSpec
+
+BUNDLE_KWARGS = {
+    "threshold": 0.5,
+    "metrics": {"auc": {"value": 0.8, "lo": 0.7, "hi": 0.9}},
+    "data_version": "d1",
+    "code_version": "c1",
+}
+
+
+def tiny_spec() -> ModelSpec:
+    encoder = MetadataEncoder(age_mean=50.0, age_std=15.0, sexes=("female", "male"), sites=("torso",))
+    return ModelSpec("test_efficientnet", [8], 0.1, 0.1, 32, [0.5] * 3, [0.25] * 3, encoder)
+
+
+@pytest.fixture(scope="module")
+def spec_and_net():
+    torch.manual_seed(0)
+    spec = tiny_spec()
+    return spec, spec.build_network().eval()
+
+
+@pytest.fixture(scope="module")
+def source_bundle(tmp_path_factory, spec_and_net) -> Path:
+    spec, net = spec_and_net
+    return save_bundle(tmp_path_factory.mktemp("export") / "bundle", net, spec, **BUNDLE_KWARGS)
+
+
+def test_empty_registry_has_no_current(tmp_path):
+    registry = ModelRegistry(tmp_path / "registry")
+    assert registry.versions() == []
+    assert registry.current() is None
+    assert registry.current_path() is None
+    assert registry.load_current() is None
+    assert registry.pointer_stamp() is None
+    assert registry.history() == []
+    with pytest.raises(RegistryError, match="nothing is promoted"):
+        registry.rollback()
+
+
+def test_versions_increment_and_stay_immutable(tmp_path, source_bundle):
+    registry = ModelRegistry(tmp_path)
+    assert [registry.register(source_bundle, reason=f"r{i}") for i in range(3)] == ["v0001", "v0002", "v0003"]
+    assert registry.versions() == ["v0001", "v0002", "v0003"]
+    before = sha256_file(registry.version_path("v0001") / "manifest.json")
+    assert registry.register(source_bundle) == "v0004"
+    assert sha256_file(registry.version_path("v0001") / "manifest.json") == before
+    events = registry.history()
+    assert [(e["event"], e["version"]) for e in events] == [("registered", f"v000{i}") for i in range(1, 5)]
+    assert events[0]["reason"] == "r0"
+    assert events[0]["source"] == str(source_bundle)
+
+
+def test_register_bundle_exports_a_loadable_version_that_knows_its_name(tmp_path, spec_and_net):
+    spec, net = spec_and_net
+    registry = ModelRegistry(tmp_path)
+    version = registry.register_bundle(net, spec, extra={"backbone_run": "fold0"}, **BUNDLE_KWARGS)
+    registry.promote(version, reason="first model")
+    bundle = registry.load_current()
+    assert bundle.version == "v0001"
+    assert bundle.manifest["extra"] == {"backbone_run": "fold0", "version": "v0001"}
+    assert registry.manifest("v0001")["threshold"] == 0.5
+
+
+def test_promote_moves_the_pointer_and_rollback_walks_back(tmp_path, source_bundle):
+    registry = ModelRegistry(tmp_path)
+    for _ in range(3):
+        registry.register(source_bundle)
+    registry.promote("v0001", reason="first")
+    stamp = registry.pointer_stamp()
+    registry.promote("v0003", reason="better AUC")
+    assert registry.current() == "v0003"
+    assert registry.current_path() == tmp_path / "versions" / "v0003"
+    assert registry.pointer()["reason"] == "better AUC"
+    assert registry.pointer_stamp() != stamp
+
+    assert registry.rollback(reason="v0003 misbehaves") == "v0001"
+    assert registry.current() == "v0001"
+    with pytest.raises(RegistryError, match="no earlier served version"):
+        registry.rollback()
+    assert registry.rollback(to="v0002", reason="try v2") == "v0002"
+    assert registry.rollback() == "v0001"
+
+    moves = [
+        (e["event"], e["version"], e.get("previous"))
+        for e in registry.history()
+        if e["event"] != "registered"
+    ]
+    assert moves == [
+        ("promoted", "v0001", None),
+        ("promoted", "v0003", None),
+        ("rolled_back", "v0001", "v0003"),
+        ("rolled_back", "v0002", "v0001"),
+        ("rolled_back", "v0001", "v0002"),
+    ]
+    assert all("time" in e for e in registry.history())
+
+
+@pytest.mark.parametrize(
+    ("action", "error", "message"),
+    [
+        (
+            lambda r: r.promote("v0009"),
+            RegistryError,
+            r"unknown model version 'v0009'.*known versions: \['v0001'\]",
+        ),
+        (lambda r: r.promote("../x"), RegistryError, "unknown model version"),
+        (lambda r: r.rollback(to="v0001"), RegistryError, "v0001 is already current"),
+        (lambda r: r.register(r.root / "nowhere"), BundleError, "bundle folder not found"),
+    ],
+)
+def test_bad_requests_are_refused_and_the_pointer_stays(tmp_path, source_bundle, action, error, message):
+    registry = ModelRegistry(tmp_path)
+    registry.register(source_bundle)
+    registry.promote("v0001")
+    with pytest.raises(error, match=message):
+        action(registry)
+    assert registry.current() == "v0001"
+
+
+def test_a_tampered_version_is_never_promoted(tmp_path, source_bundle):
+    registry = ModelRegistry(tmp_path)
+    registry.register(source_bundle)
+    registry.register(source_bundle)
+    registry.promote("v0001")
+    weights = registry.version_path("v0002") / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\x00")
+    with pytest.raises(BundleIntegrityError, match="sha256 mismatch"):
+        registry.promote("v0002")
+    assert registry.current() == "v0001"
+
+
+def test_a_failed_registration_burns_its_number_and_leaves_no_folder(tmp_path, spec_and_net):
+    spec, net = spec_and_net
+    registry = ModelRegistry(tmp_path)
+    with pytest.raises(ValueError, match="threshold must be a probability"):
+        registry.register_bundle(net, spec, **{**BUNDLE_KWARGS, "threshold": 2.0})
+    assert registry.versions() == []
+    assert list((tmp_path / "versions").iterdir()) == []
+    assert registry.register_bundle(net, spec, **BUNDLE_KWARGS) == "v0002"
+
+
+def test_a_version_taken_between_listing_and_reserving_is_skipped(tmp_path, source_bundle, monkeypatch):
+    registry = ModelRegistry(tmp_path)
+    real_mkdir = __import__("os").mkdir
+    raced = []
+
+    def mkdir_after_a_rival(path, *args, **kwargs):
+        if not raced and Path(path).parent.name == ".reserved":  # a rival reserves the same number first
+            raced.append(path)
+            real_mkdir(path)
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr("melanoma_ml.serving.registry.os.mkdir", mkdir_after_a_rival)
+    assert registry.register(source_bundle) == "v0002"
+
+
+def _register_in_child(args):
+    root, source = args
+    return ModelRegistry(root).register(source)
+
+
+def test_concurrent_registrations_get_distinct_versions(tmp_path, source_bundle):
+    root = tmp_path / "registry"
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        from_threads = list(pool.map(lambda _: ModelRegistry(root).register(source_bundle), range(6)))
+    with multiprocessing.get_context("fork").Pool(4) as pool:
+        from_processes = pool.map(_register_in_child, [(root, source_bundle)] * 8)
+    everything = from_threads + from_processes
+    assert len(set(everything)) == 14
+    assert ModelRegistry(root).versions() == [f"v{i:04d}" for i in range(1, 15)]
+    assert len(ModelRegistry(root).history()) == 14
+
+
+def test_the_registry_and_gate_import_without_torch():
+    """The app polls the pointer per request and Dagster imports the gate: both must stay cheap."""
+    code = (
+        "import sys, melanoma_ml.serving, melanoma_ml.serving.registry, melanoma_ml.serving.promotion; "
+        "heavy = sorted({'torch', 'gradio', 'pytorch_grad_cam', 'dagster'} & set(sys.modules)); "
+        "assert not heavy, heavy"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
