@@ -180,7 +180,11 @@ class ServingConfig(_Strict):
     """The Gradio app and the model service behind it."""
 
     tta: bool = True
-    cam_method: Literal["eigencam", "gradcam"] = "eigencam"
+    cam_method: Literal["eigencam", "gradcam"] = Field(
+        "gradcam",
+        description="Default CAM in the app. Grad-CAM is class-specific and, with grad-cam 1.5.7's full SVD, "
+        "several times faster than EigenCAM on efficientnet_b0 (benchmarks/serving_latency.py).",
+    )
     host: str = "127.0.0.1"
     port: int = 7860
     reload_check_interval_s: float = Field(
@@ -203,6 +207,9 @@ class ServingConfig(_Strict):
         1024,
         ge=16,
         description="Uploads are downscaled (keeping aspect) to at most this side before inference.",
+    )
+    file_max_age_s: int = Field(
+        3600, ge=60, description="Uploads and result images older than this are deleted from the app's cache."
     )
     min_age: float = Field(0, ge=0, description="Smallest age the app accepts.")
     max_age: float = Field(120, gt=0, description="Largest age the app accepts.")

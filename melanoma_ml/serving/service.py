@@ -1,0 +1,539 @@
+"""The model behind the app: follows the registry's ``current`` pointer and answers prediction requests.
+
+No gradio here: the app (``melanoma_ml.serving.app``) is a thin UI over ``ModelService``, and tests and
+benchmarks call the service directly.
+
+Hot reload: every request (or, with ``serving.reload_check_interval_s``, at most that often) stats the
+registry pointer. When it moved, one request thread loads and verifies the new bundle *beside* the model
+being served, then swaps it in under a lock; other requests keep using the model they already hold, so
+no request fails or waits during a swap. A bundle that fails to load (tampered weights, missing files)
+is refused, the previous model keeps serving and the status says why.
+
+Each served model has its own inference lock: pytorch-grad-cam registers hooks on the shared network,
+so a forward pass of another request during a CAM would corrupt that CAM's activations.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from melanoma_ml import schema
+from melanoma_ml.config import PipelineConfig, ServingConfig
+from melanoma_ml.images.io import ImageDecodeError, load_rgb
+from melanoma_ml.serving.registry import ModelRegistry
+
+if TYPE_CHECKING:
+    from melanoma_ml.serving.bundle import Bundle
+
+log = logging.getLogger(__name__)
+
+UNKNOWN = "unknown"
+"""What the UI shows for a metadata field left empty; encoded as missing, exactly as in training."""
+
+CAM_METHODS = ("eigencam", "gradcam")
+NO_CAM = "none"
+
+NO_MODEL_MESSAGE = (
+    "No model has been promoted yet. Train and promote one with `melanoma-ml demo` (synthetic data, a few "
+    "minutes on a laptop) or by materializing the `promoted_model` asset in Dagster; this app picks it up "
+    "automatically, no restart needed."
+)
+
+DISCLAIMER = (
+    "Research and education tool only. It is not a medical device and does not give a diagnosis: "
+    "any concerning skin lesion must be examined by a qualified clinician."
+)
+
+_NOT_CHECKED = object()
+"""Pointer stamp before the first check (distinct from ``None``, which means "no pointer")."""
+
+
+class InvalidRequest(ValueError):
+    """The request cannot be answered as given; the message says what to change."""
+
+
+class NoModelAvailable(RuntimeError):
+    """Nothing has been promoted yet (the message says how to get a model)."""
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """A loaded bundle plus what the UI needs to describe it.
+
+    Attributes:
+        bundle: The verified, loaded bundle.
+        version: Registry version (``v0003``).
+        promoted_at: ISO time the pointer was moved to this version (from ``current.json``).
+        loaded_at: ISO time this process loaded it.
+        target_layers: CAM layer choices for this backbone, best first.
+        lock: Serializes forward passes on this network (CAM hooks are not thread-safe).
+    """
+
+    bundle: Bundle
+    version: str
+    promoted_at: str | None
+    loaded_at: str
+    target_layers: tuple[str, ...]
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    @property
+    def backbone(self) -> str:
+        return self.bundle.spec.backbone
+
+    @property
+    def threshold(self) -> float:
+        return self.bundle.threshold
+
+    @property
+    def image_size(self) -> int:
+        return self.bundle.spec.image_size
+
+    @property
+    def default_target_layer(self) -> str:
+        return self.target_layers[0]
+
+    @property
+    def vocabulary(self) -> dict[str, list[str]]:
+        """The encoder's categories: ``{"sex": [...], "site": [...]}``."""
+        return {key: list(values) for key, values in self.bundle.spec.encoder.vocabulary.items()}
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return self.bundle.manifest
+
+
+@dataclass(frozen=True)
+class PredictionRequest:
+    """One request as it arrives from the UI or the API (values are validated by the service).
+
+    Attributes:
+        image: Path or bytes of the uploaded file; None when nothing was uploaded.
+        age: Years, as a number or text; None/""/"unknown" means unknown.
+        sex: One of the model's sex categories, or None/""/"unknown".
+        site: One of the model's anatomic sites, or None/""/"unknown".
+        tta: Average the 8 dihedral views; None uses ``serving.tta``.
+        cam_method: ``"eigencam"``, ``"gradcam"`` or ``"none"``; None uses ``serving.cam_method``.
+        target_layer: CAM layer name; None/"" uses the backbone's default.
+    """
+
+    image: str | Path | bytes | None
+    age: float | int | str | None = None
+    sex: str | None = None
+    site: str | None = None
+    tta: bool | None = None
+    cam_method: str | None = None
+    target_layer: str | None = None
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The answer to one request.
+
+    Attributes:
+        probability: Melanoma probability in [0, 1].
+        threshold: The bundle's tuned decision threshold.
+        positive: ``probability >= threshold``.
+        model_version: Registry version that answered.
+        backbone: timm backbone of that model.
+        tta: Whether the 8-view TTA was used.
+        view: ``(S, S, 3)`` uint8: the un-augmented square view the network saw.
+        overlay: ``(S, S, 3)`` uint8 CAM overlay on ``view``, or None when CAM was off.
+        cam_method: The CAM method used, or None.
+        target_layer: The CAM layer used, or None.
+        metadata: The validated metadata as encoded (None = unknown).
+        seconds: Wall time spent on the request.
+        model: The served model that answered (its manifest holds the evaluation metrics).
+    """
+
+    probability: float
+    threshold: float
+    positive: bool
+    model_version: str
+    backbone: str
+    tta: bool
+    view: np.ndarray = field(repr=False)
+    overlay: np.ndarray | None = field(repr=False)
+    cam_method: str | None
+    target_layer: str | None
+    metadata: dict[str, Any]
+    seconds: float
+    model: ServedModel = field(repr=False)
+
+    @property
+    def decision(self) -> str:
+        return "positive" if self.positive else "negative"
+
+    def to_json(self) -> dict[str, Any]:
+        """The API answer: plain JSON types only."""
+        return {
+            "probability": self.probability,
+            "threshold": self.threshold,
+            "decision": self.decision,
+            "model_version": self.model_version,
+            "backbone": self.backbone,
+            "tta": self.tta,
+            "cam_method": self.cam_method,
+            "target_layer": self.target_layer,
+            "metadata": dict(self.metadata),
+            "seconds": round(self.seconds, 4),
+        }
+
+
+@dataclass(frozen=True)
+class ServiceStatus:
+    """What the page shows above the form.
+
+    Attributes:
+        model: The model being served, or None.
+        reload_error: Why the latest promoted version was refused (previous model still serving), or None.
+    """
+
+    model: ServedModel | None
+    reload_error: str | None
+
+
+def registry_root(config: PipelineConfig) -> Path:
+    """``<artifact_root>/registry``: the same registry the pipeline promotes into."""
+    from melanoma_ml.pipeline import artifact_paths
+
+    return artifact_paths(config).registry
+
+
+class ModelService:
+    """Serves the promoted model and reloads it when the registry pointer moves.
+
+    Args:
+        registry: The model registry to follow.
+        config: Serving settings (TTA/CAM defaults, reload interval, image limits, age range).
+        clock: Monotonic clock in seconds (injectable for tests of the check interval).
+    """
+
+    def __init__(
+        self, registry: ModelRegistry, config: ServingConfig, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.registry = registry
+        self.config = config
+        self._clock = clock
+        self._state_lock = threading.Lock()  # guards the four fields below; held only for assignments
+        self._served: ServedModel | None = None
+        self._stamp: object = _NOT_CHECKED
+        self._reload_error: str | None = None
+        self._last_check = -math.inf
+        self._load_lock = threading.Lock()  # one loader at a time; never held while answering requests
+
+    @classmethod
+    def from_config(cls, config: PipelineConfig) -> ModelService:
+        """A service on ``<artifact_root>/registry`` with ``config.serving``."""
+        return cls(ModelRegistry(registry_root(config)), config.serving)
+
+    # ------------------------------------------------------------------ model lifecycle
+    def status(self) -> ServiceStatus:
+        """Refresh (cheaply) and describe what is being served."""
+        self.refresh()
+        with self._state_lock:
+            return ServiceStatus(model=self._served, reload_error=self._reload_error)
+
+    def refresh(self) -> ServedModel | None:
+        """Load the promoted version if the pointer moved since the last check; return the served model.
+
+        With a model already serving, a request that finds another thread loading does not wait: it keeps
+        the current model. With nothing served yet it waits for the loader.
+        """
+        with self._state_lock:
+            served = self._served
+            now = self._clock()
+            if now - self._last_check < self.config.reload_check_interval_s:
+                return served
+            self._last_check = now
+            known_stamp = self._stamp
+        if self.registry.pointer_stamp() == known_stamp:
+            return served
+        if not self._load_lock.acquire(blocking=served is None):
+            return served
+        try:
+            self._load_if_moved()
+        finally:
+            self._load_lock.release()
+        with self._state_lock:
+            return self._served
+
+    def _load_if_moved(self) -> None:
+        """Under ``_load_lock``: read the pointer again and load its version beside the served model."""
+        stamp = self.registry.pointer_stamp()
+        with self._state_lock:
+            if stamp == self._stamp:
+                return
+            served = self._served
+        version = "the promoted model"
+        try:
+            pointer = self.registry.pointer() if stamp is not None else None
+            if pointer is None:
+                # No pointer (yet, or it was deleted): keep whatever is serving.
+                self._record(stamp, served, None)
+                return
+            version = str(pointer["version"])
+            if served is not None and served.version == version:
+                self._record(stamp, served, None)
+                return
+            model = self._load_version(version, pointer.get("promoted_at"))
+        except (ValueError, OSError) as exc:  # BundleError/BundleIntegrityError/RegistryError are ValueErrors
+            still = f"still serving {served.version}" if served is not None else "no model is being served"
+            message = (
+                f"{version} was refused: {exc}. {still.capitalize()}; fix the bundle or promote/roll back to "
+                "a good version (the app reloads on the next request)."
+            )
+            log.error(message)
+            self._record(stamp, served, message)
+            return
+        log.info("serving model %s (%s), promoted %s", model.version, model.backbone, model.promoted_at)
+        self._record(stamp, model, None)
+
+    def _record(self, stamp: object, served: ServedModel | None, error: str | None) -> None:
+        with self._state_lock:
+            self._stamp = stamp
+            self._served = served
+            self._reload_error = error
+
+    def _load_version(self, version: str, promoted_at: str | None) -> ServedModel:
+        from melanoma_ml.serving.bundle import load_bundle
+        from melanoma_ml.serving.explain import target_layer_names
+
+        bundle = load_bundle(self.registry.version_path(version))
+        return ServedModel(
+            bundle=bundle,
+            version=version,
+            promoted_at=promoted_at,
+            loaded_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            target_layers=tuple(target_layer_names(bundle.net)),
+        )
+
+    # ------------------------------------------------------------------ requests
+    def predict(self, request: PredictionRequest) -> Prediction:
+        """Validate ``request``, run the (TTA) prediction and, if asked, the CAM on the un-augmented view.
+
+        Raises:
+            NoModelAvailable: nothing promoted yet.
+            InvalidRequest: bad image or metadata (the message says what to fix).
+        """
+        started = time.perf_counter()
+        model = self.refresh()
+        if model is None:
+            raise NoModelAvailable(NO_MODEL_MESSAGE)
+        from melanoma_ml.serving.inference import predict, square_view
+
+        vocabulary = model.vocabulary
+        metadata = {
+            "age": parse_age(request.age, self.config.min_age, self.config.max_age),
+            "sex": parse_category(request.sex, vocabulary["sex"], "sex"),
+            "site": parse_category(request.site, vocabulary["site"], "anatomic site"),
+        }
+        tta = self.config.tta if request.tta is None else bool(request.tta)
+        method = parse_cam_method(request.cam_method, default=self.config.cam_method)
+        layer = parse_target_layer(request.target_layer, model.target_layers) if method else None
+        image = self.decode(request.image)
+        view = square_view(image, model.image_size)
+        with model.lock:
+            probability = float(predict(model.bundle, [image], [metadata], tta=tta)[0])
+            explanation = self._explain(model, image, metadata, method, layer) if method else None
+        return Prediction(
+            probability=probability,
+            threshold=model.threshold,
+            positive=probability >= model.threshold,
+            model_version=model.version,
+            backbone=model.backbone,
+            tta=tta,
+            view=view,
+            overlay=None if explanation is None else explanation.overlay,
+            cam_method=method,
+            target_layer=None if explanation is None else explanation.target_layer,
+            metadata=metadata,
+            seconds=time.perf_counter() - started,
+            model=model,
+        )
+
+    @staticmethod
+    def _explain(model: ServedModel, image: np.ndarray, metadata: dict[str, Any], method: str, layer: str):
+        from melanoma_ml.serving.explain import explain
+
+        try:
+            return explain(model.bundle, image, metadata, method=method, target_layer=layer)
+        except ValueError as exc:  # e.g. a layer whose feature map is too coarse at this input size
+            raise InvalidRequest(
+                f"the {method} explanation failed on layer {layer}: {exc}. Pick another CAM target layer or "
+                "turn the explanation off"
+            ) from exc
+
+    def decode(self, source: str | Path | bytes | None) -> np.ndarray:
+        """Decode an upload with the serving size limits.
+
+        Raises:
+            InvalidRequest: nothing uploaded, too large, or not a readable image.
+        """
+        if source is None or (isinstance(source, str) and not source.strip()):
+            raise InvalidRequest("no image uploaded; upload a dermoscopy photo (JPEG or PNG)")
+        name = "the uploaded image"
+        if isinstance(source, str | Path):
+            path = Path(source)
+            name = path.name
+            limit = self.config.max_upload_mb * 1024 * 1024
+            if path.is_file() and path.stat().st_size > limit:
+                raise InvalidRequest(
+                    f"{name} is {path.stat().st_size / 1e6:.1f} MB, above the {self.config.max_upload_mb} MB "
+                    "upload limit; upload a smaller or more compressed image"
+                )
+        try:
+            return load_rgb(
+                source, max_pixels=self.config.max_image_pixels, max_side=self.config.max_image_side
+            )
+        except ImageDecodeError as exc:
+            raise InvalidRequest(f"could not use {name}: {exc.reason}") from exc
+
+
+# ---------------------------------------------------------------------- input validation (pure)
+def is_unknown(value: Any) -> bool:
+    """None, blank, NaN or the word "unknown" all mean "not given"."""
+    if value is None:
+        return True
+    if isinstance(value, float) and math.isnan(value):
+        return True
+    return isinstance(value, str) and value.strip().lower() in {"", UNKNOWN}
+
+
+def parse_age(value: Any, min_age: float, max_age: float) -> float | None:
+    """A validated age in years, or None for unknown.
+
+    Raises:
+        InvalidRequest: not a number, or outside ``[min_age, max_age]``.
+    """
+    if is_unknown(value):
+        return None
+    if isinstance(value, bool):
+        raise InvalidRequest(f"age must be a number of years, got {value!r}; enter e.g. 45 or leave it empty")
+    try:
+        age = float(str(value).strip()) if isinstance(value, str) else float(value)
+    except (TypeError, ValueError):
+        raise InvalidRequest(
+            f"age must be a number of years, got {value!r}; enter e.g. 45 or leave it empty if unknown"
+        ) from None
+    if not math.isfinite(age) or not min_age <= age <= max_age:
+        raise InvalidRequest(
+            f"age {value!r} is outside {min_age:g}-{max_age:g} years; enter the patient's age or leave it empty"
+        )
+    # Training data cap published ages at 85 (ISIC convention; metadata cleaning does the same), so an
+    # older patient is encoded as 85 rather than extrapolated beyond anything the model saw.
+    return min(age, float(schema.MAX_AGE))
+
+
+def parse_category(value: Any, choices: Sequence[str], what: str) -> str | None:
+    """A category from the model's vocabulary (case-insensitive), or None for unknown.
+
+    Raises:
+        InvalidRequest: a value the model was not trained with (the message lists the choices).
+    """
+    if is_unknown(value):
+        return None
+    key = str(value).strip().lower()
+    if key not in choices:
+        raise InvalidRequest(
+            f"unknown {what} {value!r}; choose one of {sorted(choices)} or leave it empty ({UNKNOWN!r})"
+        )
+    return key
+
+
+def parse_cam_method(value: str | None, *, default: str) -> str | None:
+    """``"eigencam"``/``"gradcam"``, or None for no CAM (``"none"``); None/"" uses ``default``.
+
+    Raises:
+        InvalidRequest: any other value.
+    """
+    if value is None or (isinstance(value, str) and not value.strip()):
+        value = default
+    key = str(value).strip().lower().replace("-", "")
+    if key in {NO_CAM, "off"}:
+        return None
+    if key not in CAM_METHODS:
+        raise InvalidRequest(f"unknown explanation method {value!r}; choose one of {[*CAM_METHODS, NO_CAM]}")
+    return key
+
+
+def parse_target_layer(value: str | None, choices: Sequence[str]) -> str:
+    """A CAM layer from ``choices``; None/"" picks the first (the backbone's default).
+
+    Raises:
+        InvalidRequest: a layer this backbone does not offer.
+    """
+    if value is None or not str(value).strip():
+        return choices[0]
+    name = str(value).strip()
+    if name not in choices:
+        raise InvalidRequest(
+            f"unknown CAM target layer {name!r} for this model; choose one of {list(choices)}"
+        )
+    return name
+
+
+# ---------------------------------------------------------------------- model card (pure)
+HEADLINE_METRICS = (
+    ("auc", "ROC AUC"),
+    ("pauc", "Partial AUC (high-sensitivity region)"),
+    ("sensitivity", "Sensitivity at the threshold"),
+    ("specificity", "Specificity at the threshold"),
+    ("brier", "Brier score (lower is better)"),
+    ("ece", "Calibration error, ECE (lower is better)"),
+)
+"""Metrics the model card shows, in order, as ``(key in the manifest's metrics, label)``."""
+
+
+@dataclass(frozen=True)
+class MetricLine:
+    """One metric of the bundle: point estimate and bootstrap CI (bounds None when not estimable)."""
+
+    name: str
+    value: float
+    lo: float | None
+    hi: float | None
+
+    def text(self, digits: int = 3) -> str:
+        if self.lo is None or self.hi is None:
+            return f"{self.value:.{digits}f} (no CI)"
+        return f"{self.value:.{digits}f} (95% CI {self.lo:.{digits}f}-{self.hi:.{digits}f})"
+
+
+def metric_line(metrics: Mapping[str, Any], key: str, name: str) -> MetricLine | None:
+    """Read ``metrics[key]`` in the evaluation report's shape ``{"value", "lo", "hi"}``.
+
+    Returns None when the bundle has no such metric (or no point value for it).
+
+    Raises:
+        ValueError: the entry has another shape (the bundle was not exported from an evaluation report).
+    """
+    entry = metrics.get(key)
+    if entry is None:
+        return None
+    if not isinstance(entry, Mapping) or "value" not in entry:
+        raise ValueError(
+            f"bundle metric {key!r} is {entry!r}, expected {{'value': .., 'lo': .., 'hi': ..}} as written by "
+            "the evaluation report; re-export the bundle from an EvaluationReport"
+        )
+    if entry["value"] is None:
+        return None
+    lo, hi = entry.get("lo"), entry.get("hi")
+    return MetricLine(
+        name, float(entry["value"]), None if lo is None else float(lo), None if hi is None else float(hi)
+    )
+
+
+def headline_metrics(metrics: Mapping[str, Any]) -> list[MetricLine]:
+    """The ``HEADLINE_METRICS`` the bundle has, in order."""
+    lines = [metric_line(metrics, key, name) for key, name in HEADLINE_METRICS]
+    return [line for line in lines if line is not None]

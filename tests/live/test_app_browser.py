@@ -1,0 +1,156 @@
+"""The Gradio app in a real headless Chromium (Playwright): upload, fill metadata, analyse, read the result.
+
+The served bundle is a random-weight ``test_efficientnet`` at 64 px registered through the registry API
+(the client test covers a trained bundle). A screenshot of the finished page is saved under ``tmp_path``.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import require
+from PIL import Image, ImageDraw
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+SITES = ("head/neck", "lower extremity", "torso")
+TIMEOUT_MS = 60_000
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def lesion_photo(path: Path) -> Path:
+    """A brownish blob on skin tone, 160 x 120 px."""
+    image = Image.new("RGB", (160, 120), (224, 180, 150))
+    ImageDraw.Draw(image).ellipse((50, 30, 115, 92), fill=(90, 55, 40))
+    image.save(path, quality=92)
+    return path
+
+
+@pytest.fixture()
+def app_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import torch
+
+    from melanoma_ml.config import ServingConfig
+    from melanoma_ml.features import MetadataEncoder
+    from melanoma_ml.serving.registry import ModelRegistry
+    from melanoma_ml.spec import ModelSpec
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    from melanoma_ml.serving.app import create_app, launch_options
+    from melanoma_ml.serving.service import ModelService
+
+    torch.manual_seed(0)
+    spec = ModelSpec(
+        backbone="test_efficientnet",
+        meta_hidden=[8],
+        meta_dropout=0.0,
+        head_dropout=0.0,
+        image_size=64,
+        mean=[0.485, 0.456, 0.406],
+        std=[0.229, 0.224, 0.225],
+        encoder=MetadataEncoder(age_mean=50.0, age_std=15.0, sexes=("female", "male"), sites=SITES),
+    )
+    registry = ModelRegistry(tmp_path / "registry")
+    metrics = {
+        "auc": {"value": 0.81, "lo": 0.74, "hi": 0.88},
+        "sensitivity": {"value": 0.9, "lo": 0.82, "hi": 0.96},
+        "specificity": {"value": 0.55, "lo": 0.47, "hi": 0.63},
+    }
+    version = registry.register_bundle(
+        spec.build_network().eval(),
+        spec,
+        threshold=0.5,
+        metrics=metrics,
+        data_version="test",
+        code_version="test",
+    )
+    registry.promote(version)
+    serving = ServingConfig()
+    demo = create_app(ModelService(registry, serving))
+    port = free_port()
+    demo.launch(
+        prevent_thread_lock=True,
+        server_name="127.0.0.1",
+        server_port=port,
+        quiet=True,
+        **launch_options(serving),
+    )
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        demo.close()
+
+
+def pick(page, elem_id: str, option: str) -> None:
+    """Choose ``option`` in the Gradio dropdown with ``elem_id``."""
+    page.locator(f"#{elem_id} input").click()
+    page.get_by_role("option", name=option, exact=True).click()
+
+
+def test_upload_fill_analyse_and_see_the_overlay(app_url: str, tmp_path: Path) -> None:
+    require(CHROMIUM.is_file(), f"Chromium not found at {CHROMIUM} (apt-get install chromium)")
+    from playwright.sync_api import expect, sync_playwright
+
+    photo = lesion_photo(tmp_path / "lesion.jpg")
+    screenshot = tmp_path / "app.png"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1100})
+            page.set_default_timeout(TIMEOUT_MS)
+            page.goto(app_url)
+            expect(page.locator("#disclaimer")).to_contain_text("not a medical device")
+            expect(page.locator("#model-status")).to_contain_text("Serving model v0001")
+            page.locator("#upload input[type=file]").set_input_files(str(photo))
+            expect(page.locator("#upload")).to_contain_text("lesion.jpg")
+            page.locator("#age textarea, #age input").first.fill("62")
+            pick(page, "sex", "female")
+            pick(page, "site", "torso")
+            pick(page, "cam-layer", "backbone.bn2")
+            page.locator("#analyse").click()
+            result = page.locator("#result")
+            expect(result).to_contain_text("Melanoma probability", timeout=TIMEOUT_MS)
+            match = re.search(r"Melanoma probability: ([0-9.]+)%", result.inner_text())
+            assert match, result.inner_text()
+            assert 0.0 <= float(match.group(1)) <= 100.0
+            expect(result).to_contain_text("v0001")
+            expect(result).to_contain_text("backbone.bn2")
+            # The page refresh after a prediction keeps the user's picks.
+            expect(page.locator("#cam-layer input")).to_have_value("backbone.bn2")
+            expect(page.locator("#sex input")).to_have_value("female")
+            overlay = page.locator("#cam-overlay img")
+            expect(overlay).to_be_visible()
+            assert overlay.evaluate("img => img.complete && img.naturalWidth") == 64
+            expect(page.locator("#model-view img")).to_be_visible()
+            page.screenshot(path=str(screenshot), full_page=True)
+
+            # A bad upload shows a clear message on the page and the app keeps answering.
+            notes = tmp_path / "notes.txt"
+            notes.write_text("not an image")
+            page.locator("#upload button[aria-label='Clear']").first.click()
+            page.locator("#upload input[type=file]").set_input_files(str(notes))
+            page.locator("#analyse").click()
+            expect(page.get_by_text("not a recognised image format").first).to_be_visible()
+        finally:
+            browser.close()
+    pixels = np.asarray(Image.open(screenshot))
+    assert pixels.shape[1] == 1280 and pixels.std() > 10  # a rendered page, not a blank or loading screen

@@ -1,0 +1,471 @@
+"""The model service behind the app: input validation, no-model state, hot reload, tampered bundles.
+
+Bundles are tiny random-weight ``test_efficientnet`` networks at 64 px registered through the registry API.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import threading
+import zlib
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from melanoma_ml.config import ServingConfig
+from melanoma_ml.features import MetadataEncoder
+from melanoma_ml.serving.registry import ModelRegistry
+from melanoma_ml.serving.service import (
+    NO_MODEL_MESSAGE,
+    InvalidRequest,
+    MetricLine,
+    ModelService,
+    NoModelAvailable,
+    PredictionRequest,
+    headline_metrics,
+    is_unknown,
+    metric_line,
+    parse_age,
+    parse_cam_method,
+    parse_category,
+    parse_target_layer,
+)
+from melanoma_ml.spec import ModelSpec
+
+SIZE = 64
+SITES = ("head/neck", "lower extremity", "torso")
+METRICS = {
+    "auc": {"value": 0.81, "lo": 0.74, "hi": 0.88},
+    "sensitivity": {"value": 0.9, "lo": 0.82, "hi": 0.96},
+    "specificity": {"value": 0.55, "lo": 0.47, "hi": 0.63},
+    "brier": {"value": 0.12, "lo": None, "hi": None},
+}
+
+
+# ---------------------------------------------------------------------- helpers
+def register_tiny(
+    registry: ModelRegistry, *, seed: int, threshold: float = 0.5, promote: bool = True, size: int = SIZE
+) -> str:
+    """Register (and promote) a random-weight test_efficientnet bundle; returns its version."""
+    import torch
+
+    torch.manual_seed(seed)
+    encoder = MetadataEncoder(age_mean=50.0, age_std=15.0, sexes=("female", "male"), sites=SITES)
+    spec = ModelSpec(
+        backbone="test_efficientnet",
+        meta_hidden=[8],
+        meta_dropout=0.0,
+        head_dropout=0.0,
+        image_size=size,
+        mean=[0.485, 0.456, 0.406],
+        std=[0.229, 0.224, 0.225],
+        encoder=encoder,
+    )
+    net = spec.build_network().eval()
+    version = registry.register_bundle(
+        net, spec, threshold=threshold, metrics=METRICS, data_version=f"test-{seed}", code_version="test"
+    )
+    if promote:
+        registry.promote(version, reason="test")
+    return version
+
+
+def jpeg_bytes(array: np.ndarray, **save_kwargs) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="JPEG", quality=90, **save_kwargs)
+    return buffer.getvalue()
+
+
+def huge_png(side: int = 20_000) -> bytes:
+    """A valid 1-bit PNG of side x side pixels (~50 kB on disk, 1.2 GB if decoded to RGB)."""
+    row = b"\x00" * (1 + (side + 7) // 8)
+    compressor = zlib.compressobj(9)
+    data = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
+
+    def chunk(tag: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body))
+
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+
+
+def write_samples(folder: Path) -> dict[str, Path]:
+    """Good and bad uploads, by name."""
+    import cv2
+
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    files: dict[str, bytes] = {
+        "rgb.jpg": jpeg_bytes(rgb),
+        "notes.txt": b"this is a text file, not an image\n",
+        "empty.jpg": b"",
+        "huge.png": huge_png(),
+    }
+    files["truncated.jpg"] = files["rgb.jpg"][: len(files["rgb.jpg"]) // 2]
+    for name, image in {
+        "gray.png": Image.fromarray(rgb[..., 0], mode="L"),
+        "rgba.png": Image.fromarray(np.dstack([rgb, np.full(rgb.shape[:2], 128, np.uint8)]), mode="RGBA"),
+    }.items():
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        files[name] = buffer.getvalue()
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).convert("CMYK").save(buffer, format="JPEG")
+    files["cmyk.jpg"] = buffer.getvalue()
+    ok, encoded = cv2.imencode(".png", rgb.astype(np.uint16) * 257)
+    assert ok
+    files["rgb16.png"] = encoded.tobytes()
+    # 40 wide x 20 tall, left half red, right half blue; EXIF orientation 6 = display rotated 90 deg clockwise.
+    landscape = np.zeros((20, 40, 3), np.uint8)
+    landscape[:, :20, 0] = 255
+    landscape[:, 20:, 2] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    files["exif_rotated.jpg"] = jpeg_bytes(landscape, exif=exif.tobytes())
+    paths = {}
+    for name, data in files.items():
+        paths[name] = folder / name
+        paths[name].write_bytes(data)
+    return paths
+
+
+@pytest.fixture()
+def registry(tmp_path: Path) -> ModelRegistry:
+    return ModelRegistry(tmp_path / "registry")
+
+
+@pytest.fixture()
+def samples(tmp_path: Path) -> dict[str, Path]:
+    folder = tmp_path / "uploads"
+    folder.mkdir()
+    return write_samples(folder)
+
+
+# ---------------------------------------------------------------------- pure validation
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(None, None), ("", None), ("  ", None), ("unknown", None), (float("nan"), None), ("45", 45.0), (0, 0.0),
+     (120, 85.0), (86, 85.0), (85, 85.0), (37.5, 37.5), (" 61 ", 61.0)],
+)  # fmt: skip
+def test_parse_age_accepts_numbers_and_unknown(value, expected) -> None:
+    assert parse_age(value, 0, 120) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [("abc", "must be a number"), ("4O", "must be a number"), (True, "must be a number"),
+     (-1, "outside 0-120"), (121, "outside 0-120"), ("inf", "outside 0-120"), ([45], "must be a number")],
+)  # fmt: skip
+def test_parse_age_refuses_bad_values(value, message) -> None:
+    with pytest.raises(InvalidRequest, match=message):
+        parse_age(value, 0, 120)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(None, None), ("unknown", None), ("UNKNOWN", None), ("torso", "torso"), (" Torso ", "torso"),
+     ("head/neck", "head/neck")],
+)  # fmt: skip
+def test_parse_category(value, expected) -> None:
+    assert parse_category(value, SITES, "site") == expected
+
+
+def test_parse_category_names_the_choices() -> None:
+    with pytest.raises(InvalidRequest, match=r"unknown site 'elbow'.*head/neck.*torso"):
+        parse_category("elbow", SITES, "site")
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(None, "eigencam"), ("", "eigencam"), ("gradcam", "gradcam"), ("Grad-CAM", "gradcam"), ("none", None),
+     ("off", None)],
+)  # fmt: skip
+def test_parse_cam_method(value, expected) -> None:
+    assert parse_cam_method(value, default="eigencam") == expected
+
+
+def test_parse_cam_method_refuses_unknown() -> None:
+    with pytest.raises(InvalidRequest, match="unknown explanation method 'lime'"):
+        parse_cam_method("lime", default="eigencam")
+
+
+def test_parse_target_layer() -> None:
+    layers = ("backbone.conv_head", "backbone.bn2")
+    assert parse_target_layer(None, layers) == "backbone.conv_head"
+    assert parse_target_layer("backbone.bn2", layers) == "backbone.bn2"
+    with pytest.raises(InvalidRequest, match="unknown CAM target layer 'fc'"):
+        parse_target_layer("fc", layers)
+
+
+def test_is_unknown() -> None:
+    assert [is_unknown(v) for v in (None, "", "unknown", 0, "0", "male")] == [
+        True,
+        True,
+        True,
+        False,
+        False,
+        False,
+    ]
+
+
+def test_metric_lines_read_the_report_shape() -> None:
+    lines = headline_metrics(METRICS)
+    assert [line.name for line in lines] == [
+        "ROC AUC",
+        "Sensitivity at the threshold",
+        "Specificity at the threshold",
+        "Brier score (lower is better)",
+    ]
+    assert lines[0] == MetricLine("ROC AUC", 0.81, 0.74, 0.88)
+    assert lines[0].text() == "0.810 (95% CI 0.740-0.880)"
+    assert lines[3].text() == "0.120 (no CI)"
+    assert metric_line(METRICS, "pauc", "pAUC") is None
+    with pytest.raises(ValueError, match="expected"):
+        metric_line({"auc": 0.8}, "auc", "AUC")
+
+
+# ---------------------------------------------------------------------- no model yet
+def test_no_promoted_model_says_how_to_get_one(registry: ModelRegistry, samples) -> None:
+    service = ModelService(registry, ServingConfig())
+    status = service.status()
+    assert status.model is None and status.reload_error is None
+    with pytest.raises(NoModelAvailable, match="melanoma-ml demo") as excinfo:
+        service.predict(PredictionRequest(image=samples["rgb.jpg"]))
+    assert str(excinfo.value) == NO_MODEL_MESSAGE
+    assert "promoted_model" in NO_MODEL_MESSAGE
+
+
+# ---------------------------------------------------------------------- predictions
+@pytest.mark.parametrize(("tta", "cam"), [(True, "eigencam"), (False, "gradcam"), (True, "none")])
+def test_predict_answers_with_probability_decision_and_overlay(registry, samples, tta, cam) -> None:
+    from melanoma_ml.serving.inference import predict
+
+    version = register_tiny(registry, seed=1, threshold=0.3)
+    service = ModelService(registry, ServingConfig())
+    result = service.predict(
+        PredictionRequest(
+            image=samples["rgb.jpg"], age="55", sex="male", site="torso", tta=tta, cam_method=cam
+        )
+    )
+    assert 0.0 <= result.probability <= 1.0
+    assert result.positive == (result.probability >= 0.3)
+    assert result.decision == ("positive" if result.positive else "negative")
+    assert (result.model_version, result.backbone, result.tta) == (version, "test_efficientnet", tta)
+    assert result.view.shape == (SIZE, SIZE, 3) and result.view.dtype == np.uint8
+    if cam == "none":
+        assert result.overlay is None and result.cam_method is None and result.target_layer is None
+    else:
+        assert result.overlay.shape == result.view.shape
+        assert (result.cam_method, result.target_layer) == (cam, "backbone.conv_head")
+    # Encoded exactly as the library encodes metadata for the same bundle.
+    bundle = result.model.bundle
+    image = service.decode(samples["rgb.jpg"])
+    direct = predict(bundle, [image], [{"age": 55.0, "sex": "male", "site": "torso"}], tta=tta)
+    assert result.probability == pytest.approx(float(direct[0]), abs=1e-6)
+    answer = result.to_json()
+    assert {"probability", "threshold", "decision", "model_version", "backbone"} <= set(answer)
+    assert answer["metadata"] == {"age": 55.0, "sex": "male", "site": "torso"}
+
+
+def test_unknown_metadata_is_encoded_as_missing(registry, samples) -> None:
+    register_tiny(registry, seed=2)
+    service = ModelService(registry, ServingConfig(tta=False))
+    blank = service.predict(PredictionRequest(image=samples["rgb.jpg"], age="", sex="unknown", site=None))
+    assert blank.metadata == {"age": None, "sex": None, "site": None}
+
+
+@pytest.mark.parametrize(
+    ("request_fields", "message"),
+    [({"age": "forty"}, "age must be a number"), ({"age": 150}, "outside 0-120"),
+     ({"site": "elbow"}, "unknown anatomic site 'elbow'"), ({"sex": "x"}, "unknown sex 'x'"),
+     ({"cam_method": "lime"}, "unknown explanation method"), ({"target_layer": "fc"}, "unknown CAM target layer")],
+)  # fmt: skip
+def test_bad_metadata_is_refused_with_advice(registry, samples, request_fields, message) -> None:
+    register_tiny(registry, seed=3)
+    service = ModelService(registry, ServingConfig(tta=False))
+    with pytest.raises(InvalidRequest, match=message):
+        service.predict(PredictionRequest(image=samples["rgb.jpg"], **request_fields))
+
+
+# ---------------------------------------------------------------------- uploads
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [("notes.txt", "not a recognised image format"), ("truncated.jpg", "truncated or corrupt"),
+     ("empty.jpg", "empty"), ("huge.png", "decompression-bomb guard")],
+)  # fmt: skip
+def test_bad_uploads_are_refused_with_advice(samples, name, message) -> None:
+    service = ModelService(ModelRegistry(samples[name].parent / "none"), ServingConfig())
+    with pytest.raises(InvalidRequest, match=message) as excinfo:
+        service.decode(samples[name])
+    assert name in str(excinfo.value)
+
+
+@pytest.mark.parametrize("source", [None, "", "  "])
+def test_missing_upload_is_refused(source) -> None:
+    service = ModelService(ModelRegistry("unused"), ServingConfig())
+    with pytest.raises(InvalidRequest, match="no image uploaded"):
+        service.decode(source)
+
+
+def test_upload_size_limit(tmp_path: Path) -> None:
+    big = tmp_path / "big.jpg"
+    big.write_bytes(b"\xff" * (1024 * 1024 + 1))
+    service = ModelService(ModelRegistry(tmp_path / "registry"), ServingConfig(max_upload_mb=1))
+    with pytest.raises(InvalidRequest, match="above the 1 MB upload limit"):
+        service.decode(big)
+
+
+@pytest.mark.parametrize(
+    "name", ["rgb.jpg", "gray.png", "rgba.png", "rgb16.png", "cmyk.jpg", "exif_rotated.jpg"]
+)
+def test_odd_but_valid_uploads_decode_to_rgb(samples, name) -> None:
+    service = ModelService(ModelRegistry(samples[name].parent / "none"), ServingConfig(max_image_side=48))
+    image = service.decode(samples[name])
+    assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+    assert max(image.shape[:2]) <= 48
+
+
+def test_exif_orientation_is_honoured(samples) -> None:
+    service = ModelService(ModelRegistry(samples["rgb.jpg"].parent / "none"), ServingConfig())
+    image = service.decode(samples["exif_rotated.jpg"]).astype(int)
+    assert image.shape == (40, 20, 3)  # stored landscape, displayed portrait
+    top, bottom = image[:16].mean(axis=(0, 1)), image[24:].mean(axis=(0, 1))
+    assert top[0] > 200 > top[2] and bottom[2] > 200 > bottom[0]  # red half rotated to the top
+
+
+def test_large_image_is_downscaled_within_the_side_limit(tmp_path: Path, registry) -> None:
+    register_tiny(registry, seed=4)
+    path = tmp_path / "big.jpg"
+    path.write_bytes(jpeg_bytes(np.full((3000, 2000, 3), 120, np.uint8)))
+    service = ModelService(registry, ServingConfig(max_image_side=256, tta=False, cam_method="eigencam"))
+    assert service.decode(path).shape == (256, 171, 3)
+    assert service.predict(PredictionRequest(image=path)).overlay.shape == (SIZE, SIZE, 3)
+
+
+def test_explanation_failure_is_reported_as_advice(registry, samples) -> None:
+    register_tiny(registry, seed=18, size=16)  # at 16 px the default layer's feature map is 1x1: too coarse
+    service = ModelService(registry, ServingConfig(tta=False))
+    request = PredictionRequest(image=samples["rgb.jpg"], target_layer="backbone.conv_head")
+    with pytest.raises(
+        InvalidRequest, match="explanation failed on layer backbone.conv_head.*explanation off"
+    ):
+        service.predict(request)
+    assert service.predict(PredictionRequest(image=samples["rgb.jpg"], cam_method="none")).view.shape[0] == 16
+
+
+# ---------------------------------------------------------------------- hot reload
+def test_promotion_is_picked_up_by_the_next_request(registry, samples) -> None:
+    first = register_tiny(registry, seed=5)
+    service = ModelService(registry, ServingConfig(tta=False, cam_method="eigencam"))
+    request = PredictionRequest(image=samples["rgb.jpg"])
+    assert service.predict(request).model_version == first
+    second = register_tiny(registry, seed=6)
+    assert service.predict(request).model_version == second
+    registry.rollback(first)
+    assert service.predict(request).model_version == first
+
+
+def test_pointer_is_checked_at_most_once_per_interval(registry, samples) -> None:
+    now = [0.0]
+    first = register_tiny(registry, seed=7)
+    service = ModelService(registry, ServingConfig(reload_check_interval_s=5.0), clock=lambda: now[0])
+    assert service.status().model.version == first
+    second = register_tiny(registry, seed=8)
+    now[0] = 4.0
+    assert service.status().model.version == first
+    now[0] = 5.5
+    assert service.status().model.version == second
+
+
+def test_new_model_loads_beside_the_served_one_without_blocking_requests(registry, samples) -> None:
+    first = register_tiny(registry, seed=9)
+    service = ModelService(registry, ServingConfig(tta=False))
+    request = PredictionRequest(image=samples["rgb.jpg"], cam_method="none")
+    assert service.predict(request).model_version == first
+    loading, release = threading.Event(), threading.Event()
+    real_load = service._load_version
+
+    def slow_load(version: str, promoted_at: str | None):
+        loading.set()
+        assert release.wait(30), "test did not release the loader"
+        return real_load(version, promoted_at)
+
+    service._load_version = slow_load
+    second = register_tiny(registry, seed=10)
+    with ThreadPoolExecutor(1) as pool:
+        loader = pool.submit(service.predict, request)  # finds the moved pointer and starts loading
+        assert loading.wait(30)
+        during = service.predict(request)  # another request while the loader works: old model, no wait
+        release.set()
+        assert loader.result(timeout=60).model_version == second
+    assert during.model_version == first
+    assert service.predict(request).model_version == second
+
+
+def test_concurrent_requests_during_swaps_never_fail(registry, samples) -> None:
+    versions = [register_tiny(registry, seed=11)]
+    service = ModelService(registry, ServingConfig(tta=True, cam_method="eigencam"))
+    request = PredictionRequest(image=samples["rgb.jpg"], age=40, sex="female", site="torso")
+    service.predict(request)
+    stop = threading.Event()
+
+    def hammer() -> Counter:
+        seen: Counter = Counter()
+        while not stop.is_set():
+            seen[service.predict(request).model_version] += 1
+        return seen
+
+    with ThreadPoolExecutor(3) as pool:
+        workers = [pool.submit(hammer) for _ in range(3)]
+        for seed in (12, 13):
+            versions.append(register_tiny(registry, seed=seed))
+        stop.set()
+        seen = sum((w.result(timeout=120) for w in workers), Counter())  # re-raises any failed request
+    assert set(seen) <= set(versions) and sum(seen.values()) > 0
+    assert service.predict(request).model_version == versions[-1]
+
+
+def test_tampered_bundle_is_refused_and_the_previous_model_keeps_serving(registry, samples) -> None:
+    first = register_tiny(registry, seed=14)
+    service = ModelService(registry, ServingConfig(tta=False))
+    request = PredictionRequest(image=samples["rgb.jpg"], cam_method="none")
+    assert service.predict(request).model_version == first
+    second = register_tiny(registry, seed=15)  # promoted (verified) ...
+    weights = registry.version_path(second) / "weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # ... then modified on disk before the app reloads
+    weights.write_bytes(bytes(data))
+    assert service.predict(request).model_version == first
+    status = service.status()
+    assert status.model.version == first
+    assert second in status.reload_error and "sha256 mismatch" in status.reload_error
+    assert f"still serving {first}" in status.reload_error.lower()
+    third = register_tiny(registry, seed=16)
+    assert service.predict(request).model_version == third
+    assert service.status().reload_error is None
+
+
+def test_tampered_first_bundle_leaves_no_model_and_says_why(registry, samples) -> None:
+    version = register_tiny(registry, seed=17)
+    weights = registry.version_path(version) / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8])
+    service = ModelService(registry, ServingConfig())
+    status = service.status()
+    assert status.model is None and "sha256 mismatch" in status.reload_error
+    with pytest.raises(NoModelAvailable):
+        service.predict(PredictionRequest(image=samples["rgb.jpg"]))
+
+
+def test_corrupt_pointer_keeps_the_served_model_and_says_why(registry, samples) -> None:
+    first = register_tiny(registry, seed=19)
+    service = ModelService(registry, ServingConfig(tta=False))
+    request = PredictionRequest(image=samples["rgb.jpg"], cam_method="none")
+    assert service.predict(request).model_version == first
+    registry.current_file.write_text("{not json")
+    assert service.predict(request).model_version == first
+    assert "current.json is not valid JSON" in service.status().reload_error
