@@ -34,7 +34,7 @@ from PIL import Image, ImageOps
 
 from melanoma_ml import __version__, schema
 from melanoma_ml.atomic import atomic_directory, atomic_write_json
-from melanoma_ml.images.io import ImageDecodeError, image_size, load_rgb
+from melanoma_ml.images.io import DEFAULT_MAX_PIXELS, ImageDecodeError, image_size, load_rgb
 
 CACHE_FORMAT_VERSION = 1
 """Bump when the pixels a cache holds would change (resize policy, decoding): old caches are rebuilt."""
@@ -199,11 +199,17 @@ def resize_centre_crop(rgb: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(fitted, dtype=np.uint8)
 
 
-def load_resized(path: str | Path, size: int) -> np.ndarray:
-    """Decode one image straight to the cache format, at reduced JPEG scale where that is safe."""
-    width, height = image_size(path)
+def load_resized(
+    source: str | Path | bytes, size: int, *, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
+    """Decode one image straight to the network's square view, at reduced JPEG scale where that is safe.
+
+    The single decode + resize path of the project: the cache builds training pixels with it and the
+    serving app decodes uploads with it, so a served image gets exactly the pixels training saw.
+    """
+    width, height = image_size(source)
     longest_needed = math.ceil(_DECODE_MARGIN * size * max(width, height) / max(1, min(width, height)))
-    return resize_centre_crop(load_rgb(path, max_side=longest_needed), size)
+    return resize_centre_crop(load_rgb(source, max_pixels=max_pixels, max_side=longest_needed), size)
 
 
 # --- helpers ---------------------------------------------------------------------------------------------

@@ -329,7 +329,7 @@ class ModelService:
         model = self.refresh()
         if model is None:
             raise NoModelAvailable(NO_MODEL_MESSAGE)
-        from melanoma_ml.serving.inference import predict, square_view
+        from melanoma_ml.serving.inference import predict
 
         vocabulary = model.vocabulary
         metadata = {
@@ -340,11 +340,12 @@ class ModelService:
         tta = self.config.tta if request.tta is None else bool(request.tta)
         method = parse_cam_method(request.cam_method, default=self.config.cam_method)
         layer = parse_target_layer(request.target_layer, model.target_layers) if method else None
-        image = self.decode(request.image)
-        view = square_view(image, model.image_size)
+        # Decoded straight to the model's view by the same function that built the training cache, so
+        # the network sees exactly the pixels it would have seen in training (no train/serve skew).
+        view = self.decode(request.image, size=model.image_size)
         with model.lock:
-            probability = float(predict(model.bundle, [image], [metadata], tta=tta)[0])
-            explanation = self._explain(model, image, metadata, method, layer) if method else None
+            probability = float(predict(model.bundle, [view], [metadata], tta=tta)[0])
+            explanation = self._explain(model, view, metadata, method, layer) if method else None
         return Prediction(
             probability=probability,
             threshold=model.threshold,
@@ -373,8 +374,14 @@ class ModelService:
                 "turn the explanation off"
             ) from exc
 
-    def decode(self, source: str | Path | bytes | None) -> np.ndarray:
+    def decode(self, source: str | Path | bytes | None, size: int | None = None) -> np.ndarray:
         """Decode an upload with the serving size limits.
+
+        Args:
+            source: Upload path or bytes.
+            size: When given, return the model's ``size`` x ``size`` view, decoded exactly as the training
+                cache decodes (``images.cache.load_resized``); otherwise the whole image, at most
+                ``max_image_side`` on its long side (for display).
 
         Raises:
             InvalidRequest: nothing uploaded, too large, or not a readable image.
@@ -392,6 +399,10 @@ class ModelService:
                     "upload limit; upload a smaller or more compressed image"
                 )
         try:
+            if size is not None:
+                from melanoma_ml.images.cache import load_resized
+
+                return load_resized(source, size, max_pixels=self.config.max_image_pixels)
             return load_rgb(
                 source, max_pixels=self.config.max_image_pixels, max_side=self.config.max_image_side
             )

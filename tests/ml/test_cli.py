@@ -1,0 +1,249 @@
+"""The ``melanoma-ml`` command line: help, config, inspect, models/rollback, errors, and a tiny demo run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from melanoma_ml.cli import main, overrides_dict, parse_override
+from melanoma_ml.config import SyntheticConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(autouse=True)
+def no_env_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Neither the caller's ``MELANOMA_*`` variables nor a ``.env`` in the repo may leak into these tests."""
+    for key in list(os.environ):
+        if key.startswith("MELANOMA_") and key != "MELANOMA_SHARED_DATA":
+            monkeypatch.delenv(key)
+    monkeypatch.chdir(tmp_path)
+
+
+# --------------------------------------------------------------------------------------------- parsing
+@pytest.mark.parametrize(
+    ("text", "path", "value"),
+    [
+        ("training.epochs=3", ["training", "epochs"], 3),
+        ("training.learning_rate=1e-3", ["training", "learning_rate"], 1e-3),
+        ("model.pretrained=false", ["model", "pretrained"], False),
+        ("data.source_dir=/data/isic", ["data", "source_dir"], "/data/isic"),
+        ('backbones=["test_resnet"]', ["backbones"], ["test_resnet"]),
+        ("data.synthetic.images_per_patient=[2,3]", ["data", "synthetic", "images_per_patient"], [2, 3]),
+    ],
+)
+def test_set_values_parse_as_json_or_text(text, path, value):
+    assert parse_override(text) == (path, value)
+
+
+def test_later_overrides_win_and_nest():
+    pairs = [parse_override(t) for t in ("training.epochs=3", "training.batch_size=8", "training.epochs=4")]
+    assert overrides_dict(pairs) == {"training": {"epochs": 4, "batch_size": 8}}
+
+
+# --------------------------------------------------------------------------------------------- help
+def test_help_lists_the_subcommands_without_loading_torch():
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    started = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "melanoma_ml", "--help"], capture_output=True, text=True, env=env, check=False
+    )
+    seconds = time.perf_counter() - started
+    assert proc.returncode == 0, proc.stderr
+    for command in ("demo", "inspect", "models", "rollback", "config"):
+        assert command in proc.stdout
+    assert seconds < 10, f"--help took {seconds:.1f} s"  # ~0.3 s idle; torch alone would take ~5 s
+    probe = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, melanoma_ml.cli; print(sorted({'torch', 'timm', 'lightning', 'pandas'} & set(sys.modules)))",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
+    assert probe.stdout.strip() == "[]"
+
+
+# --------------------------------------------------------------------------------------------- config
+def test_config_prints_json_with_env_and_set_overrides(capsys, monkeypatch):
+    monkeypatch.setenv("MELANOMA_TRAINING__EPOCHS", "3")
+    monkeypatch.setenv("MELANOMA_EVALUATION__N_BOOTSTRAP", "77")
+    code, out, err = run(capsys, "config", "--profile", "tiny", "--set", "evaluation.n_bootstrap=60")
+    assert code == 0
+    config = json.loads(out)
+    assert config["training"]["epochs"] == 3  # env over the profile's 2
+    assert config["evaluation"]["n_bootstrap"] == 60  # --set over env
+    assert config["backbones"] == ["test_efficientnet"]  # the tiny profile
+    assert "training.epochs='3'" in err
+
+
+def test_config_without_env_says_so(capsys):
+    code, out, err = run(capsys, "config")
+    assert code == 0
+    assert json.loads(out)["training"]["epochs"] == 8  # demo profile
+    assert "no MELANOMA_* environment" in err
+
+
+# --------------------------------------------------------------------------------------------- errors
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["config", "--set", "training.epochs=0"],
+            "training.epochs: Input should be greater than or equal to 1",
+        ),
+        (["config", "--set", "training.nonsense=1"], "training.nonsense: Extra inputs are not permitted"),
+        (["config", "--profile", "huge"], "unknown profile 'huge'"),
+        (["inspect", "{tmp}/missing"], "data folder not found"),
+        (["inspect", "{tmp}/empty"], "no known dataset layout"),
+        (["models", "--artifact-root", "{tmp}/missing"], "artifact root not found"),
+        (["rollback", "--artifact-root", "{tmp}/empty"], "nothing is promoted"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(capsys, tmp_path, argv, message):
+    (tmp_path / "empty").mkdir()
+    code, out, err = run(capsys, *(a.format(tmp=tmp_path) for a in argv))
+    assert code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_traceback_flag_raises_instead(tmp_path):
+    with pytest.raises(ValueError, match="artifact root not found"):
+        main(["--traceback", "models", "--artifact-root", str(tmp_path / "missing")])
+
+
+# --------------------------------------------------------------------------------------------- inspect
+@pytest.fixture(scope="module")
+def synthetic_dir(tmp_path_factory: pytest.TempPathFactory):
+    from melanoma_ml.synthetic import generate_synthetic_dataset
+
+    config = SyntheticConfig(n_patients=12, images_per_patient=(2, 3), image_size=64, seed=1)
+    return generate_synthetic_dataset(tmp_path_factory.mktemp("cli") / "synthetic", config)
+
+
+@pytest.mark.parametrize("extra", [[], ["--no-images"]])
+def test_inspect_synthetic_folder(capsys, synthetic_dir, extra):
+    code, out, err = run(capsys, "inspect", str(synthetic_dir.root), "--folds", "2", *extra)
+    assert code == 0, err
+    assert "layout:       isic2020" in out
+    n = synthetic_dir.n_images
+    assert f"rows:         {n} read, {n} clean, 0 quarantined" in out
+    assert f"{synthetic_dir.n_melanoma} melanoma" in out
+    assert "fold preview (2 patient-grouped stratified folds" in out
+    assert ("not checked (--no-images)" in out) == bool(extra)
+
+
+def test_inspect_reports_quarantined_rows(capsys, tmp_path, synthetic_dir):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(synthetic_dir.root, copy)
+    victim = sorted((copy / "jpeg" / "train").glob("*.jpg"))[0]
+    victim.unlink()
+    code, out, _ = run(capsys, "inspect", str(copy), "--folds", "2")
+    assert code == 0
+    n = synthetic_dir.n_images
+    assert f"{n} read, {n - 1} clean, 1 quarantined" in out
+    assert "quarantine reasons: 1" in out
+    assert victim.stem in out  # the first quarantined row names the image
+
+
+@pytest.mark.real_data
+def test_inspect_real_isic_sample(capsys, isic_sample_dir):
+    code, out, err = run(capsys, "inspect", str(isic_sample_dir), "--no-hash")
+    assert code == 0, err
+    assert "layout:       isic2020" in out  # metadata.csv in 2020 naming
+    assert "rows:         1391 read, 1391 clean, 0 quarantined" in out
+    assert "330 melanoma" in out
+    assert "fold preview (3 patient-grouped stratified folds" in out  # demo profile: 3 folds
+    assert "problems: none" in out
+
+
+# --------------------------------------------------------------------------------------------- registry
+@pytest.fixture
+def registry_root(tmp_path: Path) -> Path:
+    """An artifact root whose registry has v0001 then v0002 promoted (random-weight tiny bundles)."""
+    import torch
+
+    from melanoma_ml.features import MetadataEncoder
+    from melanoma_ml.serving.registry import ModelRegistry
+    from melanoma_ml.spec import ModelSpec
+
+    torch.manual_seed(0)
+    encoder = MetadataEncoder(age_mean=50.0, age_std=15.0, sexes=("female", "male"), sites=("torso",))
+    spec = ModelSpec("test_efficientnet", [8], 0.1, 0.1, 32, [0.5] * 3, [0.25] * 3, encoder)
+    net = spec.build_network().eval()
+    registry = ModelRegistry(tmp_path / "artifacts" / "registry")
+    for auc in (0.71, 0.83):
+        version = registry.register_bundle(
+            net,
+            spec,
+            threshold=0.4,
+            metrics={"auc": {"value": auc, "lo": auc - 0.05, "hi": auc + 0.05}},
+            data_version="d",
+            code_version="c",
+        )
+        registry.promote(version, reason="test")
+    return tmp_path / "artifacts"
+
+
+def test_models_lists_versions_and_marks_current(capsys, registry_root):
+    code, out, _ = run(capsys, "models", "--artifact-root", str(registry_root))
+    assert code == 0
+    lines = out.splitlines()
+    v1 = next(line for line in lines if "v0001" in line)
+    v2 = next(line for line in lines if "v0002" in line)
+    assert "0.710" in v1 and "[0.660, 0.760]" in v1 and not v1.lstrip().startswith("*")
+    assert v2.lstrip().startswith("*") and "0.830" in v2 and "test_efficientnet" in v2
+    assert lines[-1] == "current: v0002"
+
+
+def test_rollback_moves_the_pointer_back_and_forth(capsys, registry_root):
+    from melanoma_ml.serving.registry import ModelRegistry
+
+    root = str(registry_root)
+    code, out, _ = run(capsys, "rollback", "--artifact-root", root)
+    assert code == 0 and "rolled back: v0002 -> v0001" in out
+    assert ModelRegistry(registry_root / "registry").current() == "v0001"
+    code, out, _ = run(capsys, "rollback", "--to", "v0002", "--artifact-root", root)
+    assert code == 0 and "rolled back: v0001 -> v0002" in out
+    code, _, err = run(capsys, "rollback", "--to", "v0009", "--artifact-root", root)
+    assert code == 2 and "unknown model version 'v0009'" in err
+    assert ModelRegistry(registry_root / "registry").current() == "v0002"
+
+
+def test_models_on_a_root_without_registry(capsys, tmp_path):
+    code, out, _ = run(capsys, "models", "--artifact-root", str(tmp_path))
+    assert code == 0
+    assert "no versions registered yet" in out
+
+
+# --------------------------------------------------------------------------------------------- demo
+@pytest.mark.slow
+def test_demo_on_the_tiny_profile(capsys, tmp_path):
+    root = tmp_path / "artifacts"
+    code, out, err = run(capsys, "demo", "--profile", "tiny", "--artifact-root", str(root))
+    assert code == 0, err
+    assert "[train test_efficientnet] done" in out
+    assert "1. test_efficientnet" in out and "AUC" in out
+    assert "served version: none -> v0001" in out
+    assert "wall time:" in out
+    code, out, _ = run(capsys, "models", "--artifact-root", str(root))
+    assert code == 0 and "current: v0001" in out

@@ -1,0 +1,220 @@
+"""The pure-Python path end to end on synthetic data, with a Grad-CAM "looks at the lesion" check.
+
+synthetic data -> load_dataset (images checked and hashed) -> assign_folds -> build_image_cache ->
+train_fold x 2 -> evaluate_predictions on the OOF -> save_bundle / load_bundle -> predict, then CAMs of
+the fold-0 network against the generator's lesion masks. Everything is trained once (module fixture);
+the tests below only read the result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from sklearn.metrics import roc_auc_score
+
+from melanoma_ml import schema
+from melanoma_ml.config import PipelineConfig, SyntheticConfig, load_config
+
+pytestmark = pytest.mark.slow
+
+BACKBONE = "test_efficientnet"
+N_FOLDS = 2
+SIZE = 32
+SYNTHETIC = SyntheticConfig(n_patients=80, images_per_patient=(2, 3), image_size=128, seed=0)
+"""~200 images, ~40 melanoma: the smallest set on which a from-scratch test_efficientnet reliably
+reaches an out-of-fold AUC well above 0.8 (measured 0.86 with 10 epochs, 0.83 with 8; 40 patients
+gave 0.66)."""
+OVERRIDES = {
+    "data": {"n_folds": N_FOLDS, "image_size": SIZE, "synthetic": SYNTHETIC.model_dump()},
+    "training": {"epochs": 10, "early_stopping_patience": 10, "accelerator": "cpu", "devices": 1},
+    "evaluation": {"n_bootstrap": 100},
+}
+CAM_MIN_SIDE = 4
+"""Smallest CAM feature map side: at 32 px test_efficientnet's last stages give 1x1 and 2x2 maps,
+which cannot tell lesion from skin; ``pipeline.cam_layer`` then picks the last 4x4 layer."""
+
+
+@dataclass
+class EndToEnd:
+    config: PipelineConfig
+    root: Path
+    dataset: object
+    cleaning: object
+    folds: pd.DataFrame
+    cache: object
+    results: list
+    oof: pd.DataFrame
+    report: object
+    bundle_dir: Path
+
+
+@pytest.fixture(scope="module")
+def e2e(tmp_path_factory: pytest.TempPathFactory) -> EndToEnd:
+    from melanoma_ml.evaluation import evaluate_predictions
+    from melanoma_ml.folds import assign_folds
+    from melanoma_ml.images.cache import build_image_cache
+    from melanoma_ml.metadata import load_dataset
+    from melanoma_ml.pipeline import table_fingerprint
+    from melanoma_ml.serving.bundle import save_bundle
+    from melanoma_ml.synthetic import generate_synthetic_dataset
+    from melanoma_ml.training.checkpoint import load_checkpoint
+    from melanoma_ml.training.train import train_fold
+
+    root = tmp_path_factory.mktemp("e2e")
+    config = load_config("tiny", {**OVERRIDES, "artifact_root": str(root)})
+    dataset = generate_synthetic_dataset(root / "data" / "synthetic", config.data.synthetic)
+    cleaning = load_dataset(dataset.root, layout="auto", check_images=True, hash_images=True)
+    folds = assign_folds(cleaning.clean, config.data.n_folds, config.data.fold_seed)
+    cache = build_image_cache(folds, root / "cache" / f"{SIZE}px", SIZE)
+    results = [
+        train_fold(config, BACKBONE, k, folds, cache, root / "checkpoints" / BACKBONE / f"fold{k}")
+        for k in range(N_FOLDS)
+    ]
+    oof = pd.concat([r.oof for r in results], ignore_index=True)
+    report = evaluate_predictions(oof, config.evaluation)  # no out_dir: figures are tested elsewhere
+    report.save(root / "reports" / BACKBONE)
+    net, spec, _info = load_checkpoint(results[0].checkpoint_dir)
+    bundle_dir = save_bundle(
+        root / "bundle",
+        net,
+        spec,
+        threshold=report.threshold.value,
+        metrics=report.to_dict()["metrics"],
+        data_version=table_fingerprint(folds),
+        code_version="test",
+        extra={"fold": 0, "backbone": BACKBONE},
+    )
+    return EndToEnd(config, root, dataset, cleaning, folds, cache, results, oof, report, bundle_dir)
+
+
+def _validation_rows(e2e: EndToEnd, fold: int) -> pd.DataFrame:
+    """Validation rows of ``fold`` from the folded table, in the fold's OOF order."""
+    oof = e2e.results[fold].oof
+    return e2e.folds.set_index(schema.IMAGE).loc[oof[schema.IMAGE]].reset_index()
+
+
+def test_data_steps_kept_every_synthetic_image(e2e: EndToEnd):
+    summary = e2e.cleaning.summary
+    assert summary["layout"] == "isic2020"
+    assert summary["rows_clean"] == e2e.dataset.n_images, summary["quarantine_reasons"]
+    assert e2e.cleaning.clean[schema.IMAGE_SHA256].str.fullmatch(r"[0-9a-f]{64}").all()
+    assert sorted(e2e.folds[schema.FOLD].unique()) == list(range(N_FOLDS))
+    assert e2e.cache.array().shape == (e2e.dataset.n_images, SIZE, SIZE, 3)
+    # Every image validated exactly once across the folds.
+    assert sorted(e2e.oof[schema.IMAGE]) == sorted(e2e.folds[schema.IMAGE])
+
+
+def test_out_of_fold_auc_shows_the_synthetic_task_is_learned(e2e: EndToEnd):
+    auc = roc_auc_score(e2e.oof[schema.TARGET], e2e.oof["prob"])
+    print(f"OOF AUC {auc:.3f}; per fold best val AUROC {[round(r.best_val_auroc, 3) for r in e2e.results]}")
+    assert auc > 0.80
+    assert e2e.report.metric("auc").value == pytest.approx(auc, abs=1e-9)
+
+
+def test_report_has_every_required_metric_with_a_confidence_interval(e2e: EndToEnd):
+    from melanoma_ml.evaluation import REQUIRED_METRICS
+
+    assert e2e.report.incomplete_metrics() == []
+    for name in REQUIRED_METRICS:
+        value, lo, hi = e2e.report.metric(name)
+        assert lo <= value <= hi, (name, lo, value, hi)
+    assert (e2e.root / "reports" / BACKBONE / "report.json").is_file()
+
+
+def _served(e2e: EndToEnd, images_from: str) -> tuple[np.ndarray, np.ndarray]:
+    """(bundle predictions without TTA, checkpoint OOF probabilities) for fold 0's validation images.
+
+    ``images_from`` is ``"cache"`` (the cached training pixels) or ``"files"`` (the original files,
+    decoded by ``load_resized``, the decode path the serving app uses for uploads).
+    """
+    from melanoma_ml.images.cache import load_resized
+    from melanoma_ml.pipeline import metadata_dict
+    from melanoma_ml.serving.bundle import load_bundle
+    from melanoma_ml.serving.inference import predict
+
+    bundle = load_bundle(e2e.bundle_dir)
+    assert bundle.threshold == pytest.approx(e2e.report.threshold.value)
+    rows = _validation_rows(e2e, 0)
+    metadata = [metadata_dict(row) for row in rows.itertuples(index=False)]
+    if images_from == "cache":
+        images = list(e2e.cache.array()[e2e.cache.rows_for(rows[schema.IMAGE])])
+    else:
+        images = [load_resized(path, bundle.spec.image_size) for path in rows[schema.IMAGE_PATH]]
+    return predict(bundle, images, metadata, tta=False), e2e.results[0].oof["prob"].to_numpy()
+
+
+def test_bundle_reproduces_the_checkpoint_oof_probabilities(e2e: EndToEnd):
+    """Same weights, same pixels, metadata re-encoded from dicts: the served network is the fold model."""
+    served, expected = _served(e2e, "cache")
+    np.testing.assert_allclose(served, expected, rtol=0, atol=1e-5)
+
+
+def test_serving_original_files_equals_oof(e2e: EndToEnd):
+    """No train/serve skew: serving decodes the original files exactly as the training cache did."""
+    served, expected = _served(e2e, "files")
+    np.testing.assert_allclose(served, expected, rtol=0, atol=1e-5)
+
+
+def _lesion_masks(e2e: EndToEnd, names: list[str]) -> list[np.ndarray]:
+    """The generator's lesion masks brought to the network's input view (same resize + centre crop)."""
+    from melanoma_ml.images.cache import resize_centre_crop
+
+    masks = []
+    for name in names:
+        mask = np.asarray(Image.open(e2e.dataset.mask_dir / f"{name}.png").convert("RGB"))
+        masks.append(resize_centre_crop(mask, SIZE)[..., 0] >= 128)
+    return masks
+
+
+def _cam_ratios(e2e: EndToEnd) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Grad-CAM of the bundled fold-0 network on fold 0's validation images.
+
+    Returns (inside/outside ratio of mean heat per image, targets, heatmaps).
+    """
+    from melanoma_ml.images.io import load_rgb
+    from melanoma_ml.pipeline import cam_layer, metadata_dict
+    from melanoma_ml.serving.bundle import load_bundle
+    from melanoma_ml.serving.explain import explain
+
+    bundle = load_bundle(e2e.bundle_dir, channels_last=False)
+    rows = _validation_rows(e2e, 0)
+    layer = cam_layer(bundle.net, SIZE, min_side=CAM_MIN_SIDE)
+    ratios, heatmaps = [], []
+    masks = _lesion_masks(e2e, list(rows[schema.IMAGE]))
+    for row, mask in zip(rows.itertuples(index=False), masks, strict=True):
+        assert mask.any() and (~mask).any(), f"mask of {row.image_name} is all one value at {SIZE} px"
+        heatmap = explain(
+            bundle, load_rgb(row.image_path), metadata_dict(row), method="gradcam", target_layer=layer
+        ).heatmap
+        heatmaps.append(heatmap)
+        ratios.append(heatmap[mask].mean() / max(float(heatmap[~mask].mean()), 1e-6))
+    return np.asarray(ratios), rows[schema.TARGET].to_numpy(), np.stack(heatmaps)
+
+
+def test_grad_cam_of_the_trained_network_is_hotter_on_the_lesion(e2e: EndToEnd):
+    """Mean Grad-CAM heat inside the generator's lesion mask exceeds the mean outside it.
+
+    Measured (seed 0, 100 images): ratio median 1.35, mean 2.2, > 1 for 74% of images; melanomas median
+    2.4. What this does NOT show: that the tiny network learned where lesions are. The synthetic lesion is
+    a dark, high-contrast blob near the centre, and the same Grad-CAM on a random-init network scores
+    higher (median 2.6), as does each heatmap against another image's mask (median 1.35, own > other for
+    only 48% of images). So the assertions guard the CAM plumbing (layer choice at 32 px, input view,
+    heatmap in [0, 1]) and the direction of the map, not learned localization.
+    """
+    ratios, targets, heatmaps = _cam_ratios(e2e)
+    print(
+        f"Grad-CAM inside/outside ratio over {len(ratios)} images: median {np.median(ratios):.2f}, "
+        f"mean {ratios.mean():.2f}, >1 for {np.mean(ratios > 1):.0%}; melanoma median "
+        f"{np.median(ratios[targets == 1]):.2f}"
+    )
+    assert heatmaps.shape == (len(ratios), SIZE, SIZE)
+    assert np.isfinite(heatmaps).all() and heatmaps.min() >= 0.0 and heatmaps.max() <= 1.0
+    assert np.mean(heatmaps.max(axis=(1, 2)) > heatmaps.min(axis=(1, 2))) > 0.9  # not flat maps
+    assert ratios.mean() > 1.0
+    assert np.median(ratios) > 1.0
+    assert np.median(ratios[targets == 1]) > 1.0
