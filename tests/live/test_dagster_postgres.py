@@ -88,7 +88,9 @@ def postgres_server() -> Iterator[dict[str, str]]:
             capture_output=True,
         )
         subprocess.run(
-            _as_postgres([str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "dagster", "dagster"]),
+            _as_postgres(
+                [str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "dagster", "dagster"]
+            ),
             check=True,
             capture_output=True,
         )
@@ -101,7 +103,8 @@ def postgres_server() -> Iterator[dict[str, str]]:
         }
     finally:
         subprocess.run(
-            _as_postgres([str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"]), capture_output=True
+            _as_postgres([str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"]),
+            capture_output=True,
         )
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -131,7 +134,10 @@ def test_compose_instance_config_stores_runs_in_postgres(postgres_server, tmp_pa
         result = dg.materialize(
             [*defs.assets, *(defs.asset_checks or [])],
             selection=dg.AssetSelection.groups(DATA),
-            resources={"settings": settings, "io_manager": dg.FilesystemIOManager(base_dir=str(tmp_path / "io"))},
+            resources={
+                "settings": settings,
+                "io_manager": dg.FilesystemIOManager(base_dir=str(tmp_path / "io")),
+            },
             instance=instance,
         )
         assert result.success

@@ -1,0 +1,59 @@
+"""The whole graph, every partition, in-process on the tiny profile: checks pass, a bundle is served."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from melanoma_assets.definitions import build_definitions
+from melanoma_assets.resources import ArtifactStorage, DataSource, PipelineSettings, TrainingHardware
+from melanoma_assets.runner import materialize_graph
+
+
+@pytest.mark.slow
+def test_whole_graph_materializes_and_serves_a_verified_bundle(tmp_path: Path) -> None:
+    from melanoma_ml.serving.registry import ModelRegistry
+
+    root = tmp_path / "artifacts"
+    settings = PipelineSettings(
+        profile="tiny",
+        storage=ArtifactStorage(root=str(root)),
+        hardware=TrainingHardware(accelerator="cpu"),
+        source=DataSource(),
+    )
+    resources = {"settings": settings, "io_manager": dg.FilesystemIOManager(base_dir=str(tmp_path / "io"))}
+    (tmp_path / "dagster_home").mkdir()
+    with dg.instance_for_test(temp_dir=str(tmp_path / "dagster_home")) as instance:
+        run = materialize_graph(build_definitions("tiny"), resources, instance, progress=lambda _: None)
+
+    assert run.success, [e for r in run.results for e in r.all_events if e.is_failure]
+    evaluations = run.check_evaluations()
+    assert {e.check_name for e in evaluations} == {
+        "clean_metadata_schema",
+        "folds_leak_free_and_balanced",
+        "checkpoint_loads",
+        "report_complete",
+        "served_bundle_reproduces",
+    }
+    assert all(e.passed for e in evaluations), [
+        (e.check_name, e.metadata) for e in evaluations if not e.passed
+    ]
+    assert sum(e.check_name == "checkpoint_loads" for e in evaluations) == 2  # one per fold partition
+
+    registry = ModelRegistry(root / "registry")
+    assert registry.current() == "v0001"
+    bundle = registry.load_current()
+    assert bundle.spec.backbone == "test_efficientnet"
+    promotion = run.results[-1].output_for_node("serving_model")
+    assert promotion.decision.promote and promotion.champion_after == "v0001"
+    gallery = run.results[-1].output_for_node("gradcam_gallery")
+    assert gallery.version == "v0001" and gallery.items and all(i.path.is_file() for i in gallery.items)
+    for relative in (
+        "tables/folds.parquet",
+        "checkpoints/test_efficientnet/fold1/weights.safetensors",
+        "reports/test_efficientnet/report.json",
+        "reports/leaderboard/leaderboard.json",
+    ):
+        assert (root / relative).is_file(), relative

@@ -1,0 +1,140 @@
+"""The promotion step of melanoma_ml.pipeline against a real registry: worse candidates never replace the
+champion, better ones do (the pointer moves, history kept), and rollback restores the previous version."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from melanoma_ml import pipeline
+from melanoma_ml.config import load_config
+
+N_PATIENTS = 60
+
+
+def rows() -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    patients = np.repeat(np.arange(N_PATIENTS), 2)
+    return pd.DataFrame(
+        {
+            "image_name": [f"ISIC_{i:04d}" for i in range(len(patients))],
+            "patient_id": [f"P{p}" for p in patients],
+            "group_id": [f"patient:P{p}" for p in patients],
+            "fold": patients % 2,
+            "target": (rng.random(len(patients)) < 0.3).astype(int),
+            "sex": rng.choice(["male", "female"], len(patients)),
+            "age_approx": rng.choice([30.0, 50.0, 70.0], len(patients)),
+            "anatom_site_general_challenge": "torso",
+        }
+    )
+
+
+def fold_results(tmp_path: Path, config, backbone: str, skill: float, tag: str) -> list:
+    """Two saved fold checkpoints whose OOF probabilities separate the classes with ``skill`` (0..1)."""
+    from melanoma_ml.features import MetadataEncoder
+    from melanoma_ml.model import build_model, normalization_for
+    from melanoma_ml.spec import ModelSpec
+    from melanoma_ml.training.checkpoint import save_checkpoint
+    from melanoma_ml.training.train import OOF_COLUMNS, FoldResult
+
+    table = rows()
+    rng = np.random.default_rng(len(tag))
+    noise = rng.random(len(table))
+    table["prob"] = np.clip(skill * table["target"] + (1 - skill) * noise, 0, 1) * 0.98 + 0.01
+    table["backbone"] = backbone
+    encoder = MetadataEncoder.fit(table)
+    model_config = config.model_for(backbone)
+    net = build_model(model_config, encoder.n_features)
+    norm = normalization_for(net.backbone)
+    spec = ModelSpec(
+        backbone, list(model_config.meta_hidden), 0.0, 0.0, 32, norm["mean"], norm["std"], encoder
+    )
+    results = []
+    for fold in (0, 1):
+        out = save_checkpoint(tmp_path / tag / f"fold{fold}", net, spec, {"fold": fold})
+        oof = table[table["fold"] == fold][list(OOF_COLUMNS)].reset_index(drop=True)
+        results.append(
+            FoldResult(
+                backbone,
+                fold,
+                out,
+                pipeline.sha256_file(out / "weights.safetensors"),
+                1,
+                0.8 + fold / 100,
+                1,
+                100.0,
+                1.0,
+                60,
+                60,
+                oof,
+                pd.DataFrame({"epoch": [1]}),
+                spec,
+            )
+        )
+    return results
+
+
+def offer(
+    tmp_path: Path, config, backbone: str, skill: float, tag: str, results=None
+) -> pipeline.PromotionOutcome:
+    results = results or fold_results(tmp_path, config, backbone, skill, tag)
+    report = pipeline.evaluate_backbone(config, backbone, results)
+    board = pipeline.rank_backbones(config, {backbone: report})
+    return pipeline.promote_best(config, board, {backbone: report}, {backbone: results}, data_version=tag)
+
+
+@pytest.mark.slow
+def test_gate_keeps_the_champion_against_a_worse_candidate_and_promotes_a_better_one(tmp_path: Path) -> None:
+    from melanoma_ml.serving.registry import ModelRegistry
+
+    config = load_config(
+        "tiny", {"artifact_root": str(tmp_path / "artifacts"), "evaluation": {"n_bootstrap": 200}}
+    )
+    registry = ModelRegistry(tmp_path / "artifacts" / "registry")
+
+    first_results = fold_results(tmp_path, config, "test_efficientnet", 0.6, "first")
+    first = offer(tmp_path, config, "test_efficientnet", 0.6, "first", results=first_results)
+    assert first.decision.promote and first.champion_before is None
+    assert registry.current() == first.registered == "v0001"
+
+    again = offer(tmp_path, config, "test_efficientnet", 0.6, "first", results=first_results)
+    assert not again.decision.promote and "already served as v0001" in again.decision.reason
+    assert registry.versions() == ["v0001"]
+
+    worse = offer(tmp_path, config, "test_resnet", skill=0.0, tag="worse")
+    assert not worse.decision.promote
+    assert "champion v0001 stays" in worse.decision.reason
+    assert worse.registered is None and worse.champion_after == "v0001"
+    assert registry.current() == "v0001" and registry.versions() == ["v0001"]
+
+    better = offer(tmp_path, config, "test_efficientnet", skill=0.9, tag="better")
+    assert better.decision.promote, better.decision.reason
+    assert better.champion_before == "v0001" and registry.current() == better.registered == "v0002"
+    assert registry.manifest("v0002")["extra"]["backbone"] == "test_efficientnet"
+
+    assert registry.rollback() == "v0001"
+    assert registry.current() == "v0001"
+    assert [e["event"] for e in registry.history()] == [
+        "registered",
+        "promoted",
+        "registered",
+        "promoted",
+        "rolled_back",
+    ]
+
+
+@pytest.mark.slow
+def test_weak_first_candidate_below_the_floor_is_not_served(tmp_path: Path) -> None:
+    from melanoma_ml.serving.registry import ModelRegistry
+
+    config = load_config(
+        "tiny", {"artifact_root": str(tmp_path / "artifacts"), "evaluation": {"promotion_auc_floor": 0.95}}
+    )
+    outcome = offer(tmp_path, config, "test_efficientnet", skill=0.3, tag="weak")
+    assert not outcome.decision.promote and "floor" in outcome.decision.reason
+    assert ModelRegistry(tmp_path / "artifacts" / "registry").current() is None
+    gallery = pipeline.explain_gallery(config, rows())
+    assert gallery.version is None and gallery.items == [] and "no model is promoted" in gallery.note
