@@ -23,6 +23,7 @@ import argparse
 import json
 import sys
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -380,6 +381,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+PACKAGE_DIR = Path(__file__).resolve().parent
+"""Errors raised from files under this folder count as input errors (see ``is_input_error``)."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``melanoma-ml`` and ``python -m melanoma_ml``; returns the exit status."""
     parser = build_parser()
@@ -394,15 +399,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def is_input_error(err: BaseException) -> bool:
-    """Errors our library raises for bad input (all carry a message naming the fix).
+    """Errors our own code raises for bad input (they carry a message naming the fix).
 
-    Config validation (pydantic), metadata, fold, image, bundle and registry errors all subclass
-    ValueError; a missing file or folder is a FileNotFoundError/NotADirectoryError; missing pretrained
-    weights offline is ``model.PretrainedWeightsUnavailable``. Anything else is a bug: it keeps its traceback.
+    Config validation (pydantic) errors, and ValueError/FileNotFoundError/NotADirectoryError/RuntimeError
+    subclasses raised inside ``melanoma_ml`` itself (metadata, folds, images, bundles, registry, missing
+    pretrained weights). The same types raised deep inside numpy, torch or sklearn are bugs: they keep
+    their traceback.
     """
-    if isinstance(err, ValueError | FileNotFoundError | NotADirectoryError):
+    from pydantic import ValidationError
+
+    if isinstance(err, ValidationError):
         return True
-    return type(err).__name__ == "PretrainedWeightsUnavailable"
+    if not isinstance(err, ValueError | FileNotFoundError | NotADirectoryError | RuntimeError):
+        return False
+    frames = traceback.extract_tb(err.__traceback__)
+    return bool(frames) and Path(frames[-1].filename).resolve().is_relative_to(PACKAGE_DIR)
 
 
 def one_line(err: BaseException) -> str:

@@ -247,3 +247,18 @@ def test_demo_on_the_tiny_profile(capsys, tmp_path):
     assert "wall time:" in out
     code, out, _ = run(capsys, "models", "--artifact-root", str(root))
     assert code == 0 and "current: v0001" in out
+
+
+def test_errors_from_inside_libraries_keep_their_traceback():
+    """A ValueError raised by numpy is a bug, not bad input: it must not be shortened to one line."""
+    import numpy as np
+
+    from melanoma_ml.cli import is_input_error
+    from melanoma_ml.config import load_config
+
+    with pytest.raises(ValueError) as from_numpy:
+        np.zeros(3).reshape(2, 2)
+    assert not is_input_error(from_numpy.value)
+    with pytest.raises(ValueError) as from_us:
+        load_config("no-such-profile")
+    assert is_input_error(from_us.value)
