@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_curve
 
-from melanoma_ml.atomic import atomic_write_json
+from melanoma_ml.atomic import atomic_write_json, to_jsonable
 from melanoma_ml.config import EvaluationConfig
 from melanoma_ml.evaluation.bootstrap import (
     BootstrapDraws,
@@ -69,19 +69,6 @@ class ThresholdEstimate:
     lo: float
     hi: float
     target_sensitivity: float
-
-
-def _json_safe(value: Any) -> Any:
-    """NaN/inf -> None and numpy scalars -> Python, recursively, so ``json.dumps`` writes strict JSON."""
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def _nan(value: Any) -> float:
@@ -164,7 +151,7 @@ class EvaluationReport:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict (NaN stored as None); inverse of :meth:`from_dict`."""
-        return _json_safe(
+        return to_jsonable(
             {
                 "format": REPORT_FORMAT,
                 "name": self.name,
@@ -190,7 +177,8 @@ class EvaluationReport:
                 "roc_band": {column: self.roc_band[column].tolist() for column in self.roc_band.columns},
                 "settings": self.settings,
                 "figures": dict(self.figures),
-            }
+            },
+            "report",
         )
 
     @classmethod

@@ -18,15 +18,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from melanoma_ml.atomic import atomic_directory, atomic_write_json, sha256_file
+from melanoma_ml.atomic import atomic_directory, atomic_write_json, sha256_file, to_jsonable
 from melanoma_ml.spec import ModelSpec
+from melanoma_ml.weights import WEIGHTS_FILE, WeightsError, load_weights, save_weights
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
 FORMAT_VERSION = 1
-WEIGHTS_FILE = "weights.safetensors"
 MANIFEST_FILE = "manifest.json"
 REQUIRED_MANIFEST_KEYS = (
     "format_version",
@@ -103,18 +103,14 @@ def save_bundle(
     Returns:
         The bundle folder.
     """
-    from safetensors.torch import save_file
-
     threshold = float(threshold)
     if not math.isfinite(threshold) or not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be a probability in [0, 1], got {threshold}")
-    metrics_json = _jsonable(metrics, "metrics")
-    extra_json = _jsonable(extra or {}, "extra")
-    state = {name: tensor.detach().to("cpu").contiguous() for name, tensor in net.state_dict().items()}
+    metrics_json = to_jsonable(metrics, "metrics")
+    extra_json = to_jsonable(extra or {}, "extra")
     out_dir = Path(out_dir)
     with atomic_directory(out_dir) as tmp:
-        weights = tmp / WEIGHTS_FILE
-        save_file(state, str(weights))
+        weights = save_weights(tmp / WEIGHTS_FILE, net)
         manifest = {
             "format_version": FORMAT_VERSION,
             "backbone": spec.backbone,
@@ -210,8 +206,6 @@ def load_bundle(
         BundleIntegrityError: tampered or corrupted weights.
     """
     import torch
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     path = Path(path)
     manifest = verify_bundle(path)
@@ -222,20 +216,10 @@ def load_bundle(
             f"model_spec in {path / MANIFEST_FILE} is invalid ({exc}); re-export the bundle"
         ) from exc
     try:
-        state = load_file(str(path / WEIGHTS_FILE), device="cpu")
-    except SafetensorError as exc:
-        raise BundleError(
-            f"cannot read {path / WEIGHTS_FILE} ({exc}); re-export the bundle or roll back"
-        ) from exc
-    net = spec.build_network()
-    try:
-        net.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise BundleError(
-            f"weights in {path} do not fit the {spec.backbone!r} network described by its manifest ({exc}); "
-            "re-export the bundle from the matching checkpoint"
-        ) from exc
-    net.eval().requires_grad_(False)
+        net = load_weights(spec, path / WEIGHTS_FILE)  # only after verify_bundle checked its sha256
+    except WeightsError as exc:
+        raise BundleError(f"{exc}; re-export the bundle from the matching checkpoint or roll back") from exc
+    net.requires_grad_(False)
     net.to(device)
     if channels_last:
         net.to(memory_format=torch.channels_last)
@@ -248,27 +232,4 @@ def load_bundle(
         manifest=manifest,
         threshold=float(manifest["threshold"]),
         version=version,
-    )
-
-
-def _jsonable(value: Any, where: str) -> Any:
-    """Plain-JSON copy of ``value`` (numpy scalars/arrays become Python numbers/lists).
-
-    Raises:
-        TypeError: a value JSON cannot hold (named by its key path), instead of silently stringifying it.
-    """
-    if value is None or isinstance(value, bool | int | str):
-        return value
-    if isinstance(value, float):
-        return value
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v, f"{where}.{k}") for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v, f"{where}[{i}]") for i, v in enumerate(value)]
-    tolist = getattr(value, "tolist", None)  # numpy scalars and arrays, torch tensors
-    if callable(tolist):
-        return _jsonable(tolist(), where)
-    raise TypeError(
-        f"{where} holds a {type(value).__name__}, which a JSON manifest cannot store; "
-        "pass numbers, strings, lists or dicts"
     )

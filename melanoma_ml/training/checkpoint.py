@@ -7,35 +7,58 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from melanoma_ml.atomic import atomic_directory
+from melanoma_ml.atomic import atomic_directory, atomic_write_bytes, atomic_write_json
 from melanoma_ml.spec import ModelSpec
+from melanoma_ml.weights import WEIGHTS_FILE, WeightsError, load_weights, save_weights
 
-WEIGHTS_FILE = "weights.safetensors"
 SPEC_FILE = "spec.json"
 INFO_FILE = "info.json"
 CHECKPOINT_FILES = (WEIGHTS_FILE, SPEC_FILE, INFO_FILE)
 
 
-def _plain_state_dict(net: nn.Module) -> dict[str, torch.Tensor]:
-    """CPU, contiguous, non-shared copies: what ``safetensors`` accepts."""
-    return {name: tensor.detach().cpu().contiguous().clone() for name, tensor in net.state_dict().items()}
+def save_checkpoint(
+    out_dir: str | Path,
+    net: nn.Module,
+    spec: ModelSpec,
+    info: Mapping[str, Any],
+    extra_files: Mapping[str, bytes] | None = None,
+) -> Path:
+    """Write ``net``'s weights, its spec, ``info`` and ``extra_files`` into ``out_dir``, as one unit.
 
+    Everything is written into a temp folder that then replaces ``out_dir`` in one rename, so a reader sees
+    either the previous complete folder or the new complete one, never a mix.
 
-def save_checkpoint(out_dir: str | Path, net: nn.Module, spec: ModelSpec, info: Mapping[str, Any]) -> Path:
-    """Write ``net``'s weights, its spec and ``info`` (JSON-safe) into ``out_dir``, replacing it atomically.
+    Args:
+        out_dir: The checkpoint folder (replaced if it exists).
+        net: The network (any device; weights are written from CPU copies).
+        spec: The spec that rebuilds ``net``.
+        info: Small JSON-able facts (strict JSON: NaN is stored as null, unknown objects are refused).
+        extra_files: Further files to store beside the checkpoint, ``{file name: bytes}`` (e.g. the fold's
+            ``oof.parquet``, ``history.csv``, ``result.json``).
 
     Returns:
         ``out_dir`` as a ``Path``.
+
+    Raises:
+        ValueError: an extra file name is a path or collides with a checkpoint file.
+        TypeError: ``info`` holds something JSON cannot store (the message names its key).
     """
     out_dir = Path(out_dir)
+    extra_files = dict(extra_files or {})
+    for name in extra_files:
+        if Path(name).name != name or name in ("", ".", "..") or name in CHECKPOINT_FILES:
+            raise ValueError(
+                f"extra file name {name!r} must be a plain file name other than {list(CHECKPOINT_FILES)}; "
+                "rename it"
+            )
     with atomic_directory(out_dir) as tmp:
-        save_file(_plain_state_dict(net), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        (tmp / SPEC_FILE).write_text(json.dumps(spec.to_dict(), indent=2, sort_keys=True) + "\n")
-        (tmp / INFO_FILE).write_text(json.dumps(dict(info), indent=2, sort_keys=True, default=str) + "\n")
+        save_weights(tmp / WEIGHTS_FILE, net)
+        atomic_write_json(tmp / SPEC_FILE, spec.to_dict())
+        atomic_write_json(tmp / INFO_FILE, dict(info))
+        for name, data in extra_files.items():
+            atomic_write_bytes(tmp / name, data)
     return out_dir
 
 
@@ -58,22 +81,17 @@ def load_checkpoint(checkpoint_dir: str | Path) -> tuple[nn.Module, ModelSpec, d
 
     Raises:
         FileNotFoundError: a checkpoint file is missing (the message names it).
-        ValueError: the weights do not fit the architecture in ``spec.json``.
+        ValueError: the weights are unreadable or do not fit the architecture in ``spec.json``.
     """
     checkpoint_dir = Path(checkpoint_dir)
     _require_files(checkpoint_dir, CHECKPOINT_FILES)
     spec = read_spec(checkpoint_dir)
     info = json.loads((checkpoint_dir / INFO_FILE).read_text())
-    net = spec.build_network()
-    state = load_file(str(checkpoint_dir / WEIGHTS_FILE), device="cpu")
     try:
-        net.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise ValueError(
-            f"{checkpoint_dir / WEIGHTS_FILE} does not match the architecture in {SPEC_FILE} "
-            f"(backbone {spec.backbone!r}): {exc}"
-        ) from exc
-    return net.eval(), spec, info
+        net = load_weights(spec, checkpoint_dir / WEIGHTS_FILE)
+    except WeightsError as exc:
+        raise WeightsError(f"{exc}; re-run training for this fold (train_fold)") from exc
+    return net, spec, info
 
 
 def _require_files(folder: Path, names: tuple[str, ...]) -> None:

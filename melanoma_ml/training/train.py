@@ -5,11 +5,15 @@
     weights.safetensors  spec.json  info.json   the best epoch's network (``checkpoint.load_checkpoint``)
     oof.parquet                                 out-of-fold probabilities of the validation rows
     history.csv                                 one row per epoch: epoch, lr, train/loss, val/loss, val/auroc, ...
-    result.json                                 ``FoldResult.to_dict()``; written last, so it marks completion
+    result.json                                 ``FoldResult.to_dict()``
+
+All of them appear at once: the folder is built in a temp folder and renamed into place
+(``checkpoint.save_checkpoint(..., extra_files=...)``), so a failed run leaves the previous fold intact.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -29,15 +33,16 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from melanoma_ml import schema
-from melanoma_ml.atomic import atomic_write_bytes, atomic_write_json, sha256_file
+from melanoma_ml.atomic import atomic_write_bytes, parquet_bytes, to_json_text
 from melanoma_ml.config import PipelineConfig
 from melanoma_ml.features import MetadataEncoder
 from melanoma_ml.images.transforms import eval_transform, train_transform
 from melanoma_ml.model import build_model, normalization_for
 from melanoma_ml.spec import ModelSpec
-from melanoma_ml.training.checkpoint import WEIGHTS_FILE, read_spec, save_checkpoint
+from melanoma_ml.training.checkpoint import read_spec, save_checkpoint
 from melanoma_ml.training.data import MelanomaDataset, make_loader
 from melanoma_ml.training.module import MONITOR, MelanomaModule
+from melanoma_ml.weights import weights_bytes
 
 OOF_FILE = "oof.parquet"
 HISTORY_FILE = "history.csv"
@@ -89,7 +94,7 @@ class FoldResult:
         best_epoch: 1-based epoch whose weights were kept (highest ``val/auroc``).
         train_images_per_second: Training images processed / time spent in training epochs (loading,
             augmentation, forward and backward; validation excluded).
-        wall_time_s: Whole ``train_fold`` call, including prediction and saving.
+        wall_time_s: The ``train_fold`` call up to saving (training, prediction, serialization).
         oof: Out-of-fold predictions (``OOF_COLUMNS``), one row per validation image.
         history: One row per epoch (``epoch``, ``lr``, ``train/loss``, ``val/loss``, ``val/auroc``, ...).
     """
@@ -378,19 +383,11 @@ def train_fold(
     oof = oof[list(OOF_COLUMNS)]
     history = recorder.history()
 
-    save_checkpoint(
-        out_dir,
-        net,
-        spec,
-        {"backbone": backbone, "fold": fold, "best_epoch": recorder.best_epoch, MONITOR: recorder.best_score},
-    )
-    atomic_write_bytes(out_dir / OOF_FILE, _parquet_bytes(oof))
-    atomic_write_bytes(out_dir / HISTORY_FILE, history.to_csv(index=False).encode("utf-8"))
     result = FoldResult(
         backbone=backbone,
         fold=int(fold),
         checkpoint_dir=out_dir,
-        weights_sha256=sha256_file(out_dir / WEIGHTS_FILE),
+        weights_sha256=hashlib.sha256(weights_bytes(net)).hexdigest(),  # the bytes save_checkpoint writes
         best_epoch=recorder.best_epoch,
         best_val_auroc=float(recorder.best_score),
         epochs_run=len(history),
@@ -404,14 +401,18 @@ def train_fold(
         history=history,
         spec=spec,
     )
-    atomic_write_json(out_dir / RESULT_FILE, result.to_dict())
+    save_checkpoint(  # one atomic folder: the previous fold stays intact until all of it is written
+        out_dir,
+        net,
+        spec,
+        {"backbone": backbone, "fold": fold, "best_epoch": recorder.best_epoch, MONITOR: recorder.best_score},
+        extra_files={
+            OOF_FILE: parquet_bytes(oof),
+            HISTORY_FILE: history.to_csv(index=False).encode("utf-8"),
+            RESULT_FILE: to_json_text(result.to_dict(), RESULT_FILE).encode("utf-8"),
+        },
+    )
     return result
-
-
-def _parquet_bytes(frame: pd.DataFrame) -> bytes:
-    buffer = io.BytesIO()
-    frame.to_parquet(buffer, index=False)
-    return buffer.getvalue()
 
 
 def plot_training_curves(history: pd.DataFrame, path: str | Path) -> Path:

@@ -12,6 +12,7 @@ from safetensors import safe_open
 
 from melanoma_ml.features import MetadataEncoder
 from melanoma_ml.spec import ModelSpec
+from melanoma_ml.training import checkpoint as checkpoint_module
 from melanoma_ml.training.checkpoint import (
     CHECKPOINT_FILES,
     INFO_FILE,
@@ -20,6 +21,7 @@ from melanoma_ml.training.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from melanoma_ml.weights import weights_bytes
 
 
 def _spec(backbone: str = "test_efficientnet", meta_hidden: list[int] | None = None) -> ModelSpec:
@@ -101,7 +103,9 @@ def test_weights_that_do_not_fit_the_spec_are_refused(saved) -> None:
     out, _net, spec = saved
     other = _spec(meta_hidden=[4])
     (out / SPEC_FILE).write_text(json.dumps(other.to_dict()))
-    with pytest.raises(ValueError, match="does not match the architecture"):
+    with pytest.raises(
+        ValueError, match=r"(?s)does not fit the 'test_efficientnet' network.*re-run training"
+    ):
         load_checkpoint(out)
 
 
@@ -116,3 +120,56 @@ def test_saving_again_replaces_the_folder_and_leaves_no_temp_files(saved) -> Non
     loaded, _spec2, info = load_checkpoint(out)
     assert info["run"] == 2
     torch.testing.assert_close(loaded.state_dict(), newer.state_dict())
+
+
+def test_extra_files_are_written_in_the_same_folder(tmp_path: Path) -> None:
+    spec = _spec()
+    net = spec.build_network().eval()
+    extra = {"oof.parquet": b"PAR1", "result.json": b"{}\n"}
+    out = save_checkpoint(tmp_path / "fold0", net, spec, {"fold": 0}, extra_files=extra)
+    assert sorted(p.name for p in out.iterdir()) == sorted([*CHECKPOINT_FILES, *extra])
+    assert {name: (out / name).read_bytes() for name in extra} == extra
+    assert (out / WEIGHTS_FILE).read_bytes() == weights_bytes(net)
+
+
+@pytest.mark.parametrize("name", [WEIGHTS_FILE, "../escape.txt", "sub/x.csv", ""])
+def test_bad_extra_file_names_are_refused_before_writing(tmp_path: Path, name: str) -> None:
+    spec = _spec()
+    with pytest.raises(ValueError, match="must be a plain file name"):
+        save_checkpoint(tmp_path / "fold0", spec.build_network(), spec, {}, extra_files={name: b"x"})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_write_keeps_the_previous_folder_whole(saved, monkeypatch: pytest.MonkeyPatch) -> None:
+    out, _net, spec = saved
+    save_checkpoint(out, _net, spec, {"fold": 0, "run": 1}, extra_files={"result.json": b'{"run": 1}\n'})
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real_write = checkpoint_module.atomic_write_bytes
+
+    def fail_on_result(path, data):
+        if Path(path).name == "result.json":
+            raise OSError("disk full")
+        return real_write(path, data)
+
+    monkeypatch.setattr(checkpoint_module, "atomic_write_bytes", fail_on_result)
+    torch.manual_seed(3)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(
+            out,
+            spec.build_network(),
+            spec,
+            {"fold": 0, "run": 2},
+            extra_files={"result.json": b'{"run": 2}\n'},
+        )
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in out.parent.iterdir()] == [out.name]
+
+
+def test_info_is_strict_json(tmp_path: Path) -> None:
+    spec = _spec()
+    out = save_checkpoint(tmp_path / "f", spec.build_network(), spec, {"val/auroc": float("nan")})
+    assert "NaN" not in (out / INFO_FILE).read_text()
+    assert json.loads((out / INFO_FILE).read_text()) == {"val/auroc": None}
+    with pytest.raises(TypeError, match=r"info\.json\.when holds a set"):
+        save_checkpoint(tmp_path / "g", spec.build_network(), spec, {"when": {1}})
+    assert not (tmp_path / "g").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from sklearn.metrics import roc_auc_score
 from melanoma_ml import schema
 from melanoma_ml.atomic import sha256_file
 from melanoma_ml.config import PipelineConfig, load_config
+from melanoma_ml.training import checkpoint as checkpoint_module
 from melanoma_ml.training.checkpoint import CHECKPOINT_FILES, load_checkpoint
 from melanoma_ml.training.train import (
     HISTORY_FILE,
@@ -184,6 +186,30 @@ def test_files_history_and_result_are_consistent(trained) -> None:
     assert result.train_images_per_second > 0 and result.wall_time_s > 0
     assert json.loads((out / RESULT_FILE).read_text()) == json.loads(json.dumps(result.to_dict()))
     assert not torch.are_deterministic_algorithms_enabled()  # Trainer(deterministic=...) flags undone
+
+
+@pytest.mark.slow
+def test_a_failed_save_leaves_the_previous_fold_intact_and_complete(
+    data, trained, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _root, table, cache = data
+    _result, trained_out = trained
+    out = tmp_path / f"fold{FOLD}"
+    shutil.copytree(trained_out, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real_write = checkpoint_module.atomic_write_bytes
+
+    def fail_on_result(path, data):  # the fold's last file: everything else is already written
+        if Path(path).name == RESULT_FILE:
+            raise OSError("disk full")
+        return real_write(path, data)
+
+    monkeypatch.setattr(checkpoint_module, "atomic_write_bytes", fail_on_result)
+    with pytest.raises(OSError, match="disk full"):
+        train_fold(_config(), "test_efficientnet", FOLD, table, cache, out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]  # no temp or half-written folder
+    assert FoldResult.load(out).weights_sha256 == sha256_file(out / "weights.safetensors")
 
 
 @pytest.mark.slow

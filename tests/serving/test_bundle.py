@@ -21,6 +21,8 @@ from melanoma_ml.serving.bundle import (
     verify_bundle,
 )
 from melanoma_ml.spec import ModelSpec
+from melanoma_ml.training.checkpoint import save_checkpoint
+from melanoma_ml.weights import WEIGHTS_FILE
 
 METRICS = {"auc": {"value": 0.81, "lo": 0.74, "hi": 0.88}, "n_rows": 40}
 
@@ -172,5 +174,33 @@ def test_weights_that_do_not_fit_the_spec_are_refused(tmp_path, spec_and_net):
     manifest = json.loads((path / "manifest.json").read_text())
     manifest["model_spec"]["meta_hidden"] = [16]
     (path / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(BundleError, match="do not fit the 'test_efficientnet' network"):
+    with pytest.raises(BundleError, match=r"(?s)does not fit the 'test_efficientnet' network.*re-export"):
         load_bundle(path)
+
+
+def test_unreadable_weights_with_a_matching_sha256_are_refused(tmp_path, spec_and_net):
+    path = export(tmp_path / "b", spec_and_net)
+    (path / WEIGHTS_FILE).write_bytes(b"not a safetensors file")
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["weights_sha256"] = bundle_module.sha256_file(path / WEIGHTS_FILE)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"cannot read .*weights\.safetensors.*re-export"):
+        load_bundle(path)
+
+
+def test_bundle_and_checkpoint_write_the_same_weights_file(tmp_path, spec_and_net):
+    spec, net = spec_and_net
+    bundle_dir = export(tmp_path / "b", spec_and_net)
+    checkpoint_dir = save_checkpoint(tmp_path / "fold0", net, spec, {"fold": 0})
+    assert (bundle_dir / WEIGHTS_FILE).read_bytes() == (checkpoint_dir / WEIGHTS_FILE).read_bytes()
+    assert bundle_module.WEIGHTS_FILE == WEIGHTS_FILE  # the registry imports the name from the bundle
+
+
+def test_nan_metrics_are_stored_as_null(tmp_path, spec_and_net):
+    path = export(tmp_path / "b", spec_and_net, metrics={"auc": {"value": float("nan")}, "n": np.int64(3)})
+
+    def refuse(token):
+        raise AssertionError(f"non-standard JSON token {token}")
+
+    manifest = json.loads((path / "manifest.json").read_text(), parse_constant=refuse)
+    assert manifest["metrics"] == {"auc": {"value": None}, "n": 3}
