@@ -89,6 +89,11 @@ class DataConfig(_Strict):
     synthetic: SyntheticConfig = SyntheticConfig()
 
 
+_TRUE_WORDS = frozenset({"true", "1", "yes"})
+_FALSE_WORDS = frozenset({"false", "0", "no"})
+"""Case-insensitive strings read as ``ModelConfig.pretrained`` flags rather than weights paths."""
+
+
 class ModelConfig(_Strict):
     """The network: a timm backbone fused with a metadata MLP."""
 
@@ -99,6 +104,19 @@ class ModelConfig(_Strict):
     meta_hidden: list[int] = Field(default_factory=lambda: [128, 64])
     meta_dropout: float = Field(0.3, ge=0, lt=1)
     head_dropout: float = Field(0.3, ge=0, lt=1)
+
+    @field_validator("pretrained", mode="before")
+    @classmethod
+    def _pretrained_flag_words(cls, v: Any) -> Any:
+        """Environment variables and ``.env`` files give strings: ``MELANOMA_MODEL__PRETRAINED=false`` must
+        mean random init, not a weights file called "false". Any other string stays a path."""
+        if isinstance(v, str):
+            word = v.strip().lower()
+            if word in _TRUE_WORDS:
+                return True
+            if word in _FALSE_WORDS:
+                return False
+        return v
 
     @field_validator("meta_hidden")
     @classmethod
@@ -211,7 +229,18 @@ class ServingConfig(_Strict):
     file_max_age_s: int = Field(
         3600, ge=60, description="Uploads and result images older than this are deleted from the app's cache."
     )
-    min_age: float = Field(0, ge=0, description="Smallest age the app accepts.")
+    cam_min_map_side: int = Field(
+        4,
+        ge=1,
+        description="Smallest feature-map side (cells) a CAM target layer may have at the model's input "
+        "size: the default layer is the preferred one that keeps at least this, and coarser layers are "
+        "refused (a 1x1 or 2x2 map cannot show where the network looked).",
+    )
+    min_age: float = Field(
+        0,
+        ge=0,
+        description="Smallest age the app accepts; an accepted 0 means unknown (ISIC's code, as in cleaning).",
+    )
     max_age: float = Field(120, gt=0, description="Largest age the app accepts.")
 
 

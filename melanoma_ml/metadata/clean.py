@@ -16,7 +16,8 @@ Rules, in the order they are applied (a row is quarantined for the first rule it
 5. Same file content (sha256) as an earlier kept row -> quarantined (``duplicate_content``).
 
 Value fixes, each recorded in ``warnings``: sex m/f/M/F -> male/female (other unrecognized values ->
-missing); age non-numeric, 0 (ISIC's code for unknown) or negative -> missing, above 85 -> 85; site
+missing); age non-numeric -> missing, then ``ages.normalize_ages`` (0, ISIC's code for unknown, or
+negative -> missing, above 85 -> 85; the app applies the same rule to a typed-in age); site
 mapped onto ``schema.SITES`` (``vocabulary.SITE_MAP``), an unknown site -> missing. Values that mean
 "not recorded" (blank, "unknown", ...) become missing silently. When ``target`` and a stated diagnosis
 disagree, ``target`` is kept and the disagreement is warned about.
@@ -31,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from melanoma_ml import schema
+from melanoma_ml.ages import normalize_ages
 from melanoma_ml.metadata import vocabulary as vocab
 from melanoma_ml.metadata.image_files import IMAGE_EXTENSIONS, check_images_in, find_image, index_image_files
 from melanoma_ml.metadata.io import MetadataError, require_columns
@@ -278,13 +280,10 @@ def _age(values: pd.Series, log: _Log) -> pd.Series:
     age = pd.to_numeric(norm, errors="coerce").astype("float64")
     age = age.where(np.isfinite(age))
     log.warn(norm.notna() & age.isna(), schema.AGE, values, "non-numeric age set missing")
-    log.warn(age == 0, schema.AGE, values, "age 0 (used by ISIC for unknown) set missing")
-    log.warn(age < 0, schema.AGE, values, "negative age set missing")
-    log.warn(
-        age > schema.MAX_AGE, schema.AGE, values, f"age above {schema.MAX_AGE} capped at {schema.MAX_AGE}"
-    )
-    age = age.mask(age <= 0)
-    return age.clip(upper=schema.MAX_AGE)
+    normalized, fixes = normalize_ages(age.to_numpy())
+    for mask, note in fixes:
+        log.warn(pd.Series(mask, index=age.index), schema.AGE, values, note)
+    return pd.Series(normalized, index=age.index, dtype="float64")
 
 
 def _site(values: pd.Series, log: _Log) -> pd.Series:

@@ -45,6 +45,7 @@ from melanoma_ml.serving.service import (  # noqa: E402
     PredictionRequest,
     ServedModel,
     ServiceStatus,
+    age_hint,
     headline_metrics,
     metric_line,
 )
@@ -265,7 +266,7 @@ def create_app(service: ModelService) -> gr.Blocks:
                 with gr.Row():
                     age = gr.Textbox(
                         label="Age (years)",
-                        placeholder=f"{config.min_age:g}-{config.max_age:g}; empty if unknown",
+                        placeholder=age_hint(config.min_age, config.max_age),
                         max_lines=1,
                         elem_id="age",
                     )

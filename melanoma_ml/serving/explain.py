@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 CamMethod = Literal["eigencam", "gradcam"]
 CAM_CLASSES = {"eigencam": EigenCAM, "gradcam": GradCAM}
 PROBE_SIZE = 64
-"""Side of the dummy image used to find a 4-D layer in backbones without a known family layout."""
+"""Side of the dummy image used to find a 4-D layer in backbones without a known family layout when no
+input size is given (``target_layer_names(net)``)."""
 
 
 @dataclass(frozen=True)
@@ -65,13 +66,62 @@ def _children(module: nn.Module) -> list[str]:
     return list(module._modules)
 
 
-def target_layer_names(net: nn.Module) -> list[str]:
+def target_layer_names(
+    net: nn.Module, image_size: int | None = None, min_side: int | None = None
+) -> list[str]:
     """Candidate CAM layers, best first, as qualified names within ``net``.
 
     Known timm families: EfficientNet-style ``conv_head``/``bn2``, ResNet ``layer4``, DenseNet
-    ``features``, BYOB/NFNet ``final_conv``, ConvNeXt and most modern nets ``stages[-1]``; otherwise the
-    last module with a spatial 4-D output found by a dry forward pass.
+    ``features``, BYOB/NFNet ``final_conv``, ConvNeXt and most modern nets ``stages[-1]``.
+
+    Args:
+        net: The network (a ``MelanomaNet`` or a bare backbone).
+        image_size: Input side in pixels. When given, only layers whose feature map is at least
+            ``min_side`` on that input are returned (a dry forward pass measures them): small inputs
+            shrink the last stage to 1x1 or 2x2, which cannot show where the network looked. If no family
+            layer is fine enough, the last module (in execution order) with such a map is returned. When
+            None, the family layers are returned unchecked.
+        min_side: Smallest accepted feature-map side; None uses ``ServingConfig.cam_min_map_side``.
+
+    Raises:
+        ValueError: no layer keeps a ``min_side`` x ``min_side`` map (the message says what to pass).
     """
+    min_side = _min_side(min_side)
+    family = _family_layer_names(net)
+    if image_size is None and family:
+        return family
+    sides, order = _feature_map_sides(net, image_size or PROBE_SIZE)
+    names = [name for name in family if sides.get(name, 0) >= min_side]
+    if not names:
+        names = [name for name in order if sides[name] >= min_side][-1:]
+    if not names:
+        size = f"a {image_size} px input" if image_size else f"a {PROBE_SIZE} px probe input"
+        raise ValueError(
+            f"no layer of {type(net).__name__} keeps a spatial 4-D (B, C, H, W) feature map of at least "
+            f"{min_side}x{min_side} on {size}; CAMs need a convolutional feature map: pass target_layer= one "
+            "of the names from net.named_modules(), lower serving.cam_min_map_side, or use a larger "
+            "data.image_size"
+        )
+    return names
+
+
+def default_target_layer(net: nn.Module, image_size: int | None = None, min_side: int | None = None) -> str:
+    """The first of ``target_layer_names(net, image_size, min_side)``."""
+    return target_layer_names(net, image_size, min_side)[0]
+
+
+def _min_side(min_side: int | None) -> int:
+    if min_side is None:
+        from melanoma_ml.config import ServingConfig
+
+        return ServingConfig().cam_min_map_side
+    if min_side < 1:
+        raise ValueError(f"min_side must be a positive number of feature-map cells, got {min_side}")
+    return min_side
+
+
+def _family_layer_names(net: nn.Module) -> list[str]:
+    """The preferred CAM layers of known timm families, best first ([] for an unknown family)."""
     body, prefix = (
         (net.backbone, "backbone.") if isinstance(getattr(net, "backbone", None), nn.Module) else (net, "")
     )
@@ -92,32 +142,27 @@ def target_layer_names(net: nn.Module) -> list[str]:
         names.append("final_conv")
     if "stages" in top and _children(body.stages):
         names.append(f"stages.{_children(body.stages)[-1]}")
-    names = [prefix + name for name in names]
-    if not names:
-        names = [_last_4d_module(net)]
-    return names
+    return [prefix + name for name in names]
 
 
-def default_target_layer(net: nn.Module) -> str:
-    """The first of ``target_layer_names(net)``."""
-    return target_layer_names(net)[0]
-
-
-def _last_4d_module(net: nn.Module) -> str:
-    """Name of the last module (in execution order) producing a 4-D tensor, found by a dry forward."""
+def _feature_map_sides(net: nn.Module, image_size: int) -> tuple[dict[str, int], list[str]]:
+    """Smaller side of every 4-D module output on a blank ``image_size`` input, and the modules in the
+    order they finished (a container finishes after its children), from one dry forward pass."""
     names = {module: name for name, module in net.named_modules() if name}
-    finished: list[str] = []
+    sides: dict[str, int] = {}
+    order: list[str] = []
 
     def record(module: nn.Module, _inputs: Any, output: Any) -> None:
-        # a spatial map: (B, C, H, W) with H, W > 1 (global pools give (B, C, 1, 1))
-        if isinstance(output, torch.Tensor) and output.ndim == 4 and min(output.shape[-2:]) > 1:
-            finished.append(names[module])
+        if isinstance(output, torch.Tensor) and output.ndim == 4:
+            name = names[module]
+            sides[name] = int(min(output.shape[-2:]))
+            order.append(name)
 
     handles = [module.register_forward_hook(record) for module in names]
     was_training = net.training
     try:
         device = next(net.parameters()).device
-        image = torch.zeros(1, 3, PROBE_SIZE, PROBE_SIZE, device=device)
+        image = torch.zeros(1, 3, image_size, image_size, device=device)
         net.eval()
         with torch.inference_mode():
             n_meta = getattr(net, "n_meta_features", None)
@@ -129,12 +174,7 @@ def _last_4d_module(net: nn.Module) -> str:
         for handle in handles:
             handle.remove()
         net.train(was_training)
-    if not finished:
-        raise ValueError(
-            f"no layer with a spatial 4-D (B, C, H, W) output found in {type(net).__name__}; CAMs need a "
-            "convolutional feature map: pass target_layer= one of the names from net.named_modules()"
-        )
-    return finished[-1]
+    return sides, order
 
 
 def resolve_layer(net: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -174,6 +214,7 @@ def explain(
     spec: ModelSpec | None = None,
     method: CamMethod = "eigencam",
     target_layer: str | None = None,
+    min_side: int | None = None,
 ) -> Explanation:
     """CAM heatmap and overlay for one image on the un-augmented input view.
 
@@ -183,7 +224,12 @@ def explain(
         metadata: ``{"age", "sex", "site"}`` dict (missing keys count as missing) or an encoded ``(k,)`` vector.
         spec: Required when ``model`` is a bare network.
         method: ``"eigencam"`` (no gradients, fast) or ``"gradcam"`` (gradient of the melanoma logit).
-        target_layer: Qualified module name; None uses ``default_target_layer``.
+        target_layer: Qualified module name; None uses ``default_target_layer`` at the spec's image size.
+        min_side: Smallest feature-map side accepted for a heatmap; None uses
+            ``ServingConfig.cam_min_map_side``.
+
+    Raises:
+        ValueError: unknown method or layer, or a layer whose map is smaller than ``min_side``.
     """
     if isinstance(model, nn.Module):
         if spec is None:
@@ -196,14 +242,23 @@ def explain(
     view = square_view(image, spec.image_size)
     meta_input = metadata.reshape(1, -1) if isinstance(metadata, np.ndarray) else [metadata]
     meta = encode_metadata(meta_input, spec, 1)
-    layer, layer_name = resolve_layer(net, target_layer or default_target_layer(net))
-    heatmap = _cam(net, layer, layer_name, normalize(view[None], spec), meta, method)
+    min_side = _min_side(min_side)
+    layer, layer_name = resolve_layer(
+        net, target_layer or default_target_layer(net, spec.image_size, min_side)
+    )
+    heatmap = _cam(net, layer, layer_name, normalize(view[None], spec), meta, method, min_side)
     overlay = show_cam_on_image(view.astype(np.float32) / 255.0, heatmap, use_rgb=True)
     return Explanation(heatmap=heatmap, overlay=overlay, target_layer=layer_name, method=method)
 
 
 def _cam(
-    net: nn.Module, layer: nn.Module, layer_name: str, x: torch.Tensor, meta: torch.Tensor, method: CamMethod
+    net: nn.Module,
+    layer: nn.Module,
+    layer_name: str,
+    x: torch.Tensor,
+    meta: torch.Tensor,
+    method: CamMethod,
+    min_side: int,
 ) -> np.ndarray:
     """Run one CAM, restoring the net's mode and ``requires_grad`` flags whatever happens."""
     params = list(net.parameters())
@@ -227,10 +282,11 @@ def _cam(
         for param, flag in zip(params, flags, strict=True):
             param.requires_grad_(flag)
         net.train(was_training)
-    if len(feature_map) != 4 or min(feature_map[-2:]) < 2:
+    if len(feature_map) != 4 or min(feature_map[-2:]) < min_side:
         raise ValueError(
             f"layer {layer_name} gives a {feature_map} feature map for a {x.shape[-1]} px input, too coarse "
-            "for a heatmap; pass an earlier layer as target_layer= (e.g. the previous stage or block)"
+            f"for a heatmap (serving.cam_min_map_side is {min_side}); pass an earlier layer as target_layer= "
+            "(e.g. the previous stage or block) or leave it empty for the size-aware default"
         )
     return np.clip(maps[0], 0.0, 1.0).astype(np.float32)
 

@@ -84,7 +84,7 @@ def app_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         code_version="test",
     )
     registry.promote(version)
-    serving = ServingConfig()
+    serving = ServingConfig(cam_min_map_side=2)  # offers conv_head/bn2 (2x2 at 64 px) in the layer list
     demo = create_app(ModelService(registry, serving))
     port = free_port()
     demo.launch(

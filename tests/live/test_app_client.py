@@ -91,7 +91,13 @@ def trained(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("artifacts")
     config = load_config(
-        "tiny", {"artifact_root": str(root), "data": {"image_size": 64}, "training": {"epochs": 1}}
+        "tiny",
+        {
+            "artifact_root": str(root),
+            "data": {"image_size": 64},
+            "training": {"epochs": 1},
+            "serving": {"cam_min_map_side": 2},  # offers conv_head/bn2 (2x2 at 64 px) in the layer list
+        },
     )
     source = pipeline.prepare_source(config)
     clean = pipeline.clean_source(config, source)
@@ -303,7 +309,7 @@ def test_without_a_promoted_model_the_page_and_api_say_how_to_get_one(tmp_path: 
         client = Client(
             f"http://127.0.0.1:{port}/", verbose=False, download_files=str(tmp_path), analytics_enabled=False
         )
-        with pytest.raises(AppError, match="No model has been promoted yet.*promoted_model"):
+        with pytest.raises(AppError, match="No model has been promoted yet.*serving_model"):
             call(client, photo)
     finally:
         demo.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from melanoma_ml.config import PROFILES, PipelineConfig, deep_merge, load_config
+from melanoma_ml.config import PROFILES, ModelConfig, PipelineConfig, deep_merge, load_config
 
 
 def test_defaults_match_the_seed_project():
@@ -78,3 +78,29 @@ def test_model_for_swaps_only_the_backbone():
 
 def test_deep_merge_keeps_siblings():
     assert deep_merge({"a": {"b": 1, "c": 2}}, {"a": {"b": 3}}) == {"a": {"b": 3, "c": 2}}
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [("false", False), ("False", False), (" NO ", False), ("0", False), ("true", True), ("TRUE", True),
+     ("yes", True), ("1", True), (False, False), (True, True)],
+)  # fmt: skip
+def test_pretrained_flag_words_become_booleans(raw, expected):
+    assert ModelConfig(pretrained=raw).pretrained is expected
+    assert load_config("full", {"model": {"pretrained": raw}}).model.pretrained is expected
+
+
+@pytest.mark.parametrize("raw", ["false", "FALSE", "no", "0"])
+def test_pretrained_false_from_the_environment_means_random_init(tmp_path, monkeypatch, raw):
+    monkeypatch.chdir(tmp_path)  # no stray .env
+    monkeypatch.setenv("MELANOMA_MODEL__PRETRAINED", raw)
+    assert load_config("full").model.pretrained is False
+    monkeypatch.setenv("MELANOMA_MODEL__PRETRAINED", "true")
+    assert load_config("demo").model.pretrained is True
+
+
+def test_pretrained_other_strings_stay_weights_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MELANOMA_MODEL__PRETRAINED", "/weights/falsehood.safetensors")
+    assert load_config("demo").model.pretrained == "/weights/falsehood.safetensors"
+    assert ModelConfig(pretrained="weights/no.pth").pretrained == "weights/no.pth"

@@ -36,7 +36,7 @@ OVERRIDES = {
 }
 CAM_MIN_SIDE = 4
 """Smallest CAM feature map side: at 32 px test_efficientnet's last stages give 1x1 and 2x2 maps,
-which cannot tell lesion from skin; ``pipeline.cam_layer`` then picks the last 4x4 layer."""
+which cannot tell lesion from skin; ``explain.default_target_layer`` then picks the last 4x4 layer."""
 
 
 @dataclass
@@ -177,13 +177,13 @@ def _cam_ratios(e2e: EndToEnd) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     Returns (inside/outside ratio of mean heat per image, targets, heatmaps).
     """
     from melanoma_ml.images.io import load_rgb
-    from melanoma_ml.pipeline import cam_layer, metadata_dict
+    from melanoma_ml.pipeline import metadata_dict
     from melanoma_ml.serving.bundle import load_bundle
-    from melanoma_ml.serving.explain import explain
+    from melanoma_ml.serving.explain import default_target_layer, explain
 
     bundle = load_bundle(e2e.bundle_dir, channels_last=False)
     rows = _validation_rows(e2e, 0)
-    layer = cam_layer(bundle.net, SIZE, min_side=CAM_MIN_SIDE)
+    layer = default_target_layer(bundle.net, SIZE, min_side=CAM_MIN_SIDE)
     ratios, heatmaps = [], []
     masks = _lesion_masks(e2e, list(rows[schema.IMAGE]))
     for row, mask in zip(rows.itertuples(index=False), masks, strict=True):

@@ -18,7 +18,9 @@ from melanoma_ml.model import (
 
 @pytest.mark.parametrize("backbone", ["test_efficientnet", "test_resnet", "test_convnext"])
 def test_forward_gives_one_logit_per_image(backbone):
-    net = build_model(ModelConfig(backbone=backbone, pretrained=False, meta_hidden=[16, 8]), n_meta_features=5)
+    net = build_model(
+        ModelConfig(backbone=backbone, pretrained=False, meta_hidden=[16, 8]), n_meta_features=5
+    )
     net.eval()
     out = net(torch.randn(3, 3, 32, 32), torch.randn(3, 5))
     assert out.shape == (3,)
@@ -59,3 +61,14 @@ def test_normalization_comes_from_timm():
     backbone = create_backbone("test_efficientnet", False)
     norm = normalization_for(backbone)
     assert len(norm["mean"]) == 3 and len(norm["std"]) == 3
+
+
+def test_pretrained_false_as_text_builds_a_random_backbone(tmp_path, monkeypatch):
+    """``MELANOMA_MODEL__PRETRAINED=false`` used to reach create_backbone as a weights path called "false"."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MELANOMA_MODEL__PRETRAINED", "false")
+    from melanoma_ml.config import load_config
+
+    config = load_config("demo").model_for("test_efficientnet")
+    net = build_model(config, n_meta_features=3)
+    assert net(torch.randn(2, 3, 32, 32), torch.randn(2, 3)).shape == (2,)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from melanoma_ml.config import ServingConfig
 from melanoma_ml.features import MetadataEncoder
 from melanoma_ml.model import MelanomaNet
 from melanoma_ml.serving.bundle import Bundle
@@ -117,7 +118,7 @@ def test_explanations_are_maps_over_the_input_view(nets, image, backbone, method
     assert result.heatmap.min() >= 0 and result.heatmap.max() <= 1
     assert np.isfinite(result.heatmap).all()
     assert result.overlay.shape == (SIZE, SIZE, 3) and result.overlay.dtype == np.uint8
-    assert result.target_layer == default_target_layer(net)
+    assert result.target_layer == default_target_layer(net, SIZE)
     assert result.method == method
     assert hooks_left(net) == 0
 
@@ -171,9 +172,68 @@ def test_a_feature_map_too_coarse_for_a_heatmap_is_refused(image):
     with pytest.raises(
         ValueError, match=r"layer backbone.stages.3 gives a \(1, 64, 1, 1\) feature map.*earlier layer"
     ):
-        explain(net, image, META, spec=small)
+        explain(net, image, META, spec=small, target_layer="backbone.stages.3")
     assert hooks_left(net) == 0
-    assert explain(net, image, META, spec=small, target_layer="backbone.stages.2").heatmap.std() > 0
+    # stages.2 is 2x2 at 32 px: below the configured minimum side, accepted when the caller lowers it
+    with pytest.raises(ValueError, match=r"\(1, 48, 2, 2\) feature map.*cam_min_map_side is 4"):
+        explain(net, image, META, spec=small, target_layer="backbone.stages.2", min_side=4)
+    assert (
+        explain(net, image, META, spec=small, target_layer="backbone.stages.2", min_side=2).heatmap.std() > 0
+    )
+    # the default layer is chosen for the input size, so a request without a layer works
+    assert explain(net, image, META, spec=small).heatmap.std() > 0
+
+
+def feature_map_side(net: nn.Module, layer: str, size: int) -> int:
+    """Smaller side of ``layer``'s output on a ``size`` px input, measured independently of explain.py."""
+    module = dict(net.named_modules())[layer]
+    shapes = []
+    handle = module.register_forward_hook(lambda _m, _i, out: shapes.append(tuple(out.shape)))
+    try:
+        with torch.inference_mode():
+            net(torch.zeros(1, 3, size, size), torch.zeros(1, net.n_meta_features))
+    finally:
+        handle.remove()
+    assert len(shapes[-1]) == 4, f"{layer} gives {shapes[-1]}, not a (B, C, H, W) map"
+    return min(shapes[-1][-2:])
+
+
+@pytest.mark.parametrize("backbone", ["test_efficientnet", "test_resnet", "test_convnext"])
+@pytest.mark.parametrize("size", [32, 64])
+def test_default_layer_keeps_the_minimum_map_side_at_small_sizes(nets, backbone, size):
+    """At 32 px test_efficientnet's conv_head is 1x1 and at 64 px 2x2: the default must be finer."""
+    net, _ = nets[backbone]
+    min_side = ServingConfig().cam_min_map_side
+    names = target_layer_names(net, size)
+    assert names and names == target_layer_names(net, size, min_side)
+    assert all(feature_map_side(net, name, size) >= min_side for name in names)
+    assert default_target_layer(net, size) == names[0]
+    assert hooks_left(net) == 0 and not net.training
+
+
+def test_size_aware_layers_prefer_the_family_layers_that_are_fine_enough(nets):
+    net, _ = nets["test_efficientnet"]
+    assert target_layer_names(net, 64, min_side=2) == ["backbone.conv_head", "backbone.bn2"]
+    assert "backbone.conv_head" not in target_layer_names(net, 64, min_side=4)
+    net, _ = nets["test_resnet"]
+    assert target_layer_names(net, 128, min_side=4) == ["backbone.layer4", "backbone.layer4.0"]
+    assert target_layer_names(net, 64, min_side=4) == ["backbone.layer3"]  # layer4 is 2x2: fallback
+
+
+def test_no_layer_fine_enough_says_what_to_change(nets):
+    net, _ = nets["test_convnext"]
+    with pytest.raises(ValueError, match=r"at least 64x64 on a 32 px input.*cam_min_map_side"):
+        target_layer_names(net, 32, min_side=64)
+    assert hooks_left(net) == 0
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_default_gradcam_works_at_small_sizes(image, size):
+    spec = ModelSpec.from_dict({**tiny_spec("test_efficientnet").to_dict(), "image_size": size})
+    net = spec.build_network().eval()
+    result = explain(net, image, META, spec=spec, method="gradcam")
+    assert result.heatmap.shape == (size, size) and np.isfinite(result.heatmap).all()
+    assert feature_map_side(net, result.target_layer, size) >= ServingConfig().cam_min_map_side
 
 
 @pytest.mark.parametrize(
