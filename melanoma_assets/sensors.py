@@ -1,9 +1,9 @@
 """A sensor that refreshes the data when the source folder's content changes.
 
-The cursor is ``melanoma_ml.pipeline.source_fingerprint`` of the configured ``data.source_dir`` (metadata
-file bytes + image listing). A new fingerprint starts ``prepare_data``; training and everything after it
-follow by declarative automation. The built-in synthetic demo set never changes, so with no source folder
-the sensor skips.
+The cursor is ``melanoma_ml.pipeline.source_fingerprint`` of the configured data: ``data.source_dir``,
+``data.image_dir`` and every ``data.external_sources`` entry (metadata file bytes + image listings). A new
+fingerprint starts ``prepare_data``; training and everything after it follow by declarative automation.
+The built-in synthetic demo set never changes, so with no source folder the sensor skips.
 """
 
 import dagster as dg
@@ -25,10 +25,12 @@ FINGERPRINT_TAG = "melanoma/source_fingerprint"
 def source_data_changed(
     context: dg.SensorEvaluationContext, settings: PipelineSettings
 ) -> dg.SensorResult | dg.SkipReason:
-    source_dir = settings.config().data.source_dir
+    data = settings.config().data
+    source_dir = data.source_dir
     if source_dir is None:
         return dg.SkipReason("data.source_dir is not set: the built-in synthetic demo set does not change")
-    fingerprint = source_fingerprint(source_dir)  # a missing folder fails the tick with the fix named
+    # primary, image_dir and external sources; a missing path fails the tick with the setting named
+    fingerprint = source_fingerprint(data)
     if fingerprint == context.cursor:
         return dg.SkipReason(f"no change in {source_dir} (fingerprint {fingerprint[:12]})")
     request = dg.RunRequest(

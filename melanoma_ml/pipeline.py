@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 import pandas as pd
 
-from melanoma_ml.atomic import atomic_write_bytes, atomic_write_json, sha256_file
-from melanoma_ml.config import PipelineConfig
+from melanoma_ml.atomic import atomic_write_bytes, atomic_write_json, parquet_bytes, sha256_file
+from melanoma_ml.config import DataConfig, PipelineConfig
 
 if TYPE_CHECKING:
     from melanoma_ml.evaluation import EvaluationReport
@@ -31,7 +31,11 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 METADATA_SUFFIXES = (".csv", ".json", ".parquet")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".dcm")
+PRIMARY_HINT = (
+    "set data.source_dir (env MELANOMA_DATA__SOURCE_DIR) to an ISIC-layout folder or metadata CSV file, or "
+    "leave it unset to use the built-in synthetic demo set"
+)
+EXTERNAL_HINT = "fix the path or remove the entry (MELANOMA_DATA__EXTERNAL_SOURCES or data.external_sources)"
 
 
 @dataclass(frozen=True)
@@ -84,43 +88,98 @@ def artifact_paths(config: PipelineConfig) -> ArtifactPaths:
     return ArtifactPaths(Path(root.removeprefix("file://")).expanduser().resolve())
 
 
-def source_fingerprint(folder: str | Path) -> str:
-    """Content hash of a dataset folder: metadata file bytes plus the image listing (names and sizes).
+def source_fingerprint(data: DataConfig, *, default_source_dir: str | Path | None = None) -> str:
+    """Content hash of every dataset ``data`` reads: metadata file bytes plus image listings (names, sizes).
 
-    Cheap enough for a sensor on ISIC 2020 (33k images): images are listed and stat-ed, not read.
+    Covers the primary source (``data.source_dir``, else ``default_source_dir``: the synthetic demo set;
+    with neither it is left out), ``data.image_dir`` when it lies outside the primary folder, and every
+    ``data.external_sources`` entry (its path and image_dir), so a change in any of them gives a new
+    fingerprint. A source may be a folder or one metadata CSV file; for a file, the file, the metadata
+    files beside it (duplicate lists, ground truth) and its image folder(s) are hashed. Images are listed
+    and stat-ed, not read: cheap enough for a sensor on ISIC 2020 (33k images). Image suffixes are the
+    loader's (``metadata.image_files.IMAGE_EXTENSIONS``).
 
     Raises:
-        FileNotFoundError: ``folder`` does not exist (the message says which setting to fix).
+        FileNotFoundError: a configured path does not exist (the message names the setting to fix).
     """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(
-            f"data folder not found: {folder}; set data.source_dir (env MELANOMA_DATA__SOURCE_DIR) to an "
-            "ISIC-layout folder, or leave it unset to use the built-in synthetic demo set"
-        )
+    primary = data.source_dir if data.source_dir is not None else default_source_dir
+    sources: list[tuple[str, str | Path, str | None, str]] = []
+    if primary is not None:
+        sources.append(("data.source_dir", primary, data.image_dir, PRIMARY_HINT))
+    for i, entry in enumerate(data.external_sources):
+        sources.append((f"data.external_sources[{i}]", entry.path, entry.image_dir, EXTERNAL_HINT))
     digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        rel = path.relative_to(folder).as_posix()
-        suffix = path.suffix.lower()
-        if suffix in METADATA_SUFFIXES and len(path.relative_to(folder).parts) <= 2:
-            digest.update(f"meta:{rel}:".encode())
-            digest.update(path.read_bytes())
-        elif suffix in IMAGE_SUFFIXES:
-            digest.update(f"image:{rel}:{path.stat().st_size}\n".encode())
+    for setting, path, image_dir, hint in sources:
+        digest.update(f"source:{setting}\n".encode())
+        _hash_source(digest, existing_source(setting, path, hint), image_dir, setting)
     return digest.hexdigest()
+
+
+def existing_source(setting: str, path: str | Path, hint: str) -> Path:
+    """``path`` resolved, when it is a folder or a file.
+
+    Raises:
+        FileNotFoundError: it does not exist (``setting`` and ``hint`` say what to change).
+    """
+    resolved = Path(path).expanduser().resolve()
+    if not resolved.exists():
+        what = "data folder" if setting == "data.source_dir" else f"{setting}.path"
+        raise FileNotFoundError(f"{what} not found: {resolved}; {hint}")
+    return resolved
+
+
+def _hash_source(digest: Any, path: Path, image_dir: str | None, setting: str) -> None:
+    """Add one source (folder or metadata file) and its image folder(s) to ``digest``."""
+    from melanoma_ml.metadata.layouts import find_image_dirs
+
+    folder = path.parent if path.is_file() else path
+    if path.is_file():
+        _hash_metadata(digest, path.parent, [p for p in path.parent.iterdir() if p.is_file()])
+    else:
+        metadata = [p for p in folder.rglob("*") if p.is_file() and len(p.relative_to(folder).parts) <= 2]
+        _hash_metadata(digest, folder, metadata)
+        _hash_images(digest, folder, folder.rglob("*"))
+    if image_dir is not None:
+        images = Path(image_dir).expanduser().resolve()
+        if not images.is_dir():
+            raise FileNotFoundError(
+                f"{setting} image_dir not found: {images}; point it at the image folder, or unset it to find "
+                "the images beside the metadata"
+            )
+        image_dirs = [] if images.is_relative_to(folder) and path.is_dir() else [images]
+    else:
+        image_dirs = find_image_dirs(folder) if path.is_file() else []
+    for images in image_dirs:
+        _hash_images(digest, images, images.iterdir())  # the loader reads only the files directly inside
+
+
+def _hash_metadata(digest: Any, root: Path, files: Any) -> None:
+    for path in sorted(p for p in files if p.suffix.lower() in METADATA_SUFFIXES):
+        digest.update(f"meta:{path.relative_to(root).as_posix()}:".encode())
+        digest.update(path.read_bytes())
+
+
+def _hash_images(digest: Any, root: Path, paths: Any) -> None:
+    from melanoma_ml.metadata.image_files import IMAGE_EXTENSIONS
+
+    for path in sorted(p for p in paths if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()):
+        digest.update(
+            f"image:{root.name}/{path.relative_to(root).as_posix()}:{path.stat().st_size}\n".encode()
+        )
 
 
 # --------------------------------------------------------------------------------------------- results
 @dataclass(frozen=True)
 class SourceInfo:
-    """The dataset folder a run reads.
+    """The primary dataset a run reads (external sources come from ``config.data.external_sources``).
 
     Attributes:
-        root: Dataset folder (ISIC layout).
-        layout: Layout passed to ``metadata.load_dataset`` (``"isic2020"`` for the synthetic set).
+        root: Primary dataset folder or metadata CSV file (any ISIC layout).
+        layout: Layout of the primary (``"isic2020"`` for the synthetic set, else ``data.layout``).
         image_dir: Explicit image folder or None (auto-detected by the layout reader).
         synthetic: Whether this is the built-in synthetic demo set.
-        fingerprint: ``source_fingerprint(root)``: changes when metadata or the image listing change.
+        fingerprint: ``source_fingerprint`` of the primary, its image folder and every external source:
+            changes when any metadata file or image listing changes.
     """
 
     root: Path
@@ -204,27 +263,36 @@ class PipelineResult:
 def validate_config(config: PipelineConfig) -> None:
     """Fail before any work on settings that would otherwise fail deep inside a later step.
 
-    Checks that the artifact root is local, every backbone name against timm (imports timm, ~seconds)
-    and that ``data.source_dir`` (when set) is a folder. ``n_folds >= 2`` and the other ranges are
-    already enforced by the config.
+    Checks that the artifact root is local, every backbone name against timm (imports timm, ~seconds),
+    that ``data.source_dir`` (when set) is a folder or a metadata file, and that every external source's
+    path exists. ``n_folds >= 2`` and the other ranges are already enforced by the config.
 
     Raises:
-        ValueError: remote artifact root, unknown backbone (with close matches) or missing data folder.
+        ValueError: remote artifact root, unknown backbone (with close matches) or a missing data path.
     """
     from melanoma_ml.model import validate_backbone
 
     artifact_paths(config)
     for backbone in config.backbones:
         validate_backbone(backbone)
-    if config.data.source_dir is not None and not Path(config.data.source_dir).expanduser().is_dir():
-        raise ValueError(
-            f"data folder not found: {config.data.source_dir}; set data.source_dir (env "
-            "MELANOMA_DATA__SOURCE_DIR) to an ISIC-layout folder, or leave it unset for the synthetic demo set"
-        )
+    paths = [
+        (f"data.external_sources[{i}]", e.path, EXTERNAL_HINT)
+        for i, e in enumerate(config.data.external_sources)
+    ]
+    if config.data.source_dir is not None:
+        paths.insert(0, ("data.source_dir", config.data.source_dir, PRIMARY_HINT))
+    for setting, path, hint in paths:
+        try:
+            existing_source(setting, path, hint)
+        except FileNotFoundError as exc:
+            raise ValueError(str(exc)) from exc
 
 
 def prepare_source(config: PipelineConfig) -> SourceInfo:
-    """The configured dataset folder, or the synthetic demo set generated (once) under the artifact root."""
+    """The configured primary dataset, or the synthetic demo set generated (once) under the artifact root.
+
+    The fingerprint also covers ``data.image_dir`` and every external source (see ``source_fingerprint``).
+    """
     data = config.data
     if data.source_dir is None:
         from melanoma_ml.synthetic import generate_synthetic_dataset
@@ -235,14 +303,20 @@ def prepare_source(config: PipelineConfig) -> SourceInfo:
         root = Path(data.source_dir).expanduser().resolve()
         image_dir = Path(data.image_dir).expanduser().resolve() if data.image_dir else None
         layout, synthetic = data.layout, False
-    return SourceInfo(root, layout, image_dir, synthetic, source_fingerprint(root))
+    fingerprint = source_fingerprint(data, default_source_dir=root)
+    return SourceInfo(root, layout, image_dir, synthetic, fingerprint)
 
 
 def clean_source(config: PipelineConfig, source: SourceInfo) -> CleaningResult:
-    """Read and clean the source; writes ``tables/clean.parquet`` and ``tables/quarantine.parquet``."""
-    from melanoma_ml.metadata import load_dataset
+    """Read and clean the primary source and every external one (``metadata.sources.load_configured_data``).
 
-    result = load_dataset(source.root, layout=source.layout, image_dir=source.image_dir)
+    External rows keep ``is_external`` True (``make_folds`` gives them fold -1 or their group's fold, so
+    they are trained on, never validated on). Writes ``tables/clean.parquet`` and ``tables/quarantine.parquet``.
+    """
+    from melanoma_ml.metadata.sources import load_configured_data
+
+    default = source.root if source.synthetic else None
+    result = load_configured_data(config.data, default_source_dir=default)
     tables = artifact_paths(config).tables
     atomic_write_bytes(tables / "clean.parquet", parquet_bytes(result.clean))
     atomic_write_bytes(tables / "quarantine.parquet", parquet_bytes(result.quarantine))
@@ -342,19 +416,25 @@ def promote_best(
 ) -> PromotionOutcome:
     """Offer the leaderboard's candidate to the gate; on promotion register a new bundle and move ``current``.
 
-    The bundle holds the candidate's best fold model (highest validation AUROC), the report's tuned
-    threshold and metrics, and the candidate's out-of-fold predictions (``extra["oof"]``) so a later
-    candidate can be compared with it on the same rows. A rejected candidate writes nothing.
+    The leaderboard ranks backbones on their pooled out-of-fold predictions (``reports``), but one model is
+    served: the candidate's best fold model (highest validation AUROC). Everything the gate and the bundle
+    say is about that model: its metrics and tuned threshold come from its own validation rows
+    (``served_model_report``) and its AUC lower bound is held against the floor. Against a champion, the
+    candidate's out-of-fold predictions (each image predicted by a fold model that never trained on it) are
+    compared with the champion's stored ones on the images both have (``paired_difference_with_champion``).
+    The bundle stores the served fold's own out-of-fold rows (``extra["oof"]``) for the next comparison.
+    A rejected candidate writes nothing.
     """
     from melanoma_ml.serving.promotion import GateDecision, decide_promotion
     from melanoma_ml.serving.registry import ModelRegistry
 
     candidate = leaderboard.candidate
-    report = reports[candidate]
+    if candidate not in reports:
+        raise ValueError(f"leaderboard candidate {candidate!r} has no report among {sorted(reports)}")
     best = max(fold_results[candidate], key=lambda r: r.best_val_auroc)
     registry = ModelRegistry(artifact_paths(config).registry)
     champion = registry.current()
-    champion_metrics, paired = None, None
+    champion_metrics, paired, paired_note = None, None, ""
     if champion is not None:
         manifest = registry.manifest(champion)
         if (manifest.get("extra") or {}).get("checkpoint_sha256") == best.weights_sha256:
@@ -364,32 +444,53 @@ def promote_best(
             )
             return PromotionOutcome(already, candidate, champion, champion, None, best.fold)
         champion_metrics = manifest["metrics"]
-        paired = paired_difference_with_champion(config, report_oof(config, candidate), manifest)
+        paired, paired_note = paired_difference_with_champion(config, report_oof(config, candidate), manifest)
+    served = served_model_report(config, best)
     decision = decide_promotion(
-        report.to_dict()["metrics"],
+        served.to_dict()["metrics"],
         champion_metrics,
         paired,
         auc_floor=config.evaluation.promotion_auc_floor,
-        candidate_name=candidate,
+        candidate_name=f"{candidate} fold {best.fold}",
         champion_name=champion or "none",
+        paired_note=paired_note,
     )
     if not decision.promote:
         return PromotionOutcome(decision, candidate, champion, champion, None, best.fold)
-    version = register_fold_model(config, best, report, decision.reason, data_version=data_version)
+    version = register_fold_model(config, best, served, decision.reason, data_version=data_version)
     registry.promote(version, reason=decision.reason)
     return PromotionOutcome(decision, candidate, champion, version, version, best.fold)
+
+
+def served_model_report(config: PipelineConfig, fold_result: FoldResult) -> EvaluationReport:
+    """Evaluation of one fold model on its own validation rows (its out-of-fold predictions).
+
+    This is what a bundle of that model reports: the tuned threshold (``threshold_for_sensitivity`` on
+    those rows) and the metrics with their CIs. Nothing is written.
+
+    Raises:
+        ValueError: the fold's validation rows hold a single class (re-make the folds).
+    """
+    from melanoma_ml.evaluation import evaluate_predictions
+
+    name = f"{fold_result.backbone} fold {fold_result.fold}"
+    return evaluate_predictions(fold_result.oof, config.evaluation, name=name)
 
 
 def register_fold_model(
     config: PipelineConfig, best: FoldResult, report: EvaluationReport, reason: str, *, data_version: str
 ) -> str:
-    """Register ``best``'s checkpoint as a new registry version (not yet current) and return the version."""
+    """Register ``best``'s checkpoint as a new registry version (not yet current) and return the version.
+
+    Args:
+        report: ``served_model_report(config, best)``: its threshold and metrics go into the manifest.
+    """
     import melanoma_ml
     from melanoma_ml.serving.registry import ModelRegistry
     from melanoma_ml.training.checkpoint import load_checkpoint
 
     net, spec, _info = load_checkpoint(best.checkpoint_dir)
-    oof = report_oof(config, best.backbone)
+    oof = best.oof
     return ModelRegistry(artifact_paths(config).registry).register_bundle(
         net,
         spec,
@@ -421,33 +522,51 @@ def report_oof(config: PipelineConfig, backbone: str) -> pd.DataFrame:
 
 def paired_difference_with_champion(
     config: PipelineConfig, candidate_oof: pd.DataFrame, champion_manifest: Mapping[str, Any]
-) -> dict[str, Any] | None:
-    """Candidate-minus-champion AUC difference on the images both were evaluated on, or None.
+) -> tuple[dict[str, Any] | None, str]:
+    """Candidate-minus-champion AUC difference on the images both were evaluated on.
 
-    None (the gate then refuses) when the champion's manifest holds no out-of-fold predictions or the
-    two share no images with both classes.
+    The champion's stored predictions (manifest ``extra.oof``) are paired with the candidate's rows by
+    image name; labels and groups are the candidate's (the current folds table), so a label fixed since
+    the champion was promoted counts as fixed for both.
+
+    Returns:
+        ``(difference, note)``: ``paired_auc_difference``'s dict and a note on the overlap, or ``(None,
+        why)`` (the gate then refuses, quoting ``why``) when the champion stores no out-of-fold
+        predictions or the shared images hold fewer than ``evaluation.subgroup_min_cases`` melanoma or
+        benign cases.
     """
     from melanoma_ml.evaluation import paired_auc_difference
 
     stored = (champion_manifest.get("extra") or {}).get("oof")
     if not stored:
-        return None
-    champion_oof = pd.DataFrame(stored)
-    shared = set(candidate_oof["image_name"]) & set(champion_oof["image_name"])
-    cand = candidate_oof[candidate_oof["image_name"].isin(shared)].sort_values("image_name")
-    champ = champion_oof[champion_oof["image_name"].isin(shared)].sort_values("image_name")
-    if cand["target"].nunique() < 2:
-        return None
-    return paired_auc_difference(cand, champ, config.evaluation, names=("candidate", "champion"))
+        return None, "the champion's manifest stores no out-of-fold predictions (extra.oof) to pair with"
+    champion_prob = pd.DataFrame(stored)[["image_name", "prob"]]
+    cand = candidate_oof[candidate_oof["image_name"].isin(champion_prob["image_name"])]
+    champ = cand.drop(columns=["prob"]).merge(
+        champion_prob, on="image_name", how="left", validate="one_to_one"
+    )
+    melanoma = int((cand["target"] == 1).sum())
+    benign = len(cand) - melanoma
+    need = config.evaluation.subgroup_min_cases
+    overlap = f"{len(cand)} shared images ({melanoma} melanoma, {benign} benign)"
+    if min(melanoma, benign) < need:
+        return None, (
+            f"the candidate and the champion share only {overlap}; a paired AUC needs at least {need} of each "
+            "class (evaluation.subgroup_min_cases); train on a folds table that still holds the champion's "
+            "validation images, or promote by hand with ModelRegistry.promote if the change is intended"
+        )
+    difference = paired_auc_difference(cand, champ, config.evaluation, names=("candidate", "champion"))
+    return difference, f"paired on {overlap}"
 
 
 def explain_gallery(config: PipelineConfig, folds_table: pd.DataFrame, n_images: int = 6) -> Gallery:
     """CAM overlays of the served model on its own validation images (most and least suspicious ones).
 
-    Writes ``reports/gradcam/<version>/<image_name>.png``.
+    The images are those of the bundle's stored out-of-fold predictions (``bundle_validation_rows``), so
+    re-made folds never slip training images in. Writes ``reports/gradcam/<version>/<image_name>.png``.
     """
     from melanoma_ml.images.cache import load_resized
-    from melanoma_ml.serving.explain import explain
+    from melanoma_ml.serving.explain import default_target_layer, explain
     from melanoma_ml.serving.inference import predict
     from melanoma_ml.serving.registry import ModelRegistry
 
@@ -457,56 +576,28 @@ def explain_gallery(config: PipelineConfig, folds_table: pd.DataFrame, n_images:
         return Gallery(
             None, method, "", [], note="no model is promoted yet (the gate rejected every candidate)"
         )
-    fold = int(bundle.manifest["extra"]["fold"])
-    val = folds_table[folds_table["fold"] == fold]
+    val, problem = bundle_validation_rows(bundle.manifest, folds_table)
+    if problem:
+        return Gallery(
+            bundle.version, method, "", [], note=f"no gallery for bundle {bundle.version}: {problem}"
+        )
     picked = pick_gallery_rows(val, n_images, seed=config.training.seed)
     images = [load_resized(p, bundle.spec.image_size) for p in picked["image_path"]]
     metadata = [metadata_dict(row) for row in picked.itertuples(index=False)]
     probs = predict(bundle, images, metadata, tta=config.serving.tta)
     out_dir = artifact_paths(config).gallery / bundle.version
     items, layer = [], ""
-    target_layer = cam_layer(bundle.net, bundle.spec.image_size)
+    min_side = config.serving.cam_min_map_side
+    target_layer = default_target_layer(bundle.net, bundle.spec.image_size, min_side)
     for image, meta, prob, row in zip(images, metadata, probs, picked.itertuples(index=False), strict=True):
-        explanation = explain(bundle, image, meta, method=method, target_layer=target_layer)
+        explanation = explain(
+            bundle, image, meta, method=method, target_layer=target_layer, min_side=min_side
+        )
         layer = explanation.target_layer
         path = out_dir / f"{row.image_name}.png"
         atomic_write_bytes(path, png_bytes(explanation.overlay))
         items.append(GalleryItem(str(row.image_name), int(row.target), float(prob), path))
     return Gallery(bundle.version, method, layer, items)
-
-
-def cam_layer(net: Any, image_size: int, min_side: int = 4) -> str:
-    """The preferred CAM layer (``explain.target_layer_names``) whose map is at least ``min_side`` px at
-    ``image_size``; else the last module with such a map. Small inputs (32-64 px) shrink the usual
-    last-stage maps to 1x1 or 2x2, which cannot show where the network looked (a 4x4 map can).
-    """
-    import torch
-
-    from melanoma_ml.serving.explain import target_layer_names
-
-    names = {module: name for name, module in net.named_modules() if name}
-    sides: dict[str, int] = {}
-    order: list[str] = []
-
-    def record(module: Any, _inputs: Any, output: Any) -> None:
-        if isinstance(output, torch.Tensor) and output.ndim == 4:
-            sides[names[module]] = min(output.shape[-2:])
-            order.append(names[module])
-
-    handles = [module.register_forward_hook(record) for module in names]
-    try:
-        with torch.inference_mode():
-            net(torch.zeros(1, 3, image_size, image_size), torch.zeros(1, net.n_meta_features))
-    finally:
-        for handle in handles:
-            handle.remove()
-    preferred = [n for n in target_layer_names(net) if sides.get(n, 0) >= min_side]
-    fallback = [n for n in order if sides[n] >= min_side]
-    if not preferred and not fallback:
-        raise ValueError(
-            f"no layer of {net.backbone.__class__.__name__} keeps a {min_side}x{min_side} map at {image_size} px"
-        )
-    return preferred[0] if preferred else fallback[-1]
 
 
 def pick_gallery_rows(val: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
@@ -612,26 +703,51 @@ def bundle_reproduction(
     from melanoma_ml.serving.registry import ModelRegistry
 
     bundle = load_bundle(ModelRegistry(artifact_paths(config).registry).version_path(version))
-    extra = bundle.manifest.get("extra") or {}
-    oof = pd.DataFrame(extra.get("oof") or {})
-    if oof.empty:
-        return [f"bundle {version} stores no out-of-fold predictions (manifest extra.oof)"], {}
-    own_fold = oof[(oof["fold"] == int(extra["fold"])) & oof["image_name"].isin(folds_table["image_name"])]
-    if own_fold.empty:
-        return [
-            f"none of bundle {version}'s validation images are in the current folds table; re-run training"
-        ], {}
-    sample = own_fold.head(n)
-    rows = folds_table.set_index("image_name").loc[sample["image_name"]].reset_index()
+    own_rows, problem = bundle_validation_rows(bundle.manifest, folds_table)
+    if problem:
+        return [f"bundle {version}: {problem}"], {}
+    rows = own_rows.head(n)
     images = list(cache.array()[cache.rows_for(rows["image_name"])])
     got = predict(bundle, images, [metadata_dict(r) for r in rows.itertuples(index=False)], tta=False)
-    gap = float(np.max(np.abs(got - sample["prob"].to_numpy()))) if len(sample) else float("nan")
+    gap = float(np.max(np.abs(got - rows["stored_prob"].to_numpy())))
     problems = (
         []
         if gap <= atol
         else [f"bundle {version} predictions differ from the report by up to {gap:.2e} (> {atol})"]
     )
-    return problems, {"version": version, "images_checked": len(sample), "max_abs_difference": gap}
+    return problems, {"version": version, "images_checked": len(rows), "max_abs_difference": gap}
+
+
+def bundle_validation_rows(
+    manifest: Mapping[str, Any], folds_table: pd.DataFrame
+) -> tuple[pd.DataFrame, str]:
+    """The served model's own validation images, as rows of the current ``folds_table``.
+
+    They are the images of the out-of-fold predictions stored in the bundle (manifest ``extra.oof``; only
+    fold ``extra.fold`` when the manifest names one, as older bundles stored every fold's rows), not the
+    table's current fold ``extra.fold``: folds re-made since the promotion may put training images there.
+
+    Returns:
+        ``(rows, "")``: the folds-table rows in stored order, plus ``stored_prob`` (the stored
+        prediction); or an empty frame and why there are none.
+    """
+    extra = manifest.get("extra") or {}
+    stored = pd.DataFrame(extra.get("oof") or {})
+    if stored.empty:
+        return (
+            stored,
+            "it stores no out-of-fold predictions (manifest extra.oof) to tell its validation images",
+        )
+    if extra.get("fold") is not None and "fold" in stored.columns:
+        stored = stored[stored["fold"] == int(extra["fold"])]
+    own = stored[["image_name", "prob"]].rename(columns={"prob": "stored_prob"})
+    rows = own.merge(folds_table.drop(columns=["stored_prob"], errors="ignore"), on="image_name", how="inner")
+    if rows.empty:
+        return rows, (
+            "none of its validation images are in the current folds table (the data changed since it was "
+            "promoted); re-run training and promotion"
+        )
+    return rows, ""
 
 
 # --------------------------------------------------------------------------------------------- the whole run
@@ -676,12 +792,6 @@ def table_fingerprint(table: pd.DataFrame) -> str:
     digest = hashlib.sha256(",".join(map(str, table.columns)).encode())
     digest.update(pd.util.hash_pandas_object(table, index=False).to_numpy().tobytes())
     return digest.hexdigest()
-
-
-def parquet_bytes(frame: pd.DataFrame) -> bytes:
-    buffer = io.BytesIO()
-    frame.to_parquet(buffer, index=False)
-    return buffer.getvalue()
 
 
 def png_bytes(rgb: np.ndarray) -> bytes:

@@ -6,12 +6,17 @@ estimate and its bootstrap confidence interval, e.g. ``{"auc": {"value": 0.91, "
 on the same out-of-fold rows, in the same shape (``{"value": 0.02, "lo": -0.01, "hi": 0.05}``); a
 ``"diff"`` key is accepted in place of ``"value"``.
 
+The candidate metrics describe the model that would be served (the pipeline passes the chosen fold
+model's metrics on its own validation rows), not a pool of models.
+
 Rules:
 1. The candidate's AUC lower CI bound must exceed ``auc_floor`` (a weak model is never served).
 2. With no champion, rule 1 suffices.
-3. With a champion, the candidate must also not be significantly worse on the same rows (the paired
-   difference CI upper bound is >= 0) and its point AUC must be >= the champion's (a statistically
-   indistinguishable but lower candidate does not replace a working champion: churn without evidence).
+3. With a champion, only the paired difference on the same rows decides (the two models' own AUCs were
+   measured on different images and are shown, never compared): the candidate must not be
+   significantly worse (the difference's CI upper bound is >= 0) and the difference itself must be
+   >= 0 (a statistically indistinguishable but lower candidate does not replace a working champion:
+   churn without evidence).
 """
 
 from __future__ import annotations
@@ -96,18 +101,21 @@ def decide_promotion(
     candidate_name: str = "candidate",
     champion_name: str = "champion",
     metric: str = "auc",
+    paired_note: str = "",
 ) -> GateDecision:
     """Decide whether ``candidate`` replaces ``champion`` (see the module docstring for the rules).
 
     Args:
         candidate: Candidate metrics, ``{"auc": {"value", "lo", "hi"}, ...}``.
-        champion: The serving model's metrics in the same shape, or None when nothing is served yet.
+        champion: The serving model's metrics in the same shape, or None when nothing is served yet
+            (shown in the reason and evidence; the comparison itself uses ``paired_diff``).
         paired_diff: Candidate-minus-champion AUC difference on the same rows with its CI; required when
             there is a champion (without it the gate cannot tell "worse" from "noise" and refuses).
         auc_floor: ``EvaluationConfig.promotion_auc_floor``.
         candidate_name: How the reason names the candidate (e.g. ``"test_resnet"``).
         champion_name: How the reason names the champion (e.g. ``"v0002"``).
         metric: The metric key to judge (AUC by default).
+        paired_note: Why ``paired_diff`` is None (e.g. too few shared images), put into the refusal reason.
 
     Raises:
         ValueError: a metrics dict lacks the metric or holds malformed numbers.
@@ -141,18 +149,21 @@ def decide_promotion(
     evidence.update({"champion": champion_name, "champion_estimate": _as_dict(champ)})
     if paired_diff is None:
         evidence["not_worse"] = None
+        why = paired_note or (
+            "no paired difference on the same rows was given; run paired_auc_difference on both models' "
+            "out-of-fold predictions"
+        )
         return GateDecision(
             False,
-            f"candidate {candidate_name} {label} {cand} vs champion {champion_name} ({champ.value:.3f}): no "
-            "paired difference on the same rows was given, so 'not worse' cannot be shown; run "
-            "paired_auc_difference on both models' out-of-fold predictions; not promoted",
+            f"candidate {candidate_name} {label} {cand} vs champion {champion_name} ({champ.value:.3f}): {why}, "
+            "so 'not worse' cannot be shown; not promoted",
             evidence,
         )
     diff = as_estimate(paired_diff, where="paired difference")
     not_worse = diff.hi >= 0
-    at_least_as_good = cand.value >= champ.value
+    not_lower = diff.value >= 0
     evidence.update(
-        {"paired_diff": _as_dict(diff), "not_worse": not_worse, "point_at_least_champion": at_least_as_good}
+        {"paired_diff": _as_dict(diff), "not_worse": not_worse, "not_lower_on_shared_rows": not_lower}
     )
     versus = f"candidate {candidate_name} {label} {cand} vs champion {champion_name} ({champ})"
     if not not_worse:
@@ -162,17 +173,17 @@ def decide_promotion(
             f"champion {champion_name} stays",
             evidence,
         )
-    if not at_least_as_good:
+    if not not_lower:
         return GateDecision(
             False,
-            f"{versus}: lower point {label} and no significant gain (difference {diff}); "
+            f"{versus}: lower {label} on the same rows and no significant gain (difference {diff}); "
             f"champion {champion_name} stays",
             evidence,
         )
     return GateDecision(
         True,
-        f"{versus}: beats or matches the champion (difference {diff}) and clears the floor {auc_floor:.3f}; "
-        "promoted",
+        f"{versus}: beats or matches the champion on the same rows (difference {diff}) and clears the floor "
+        f"{auc_floor:.3f}; promoted",
         evidence,
     )
 

@@ -75,16 +75,21 @@ class ModelRegistry:
     def register(self, bundle_dir: str | Path, *, reason: str = "") -> str:
         """Copy an existing, verified bundle folder in as the next version.
 
+        The weights are copied unchanged (so the manifest's sha256 still holds); the manifest is rewritten
+        with ``extra["version"]`` set to the new version, replacing any version the source carried (e.g.
+        a bundle copied out of another registry), so the loaded bundle reports its name here.
+
         Raises:
             BundleError / BundleIntegrityError: ``bundle_dir`` is not a complete, untampered bundle.
         """
         source = Path(bundle_dir)
-        verify_bundle(source)
+        manifest = verify_bundle(source)
 
         def write(folder: Path, version: str) -> None:
+            renamed = {**manifest, "extra": {**(manifest.get("extra") or {}), "version": version}}
             with atomic_directory(folder) as tmp:
-                for name in (WEIGHTS_FILE, MANIFEST_FILE):
-                    shutil.copy2(source / name, tmp / name)
+                shutil.copy2(source / WEIGHTS_FILE, tmp / WEIGHTS_FILE)
+                atomic_write_json(tmp / MANIFEST_FILE, renamed)
             verify_bundle(folder)
 
         return self._register_with(write, reason=reason, source=str(source))

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from melanoma_ml import schema
+from melanoma_ml.ages import normalize_age
 from melanoma_ml.config import PipelineConfig, ServingConfig
 from melanoma_ml.images.io import ImageDecodeError, load_rgb
 from melanoma_ml.serving.registry import ModelRegistry
@@ -45,7 +46,7 @@ NO_CAM = "none"
 
 NO_MODEL_MESSAGE = (
     "No model has been promoted yet. Train and promote one with `melanoma-ml demo` (synthetic data, a few "
-    "minutes on a laptop) or by materializing the `promoted_model` asset in Dagster; this app picks it up "
+    "minutes on a laptop) or by materializing the `serving_model` asset in Dagster; this app picks it up "
     "automatically, no restart needed."
 )
 
@@ -75,7 +76,8 @@ class ServedModel:
         version: Registry version (``v0003``).
         promoted_at: ISO time the pointer was moved to this version (from ``current.json``).
         loaded_at: ISO time this process loaded it.
-        target_layers: CAM layer choices for this backbone, best first.
+        target_layers: CAM layer choices for this backbone, best first: only layers whose feature map at the
+            bundle's image size keeps at least ``serving.cam_min_map_side`` cells a side.
         lock: Serializes forward passes on this network (CAM hooks are not thread-safe).
     """
 
@@ -314,7 +316,9 @@ class ModelService:
             version=version,
             promoted_at=promoted_at,
             loaded_at=datetime.now(UTC).isoformat(timespec="seconds"),
-            target_layers=tuple(target_layer_names(bundle.net)),
+            target_layers=tuple(
+                target_layer_names(bundle.net, bundle.spec.image_size, self.config.cam_min_map_side)
+            ),
         )
 
     # ------------------------------------------------------------------ requests
@@ -345,7 +349,11 @@ class ModelService:
         view = self.decode(request.image, size=model.image_size)
         with model.lock:
             probability = float(predict(model.bundle, [view], [metadata], tta=tta)[0])
-            explanation = self._explain(model, view, metadata, method, layer) if method else None
+            explanation = (
+                self._explain(model, view, metadata, method, layer, self.config.cam_min_map_side)
+                if method
+                else None
+            )
         return Prediction(
             probability=probability,
             threshold=model.threshold,
@@ -363,12 +371,21 @@ class ModelService:
         )
 
     @staticmethod
-    def _explain(model: ServedModel, image: np.ndarray, metadata: dict[str, Any], method: str, layer: str):
+    def _explain(
+        model: ServedModel,
+        image: np.ndarray,
+        metadata: dict[str, Any],
+        method: str,
+        layer: str,
+        min_side: int,
+    ):
         from melanoma_ml.serving.explain import explain
 
         try:
-            return explain(model.bundle, image, metadata, method=method, target_layer=layer)
-        except ValueError as exc:  # e.g. a layer whose feature map is too coarse at this input size
+            return explain(
+                model.bundle, image, metadata, method=method, target_layer=layer, min_side=min_side
+            )
+        except ValueError as exc:  # offered layers are size-checked at load; this is a CAM that still failed
             raise InvalidRequest(
                 f"the {method} explanation failed on layer {layer}: {exc}. Pick another CAM target layer or "
                 "turn the explanation off"
@@ -423,6 +440,9 @@ def is_unknown(value: Any) -> bool:
 def parse_age(value: Any, min_age: float, max_age: float) -> float | None:
     """A validated age in years, or None for unknown.
 
+    After validation the cleaning rule applies (``ages.normalize_age``): 0, ISIC's code for unknown, means
+    unknown, and an age above ``schema.MAX_AGE`` is encoded as that cap, as in training.
+
     Raises:
         InvalidRequest: not a number, or outside ``[min_age, max_age]``.
     """
@@ -440,9 +460,13 @@ def parse_age(value: Any, min_age: float, max_age: float) -> float | None:
         raise InvalidRequest(
             f"age {value!r} is outside {min_age:g}-{max_age:g} years; enter the patient's age or leave it empty"
         )
-    # Training data cap published ages at 85 (ISIC convention; metadata cleaning does the same), so an
-    # older patient is encoded as 85 rather than extrapolated beyond anything the model saw.
-    return min(age, float(schema.MAX_AGE))
+    return normalize_age(age)[0]
+
+
+def age_hint(min_age: float, max_age: float) -> str:
+    """The age field's placeholder: the accepted range and what means unknown (as ``parse_age`` reads it)."""
+    unknown = "empty or 0 if unknown" if min_age <= 0 else "empty if unknown"
+    return f"{min_age:g}-{max_age:g}; {unknown}; over {schema.MAX_AGE} counts as {schema.MAX_AGE}"
 
 
 def parse_category(value: Any, choices: Sequence[str], what: str) -> str | None:
@@ -488,7 +512,8 @@ def parse_target_layer(value: str | None, choices: Sequence[str]) -> str:
     name = str(value).strip()
     if name not in choices:
         raise InvalidRequest(
-            f"unknown CAM target layer {name!r} for this model; choose one of {list(choices)}"
+            f"unknown CAM target layer {name!r} for this model (or one whose feature map is too coarse at the "
+            f"model's input size); choose one of {list(choices)} or leave it empty for the default"
         )
     return name
 

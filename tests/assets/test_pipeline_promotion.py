@@ -1,5 +1,6 @@
 """The promotion step of melanoma_ml.pipeline against a real registry: worse candidates never replace the
-champion, better ones do (the pointer moves, history kept), and rollback restores the previous version."""
+champion, better ones do (the pointer moves, history kept), and rollback restores the previous version. The
+bundle describes the one fold model it serves; the gallery shows that model's own validation images."""
 
 from __future__ import annotations
 
@@ -138,3 +139,101 @@ def test_weak_first_candidate_below_the_floor_is_not_served(tmp_path: Path) -> N
     assert ModelRegistry(tmp_path / "artifacts" / "registry").current() is None
     gallery = pipeline.explain_gallery(config, rows())
     assert gallery.version is None and gallery.items == [] and "no model is promoted" in gallery.note
+
+
+@pytest.mark.slow
+def test_the_bundle_threshold_and_metrics_are_the_served_fold_models_own(tmp_path: Path) -> None:
+    from melanoma_ml.evaluation import threshold_for_sensitivity
+    from melanoma_ml.evaluation.metrics import roc_auc
+    from melanoma_ml.serving.registry import ModelRegistry
+
+    config = load_config(
+        "tiny", {"artifact_root": str(tmp_path / "artifacts"), "evaluation": {"n_bootstrap": 200}}
+    )
+    results = fold_results(tmp_path, config, "test_efficientnet", 0.3, "served")
+    pooled = pipeline.evaluate_backbone(config, "test_efficientnet", results)
+    outcome = offer(tmp_path, config, "test_efficientnet", 0.3, "served", results=results)
+    assert outcome.decision.promote and outcome.fold == 1  # fold 1 has the higher validation AUROC
+    manifest = ModelRegistry(tmp_path / "artifacts" / "registry").manifest(outcome.registered)
+
+    own = results[1].oof
+    y, p = own["target"].to_numpy(), own["prob"].to_numpy()
+    assert manifest["threshold"] == threshold_for_sensitivity(y, p, config.evaluation.target_sensitivity)
+    assert manifest["metrics"]["auc"]["value"] == pytest.approx(roc_auc(y, p))
+    assert manifest["threshold"] != pooled.threshold.value  # the pooled OOF of both folds gives another one
+    assert manifest["metrics"]["auc"]["value"] != pytest.approx(pooled.metric("auc").value)
+    assert outcome.decision.evidence["candidate_estimate"]["value"] == manifest["metrics"]["auc"]["value"]
+    stored = pd.DataFrame(manifest["extra"]["oof"])
+    assert stored["image_name"].tolist() == own["image_name"].tolist() and set(stored["fold"]) == {1}
+
+
+def champion_manifest(oof: pd.DataFrame) -> dict:
+    return {"extra": {"fold": 0, "oof": {c: oof[c].tolist() for c in pipeline.OOF_KEEP}}}
+
+
+def test_paired_difference_uses_the_candidates_current_labels(tmp_path: Path) -> None:
+    config = load_config("tiny", {"artifact_root": str(tmp_path), "evaluation": {"n_bootstrap": 100}})
+    table = rows()
+    rng = np.random.default_rng(3)
+    candidate = table.assign(prob=np.clip(0.6 * table["target"] + 0.4 * rng.random(len(table)), 0, 1))
+    champion = table.assign(prob=rng.random(len(table)))
+    champion = champion[champion["fold"] == 0].copy()
+    champion.loc[champion.index[:3], "target"] = 1 - champion.loc[champion.index[:3], "target"]  # since fixed
+
+    difference, note = pipeline.paired_difference_with_champion(
+        config, candidate, champion_manifest(champion)
+    )
+    assert difference is not None, note
+    assert difference["n"] == len(champion)
+    shared = candidate[candidate["fold"] == 0]
+    assert "shared images" in note and f"{int(shared['target'].sum())} melanoma" in note
+
+
+@pytest.mark.parametrize(
+    ("manifest", "message"),
+    [
+        (lambda oof: {"extra": {"fold": 0}}, "stores no out-of-fold predictions"),
+        (lambda oof: champion_manifest(oof.head(8)), "a paired AUC needs at least 5 of each class"),
+    ],
+)
+def test_paired_difference_is_refused_without_enough_shared_cases(tmp_path: Path, manifest, message) -> None:
+    config = load_config("tiny", {"artifact_root": str(tmp_path)})
+    table = rows().assign(prob=0.5)
+    difference, note = pipeline.paired_difference_with_champion(config, table, manifest(table))
+    assert difference is None and message in note
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stored_fold", [0, None], ids=["folds-remade", "no-fold-in-manifest"])
+def test_gallery_shows_the_bundles_own_validation_images(tmp_path: Path, stored_fold: int | None) -> None:
+    from PIL import Image
+
+    from melanoma_ml.serving.registry import ModelRegistry
+
+    config = load_config("tiny", {"artifact_root": str(tmp_path / "artifacts")})
+    [result, _] = fold_results(tmp_path, config, "test_efficientnet", 0.6, "gallery")
+    table = rows()
+    rng = np.random.default_rng(0)
+    (tmp_path / "img").mkdir()
+    for name in table["image_name"]:
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+            tmp_path / "img" / f"{name}.png"
+        )
+    table["image_path"] = [str(tmp_path / "img" / f"{n}.png") for n in table["image_name"]]
+    own = result.oof  # fold 0's validation rows
+    extra = {"oof": {c: own[c].tolist() for c in pipeline.OOF_KEEP}}
+    if stored_fold is not None:
+        extra["fold"] = stored_fold
+    from melanoma_ml.training.checkpoint import load_checkpoint
+
+    net, spec, _ = load_checkpoint(result.checkpoint_dir)
+    registry = ModelRegistry(tmp_path / "artifacts" / "registry")
+    version = registry.register_bundle(
+        net, spec, threshold=0.5, metrics={}, data_version="d", code_version="c", extra=extra
+    )
+    registry.promote(version)
+
+    remade = table.assign(fold=1 - table["fold"])  # fold 0 now holds what the model trained on
+    gallery = pipeline.explain_gallery(config, remade, n_images=4)
+    assert gallery.version == version and len(gallery.items) == 4
+    assert {item.image_name for item in gallery.items} <= set(own["image_name"])

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from melanoma_ml import pipeline, schema
-from melanoma_ml.config import load_config
+from melanoma_ml.config import DataConfig, load_config
 
 
 def dataset(folder: Path) -> Path:
@@ -29,20 +29,94 @@ def dataset(folder: Path) -> Path:
         (lambda d: (d / "jpeg" / "train" / "ISIC_2.jpg").unlink(), True),
         (lambda d: (d / "jpeg" / "train" / "ISIC_1.jpg").write_bytes(b"longer content"), True),
         (lambda d: (d / "notes.txt").write_text("ignored"), False),
+        # the loader reads .jpg/.jpeg/.png only (metadata.image_files.IMAGE_EXTENSIONS): other files are not data
+        (lambda d: (d / "jpeg" / "train" / "ISIC_3.bmp").write_bytes(b"x"), False),
+        (lambda d: (d / "jpeg" / "train" / "ISIC_3.webp").write_bytes(b"x"), False),
+        (lambda d: (d / "jpeg" / "train" / "ISIC_3.PNG").write_bytes(b"x"), True),
     ],
 )
 def test_fingerprint_follows_metadata_and_image_listing(
     tmp_path: Path, change, changes_fingerprint: bool
 ) -> None:
     folder = dataset(tmp_path / "isic")
-    before = pipeline.source_fingerprint(folder)
+    data = DataConfig(source_dir=str(folder))
+    before = pipeline.source_fingerprint(data)
     change(folder)
-    assert (pipeline.source_fingerprint(folder) != before) is changes_fingerprint
+    assert (pipeline.source_fingerprint(data) != before) is changes_fingerprint
 
 
-def test_fingerprint_of_a_missing_folder_names_the_setting(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="data.source_dir"):
-        pipeline.source_fingerprint(tmp_path / "nope")
+def test_fingerprint_covers_external_sources_and_an_outside_image_dir(tmp_path: Path) -> None:
+    primary = dataset(tmp_path / "isic")
+    external = dataset(tmp_path / "isic2019")
+    images = tmp_path / "elsewhere"
+    images.mkdir()
+    (images / "ISIC_1.jpg").write_bytes(b"a")
+    data = DataConfig(
+        source_dir=str(primary), image_dir=str(images), external_sources=[{"path": str(external)}]
+    )
+    before = pipeline.source_fingerprint(data)
+
+    (external / "train.csv").write_text("image_name,target\nISIC_1,1\nISIC_2,1\n")
+    relabelled = pipeline.source_fingerprint(data)
+    assert relabelled != before
+    (external / "jpeg" / "train" / "ISIC_9.jpg").write_bytes(b"new")
+    new_external_image = pipeline.source_fingerprint(data)
+    assert new_external_image != relabelled
+    (images / "ISIC_2.jpg").write_bytes(b"b")
+    assert pipeline.source_fingerprint(data) != new_external_image
+
+
+@pytest.mark.parametrize(
+    ("change", "changes_fingerprint"),
+    [
+        (lambda d: None, False),
+        (lambda d: (d / "metadata.csv").write_text("image_name,target\nISIC_1,1\n"), True),
+        (lambda d: (d / "images" / "ISIC_2.jpg").write_bytes(b"new"), True),
+        (lambda d: (d / "ISIC_2020_Training_Duplicates.csv").write_text("image_name_1,image_name_2\n"), True),
+        (lambda d: (d / "unrelated" / "ISIC_2.jpg").write_bytes(b"not an image folder"), False),
+    ],
+)
+def test_fingerprint_of_a_metadata_file_covers_it_and_its_image_folder(
+    tmp_path: Path, change, changes_fingerprint: bool
+) -> None:
+    folder = tmp_path / "export"
+    (folder / "images").mkdir(parents=True)
+    (folder / "unrelated").mkdir()
+    (folder / "metadata.csv").write_text("image_name,target\nISIC_1,0\n")
+    (folder / "images" / "ISIC_1.jpg").write_bytes(b"x")
+    data = DataConfig(source_dir=str(folder / "metadata.csv"))
+    before = pipeline.source_fingerprint(data)
+    change(folder)
+    assert (pipeline.source_fingerprint(data) != before) is changes_fingerprint
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (lambda t: DataConfig(source_dir=str(t / "nope")), "data folder not found.*data.source_dir"),
+        (
+            lambda t: DataConfig(source_dir=str(t / "isic"), external_sources=[{"path": str(t / "gone")}]),
+            r"data.external_sources\[0\].path not found.*remove the entry",
+        ),
+        (
+            lambda t: DataConfig(source_dir=str(t / "isic"), image_dir=str(t / "pics")),
+            "data.source_dir image_dir not found",
+        ),
+    ],
+)
+def test_fingerprint_of_a_missing_path_names_the_setting(tmp_path: Path, data, message: str) -> None:
+    dataset(tmp_path / "isic")
+    with pytest.raises(FileNotFoundError, match=message):
+        pipeline.source_fingerprint(data(tmp_path))
+
+
+def test_validate_config_accepts_a_metadata_file_and_names_a_missing_external(tmp_path: Path) -> None:
+    data = {"source_dir": str(dataset(tmp_path / "isic") / "train.csv")}
+    pipeline.validate_config(load_config("tiny", {"artifact_root": str(tmp_path / "a"), "data": data}))
+    data["external_sources"] = [{"path": str(tmp_path / "x")}]
+    missing = load_config("tiny", {"artifact_root": str(tmp_path / "a"), "data": data})
+    with pytest.raises(ValueError, match=r"data.external_sources\[0\].path not found"):
+        pipeline.validate_config(missing)
 
 
 def test_artifact_layout_matches_the_architecture_doc(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Promotion gate: floor, no champion, not-worse on the same rows, point estimate at least the champion's."""
+"""Promotion gate: floor, no champion, and against a champion only the paired difference on the same rows."""
 
 from __future__ import annotations
 
@@ -42,14 +42,32 @@ def diff(value: float, lo: float, hi: float) -> dict:
             False,
             "significantly worse",
         ),
-        # indistinguishable but lower point estimate: champion stays
+        # indistinguishable but lower on the same rows: champion stays
         (
             auc(0.88, 0.85, 0.91),
             auc(0.89, 0.86, 0.92),
             diff(-0.01, -0.03, 0.01),
             0.7,
             False,
-            "lower point AUC",
+            "lower AUC on the same rows",
+        ),
+        # own AUCs from different images say "worse", the paired difference says "better": promoted
+        (
+            auc(0.85, 0.80, 0.90),
+            auc(0.93, 0.90, 0.96),
+            diff(0.01, -0.01, 0.03),
+            0.7,
+            True,
+            "beats or matches the champion on the same rows",
+        ),
+        # own AUCs from different images say "better", the paired difference says "lower": champion stays
+        (
+            auc(0.95, 0.92, 0.98),
+            auc(0.89, 0.86, 0.92),
+            diff(-0.01, -0.03, 0.01),
+            0.7,
+            False,
+            "champion v0002 stays",
         ),
         # better than the champion but under the floor: refused
         (auc(0.72, 0.65, 0.79), auc(0.60, 0.52, 0.68), diff(0.12, 0.05, 0.19), 0.7, False, "below the floor"),
@@ -64,6 +82,8 @@ def diff(value: float, lo: float, hi: float) -> dict:
         "tie-higher",
         "worse",
         "tie-lower",
+        "paired-beats-unpaired-lower",
+        "paired-lower-unpaired-higher",
         "floor-champ",
         "no-paired",
     ],
@@ -92,8 +112,23 @@ def test_reason_reads_like_a_sentence_with_the_numbers():
         "candidate test_resnet AUC 0.910 [0.880, 0.940] vs champion v0002 (0.890"
     )
     assert decision.evidence["not_worse"] is True
-    assert decision.evidence["point_at_least_champion"] is True
+    assert decision.evidence["not_lower_on_shared_rows"] is True
     assert decision.evidence["paired_diff"] == {"value": 0.02, "lo": 0.001, "hi": 0.04}
+
+
+def test_a_missing_paired_difference_is_refused_with_the_callers_reason():
+    decision = decide_promotion(
+        auc(0.95, 0.93, 0.97),
+        auc(0.89, 0.86, 0.92),
+        None,
+        auc_floor=0.7,
+        candidate_name="test_resnet",
+        champion_name="v0002",
+        paired_note="only 3 melanoma images are shared with the champion (need 5)",
+    )
+    assert not decision.promote
+    assert "only 3 melanoma images are shared with the champion (need 5)" in decision.reason
+    assert decision.evidence["not_worse"] is None
 
 
 @pytest.mark.parametrize(

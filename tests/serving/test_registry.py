@@ -79,6 +79,24 @@ def test_register_bundle_exports_a_loadable_version_that_knows_its_name(tmp_path
     assert registry.manifest("v0001")["threshold"] == 0.5
 
 
+def test_a_copied_in_bundle_reports_its_new_version_not_the_source_registrys(tmp_path, spec_and_net):
+    from melanoma_ml.serving.bundle import load_bundle
+
+    spec, net = spec_and_net
+    staging = ModelRegistry(tmp_path / "staging")
+    for _ in range(3):
+        staging.register_bundle(net, spec, extra={"fold": 1}, **BUNDLE_KWARGS)
+    exported = staging.version_path("v0003")
+
+    production = ModelRegistry(tmp_path / "production")
+    assert production.register(exported) == "v0001"
+    copied = production.version_path("v0001")
+    assert load_bundle(copied).version == "v0001"
+    assert production.manifest("v0001")["extra"] == {"fold": 1, "version": "v0001"}
+    assert sha256_file(copied / "weights.safetensors") == sha256_file(exported / "weights.safetensors")
+    assert load_bundle(exported).version == "v0003"  # the source is left as it was
+
+
 def test_promote_moves_the_pointer_and_rollback_walks_back(tmp_path, source_bundle):
     registry = ModelRegistry(tmp_path)
     for _ in range(3):

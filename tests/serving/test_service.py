@@ -27,6 +27,7 @@ from melanoma_ml.serving.service import (
     ModelService,
     NoModelAvailable,
     PredictionRequest,
+    age_hint,
     headline_metrics,
     is_unknown,
     metric_line,
@@ -149,8 +150,8 @@ def samples(tmp_path: Path) -> dict[str, Path]:
 # ---------------------------------------------------------------------- pure validation
 @pytest.mark.parametrize(
     ("value", "expected"),
-    [(None, None), ("", None), ("  ", None), ("unknown", None), (float("nan"), None), ("45", 45.0), (0, 0.0),
-     (120, 85.0), (86, 85.0), (85, 85.0), (37.5, 37.5), (" 61 ", 61.0)],
+    [(None, None), ("", None), ("  ", None), ("unknown", None), (float("nan"), None), ("45", 45.0), (0, None),
+     ("0", None), (0.0, None), (120, 85.0), (86, 85.0), (85, 85.0), (37.5, 37.5), (" 61 ", 61.0), (0.5, 0.5)],
 )  # fmt: skip
 def test_parse_age_accepts_numbers_and_unknown(value, expected) -> None:
     assert parse_age(value, 0, 120) == expected
@@ -164,6 +165,30 @@ def test_parse_age_accepts_numbers_and_unknown(value, expected) -> None:
 def test_parse_age_refuses_bad_values(value, message) -> None:
     with pytest.raises(InvalidRequest, match=message):
         parse_age(value, 0, 120)
+
+
+def test_parse_age_follows_the_cleaning_rule() -> None:
+    """One rule: an age typed in the app is encoded as cleaning would have encoded it in training."""
+    import pandas as pd
+
+    from melanoma_ml.metadata.clean import clean_metadata
+
+    ages = [0, 1, 5, 45, 85, 86, 100, 120]
+    raw = pd.DataFrame(
+        {"image_name": [f"ISIC_{i}" for i in range(len(ages))], "target": 0, "age_approx": ages}
+    )
+    result = clean_metadata(raw, image_dir=None, source="test", check_images=False)
+    cleaned = result.clean.set_index("image_name")["age_approx"]
+    for i, age in enumerate(ages):
+        expected = cleaned[f"ISIC_{i}"]
+        assert parse_age(age, 0, 120) == (None if pd.isna(expected) else expected), age
+
+
+def test_age_hint_says_what_counts_as_unknown() -> None:
+    assert age_hint(0, 120) == "0-120; empty or 0 if unknown; over 85 counts as 85"
+    assert age_hint(18, 100) == "18-100; empty if unknown; over 85 counts as 85"
+    with pytest.raises(InvalidRequest, match="outside 18-100"):
+        parse_age(0, 18, 100)
 
 
 @pytest.mark.parametrize(
@@ -237,7 +262,7 @@ def test_no_promoted_model_says_how_to_get_one(registry: ModelRegistry, samples)
     with pytest.raises(NoModelAvailable, match="melanoma-ml demo") as excinfo:
         service.predict(PredictionRequest(image=samples["rgb.jpg"]))
     assert str(excinfo.value) == NO_MODEL_MESSAGE
-    assert "promoted_model" in NO_MODEL_MESSAGE
+    assert "`serving_model` asset" in NO_MODEL_MESSAGE
 
 
 # ---------------------------------------------------------------------- predictions
@@ -261,7 +286,9 @@ def test_predict_answers_with_probability_decision_and_overlay(registry, samples
         assert result.overlay is None and result.cam_method is None and result.target_layer is None
     else:
         assert result.overlay.shape == result.view.shape
-        assert (result.cam_method, result.target_layer) == (cam, "backbone.conv_head")
+        # conv_head is 2x2 at 64 px, below serving.cam_min_map_side: the size-aware default is finer
+        assert (result.cam_method, result.target_layer) == (cam, result.model.default_target_layer)
+        assert result.target_layer != "backbone.conv_head"
     # Encoded exactly as the library encodes metadata for the same bundle.
     bundle = result.model.bundle
     image = service.decode(samples["rgb.jpg"])
@@ -347,15 +374,44 @@ def test_large_image_is_downscaled_within_the_side_limit(tmp_path: Path, registr
     assert service.predict(PredictionRequest(image=path)).overlay.shape == (SIZE, SIZE, 3)
 
 
-def test_explanation_failure_is_reported_as_advice(registry, samples) -> None:
-    register_tiny(registry, seed=18, size=16)  # at 16 px the default layer's feature map is 1x1: too coarse
+def test_a_layer_too_coarse_at_the_bundle_size_is_not_offered(registry, samples) -> None:
+    register_tiny(registry, seed=18, size=16)  # at 16 px conv_head's feature map is 1x1: too coarse
     service = ModelService(registry, ServingConfig(tta=False))
     request = PredictionRequest(image=samples["rgb.jpg"], target_layer="backbone.conv_head")
-    with pytest.raises(
-        InvalidRequest, match="explanation failed on layer backbone.conv_head.*explanation off"
-    ):
+    with pytest.raises(InvalidRequest, match="'backbone.conv_head'.*too coarse.*choose one of"):
         service.predict(request)
     assert service.predict(PredictionRequest(image=samples["rgb.jpg"], cam_method="none")).view.shape[0] == 16
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_default_grad_cam_works_on_a_small_bundle(registry, samples, size) -> None:
+    """The served layers are measured at the bundle's size: none is coarser than cam_min_map_side."""
+    register_tiny(registry, seed=19, size=size)
+    config = ServingConfig(tta=False, cam_method="gradcam")
+    service = ModelService(registry, config)
+    result = service.predict(PredictionRequest(image=samples["rgb.jpg"]))
+    assert result.cam_method == "gradcam" and result.overlay.shape == (size, size, 3)
+    net = result.model.bundle.net
+    for name in result.model.target_layers:
+        assert map_side(net, name, size) >= config.cam_min_map_side, name
+    assert result.target_layer == result.model.target_layers[0]
+
+
+def map_side(net, layer: str, size: int) -> int:
+    """Smaller side of ``layer``'s (B, C, H, W) output on a ``size`` px input, measured by a hook."""
+    import torch
+
+    shapes = []
+    handle = dict(net.named_modules())[layer].register_forward_hook(
+        lambda _m, _i, out: shapes.append(out.shape)
+    )
+    try:
+        with torch.inference_mode():
+            net(torch.zeros(1, 3, size, size), torch.zeros(1, net.n_meta_features))
+    finally:
+        handle.remove()
+    assert len(shapes[-1]) == 4, (layer, shapes[-1])
+    return min(shapes[-1][-2:])
 
 
 # ---------------------------------------------------------------------- hot reload
