@@ -751,8 +751,18 @@ def bundle_validation_rows(
 
 
 # --------------------------------------------------------------------------------------------- the whole run
+class PipelineCheckFailed(RuntimeError):
+    """A quality check between two steps failed; later steps would build on bad input."""
+
+
 def run_all(config: PipelineConfig, progress: Callable[[str], Any] = print) -> PipelineResult:
-    """Every step in order, as the Dagster graph runs them (``melanoma-ml demo``, the overhead benchmark)."""
+    """Every step in order, with the same blocking checks the Dagster asset checks run.
+
+    Used by ``melanoma-ml demo`` and the overhead benchmark. Each check stops the run with
+    ``PipelineCheckFailed`` (naming the problems) exactly where the blocking Dagster check would.
+    """
+    from melanoma_ml.folds import fold_problems
+
     seconds: dict[str, float] = {}
 
     def step(name: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -763,25 +773,37 @@ def run_all(config: PipelineConfig, progress: Callable[[str], Any] = print) -> P
         progress(f"[{name}] done in {time.perf_counter() - started:.1f} s")
         return value
 
+    def check(name: str, fn: Callable[..., Any], *args: Any) -> None:
+        outcome = step(f"check {name}", fn, *args)
+        problems = outcome[0] if isinstance(outcome, tuple) else outcome
+        if problems:
+            raise PipelineCheckFailed(f"check {name} failed: " + "; ".join(map(str, problems)))
+
     step("validate", validate_config, config)
     source = step("source", prepare_source, config)
     cleaning = step("clean", clean_source, config, source)
+    check("clean_metadata_schema", clean_table_problems, cleaning.clean)
     folds = step("folds", make_folds, config, cleaning.clean)
+    check("folds_leak_free_and_balanced", fold_problems, folds, config.data.fold_prevalence_tolerance)
     cache = step("cache", build_cache, config, folds)
     fold_results: dict[str, list[FoldResult]] = {}
     for backbone in config.backbones:
-        fold_results[backbone] = [
-            step(f"train {backbone}", train_one, config, backbone, k, folds, cache)
-            for k in range(config.data.n_folds)
-        ]
-    reports = {
-        b: step(f"evaluate {b}", evaluate_backbone, config, b, fold_results[b]) for b in config.backbones
-    }
+        fold_results[backbone] = []
+        for k in range(config.data.n_folds):
+            result = step(f"train {backbone}", train_one, config, backbone, k, folds, cache)
+            check(f"checkpoint_loads {backbone} fold {k}", checkpoint_problems, result, folds, cache)
+            fold_results[backbone].append(result)
+    reports = {}
+    for b in config.backbones:
+        reports[b] = step(f"evaluate {b}", evaluate_backbone, config, b, fold_results[b])
+        check(f"report_complete {b}", reports[b].incomplete_metrics)
     board = step("leaderboard", rank_backbones, config, reports)
     promotion = step(
         "promote", promote_best, config, board, reports, fold_results, data_version=table_fingerprint(folds)
     )
     progress(f"[promote] {promotion.decision.reason}")
+    if promotion.champion_after is not None:
+        check("served_bundle_reproduces", bundle_reproduction, config, promotion.champion_after, folds, cache)
     gallery = step("gallery", explain_gallery, config, folds)
     return PipelineResult(source, cleaning, folds, fold_results, reports, board, promotion, gallery, seconds)
 

@@ -204,3 +204,19 @@ def test_table_fingerprint_changes_with_content() -> None:
     table = clean_table()
     assert pipeline.table_fingerprint(table) == pipeline.table_fingerprint(table.copy())
     assert pipeline.table_fingerprint(table) != pipeline.table_fingerprint(table.assign(target=[1, 1]))
+
+
+def test_run_all_stops_at_a_failing_check_like_the_blocking_asset_check(tmp_path, monkeypatch):
+    """``run_all`` runs the asset checks' functions between steps and stops where Dagster would."""
+    from melanoma_ml import pipeline
+    from melanoma_ml.config import load_config
+
+    monkeypatch.setattr(
+        pipeline, "clean_table_problems", lambda clean: ["site 'moon' is not in the vocabulary"]
+    )
+    reached = []
+    monkeypatch.setattr(pipeline, "make_folds", lambda *a, **k: reached.append("folds"))
+    config = load_config("tiny", {"artifact_root": str(tmp_path / "artifacts")})
+    with pytest.raises(pipeline.PipelineCheckFailed, match="clean_metadata_schema.*moon"):
+        pipeline.run_all(config, progress=lambda _: None)
+    assert reached == []
