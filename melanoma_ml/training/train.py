@@ -16,8 +16,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import math
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -270,6 +272,24 @@ def _restoring_torch_determinism() -> Iterator[None]:
         torch.backends.cudnn.benchmark = benchmark
 
 
+@contextmanager
+def _quiet_lightning() -> Iterator[None]:
+    """Silence Lightning's per-Trainer info chatter ("GPU available", logger tips, "fit stopped") and a
+    deprecation warning from its pytree utilities; our own progress lines and the history say it all."""
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    level = rank_zero.level
+    rank_zero.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore", message=r".*LeafSpec.*is deprecated", category=DeprecationWarning
+            )
+            warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated")
+            yield
+    finally:
+        rank_zero.setLevel(level)
+
+
 def predict_probabilities(net: nn.Module, loader: DataLoader, device: torch.device) -> np.ndarray:
     """Melanoma probabilities for every example of ``loader``, in order (eval mode, no TTA)."""
     net.eval().to(device)
@@ -344,7 +364,7 @@ def train_fold(
     )
 
     recorder = _EpochRecorder(MONITOR)
-    with _restoring_torch_determinism():  # Trainer(deterministic=...) sets process-wide torch flags
+    with _restoring_torch_determinism(), _quiet_lightning():
         trainer = L.Trainer(
             max_epochs=cfg.epochs,
             accelerator=cfg.accelerator,
