@@ -28,9 +28,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 
 from melanoma_ml import schema  # noqa: E402
+from melanoma_ml.runtime import quiet_network_chatter  # noqa: E402
+
+quiet_network_chatter()  # gradio analytics off unless the user set GRADIO_ANALYTICS_ENABLED
 
 DEFAULT_MODELS = ("test_efficientnet:64", "efficientnet_b0:256")
 SETTINGS = [(tta, cam) for cam in ("none", "eigencam", "gradcam") for tta in (False, True)]

@@ -11,6 +11,9 @@ import dagster as dg
 
 from melanoma_assets.groups import DATA, EVALUATION, SERVING, TRAINING
 
+TRIGGER_TAG = "melanoma/trigger"
+"""Run tag saying what started a run: ``weekly_retrain`` (schedule) or ``source_data_changed`` (sensor)."""
+
 prepare_data_job = dg.define_asset_job(
     "prepare_data",
     selection=dg.AssetSelection.groups(DATA),

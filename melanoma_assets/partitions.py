@@ -61,8 +61,3 @@ class TrainingGrid:
         under ``fold_model/<backbone>/<fold>`` and only finds it again from a ``MultiPartitionKey``.
         """
         return [dg.MultiPartitionKey({BACKBONE_DIM: backbone, FOLD_DIM: f}) for f in self.folds]
-
-    def all_keys(self) -> list[dg.MultiPartitionKey]:
-        return [
-            dg.MultiPartitionKey({BACKBONE_DIM: b, FOLD_DIM: f}) for b in self.backbones for f in self.folds
-        ]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import io
 from pathlib import Path
 
 import dagster as dg
@@ -30,24 +29,7 @@ def figures_md(figures: dict[str, Path]) -> dg.MetadataValue:
 
 
 def history_png(history: pd.DataFrame, title: str) -> bytes:
-    """Loss and validation AUROC per epoch, one PNG."""
-    import matplotlib
+    """Loss and AUROC per epoch, one PNG: the library's ``plot_training_curves`` (no pyplot state touched)."""
+    from melanoma_ml.training.train import plot_training_curves  # torch/lightning: load only when used
 
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    fig, (ax_loss, ax_auc) = plt.subplots(1, 2, figsize=(8, 3), dpi=80)
-    for column in ("train/loss", "val/loss"):
-        if column in history:
-            ax_loss.plot(history["epoch"], history[column], marker="o", label=column)
-    ax_loss.set(xlabel="epoch", ylabel="loss")
-    ax_loss.legend()
-    if "val/auroc" in history:
-        ax_auc.plot(history["epoch"], history["val/auroc"], marker="o", color="tab:green")
-    ax_auc.set(xlabel="epoch", ylabel="val AUROC", ylim=(0, 1))
-    fig.suptitle(title)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return buffer.getvalue()
+    return plot_training_curves(history, title=title)

@@ -4,12 +4,11 @@ import os
 
 import dagster as dg
 
-from melanoma_assets.jobs import prepare_data_job
+from melanoma_assets.jobs import TRIGGER_TAG, prepare_data_job
 
 CRON_ENV = "MELANOMA_RETRAIN_CRON"
 DEFAULT_CRON = "0 3 * * 1"  # Mondays 03:00
 TIMEZONE_ENV = "MELANOMA_RETRAIN_TIMEZONE"
-TRIGGER_TAG = "melanoma/trigger"
 
 
 def retrain_cron() -> str:

@@ -8,11 +8,10 @@ The built-in synthetic demo set never changes, so with no source folder the sens
 
 import dagster as dg
 
-from melanoma_assets.jobs import prepare_data_job
+from melanoma_assets.jobs import TRIGGER_TAG, prepare_data_job
 from melanoma_assets.resources import PipelineSettings
 from melanoma_ml.pipeline import source_fingerprint
 
-TRIGGER_TAG = "melanoma/trigger"
 FINGERPRINT_TAG = "melanoma/source_fingerprint"
 
 

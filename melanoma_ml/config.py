@@ -11,7 +11,6 @@ merges overrides onto a profile.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -68,7 +67,8 @@ class DataConfig(_Strict):
         "None uses the built-in synthetic demo set generated under the artifact root.",
     )
     image_dir: str | None = Field(
-        None, description="Image folder; None auto-detects (jpeg/train, train, images, ...) inside source_dir."
+        None,
+        description="Image folder; None auto-detects (jpeg/train, train, images, ...) inside source_dir.",
     )
     layout: DatasetLayout = "auto"
     external_sources: list[ExternalSource] = Field(
@@ -251,7 +251,11 @@ class PipelineConfig(BaseSettings):
         env_prefix="MELANOMA_", env_nested_delimiter="__", env_file=".env", extra="forbid"
     )
 
-    artifact_root: str = Field("artifacts", description="Local path or fsspec URL for every artifact.")
+    artifact_root: str = Field(
+        "artifacts",
+        description="Local path or file:// URL for every artifact; remote object stores are not supported "
+        "for training artifacts (mount them and point artifact_root at the mount).",
+    )
     backbones: list[str] = Field(default_factory=lambda: ["efficientnet_b0"])
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
@@ -337,8 +341,3 @@ def _environment_values() -> dict[str, Any]:
     dotenv = DotEnvSettingsSource(PipelineConfig)()
     env = EnvSettingsSource(PipelineConfig)()
     return deep_merge(dotenv, env)
-
-
-def resolve_path(path: str | Path) -> Path:
-    """Expand ``~`` and make a local path absolute (fsspec URLs are handled by ``storage``)."""
-    return Path(path).expanduser().resolve()

@@ -90,14 +90,33 @@ def assign_folds(table: pd.DataFrame, n_folds: int, seed: int) -> pd.DataFrame:
 
 
 def split_masks(table: pd.DataFrame, fold: int) -> tuple[np.ndarray, np.ndarray]:
-    """Boolean (train, valid) row masks for ``fold``: train ``fold != k``; valid ``fold == k`` and not external."""
-    folds = table[schema.FOLD].to_numpy()
-    if fold not in set(folds.tolist()) or fold == EXTERNAL_FOLD:
-        raise FoldError(
-            f"fold {fold} not in the table (folds: {sorted(set(folds.tolist()) - {EXTERNAL_FOLD})})"
-        )
+    """Boolean ``(train, valid)`` row masks for validating on ``fold``: the one train/validation rule.
+
+    valid: ``fold == k`` and not external. train: ``fold != k`` (external rows without a fold included).
+    An external row carrying fold ``k`` shares its patient/lesion with fold ``k``'s validation rows, so it
+    is in neither mask: never validated on, and kept out of training while its group is validated on.
+
+    Raises:
+        FoldError: a primary row has no fold, or ``fold`` has no validation rows (the message lists the
+            folds present).
+    """
+    folds = pd.to_numeric(table[schema.FOLD], errors="coerce")
     external = _external(table).to_numpy()
-    return folds != fold, (folds == fold) & ~external
+    unassigned = folds.isna().to_numpy() & ~external
+    if unassigned.any():
+        first = int(np.flatnonzero(unassigned)[0])
+        raise FoldError(
+            f"{int(unassigned.sum())} rows have no fold (first: row {table.index[first]!r}, image "
+            f"{table[schema.IMAGE].iloc[first]!r}); run assign_folds on the whole table"
+        )
+    valid = (folds == fold).to_numpy() & ~external
+    if fold == EXTERNAL_FOLD or not valid.any():
+        known = sorted(int(f) for f in folds[~external].unique() if f != EXTERNAL_FOLD)
+        raise FoldError(
+            f"fold {fold} not in the table (folds present: {known}); validate on one of them or run "
+            "assign_folds with the wanted data.n_folds"
+        )
+    return (folds != fold).to_numpy(), valid
 
 
 def fold_summary(table: pd.DataFrame) -> pd.DataFrame:

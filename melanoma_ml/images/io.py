@@ -40,7 +40,11 @@ _ROTATING_ORIENTATIONS = {5, 6, 7, 8}  # EXIF orientations that swap width and h
 _EXIF_ORIENTATION_TAG = 0x0112
 _FIX_FILE = "re-export the image or remove its row from the metadata"
 _FIX_LARGE = "downscale the image (or raise max_pixels if the file is trusted)"
-_FIX_UPLOAD = "upload a JPEG or PNG image"
+
+UPLOAD_FORMATS = ("JPEG", "PNG", "TIFF", "BMP", "WebP")
+"""Photo formats ``load_rgb`` decodes (tested), as named to users: the app's upload label and hints."""
+UPLOAD_FORMATS_TEXT = f"{', '.join(UPLOAD_FORMATS[:-1])} or {UPLOAD_FORMATS[-1]}"
+_FIX_UPLOAD = f"upload a {UPLOAD_FORMATS_TEXT} image"
 
 
 class ImageDecodeError(ValueError):

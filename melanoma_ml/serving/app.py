@@ -25,14 +25,18 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-# Analytics off before gradio is imported (it reads the variable at import time).
-os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+from melanoma_ml.runtime import quiet_network_chatter
+
+# Analytics off by default before gradio is imported (it reads the variable at import time); a
+# GRADIO_ANALYTICS_ENABLED the user set is kept.
+quiet_network_chatter()
 
 import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from melanoma_ml.config import ServingConfig, load_config  # noqa: E402
+from melanoma_ml.images.io import UPLOAD_FORMATS_TEXT  # noqa: E402
 from melanoma_ml.serving.service import (  # noqa: E402
     DISCLAIMER,
     NO_CAM,
@@ -252,7 +256,7 @@ def create_app(service: ModelService) -> gr.Blocks:
         with gr.Row(equal_height=False):
             with gr.Column(scale=2):
                 upload = gr.File(
-                    label="Dermoscopy image (JPEG, PNG, TIFF, ...)",
+                    label=f"Dermoscopy image ({UPLOAD_FORMATS_TEXT})",
                     type="filepath",
                     height=110,
                     elem_id="upload",

@@ -30,7 +30,7 @@ import numpy as np
 from melanoma_ml import schema
 from melanoma_ml.ages import normalize_age
 from melanoma_ml.config import PipelineConfig, ServingConfig
-from melanoma_ml.images.io import ImageDecodeError, load_rgb
+from melanoma_ml.images.io import UPLOAD_FORMATS_TEXT, ImageDecodeError, load_rgb
 from melanoma_ml.serving.registry import ModelRegistry
 
 if TYPE_CHECKING:
@@ -404,7 +404,7 @@ class ModelService:
             InvalidRequest: nothing uploaded, too large, or not a readable image.
         """
         if source is None or (isinstance(source, str) and not source.strip()):
-            raise InvalidRequest("no image uploaded; upload a dermoscopy photo (JPEG or PNG)")
+            raise InvalidRequest(f"no image uploaded; upload a dermoscopy photo ({UPLOAD_FORMATS_TEXT})")
         name = "the uploaded image"
         if isinstance(source, str | Path):
             path = Path(source)

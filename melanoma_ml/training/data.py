@@ -134,10 +134,3 @@ def make_loader(dataset: MelanomaDataset, training: TrainingConfig, *, shuffle: 
         worker_init_fn=_reseed_worker_transform if workers > 0 else None,
         generator=torch.Generator().manual_seed(training.seed),
     )
-
-
-def make_loaders(
-    train_set: MelanomaDataset, val_set: MelanomaDataset, training: TrainingConfig
-) -> tuple[DataLoader, DataLoader]:
-    """``(train loader (shuffled), validation loader (in row order))``."""
-    return make_loader(train_set, training, shuffle=True), make_loader(val_set, training, shuffle=False)

@@ -35,9 +35,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from melanoma_ml import schema
-from melanoma_ml.atomic import atomic_write_bytes, parquet_bytes, to_json_text
+from melanoma_ml.atomic import parquet_bytes, to_json_text
 from melanoma_ml.config import PipelineConfig
 from melanoma_ml.features import MetadataEncoder
+from melanoma_ml.folds import split_masks
 from melanoma_ml.images.transforms import eval_transform, train_transform
 from melanoma_ml.model import build_model, normalization_for
 from melanoma_ml.spec import ModelSpec
@@ -162,7 +163,8 @@ class FoldResult:
 
 
 def split_fold(table: pd.DataFrame, fold: int | str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """``(train rows, validation rows)``: validation is ``fold == fold`` minus external rows (train-only).
+    """``(train rows, validation rows)`` by ``folds.split_masks``: validation is ``fold == fold`` minus
+    external rows (train-only); an external row sharing a patient with the validation rows is in neither.
 
     Raises:
         ValueError: missing columns, rows without a fold, an unknown/empty fold, or a fold whose train or
@@ -178,24 +180,8 @@ def split_fold(table: pd.DataFrame, fold: int | str) -> tuple[pd.DataFrame, pd.D
             f"table is missing columns {missing}; pass the cleaned table after assign_folds "
             f"(columns {list(REQUIRED_COLUMNS)})"
         )
-    folds = pd.to_numeric(table[schema.FOLD], errors="coerce")
-    external = (
-        table[schema.IS_EXTERNAL].astype("boolean").fillna(False).to_numpy(dtype=bool)
-        if schema.IS_EXTERNAL in table.columns
-        else np.zeros(len(table), dtype=bool)
-    )
-    unassigned = folds.isna().to_numpy() & ~external
-    if unassigned.any():
-        first = int(np.flatnonzero(unassigned)[0])
-        raise ValueError(
-            f"{int(unassigned.sum())} rows have no fold (first: row {table.index[first]!r}, image "
-            f"{table[schema.IMAGE].iloc[first]!r}); run assign_folds on the whole table"
-        )
-    is_val = (folds == fold).to_numpy() & ~external
-    known = sorted(int(f) for f in folds[~external].dropna().unique())
-    if not is_val.any():
-        raise ValueError(f"fold {fold} has no validation rows; folds present: {known}")
-    train, val = table.loc[~is_val], table.loc[is_val]
+    is_train, is_val = split_masks(table, fold)
+    train, val = table.loc[is_train], table.loc[is_val]
     for name, part in (("validation", val), ("training", train)):
         classes = set(pd.to_numeric(part[schema.TARGET], errors="coerce").dropna().astype(int))
         if classes != {0, 1}:
@@ -435,8 +421,15 @@ def train_fold(
     return result
 
 
-def plot_training_curves(history: pd.DataFrame, path: str | Path) -> Path:
-    """Loss and AUROC per epoch as a PNG (matplotlib's Agg canvas; no global backend change)."""
+def plot_training_curves(history: pd.DataFrame, title: str | None = None) -> bytes:
+    """Loss and AUROC per epoch (train and validation) as PNG bytes.
+
+    Drawn on matplotlib's object-oriented ``Figure`` with an Agg canvas: no pyplot, no global backend
+    change, so it is safe inside a long-running process (Dagster, the app).
+
+    Raises:
+        ValueError: ``history`` has no ``epoch`` column or no rows.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -455,8 +448,12 @@ def plot_training_curves(history: pd.DataFrame, path: str | Path) -> Path:
         ax.set_xlabel("epoch")
         ax.set_title(metric)
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.lines:
+            ax.legend()
+    auc_ax.set_ylim(0, 1)
+    if title:
+        figure.suptitle(title)
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
-    return atomic_write_bytes(path, buffer.getvalue())
+    return buffer.getvalue()

@@ -7,6 +7,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from melanoma_assets.jobs import TRIGGER_TAG
 from melanoma_assets.resources import ArtifactStorage, DataSource, PipelineSettings, TrainingHardware
 from melanoma_assets.schedules import CRON_ENV, DEFAULT_CRON, build_retrain_schedule
 from melanoma_assets.sensors import FINGERPRINT_TAG, source_data_changed
@@ -41,6 +42,7 @@ def test_sensor_requests_a_refresh_for_new_data_then_skips_until_it_changes(tmp_
     assert isinstance(first, dg.SensorResult)
     [request] = first.run_requests
     assert first.cursor == request.run_key == request.tags[FINGERPRINT_TAG]
+    assert request.tags[TRIGGER_TAG] == "source_data_changed"  # the tag the schedule sets too
 
     unchanged, _ = evaluate(settings, cursor=first.cursor)
     assert isinstance(unchanged, dg.SkipReason)
@@ -85,7 +87,7 @@ def test_schedule_tick_requests_a_tagged_prepare_data_run() -> None:
     with dg.build_schedule_context(scheduled_execution_time=when) as context:
         request = schedule(context)
     assert isinstance(request, dg.RunRequest)
-    assert request.tags["melanoma/trigger"] == "weekly_retrain"
+    assert request.tags[TRIGGER_TAG] == "weekly_retrain"
     assert request.run_key == f"retrain-{when.isoformat()}"
     assert request.run_config == {}
 

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from melanoma_ml import pipeline, schema
-from melanoma_ml.config import DataConfig, load_config
+from melanoma_ml.config import DataConfig, PipelineConfig, load_config
 
 
 def dataset(folder: Path) -> Path:
@@ -127,6 +127,19 @@ def test_artifact_layout_matches_the_architecture_doc(tmp_path: Path) -> None:
     assert paths.report("resnet50") == tmp_path / "reports" / "resnet50"
     assert paths.registry == tmp_path / "registry"
     assert paths.synthetic == tmp_path / "data" / "synthetic"
+
+
+def test_artifact_root_description_promises_what_the_pipeline_accepts(tmp_path: Path) -> None:
+    description = PipelineConfig.model_fields["artifact_root"].description
+    assert description.startswith("Local path or file:// URL") and "fsspec" not in description
+    assert "not supported" in description and "mount" in description
+    for accepted in (str(tmp_path), f"file://{tmp_path}"):
+        assert (
+            pipeline.artifact_paths(load_config("tiny", {"artifact_root": accepted})).root
+            == tmp_path.resolve()
+        )
+    with pytest.raises(ValueError, match="mount the bucket"):
+        pipeline.artifact_paths(load_config("tiny", {"artifact_root": "s3://bucket/artifacts"}))
 
 
 def fold(backbone: str, k: int) -> SimpleNamespace:

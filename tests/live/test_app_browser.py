@@ -7,11 +7,11 @@ The served bundle is a random-weight ``test_efficientnet`` at 64 px registered t
 from __future__ import annotations
 
 import re
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
+from app_helpers import launch_local, register_tiny
 from conftest import require
 from PIL import Image, ImageDraw
 
@@ -27,14 +27,7 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-SITES = ("head/neck", "lower extremity", "torso")
 TIMEOUT_MS = 60_000
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def lesion_photo(path: Path) -> Path:
@@ -47,55 +40,19 @@ def lesion_photo(path: Path) -> Path:
 
 @pytest.fixture()
 def app_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    import torch
-
     from melanoma_ml.config import ServingConfig
-    from melanoma_ml.features import MetadataEncoder
     from melanoma_ml.serving.registry import ModelRegistry
-    from melanoma_ml.spec import ModelSpec
 
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
-    from melanoma_ml.serving.app import create_app, launch_options
+    from melanoma_ml.serving.app import create_app
     from melanoma_ml.serving.service import ModelService
 
-    torch.manual_seed(0)
-    spec = ModelSpec(
-        backbone="test_efficientnet",
-        meta_hidden=[8],
-        meta_dropout=0.0,
-        head_dropout=0.0,
-        image_size=64,
-        mean=[0.485, 0.456, 0.406],
-        std=[0.229, 0.224, 0.225],
-        encoder=MetadataEncoder(age_mean=50.0, age_std=15.0, sexes=("female", "male"), sites=SITES),
-    )
     registry = ModelRegistry(tmp_path / "registry")
-    metrics = {
-        "auc": {"value": 0.81, "lo": 0.74, "hi": 0.88},
-        "sensitivity": {"value": 0.9, "lo": 0.82, "hi": 0.96},
-        "specificity": {"value": 0.55, "lo": 0.47, "hi": 0.63},
-    }
-    version = registry.register_bundle(
-        spec.build_network().eval(),
-        spec,
-        threshold=0.5,
-        metrics=metrics,
-        data_version="test",
-        code_version="test",
-    )
-    registry.promote(version)
+    register_tiny(registry, seed=0)
     serving = ServingConfig(cam_min_map_side=2)  # offers conv_head/bn2 (2x2 at 64 px) in the layer list
     demo = create_app(ModelService(registry, serving))
-    port = free_port()
-    demo.launch(
-        prevent_thread_lock=True,
-        server_name="127.0.0.1",
-        server_port=port,
-        quiet=True,
-        **launch_options(serving),
-    )
     try:
-        yield f"http://127.0.0.1:{port}/"
+        yield launch_local(demo, serving)
     finally:
         demo.close()
 

@@ -9,41 +9,20 @@ request to show the app still answers.
 from __future__ import annotations
 
 import io
-import socket
-import struct
 import threading
-import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
+from app_helpers import free_port, huge_png, launch_local
 from PIL import Image
 
 pytestmark = [pytest.mark.live, pytest.mark.slow]
 
 REQUESTS_PER_WORKER = 40
 """Upper bound of the concurrent request stream (each worker stops earlier once the swap is seen)."""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def huge_png(side: int = 20_000) -> bytes:
-    """A valid 1-bit PNG of side x side pixels (~50 kB on disk, 1.2 GB if decoded to RGB)."""
-    row = b"\x00" * (1 + (side + 7) // 8)
-    compressor = zlib.compressobj(9)
-    data = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
-
-    def chunk(tag: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body))
-
-    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
 
 
 def encoded(image: Image.Image, fmt: str, **kwargs) -> bytes:
@@ -135,21 +114,13 @@ def app(trained, tmp_path_factory):
     work = tmp_path_factory.mktemp("gradio")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("GRADIO_TEMP_DIR", str(work / "server"))
-        from melanoma_ml.serving.app import create_app, launch_options
+        from melanoma_ml.serving.app import create_app
         from melanoma_ml.serving.service import ModelService
 
         config = trained["config"]
         service = ModelService.from_config(config)
         demo = create_app(service)
-        port = free_port()
-        demo.launch(
-            prevent_thread_lock=True,
-            server_name="127.0.0.1",
-            server_port=port,
-            quiet=True,
-            **launch_options(config.serving),
-        )
-        url = f"http://127.0.0.1:{port}/"
+        url = launch_local(demo, config.serving)
 
         def client() -> Client:
             return Client(url, verbose=False, download_files=str(work / "client"), analytics_enabled=False)
@@ -286,7 +257,7 @@ def test_without_a_promoted_model_the_page_and_api_say_how_to_get_one(tmp_path: 
     from melanoma_ml.config import load_config
 
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "server"))
-    from melanoma_ml.serving.app import create_app, launch_options
+    from melanoma_ml.serving.app import create_app
     from melanoma_ml.serving.service import ModelService
 
     config = load_config("tiny", {"artifact_root": str(tmp_path / "empty")})
@@ -297,18 +268,9 @@ def test_without_a_promoted_model_the_page_and_api_say_how_to_get_one(tmp_path: 
         block for block in demo.blocks.values() if getattr(block, "elem_id", None) == "model-status"
     )
     assert "No model available" in status.value and "melanoma-ml demo" in status.value
-    port = free_port()
-    demo.launch(
-        prevent_thread_lock=True,
-        server_name="127.0.0.1",
-        server_port=port,
-        quiet=True,
-        **launch_options(config.serving),
-    )
+    url = launch_local(demo, config.serving)
     try:
-        client = Client(
-            f"http://127.0.0.1:{port}/", verbose=False, download_files=str(tmp_path), analytics_enabled=False
-        )
+        client = Client(url, verbose=False, download_files=str(tmp_path), analytics_enabled=False)
         with pytest.raises(AppError, match="No model has been promoted yet.*serving_model"):
             call(client, photo)
     finally:

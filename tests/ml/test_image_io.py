@@ -11,7 +11,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from melanoma_ml.images.io import ImageDecodeError, image_size, load_rgb, probe_image
+from melanoma_ml.images.io import (
+    UPLOAD_FORMATS,
+    UPLOAD_FORMATS_TEXT,
+    ImageDecodeError,
+    image_size,
+    load_rgb,
+    probe_image,
+)
 
 
 def encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
@@ -228,8 +235,22 @@ def test_missing_file_and_folder(tmp_path: Path):
 
 
 def test_empty_upload_names_uploaded_bytes():
-    with pytest.raises(ImageDecodeError, match=r"^empty image \(0 bytes\): uploaded bytes; upload a JPEG"):
+    with pytest.raises(
+        ImageDecodeError, match=r"^empty image \(0 bytes\): uploaded bytes; upload a JPEG"
+    ) as exc:
         load_rgb(b"")
+    assert exc.value.fix == f"upload a {UPLOAD_FORMATS_TEXT} image"
+
+
+@pytest.mark.parametrize("fmt", UPLOAD_FORMATS)
+def test_every_format_named_to_uploaders_decodes(fmt: str):
+    """The app's upload label and hints name ``UPLOAD_FORMATS``: each of them must really decode."""
+    assert fmt in UPLOAD_FORMATS_TEXT
+    pixels = gradient_rgb()
+    lossless = {"JPEG": {"quality": 100}, "WebP": {"lossless": True}}.get(fmt, {})
+    decoded = load_rgb(encode(Image.fromarray(pixels), fmt, **lossless))
+    assert decoded.shape == pixels.shape and decoded.dtype == np.uint8
+    assert np.abs(decoded.astype(int) - pixels).max() <= (16 if fmt == "JPEG" else 0)
 
 
 def test_pixel_budget_is_checked_from_the_header_before_decoding(monkeypatch):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from pathlib import Path
@@ -16,6 +17,7 @@ from sklearn.metrics import roc_auc_score
 from melanoma_ml import schema
 from melanoma_ml.atomic import sha256_file
 from melanoma_ml.config import PipelineConfig, load_config
+from melanoma_ml.folds import EXTERNAL_FOLD
 from melanoma_ml.training import checkpoint as checkpoint_module
 from melanoma_ml.training.checkpoint import CHECKPOINT_FILES, load_checkpoint
 from melanoma_ml.training.train import (
@@ -36,8 +38,9 @@ FOLD = 0
 
 
 def _table(image_dir: Path | None = None) -> pd.DataFrame:
-    """A cleaned, folded table. Melanomas are dark squares; one patient's site exists only in fold 0;
-    one extra external melanoma is marked fold 0 but must be used for training only."""
+    """A cleaned, folded table. Melanomas are dark squares; one patient's site exists only in fold 0.
+    Two external melanomas, as ``assign_folds`` folds them: EXT_0000 (its own patient, fold -1) trains in
+    every fold; EXT_0001 shares patient P000 (fold 0), so it carries fold 0 and is never validated on."""
     rng = np.random.default_rng(0)
     rows = []
     for p in range(N_PATIENTS):
@@ -49,7 +52,8 @@ def _table(image_dir: Path | None = None) -> pd.DataFrame:
             rows.append(
                 (f"ISIC_{i:04d}", f"P{p:03d}", target, fold, site, False, float(rng.integers(25, 80)))
             )
-    rows.append(("EXT_0000", "X000", 1, FOLD, "torso", True, 60.0))
+    rows.append(("EXT_0000", "X000", 1, EXTERNAL_FOLD, "torso", True, 60.0))
+    rows.append(("EXT_0001", "P000", 1, FOLD, "torso", True, 55.0))
     table = pd.DataFrame(
         rows,
         columns=[
@@ -119,13 +123,22 @@ def _validation_names(table: pd.DataFrame) -> set[str]:
 # ---- fold checks (no training) -------------------------------------------------------------------
 
 
+def _training_names(table: pd.DataFrame) -> set[str]:
+    """Every row outside fold 0: EXT_0001 (patient P000, validated in fold 0) stays out of training."""
+    return set(table.loc[table[schema.FOLD] != FOLD, schema.IMAGE])
+
+
 @pytest.mark.parametrize("fold", [FOLD, str(FOLD)])  # Dagster partition keys are strings
-def test_split_keeps_external_rows_in_training(fold: int | str) -> None:
+def test_split_trains_on_external_rows_but_not_beside_their_validated_patient(fold: int | str) -> None:
     table = _table()
     train, val = split_fold(table, fold)
     assert set(val[schema.IMAGE]) == _validation_names(table)
+    assert set(train[schema.IMAGE]) == _training_names(table)
     assert "EXT_0000" in set(train[schema.IMAGE])
-    assert len(train) + len(val) == len(table)
+    assert "EXT_0001" not in set(train[schema.IMAGE]) | set(val[schema.IMAGE])
+    assert set(train[schema.GROUP]).isdisjoint(val[schema.GROUP])  # no patient on both sides
+    other_train, _ = split_fold(table, 1)
+    assert {"EXT_0000", "EXT_0001"} <= set(other_train[schema.IMAGE])
 
 
 @pytest.mark.parametrize(
@@ -146,8 +159,9 @@ def test_untrainable_folds_fail_before_training(tmp_path: Path, change, match: s
 
 
 def test_an_unknown_fold_lists_the_folds_present() -> None:
-    with pytest.raises(ValueError, match=r"fold 7 has no validation rows; folds present: \[0, 1\]"):
-        split_fold(_table(), 7)
+    for fold in (7, EXTERNAL_FOLD):
+        with pytest.raises(ValueError, match=rf"fold {fold} not in the table \(folds present: \[0, 1\]\)"):
+            split_fold(_table(), fold)
 
 
 # ---- one real training run (module fixture) ---------------------------------------------------------
@@ -161,7 +175,7 @@ def test_oof_covers_exactly_the_validation_rows(data, trained) -> None:
     assert list(oof.columns) == list(OOF_COLUMNS)
     assert set(oof[schema.IMAGE]) == _validation_names(table)
     assert len(oof) == result.n_val == len(_validation_names(table))
-    assert result.n_train == len(table) - result.n_val
+    assert result.n_train == len(_training_names(table))
     assert np.isfinite(oof["prob"]).all() and oof["prob"].between(0, 1).all()
     assert (oof[schema.FOLD] == FOLD).all() and (oof["backbone"] == "test_efficientnet").all()
     truth = table.set_index(schema.IMAGE).loc[oof[schema.IMAGE], schema.TARGET].to_numpy()
@@ -258,17 +272,27 @@ def test_same_seed_gives_identical_oof(data, trained, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_training_curves_are_a_png(trained, tmp_path: Path) -> None:
+def test_training_curves_are_a_png(trained) -> None:
     result, _out = trained
-    path = plot_training_curves(result.history, tmp_path / "curves.png")
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    with Image.open(path) as image:
+    png = plot_training_curves(result.history, title="test_efficientnet fold 0")
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(io.BytesIO(png)) as image:
         assert image.size[0] > 100
 
 
-def test_an_empty_history_cannot_be_plotted(tmp_path: Path) -> None:
+def test_training_curves_plot_a_history_with_or_without_validation_columns() -> None:
+    history = pd.DataFrame({"epoch": [1, 2, 3], "train/loss": [0.7, 0.5, 0.4], "val/auroc": [0.6, 0.7, 0.8]})
+    with_title = plot_training_curves(history, title="resnet18 fold 2")
+    without = plot_training_curves(history[["epoch", "train/loss"]])
+    for png in (with_title, without):
+        with Image.open(io.BytesIO(png)) as image:
+            assert image.format == "PNG" and image.size == (900, 350)
+    assert with_title != without
+
+
+def test_an_empty_history_cannot_be_plotted() -> None:
     with pytest.raises(ValueError, match="at least one row"):
-        plot_training_curves(pd.DataFrame({"epoch": []}), tmp_path / "x.png")
+        plot_training_curves(pd.DataFrame({"epoch": []}))
 
 
 @pytest.mark.slow

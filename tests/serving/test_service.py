@@ -6,19 +6,18 @@ Bundles are tiny random-weight ``test_efficientnet`` networks at 64 px registere
 from __future__ import annotations
 
 import io
-import struct
 import threading
-import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
+from app_helpers import METRICS, SITES, SIZE, huge_png, register_tiny
 from PIL import Image
 
 from melanoma_ml.config import ServingConfig
-from melanoma_ml.features import MetadataEncoder
+from melanoma_ml.images.io import UPLOAD_FORMATS_TEXT
 from melanoma_ml.serving.registry import ModelRegistry
 from melanoma_ml.serving.service import (
     NO_MODEL_MESSAGE,
@@ -36,63 +35,13 @@ from melanoma_ml.serving.service import (
     parse_category,
     parse_target_layer,
 )
-from melanoma_ml.spec import ModelSpec
-
-SIZE = 64
-SITES = ("head/neck", "lower extremity", "torso")
-METRICS = {
-    "auc": {"value": 0.81, "lo": 0.74, "hi": 0.88},
-    "sensitivity": {"value": 0.9, "lo": 0.82, "hi": 0.96},
-    "specificity": {"value": 0.55, "lo": 0.47, "hi": 0.63},
-    "brier": {"value": 0.12, "lo": None, "hi": None},
-}
 
 
 # ---------------------------------------------------------------------- helpers
-def register_tiny(
-    registry: ModelRegistry, *, seed: int, threshold: float = 0.5, promote: bool = True, size: int = SIZE
-) -> str:
-    """Register (and promote) a random-weight test_efficientnet bundle; returns its version."""
-    import torch
-
-    torch.manual_seed(seed)
-    encoder = MetadataEncoder(age_mean=50.0, age_std=15.0, sexes=("female", "male"), sites=SITES)
-    spec = ModelSpec(
-        backbone="test_efficientnet",
-        meta_hidden=[8],
-        meta_dropout=0.0,
-        head_dropout=0.0,
-        image_size=size,
-        mean=[0.485, 0.456, 0.406],
-        std=[0.229, 0.224, 0.225],
-        encoder=encoder,
-    )
-    net = spec.build_network().eval()
-    version = registry.register_bundle(
-        net, spec, threshold=threshold, metrics=METRICS, data_version=f"test-{seed}", code_version="test"
-    )
-    if promote:
-        registry.promote(version, reason="test")
-    return version
-
-
 def jpeg_bytes(array: np.ndarray, **save_kwargs) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="JPEG", quality=90, **save_kwargs)
     return buffer.getvalue()
-
-
-def huge_png(side: int = 20_000) -> bytes:
-    """A valid 1-bit PNG of side x side pixels (~50 kB on disk, 1.2 GB if decoded to RGB)."""
-    row = b"\x00" * (1 + (side + 7) // 8)
-    compressor = zlib.compressobj(9)
-    data = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
-
-    def chunk(tag: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body))
-
-    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
 
 
 def write_samples(folder: Path) -> dict[str, Path]:
@@ -335,8 +284,20 @@ def test_bad_uploads_are_refused_with_advice(samples, name, message) -> None:
 @pytest.mark.parametrize("source", [None, "", "  "])
 def test_missing_upload_is_refused(source) -> None:
     service = ModelService(ModelRegistry("unused"), ServingConfig())
-    with pytest.raises(InvalidRequest, match="no image uploaded"):
+    with pytest.raises(InvalidRequest, match="no image uploaded") as excinfo:
         service.decode(source)
+    assert UPLOAD_FORMATS_TEXT in str(excinfo.value)
+
+
+def test_the_upload_label_names_the_formats_load_rgb_decodes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    from melanoma_ml.serving.app import create_app
+
+    demo = create_app(ModelService(ModelRegistry(tmp_path / "registry"), ServingConfig()))
+    [upload] = [b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "upload"]
+    assert upload.label == f"Dermoscopy image ({UPLOAD_FORMATS_TEXT})"
 
 
 def test_upload_size_limit(tmp_path: Path) -> None:
