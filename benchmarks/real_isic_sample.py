@@ -1,0 +1,354 @@
+"""Train and evaluate the whole pipeline on real dermoscopy images: the 1,391-image HAM10000 sample.
+
+    # baseline (about 20 min on 2 CPU cores): efficientnet_b0 from random init, 128 px, 3 lesion-grouped folds
+    python benchmarks/real_isic_sample.py --epochs 8 --workdir /tmp/real_isic/baseline
+    # smoke test (a few minutes)
+    python benchmarks/real_isic_sample.py --epochs 1 --image-size 64 --workdir /tmp/real_isic/smoke
+
+The run goes through Dagster (``melanoma_assets.runner.materialize_graph``: every asset, check and
+partition, in-process) unless ``--runner direct`` calls ``melanoma_ml.pipeline.run_all``. The settings
+are passed as ``MELANOMA_*`` environment variables (JSON per config section) so that the Dagster
+definitions (whose backbone x fold partitions come from the config) and every step see the same config.
+
+Printed and written to ``--json`` (default ``<workdir>/results.json``): out-of-fold melanoma AUC with its
+95% patient/lesion-bootstrap CI, pAUC (TPR >= evaluation.pauc_min_tpr), sensitivity and specificity at
+the threshold tuned for evaluation.target_sensitivity, per-fold training numbers, wall time and the exact
+command.
+
+Caveats: no ImageNet weights are downloaded here (``pretrained=False``), so the numbers are far below
+what a pretrained backbone reaches; each fold keeps the epoch with the best validation AUC of that same
+fold, which biases the out-of-fold AUC slightly upwards.
+
+Data: HAM10000 images are CC BY-NC 4.0 (see ../shared/data/isic_sample/PROVENANCE.md); never commit them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "isic_sample"
+BASE_PROFILE = "demo"
+"""Profile the overrides start from (every field it sets is overridden below)."""
+SECTIONS = ("data", "model", "training", "evaluation")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "data_dir",
+        nargs="?",
+        type=Path,
+        default=DEFAULT_DATA,
+        help=f"dataset folder (default {DEFAULT_DATA})",
+    )
+    parser.add_argument("--workdir", type=Path, default=None, help="artifact root (default: a temp folder)")
+    parser.add_argument(
+        "--json", type=Path, default=None, help="results file (default <workdir>/results.json)"
+    )
+    parser.add_argument("--runner", choices=("dagster", "direct"), default="dagster")
+    parser.add_argument("--backbone", default="efficientnet_b0", help="timm model name")
+    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--folds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (random init wants ~1e-3)")
+    parser.add_argument("--weight-decay", type=float, default=None, help="default: training.weight_decay")
+    parser.add_argument("--loss", choices=("focal", "bce"), default=None, help="default: training.loss")
+    parser.add_argument(
+        "--focal-alpha",
+        type=float,
+        default=None,
+        help="weight of the melanoma class in the focal loss (class balance); default: training.focal_alpha",
+    )
+    parser.add_argument("--focal-gamma", type=float, default=None, help="default: training.focal_gamma")
+    parser.add_argument("--scheduler", choices=("cosine", "plateau", "none"), default=None)
+    parser.add_argument("--patience", type=int, default=None, help="early stopping; default from the config")
+    parser.add_argument(
+        "--augment-strength",
+        type=float,
+        default=1.0,
+        help="scales every augmentation probability and magnitude of the AugmentationConfig defaults "
+        "(0 = none, 1 = defaults, 1.5 = stronger; clipped to each field's limit)",
+    )
+    parser.add_argument("--n-bootstrap", type=int, default=None, help="default: evaluation.n_bootstrap")
+    parser.add_argument("--seed", type=int, default=None, help="training.seed (default from the config)")
+    return parser.parse_args(argv)
+
+
+def scaled_augmentation(strength: float) -> dict[str, Any]:
+    """``AugmentationConfig`` defaults with probabilities and magnitudes times ``strength`` (clipped)."""
+    from melanoma_ml.config import AugmentationConfig
+
+    if strength < 0:
+        raise SystemExit(f"--augment-strength must be >= 0 (got {strength})")
+    defaults = AugmentationConfig()
+    scaled: dict[str, Any] = {}
+    for name, field in AugmentationConfig.model_fields.items():
+        value = getattr(defaults, name)
+        if isinstance(value, tuple):  # ranges (dropout holes/sizes) keep their defaults
+            continue
+        upper = _upper_bound(field)
+        new = value * strength
+        if upper is not None:
+            new = min(new, upper if _inclusive(field) else upper * 0.999)
+        scaled[name] = int(round(new)) if isinstance(value, int) else round(float(new), 6)
+    return scaled
+
+
+def _upper_bound(field: Any) -> float | None:
+    for meta in field.metadata:
+        for attr in ("le", "lt"):
+            if getattr(meta, attr, None) is not None:
+                return float(getattr(meta, attr))
+    return None
+
+
+def _inclusive(field: Any) -> bool:
+    return any(getattr(meta, "le", None) is not None for meta in field.metadata)
+
+
+def build_overrides(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """Everything this run sets on top of the ``BASE_PROFILE`` profile."""
+    training: dict[str, Any] = {
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "learning_rate": args.lr,
+        "accelerator": "cpu",
+        "devices": 1,
+        "num_workers": 0,
+        "augmentation": scaled_augmentation(args.augment_strength),
+    }
+    optional = {
+        "weight_decay": args.weight_decay,
+        "loss": args.loss,
+        "focal_alpha": args.focal_alpha,
+        "focal_gamma": args.focal_gamma,
+        "scheduler": args.scheduler,
+        "early_stopping_patience": args.patience,
+        "seed": args.seed,
+    }
+    training.update({k: v for k, v in optional.items() if v is not None})
+    from melanoma_ml.config import EvaluationConfig, TrainingConfig
+
+    if args.patience is None:  # the demo profile's patience is tuned for the synthetic set
+        training["early_stopping_patience"] = TrainingConfig.model_fields["early_stopping_patience"].default
+    evaluation: dict[str, Any] = {
+        "n_bootstrap": args.n_bootstrap or EvaluationConfig.model_fields["n_bootstrap"].default,
+        "promotion_auc_floor": EvaluationConfig.model_fields["promotion_auc_floor"].default,
+    }
+    return {
+        "artifact_root": str(workdir),
+        "backbones": [args.backbone],
+        "data": {
+            "source_dir": str(args.data_dir.resolve()),
+            "layout": "auto",
+            "n_folds": args.folds,
+            "image_size": args.image_size,
+        },
+        "model": {"pretrained": False},
+        "training": training,
+        "evaluation": evaluation,
+    }
+
+
+def export_to_environment(overrides: dict[str, Any]) -> None:
+    """Put ``overrides`` in ``MELANOMA_*`` variables, where both the Dagster definitions and steps read them."""
+    stale = sorted(k for k in os.environ if k.startswith("MELANOMA_") and k != "MELANOMA_SHARED_DATA")
+    if stale:
+        raise SystemExit(
+            f"unset these variables first, they would mix into the benchmark's settings: {stale}"
+        )
+    os.environ["MELANOMA_PROFILE"] = BASE_PROFILE
+    os.environ["MELANOMA_ARTIFACT_ROOT"] = overrides["artifact_root"]
+    os.environ["MELANOMA_BACKBONES"] = json.dumps(overrides["backbones"])
+    for section in SECTIONS:
+        os.environ[f"MELANOMA_{section.upper()}"] = json.dumps(overrides[section])
+
+
+def resolved_config(overrides: dict[str, Any]) -> Any:
+    """The config every step will see; fails if the environment did not carry an override."""
+    from melanoma_ml.config import load_config
+
+    config = load_config(BASE_PROFILE)
+    dumped = config.model_dump(mode="json")
+    for section in SECTIONS:
+        _require_applied(section, json.loads(json.dumps(overrides[section])), dumped[section])
+    return config
+
+
+def _require_applied(where: str, wanted: Any, got: Any) -> None:
+    if isinstance(wanted, dict):
+        for key, value in wanted.items():
+            _require_applied(f"{where}.{key}", value, got[key])
+    elif wanted != got:
+        raise SystemExit(f"config {where} is {got!r}, expected {wanted!r}: the environment was not applied")
+
+
+def run_dagster(workdir: Path) -> dict[str, float]:
+    import dagster as dg
+
+    from melanoma_assets.definitions import build_definitions
+    from melanoma_assets.resources import default_settings
+    from melanoma_assets.runner import materialize_graph
+
+    home = workdir / "dagster_home"
+    home.mkdir(parents=True, exist_ok=True)
+    resources = {
+        "settings": default_settings(BASE_PROFILE),
+        "io_manager": dg.FilesystemIOManager(base_dir=str(home / "io")),
+    }
+    with dg.instance_for_test(temp_dir=str(home)) as instance:
+        run = materialize_graph(
+            build_definitions(BASE_PROFILE), resources, instance, progress=lambda s: print(s, flush=True)
+        )
+    if not run.success:
+        raise SystemExit("the Dagster run failed; see the log above")
+    failed = [e for e in run.check_evaluations() if not e.passed]
+    for evaluation in failed:
+        print(f"[dagster] check failed: {evaluation.asset_key.to_user_string()} {evaluation.check_name}")
+    return run.stage_seconds
+
+
+def run_direct(config: Any) -> dict[str, float]:
+    from melanoma_ml.pipeline import run_all
+
+    result = run_all(config, progress=lambda s: print(s, flush=True))
+    return result.step_seconds
+
+
+def collect_results(config: Any, backbone: str) -> dict[str, Any]:
+    """Numbers from the artifacts on disk (the same for both runners)."""
+    import pandas as pd
+
+    from melanoma_ml.evaluation import EvaluationReport
+    from melanoma_ml.pipeline import artifact_paths
+
+    paths = artifact_paths(config)
+    report = EvaluationReport.load(paths.report(backbone))
+    folds = [
+        json.loads((paths.checkpoint(backbone, k) / "result.json").read_text())
+        for k in range(config.data.n_folds)
+    ]
+    clean = pd.read_parquet(paths.tables / "clean.parquet")
+    quarantine = pd.read_parquet(paths.tables / "quarantine.parquet")
+    tuned = report.metrics_at_threshold[report.metrics_at_threshold["operating_point"] == "tuned"]
+    return {
+        "data": {
+            "images": len(clean),
+            "melanoma": int(clean["target"].sum()),
+            "lesions": int(clean["lesion_id"].nunique()),
+            "quarantined": len(quarantine),
+        },
+        "metrics": report.to_dict()["metrics"],
+        "threshold": report.to_dict()["threshold"],
+        "at_tuned_threshold": tuned.to_dict(orient="records"),
+        "n_images_evaluated": report.n_images,
+        "n_groups": report.n_groups,
+        "n_bootstrap": report.n_bootstrap,
+        "folds": [
+            {k: f[k] for k in f if k not in ("spec", "checkpoint_dir", "weights_sha256")} for f in folds
+        ],
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if not args.data_dir.is_dir():
+        raise SystemExit(
+            f"dataset folder not found: {args.data_dir}; pass the isic_sample folder as an argument"
+        )
+    logging.getLogger("dagster").setLevel(logging.WARNING)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    command = shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(argv)
+    workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="real-isic-"))).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    overrides = build_overrides(args, workdir)
+    export_to_environment(overrides)
+    config = resolved_config(overrides)
+
+    started = time.perf_counter()
+    load_before = os.getloadavg()
+    stage_seconds = run_dagster(workdir) if args.runner == "dagster" else run_direct(config)
+    wall = time.perf_counter() - started
+
+    import torch
+
+    results = {
+        "command": command,
+        "runner": args.runner,
+        "wall_time_s": round(wall, 1),
+        "stage_seconds": {k: round(v, 1) for k, v in stage_seconds.items()},
+        **collect_results(config, args.backbone),
+        "config": config.model_dump(mode="json"),
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "load_average_at_start": load_before,
+            "load_average_at_end": os.getloadavg(),
+        },
+    }
+    out = args.json or workdir / "results.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print_summary(results, out)
+
+
+def print_summary(results: dict[str, Any], out: Path) -> None:
+    metrics = results["metrics"]
+    cfg = results["config"]
+    tuned = {row["metric"]: row for row in results["at_tuned_threshold"]}
+    threshold = results["threshold"]
+    print()
+    print(f"command: {results['command']}")
+    print(
+        f"data: {results['data']['images']} images, {results['data']['melanoma']} melanoma, "
+        f"{results['data']['lesions']} lesions, {results['data']['quarantined']} quarantined"
+    )
+    print(
+        f"model: {cfg['backbones'][0]} (pretrained={cfg['model']['pretrained']}), {cfg['data']['image_size']} px, "
+        f"{cfg['data']['n_folds']} folds, {cfg['training']['epochs']} epochs max, lr {cfg['training']['learning_rate']}, "
+        f"loss {cfg['training']['loss']} (alpha {cfg['training']['focal_alpha']})"
+    )
+    for name in ("auc", "pauc"):
+        m = metrics[name]
+        print(f"OOF {name}: {m['value']:.3f} (95% CI {m['lo']:.3f}-{m['hi']:.3f})")
+    print(
+        f"tuned threshold {threshold['value']:.3f} (target sensitivity {threshold['target_sensitivity']}): "
+        + ", ".join(
+            f"{n} {tuned[n]['value']:.3f} ({tuned[n]['lo']:.3f}-{tuned[n]['hi']:.3f})"
+            for n in ("sensitivity", "specificity")
+            if n in tuned
+        )
+    )
+    for fold in results["folds"]:
+        print(
+            f"fold {fold['fold']}: best epoch {fold['best_epoch']}/{fold['epochs_run']}, val AUC "
+            f"{fold['best_val_auroc']:.3f}, {fold['train_images_per_second']:.1f} train img/s, "
+            f"{fold['wall_time_s']:.0f} s"
+        )
+    print(f"wall time: {results['wall_time_s']:.0f} s ({results['runner']}); results: {out}")
+
+
+if __name__ == "__main__":
+    main()
