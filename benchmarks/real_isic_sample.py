@@ -36,10 +36,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+from melanoma_ml.runtime import quiet_network_chatter  # noqa: E402  (before dagster/albumentations load)
+
+quiet_network_chatter()
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub access here; pretrained=False throughout
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

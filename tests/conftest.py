@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+from melanoma_ml.runtime import quiet_network_chatter  # noqa: E402
+
+quiet_network_chatter()  # telemetry and update checks off (the library's own defaults)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the model hub
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
