@@ -239,8 +239,8 @@ def collect_results(config: Any, backbone: str) -> dict[str, Any]:
     """Numbers from the artifacts on disk (the same for both runners)."""
     import pandas as pd
 
+    from melanoma_ml.artifacts import artifact_paths
     from melanoma_ml.evaluation import EvaluationReport
-    from melanoma_ml.pipeline import artifact_paths
 
     paths = artifact_paths(config)
     report = EvaluationReport.load(paths.report(backbone))
@@ -330,9 +330,10 @@ def print_summary(results: dict[str, Any], out: Path) -> None:
         f"{cfg['data']['n_folds']} folds, {cfg['training']['epochs']} epochs max, lr {cfg['training']['learning_rate']}, "
         f"loss {cfg['training']['loss']} (alpha {cfg['training']['focal_alpha']})"
     )
+    from melanoma_ml.evaluation.estimate import Estimate
+
     for name in ("auc", "pauc"):
-        m = metrics[name]
-        print(f"OOF {name}: {m['value']:.3f} (95% CI {m['lo']:.3f}-{m['hi']:.3f})")
+        print(f"OOF {name}: {Estimate.from_dict(metrics[name], default_level=cfg['evaluation']['ci_level'])}")
     print(
         f"tuned threshold {threshold['value']:.3f} (target sensitivity {threshold['target_sensitivity']}): "
         + ", ".join(

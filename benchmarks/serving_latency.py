@@ -42,6 +42,7 @@ def register_random_bundle(root: Path, backbone: str, size: int) -> Path:
     """A random-weight bundle of ``backbone`` at ``size`` px, registered and promoted in ``root``."""
     import torch
 
+    from melanoma_ml.config import ModelConfig
     from melanoma_ml.features import MetadataEncoder
     from melanoma_ml.model import create_backbone, normalization_for
     from melanoma_ml.serving.registry import ModelRegistry
@@ -50,10 +51,7 @@ def register_random_bundle(root: Path, backbone: str, size: int) -> Path:
     torch.manual_seed(0)
     norm = normalization_for(create_backbone(backbone, pretrained=False))
     spec = ModelSpec(
-        backbone=backbone,
-        meta_hidden=[128, 64],
-        meta_dropout=0.3,
-        head_dropout=0.3,
+        network=ModelConfig(backbone=backbone, meta_hidden=[128, 64], meta_dropout=0.3, head_dropout=0.3),
         image_size=size,
         mean=norm["mean"],
         std=norm["std"],

@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
+from melanoma_ml.config import ModelConfig
 from melanoma_ml.features import MetadataEncoder
 from melanoma_ml.model import normalization_for
 from melanoma_ml.serving.bundle import Bundle
@@ -53,7 +54,8 @@ def build_bundle(backbone: str, size: int) -> Bundle:
     encoder = MetadataEncoder(
         age_mean=50.0, age_std=15.0, sexes=("female", "male"), sites=("head/neck", "torso")
     )
-    draft = ModelSpec(backbone, [128, 64], 0.3, 0.3, size, [0.5] * 3, [0.5] * 3, encoder)
+    network = ModelConfig(backbone=backbone, meta_hidden=[128, 64], meta_dropout=0.3, head_dropout=0.3)
+    draft = ModelSpec(network, size, [0.5] * 3, [0.5] * 3, encoder)
     net = draft.build_network()
     spec = replace(draft, **normalization_for(net.backbone))
     net = net.eval().requires_grad_(False).to(memory_format=torch.channels_last)

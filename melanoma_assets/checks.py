@@ -9,7 +9,7 @@ from melanoma_assets.assets.evaluation import evaluation_key
 from melanoma_assets.partitions import TrainingGrid
 from melanoma_assets.presentation import table_md
 from melanoma_assets.resources import PipelineSettings
-from melanoma_ml import pipeline
+from melanoma_ml import checks as verify
 
 
 def _result(problems: list[str], **metadata) -> dg.AssetCheckResult:
@@ -23,7 +23,7 @@ def _result(problems: list[str], **metadata) -> dg.AssetCheckResult:
     asset="clean_metadata", blocking=True, description="Exact columns, known vocabularies, 0/1 labels."
 )
 def clean_metadata_schema(clean_metadata: pd.DataFrame) -> dg.AssetCheckResult:
-    return _result(pipeline.clean_table_problems(clean_metadata), rows=len(clean_metadata))
+    return _result(verify.clean_table_problems(clean_metadata), rows=len(clean_metadata))
 
 
 @dg.asset_check(
@@ -60,7 +60,7 @@ def _checkpoint_check(grid: TrainingGrid) -> dg.AssetChecksDefinition:
         description="The checkpoint matches its sha256, loads without pickle and gives finite outputs.",
     )
     def checkpoint_loads(fold_model, patient_folds: pd.DataFrame, image_cache) -> dg.AssetCheckResult:
-        problems, evidence = pipeline.checkpoint_problems(fold_model, patient_folds, image_cache)
+        problems, evidence = verify.checkpoint_problems(fold_model, patient_folds, image_cache)
         return _result(problems, **evidence)
 
     return checkpoint_loads
@@ -80,6 +80,25 @@ def build_report_check(backbone: str) -> dg.AssetChecksDefinition:
 
 
 @dg.asset_check(
+    asset="test_evaluation",
+    blocking=True,
+    additional_ins={"fold_model": dg.AssetIn("fold_model"), "patient_folds": dg.AssetIn("patient_folds")},
+    description="The locked test split stayed locked: no test patient/lesion in any fold's training rows or "
+    "out-of-fold predictions, and every test threshold fixed beforehand.",
+)
+def test_split_untouched(
+    test_evaluation, fold_model: dict, patient_folds: pd.DataFrame
+) -> dg.AssetCheckResult:
+    from melanoma_ml.evaluation.holdout import untouched_problems
+
+    by_backbone: dict[str, list] = {}
+    for result in fold_model.values():
+        by_backbone.setdefault(result.backbone, []).append(result)
+    problems, evidence = untouched_problems(test_evaluation, by_backbone, patient_folds)
+    return _result(problems, **evidence)
+
+
+@dg.asset_check(
     asset="serving_model",
     blocking=True,
     additional_ins={"patient_folds": dg.AssetIn("patient_folds"), "image_cache": dg.AssetIn("image_cache")},
@@ -93,5 +112,5 @@ def served_bundle_reproduces(
         return dg.AssetCheckResult(
             passed=True, metadata={"note": "no model is served yet: nothing to verify"}
         )
-    problems, evidence = pipeline.bundle_reproduction(settings.config(), version, patient_folds, image_cache)
+    problems, evidence = verify.bundle_reproduction(settings.config(), version, patient_folds, image_cache)
     return _result(problems, **evidence)

@@ -4,3 +4,6 @@ DATA = "data"
 TRAINING = "training"
 EVALUATION = "evaluation"
 SERVING = "serving"
+SCORING = "scoring"
+"""Batch scoring of drop-folder batches: partitioned by batch, downstream of the served model, run by its
+own sensor; not part of the retraining run (``melanoma_ml.pipeline.STEPS``)."""

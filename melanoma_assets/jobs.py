@@ -29,7 +29,8 @@ train_job = dg.define_asset_job(
 evaluate_and_promote_job = dg.define_asset_job(
     "evaluate_and_promote",
     selection=dg.AssetSelection.groups(EVALUATION, SERVING),
-    description="Per-backbone OOF reports -> leaderboard -> promotion gate -> Grad-CAM gallery.",
+    description="Per-backbone OOF reports -> test-set evaluation -> leaderboard -> promotion gate -> Grad-CAM "
+    "gallery.",
 )
 
 ALL_JOBS = [prepare_data_job, train_job, evaluate_and_promote_job]

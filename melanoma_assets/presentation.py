@@ -30,6 +30,6 @@ def figures_md(figures: dict[str, Path]) -> dg.MetadataValue:
 
 def history_png(history: pd.DataFrame, title: str) -> bytes:
     """Loss and AUROC per epoch, one PNG: the library's ``plot_training_curves`` (no pyplot state touched)."""
-    from melanoma_ml.training.train import plot_training_curves  # torch/lightning: load only when used
+    from melanoma_ml.evaluation.plots import plot_training_curves  # matplotlib: load only when used
 
     return plot_training_curves(history, title=title)

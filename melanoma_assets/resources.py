@@ -11,7 +11,7 @@ import json
 from typing import Any
 
 import dagster as dg
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 
 from melanoma_ml.config import PipelineConfig, deep_merge, load_config
 
@@ -27,14 +27,35 @@ class ArtifactStorage(dg.ConfigurableResource):
 
 
 class TrainingHardware(dg.ConfigurableResource):
-    """What trains: maps onto ``TrainingConfig`` accelerator/devices/precision/num_workers."""
+    """What trains: maps onto ``TrainingConfig`` accelerator/devices/strategy/device_pool/precision/num_workers.
+
+    On a machine with several GPUs, ``device_pool`` lists what concurrent trainings lease (one each) and
+    the instance's ``training`` pool limit must equal the pool size divided by ``devices`` (dagster.yaml).
+    """
 
     accelerator: str | None = Field(
         default=None, description="auto, cpu, gpu or mps; None keeps the profile's."
     )
-    devices: str | None = Field(default=None, description="Lightning devices, e.g. auto, 1, 2.")
-    precision: str | None = Field(default=None, description="e.g. 32-true, 16-mixed, bf16-mixed.")
-    num_workers: int | None = Field(default=None, description="DataLoader workers.")
+    devices: str | None = Field(
+        default=None, description="Devices ONE training uses (2+: data-parallel), e.g. 1, 2 or auto."
+    )
+    strategy: str | None = Field(default=None, description="auto, ddp_spawn or ddp_fork (several devices).")
+    device_pool: str | None = Field(
+        default=None,
+        description="Devices concurrent trainings lease, e.g. cuda:0,cuda:1; auto (every CUDA device) or off.",
+    )
+    precision: str | None = Field(
+        default=None, description="e.g. 32-true, 16-mixed, bf16-mixed, or auto (bf16-mixed where the GPU has it)."
+    )
+    num_workers: str | None = Field(
+        default=None, description="DataLoader workers, e.g. 0, 4 or auto (min(usable CPUs - 1, 8))."
+    )
+
+    @field_validator("num_workers", mode="before")
+    @classmethod
+    def _count_as_text(cls, v: Any) -> Any:
+        """Dagster config has no int-or-str type: a count arrives as text and pydantic reads it back."""
+        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
 
 
 class DataSource(dg.ConfigurableResource):
@@ -89,6 +110,8 @@ class PipelineSettings(dg.ConfigurableResource):
                 learning_rate=self.learning_rate,
                 accelerator=self.hardware.accelerator,
                 devices=self.hardware.devices,
+                strategy=self.hardware.strategy,
+                device_pool=self.hardware.device_pool,
                 precision=self.hardware.precision,
                 num_workers=self.hardware.num_workers,
             ),
@@ -117,8 +140,12 @@ def _present(**values: Any) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None}
 
 
-def default_settings(profile: str) -> PipelineSettings:
-    """The resource the definitions use: the profile, nothing overridden."""
+def default_settings(profile: str, overrides: dict[str, Any] | None = None) -> PipelineSettings:
+    """The resource the definitions use: the profile, nothing overridden (or ``overrides`` as its JSON)."""
     return PipelineSettings(
-        profile=profile, storage=ArtifactStorage(), hardware=TrainingHardware(), source=DataSource()
+        profile=profile,
+        overrides_json=json.dumps(overrides or {}),
+        storage=ArtifactStorage(),
+        hardware=TrainingHardware(),
+        source=DataSource(),
     )

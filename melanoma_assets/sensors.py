@@ -1,16 +1,26 @@
-"""A sensor that refreshes the data when the source folder's content changes.
+"""Sensors: refresh the data when the source folder's content changes; score batches put in the drop folder.
 
-The cursor is ``melanoma_ml.pipeline.source_fingerprint`` of the configured data: ``data.source_dir``,
+The cursor is ``melanoma_ml.metadata.fingerprint.source_fingerprint`` of the configured data: ``data.source_dir``,
 ``data.image_dir`` and every ``data.external_sources`` entry (metadata file bytes + image listings). A new
 fingerprint starts ``prepare_data``; training and everything after it follow by declarative automation.
 The built-in synthetic demo set never changes, so with no source folder the sensor skips.
+
+``incoming_batches`` watches the drop folder (``serving.drop_dir``, default ``<artifact_root>/incoming``):
+each new sub-folder, once nothing in it changed for ``QUIET_SECONDS``, becomes a ``batch_scores``
+partition named after it, and one run scores it. A folder is scored once; re-materialize its partition to
+score it again (e.g. with a newer model).
 """
+
+import time
+from pathlib import Path
 
 import dagster as dg
 
+from melanoma_assets.assets.scoring import batch_scores, incoming_batches
 from melanoma_assets.jobs import TRIGGER_TAG, prepare_data_job
 from melanoma_assets.resources import PipelineSettings
-from melanoma_ml.pipeline import source_fingerprint
+from melanoma_ml.metadata.fingerprint import source_fingerprint
+from melanoma_ml.serving.batch import drop_folder
 
 FINGERPRINT_TAG = "melanoma/source_fingerprint"
 
@@ -37,6 +47,57 @@ def source_data_changed(
         tags={TRIGGER_TAG: "source_data_changed", FINGERPRINT_TAG: fingerprint},
     )
     return dg.SensorResult(run_requests=[request], cursor=fingerprint)
+
+
+QUIET_SECONDS = 30.0
+"""A drop-folder batch is taken once nothing in it changed for this long (a copy still running is not)."""
+
+
+@dg.sensor(
+    name="incoming_batches",
+    target=batch_scores,
+    minimum_interval_seconds=30,
+    description="Adds a batch_scores partition for each new sub-folder of the drop folder (serving.drop_dir, "
+    "default <artifact_root>/incoming) and requests its scoring run.",
+)
+def incoming_batches_sensor(
+    context: dg.SensorEvaluationContext, settings: PipelineSettings
+) -> dg.SensorResult | dg.SkipReason:
+    folder = drop_folder(settings.config())
+    if not folder.is_dir():
+        return dg.SkipReason(
+            f"drop folder {folder} does not exist: create it (or set serving.drop_dir / "
+            "MELANOMA_SERVING__DROP_DIR) and put each batch of images in a sub-folder of it"
+        )
+    known = set(context.instance.get_dynamic_partitions(incoming_batches.name))
+    new, waiting, unusable = [], [], []
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if sub.name in known:
+            continue
+        if "..." in sub.name or not sub.name.isprintable():
+            unusable.append(sub.name)  # Dagster refuses such partition keys
+        elif time.time() - _last_change(sub) < QUIET_SECONDS:
+            waiting.append(sub.name)
+        else:
+            new.append(sub.name)
+    notes = []
+    if waiting:
+        notes.append(f"still changing (taken {QUIET_SECONDS:g} s after the last change): {waiting}")
+    if unusable:
+        notes.append(f"names with '...' or control characters, rename them: {unusable}")
+    if not new:
+        return dg.SkipReason(f"no new batch in {folder}" + "".join(f"; {note}" for note in notes))
+    for note in notes:
+        context.log.info(note)
+    return dg.SensorResult(
+        run_requests=[dg.RunRequest(run_key=name, partition_key=name) for name in new],
+        dynamic_partitions_requests=[incoming_batches.build_add_request(new)],
+    )
+
+
+def _last_change(folder: Path) -> float:
+    """Newest mtime of ``folder`` and the entries directly in it (a batch is one flat folder)."""
+    return max([folder.stat().st_mtime, *(entry.stat().st_mtime for entry in folder.iterdir())])
 
 
 automation_sensor = dg.AutomationConditionSensorDefinition(

@@ -6,13 +6,16 @@ from melanoma_ml import __version__
 STEP_VERSIONS = {
     "source_metadata": "1",
     "clean_metadata": "1",
-    "patient_folds": "1",
+    "patient_folds": "2",  # the locked test split (fold -2) is carved out first
     "image_cache": "1",
     "fold_model": "1",
     "evaluation": "1",
-    "leaderboard": "1",
-    "serving_model": "1",
+    "test_evaluation": "1",
+    "tabular_baseline": "1",
+    "leaderboard": "3",  # kind column; tabular-only and blend rows
+    "serving_model": "2",  # bundle test_metrics
     "gradcam_gallery": "1",
+    "batch_scores": "1",
 }
 
 

@@ -1,5 +1,9 @@
 """Atomic file and directory writes: readers never see a half-written checkpoint, bundle or pointer.
 
+Temp names carry the writer's identity (``.<name>.<host>-<boot>-<pid>-<start>-<random>.tmp``), so every
+writer first sweeps what a killed writer of the same target left behind (``sweep_stale_temps``) without
+touching a live concurrent writer's temp.
+
 Also the one place that turns Python values into strict JSON (``to_jsonable``) and tables into Parquet
 bytes (``parquet_bytes``), so every artifact written through here is readable by any JSON/Parquet reader.
 """
@@ -10,9 +14,12 @@ import dataclasses
 import hashlib
 import io
 import json
+import logging
 import math
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -24,6 +31,8 @@ import numpy as np
 
 if TYPE_CHECKING:
     import pandas as pd
+
+log = logging.getLogger(__name__)
 
 
 def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
@@ -105,7 +114,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` via a temp file in the same folder, fsync and ``os.replace``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    sweep_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -152,18 +162,20 @@ def atomic_directory(final: str | Path) -> Iterator[Path]:
     The new folder's files are fsynced before the rename and the parent folder after it, so a power cut
     leaves either the old or the new folder. If ``final`` exists it is moved aside, the new folder is
     renamed in, and the old one is removed only then; if that second rename fails, the old folder is
-    renamed back. On error the temp folder is removed and ``final`` is untouched.
+    renamed back. On error the temp folder is removed and ``final`` is untouched. Leftovers of a writer
+    that was killed (``kill -9``, OOM, power cut) are swept first (``sweep_stale_temps``).
     """
     final = Path(final)
     parent = final.parent
     parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=parent))
+    sweep_stale_temps(final)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(final), suffix=".tmp", dir=parent))
     try:
         yield tmp
         _fsync_tree(tmp)
         if final.exists():
             # An empty, uniquely named folder that ``final`` can be renamed over (POSIX rename semantics).
-            trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=parent))
+            trash = Path(tempfile.mkdtemp(prefix=_temp_prefix(final, OLD_MARK), suffix=".tmp", dir=parent))
             try:
                 os.replace(final, trash)
             except BaseException:
@@ -194,3 +206,150 @@ def _restore(trash: Path, final: Path, cause: BaseException) -> None:
             f"{trash} ({exc}); rename {trash} to {final} by hand"
         ) from exc
     _fsync_path(final.parent)
+
+
+# --- temp names that say whose they are, and the sweep of dead writers' leftovers ---------------------------
+
+OLD_MARK = "old-"  # the previous folder, moved aside while ``atomic_directory`` renames the new one in
+_TOKEN = re.compile(
+    r"^(?P<old>old-)?(?P<host>[0-9a-f]{8})-(?P<boot>[0-9a-f]{8})-(?P<pid>\d+)-(?P<start>\d+)-[a-z0-9_]+$"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Writer:
+    """Who wrote a temp: host, boot and (pid, process start time), which together outlive pid reuse."""
+
+    host: str
+    boot: str
+    pid: int
+    start: int
+
+
+def _short_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:8]
+
+
+def _boot_id() -> str:
+    """8 hex digits naming this boot of the machine (Linux), or ``00000000`` where the OS does not say."""
+    try:
+        return _short_hash(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
+    except OSError:
+        return "0" * 8
+
+
+def _process_start(pid: int) -> int | None:
+    """The start time of process ``pid`` in clock ticks since boot (Linux ``/proc/<pid>/stat``).
+
+    Returns ``None`` if the process does not exist or is a zombie (killed, not yet reaped), and ``0`` where
+    the OS has no ``/proc`` (then only the pid tells writers apart).
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        if Path("/proc/self/stat").exists():
+            return None
+        return 0 if _pid_exists(pid) else None
+    except OSError:
+        return 0 if _pid_exists(pid) else None
+    fields = stat[stat.rindex(")") + 2 :].split()  # the command name may hold spaces and parentheses
+    if fields[0] in ("Z", "X"):
+        return None
+    return int(fields[19])  # field 22 of proc_pid_stat(5); fields[0] is field 3
+
+
+def _pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, owned by another user
+    return True
+
+
+def _this_writer() -> _Writer:
+    pid = os.getpid()
+    return _Writer(_short_hash(socket.gethostname()), _boot_id(), pid, _process_start(pid) or 0)
+
+
+def _temp_prefix(target: Path, mark: str = "") -> str:
+    """``.<name>.[old-]<host>-<boot>-<pid>-<start>-``: tempfile appends a random part and ``.tmp``."""
+    me = _this_writer()
+    return f".{target.name}.{mark}{me.host}-{me.boot}-{me.pid}-{me.start}-"
+
+
+def _writer_is_gone(writer: _Writer, me: _Writer) -> bool | None:
+    """True if ``writer`` is dead, False if it may be alive, None if this machine cannot tell."""
+    if writer.host != me.host:
+        return None  # another host or container sharing the folder: its processes are not visible here
+    if writer.boot != me.boot:
+        return True  # written before the last reboot
+    start = _process_start(writer.pid)
+    if start is None:
+        return True
+    return (
+        writer.start != 0 and start != 0 and start != writer.start
+    )  # the pid now belongs to another process
+
+
+def sweep_stale_temps(target: str | Path) -> list[Path]:
+    """Remove the temp files and folders that killed writers of ``target`` left beside it.
+
+    Only siblings named ``.<target name>.<writer id>-<random>.tmp`` (as the writers in this module name
+    them) are looked at; one is swept when its writer is gone: the machine rebooted since, its pid is not
+    alive (or is a zombie), or the pid now belongs to a process with another start time. A live writer's
+    temp, one written on another host or container, and names without a writer id are left alone. A folder
+    that ``atomic_directory`` had moved aside (``.<name>.old-...tmp``) is renamed back to ``target`` if the
+    writer died before the new folder was renamed in, so the previous version is never lost.
+
+    Every writer here calls it before writing; call it too before writing ``target`` by other means.
+
+    Args:
+        target: The file or folder whose leftovers to sweep.
+
+    Returns:
+        The leftover paths removed or restored, sorted.
+    """
+    target = Path(target)
+    prefix = f".{target.name}."
+    try:
+        siblings = sorted(target.parent.iterdir())
+    except FileNotFoundError:
+        return []
+    me = _this_writer()
+    swept = []
+    for path in siblings:
+        name = path.name
+        if not (name.startswith(prefix) and name.endswith(".tmp")):
+            continue
+        match = _TOKEN.match(name[len(prefix) : -len(".tmp")])
+        if match is None:
+            continue
+        writer = _Writer(match["host"], match["boot"], int(match["pid"]), int(match["start"]))
+        if not _writer_is_gone(writer, me):
+            continue
+        if _clear_leftover(path, target, restore=bool(match["old"])):
+            swept.append(path)
+    return swept
+
+
+def _clear_leftover(path: Path, target: Path, restore: bool) -> bool:
+    """Restore (a moved-aside previous folder with no ``target``) or delete one leftover; False if it failed."""
+    try:
+        if restore and not os.path.lexists(target):
+            os.replace(path, target)
+            _fsync_path(target.parent)
+            log.warning("restored %s from %s, left by a writer that was killed mid-replace", target, path)
+        elif path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+            log.info("removed %s, left by a writer that was killed", path)
+        else:
+            path.unlink()
+            log.info("removed %s, left by a writer that was killed", path)
+    except FileNotFoundError:
+        return False  # another writer swept it first
+    except OSError as exc:
+        log.warning("could not remove %s, left by a killed writer (%s); delete it by hand", path, exc)
+        return False
+    return True

@@ -4,14 +4,17 @@ Subcommands::
 
     melanoma-ml demo [--profile demo] [--artifact-root DIR] [--set training.epochs=3 ...]
     melanoma-ml inspect DATA_DIR [--layout auto] [--image-dir DIR] [--no-images] [--no-hash]
-    melanoma-ml models [--artifact-root DIR]
+    melanoma-ml models [--no-verify] [--artifact-root DIR]
     melanoma-ml rollback [--to VERSION] [--artifact-root DIR]
+    melanoma-ml registry repair [--artifact-root DIR]
     melanoma-ml config [--profile P] [--set key=value ...]
+    melanoma-ml predict PATH --out predictions.csv [--version vNNNN] [--no-tta] [--batch-size N]
 
 Settings resolve as everywhere else (``config.load_config``): profile, then ``MELANOMA_*`` environment
 variables / ``.env``, then ``--set`` overrides. Bad input (missing folder, unknown layout, bad config
-value, unknown version) prints one ``error:`` line to stderr and exits with status 2; ``--traceback``
-shows the full traceback instead.
+value, unknown version: any ``errors.MelanomaInputError`` or config validation error) prints one ``error:``
+line to stderr and exits with status 2; ``--traceback`` shows the full traceback instead. Any other error
+is a bug and keeps its traceback.
 
 Only argparse is imported at module level, so ``melanoma-ml --help`` is fast; each subcommand imports
 what it needs (torch, timm and lightning only for ``demo``).
@@ -23,10 +26,12 @@ import argparse
 import json
 import sys
 import time
-import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from melanoma_ml.errors import InputValueError, is_input_error
 
 if TYPE_CHECKING:
     from melanoma_ml.config import PipelineConfig
@@ -35,7 +40,7 @@ EXIT_OK = 0
 EXIT_BAD_INPUT = 2
 
 
-class UsageError(ValueError):
+class UsageError(InputValueError):
     """Bad command-line input that argparse cannot catch (e.g. a missing artifact root)."""
 
 
@@ -92,17 +97,25 @@ def resolve_config(args: argparse.Namespace) -> PipelineConfig:
     """The config for ``args``: profile, env/``.env``, ``--set`` pairs, then ``--artifact-root``."""
     from melanoma_ml.config import load_config
 
+    return load_config(args.profile, command_overrides(args))
+
+
+def command_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``--set`` pairs and ``--artifact-root`` of ``args`` as one nested override dict."""
     overrides = overrides_dict(getattr(args, "set", None) or [])
     if getattr(args, "artifact_root", None):
         overrides["artifact_root"] = str(args.artifact_root)
-    return load_config(args.profile, overrides)
+    return overrides
 
 
 def _registry(args: argparse.Namespace):  # -> ModelRegistry
-    from melanoma_ml.pipeline import artifact_paths
+    from melanoma_ml.artifacts import artifact_paths
     from melanoma_ml.serving.registry import ModelRegistry
+    from melanoma_ml.serving.remote_registry import open_registry
 
     config = resolve_config(args)
+    if config.serving.registry_uri:
+        return open_registry(config)  # in S3; downloads are cached under the artifact root
     paths = artifact_paths(config)
     if not paths.root.is_dir():
         raise UsageError(
@@ -171,6 +184,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         f"labels:       {summary['melanoma']} melanoma, prevalence {summary['prevalence']:.2%}, "
         f"{summary['patients']} patients, {summary['lesions']} lesions"
     )
+    if summary.get("tabular_columns"):
+        tabular = summary["tabular_columns"]
+        print(f"tabular:      {len(tabular)} numeric columns after the clean columns: {', '.join(tabular)}")
     _print_counts("quarantine reasons", summary.get("quarantine_reasons", {}))
     _print_counts("warnings (values fixed or set missing)", summary.get("warnings", {}))
     if len(result.quarantine):
@@ -205,55 +221,169 @@ def _print_counts(title: str, counts: dict[str, int]) -> None:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    """List registry versions (oldest first) with backbone, AUC, threshold; mark the current one."""
-    from melanoma_ml.serving.bundle import read_manifest
+    """List registry versions (oldest first) with backbone, AUC, threshold; mark the current one.
+
+    A version this code cannot read (e.g. an older manifest schema) is listed with why, not fatal.
+    Unless ``--no-verify``, each version's weights are checked against the manifest's sha256 (one read of
+    each weights file) and a mismatch is marked CORRUPT; a version never promoted says why (from history);
+    an unreadable ``current.json`` is reported, not fatal.
+    """
+    from melanoma_ml.serving.bundle import BundleError, read_manifest
+    from melanoma_ml.serving.registry import RegistryError
 
     registry = _registry(args)
     versions = registry.versions()
-    current = registry.current()
+    try:
+        current, pointer_problem = registry.current(), None
+    except RegistryError as err:
+        current, pointer_problem = None, one_line(err)
+    orphans = registry.orphans()
+    corrupt = set()
     print(f"registry: {registry.root}")
     if not versions:
         print("no versions registered yet (run `melanoma-ml demo` or the Dagster pipeline)")
         return EXIT_OK
-    print(f"  {'':1} {'version':<8} {'backbone':<22} {'auc':>6} {'auc 95% CI':>15} {'threshold':>9}  created")
+    print(f"  {'':1} {'version':<8} {'backbone':<22} {'test auc [CI]':<30} {'out-of-fold auc [CI]':<30} "
+          f"{'threshold':>9}  created")  # fmt: skip
     for version in versions:
-        manifest = read_manifest(registry.version_path(version))
-        auc = (manifest.get("metrics") or {}).get("auc")
-        auc_text, ci_text = _auc_columns(auc)
         mark = "*" if version == current else ""
+        try:
+            manifest = read_manifest(registry.version_path(version))
+        except BundleError as err:
+            print(f"  {mark:1} {version:<8} unreadable: {one_line(err)}")
+        else:
+            auc = manifest.metrics.get("auc")
+            auc_text = "-" if auc is None else auc.text()
+            tests = manifest.test_metrics or {}
+            test = tests.get("internal") or next(iter(tests.values()), None)
+            test_auc = None if test is None else test.metrics.get("auc")
+            test_text = "no untouched test set" if test_auc is None else test_auc.text()
+            print(
+                f"  {mark:1} {version:<8} {manifest.backbone:<22} {test_text:<30} {auc_text:<30} "
+                f"{manifest.threshold:>9.4f}  {manifest.created_at}"
+            )
+            problem = registry.check(version) if args.verify else None
+            if problem is not None:
+                corrupt.add(version)
+                print(f"      CORRUPT: {one_line(problem)}")
+        if version in orphans:
+            print(f"      not promoted: {orphans[version]}")
+    if not args.verify:
+        print("(weights sha256 not verified: --no-verify)")
+    if pointer_problem is not None:
+        print(f"current: unreadable ({pointer_problem})")
+    elif current in corrupt:
         print(
-            f"  {mark:1} {version:<8} {str(manifest.get('backbone', '?')):<22} {auc_text:>6} {ci_text:>15} "
-            f"{float(manifest['threshold']):>9.4f}  {manifest.get('created_at', '?')}"
+            f"current: {current} (CORRUPT: the app refuses it; serve a good version with `melanoma-ml rollback` "
+            "or `melanoma-ml registry repair`)"
         )
-    print(f"current: {current or 'none (nothing promoted yet)'}")
-    return EXIT_OK
-
-
-def _auc_columns(auc: Any) -> tuple[str, str]:
-    """``("0.873", "[0.812, 0.921]")`` from a metrics entry (``{"value","lo","hi"}`` or a number)."""
-    if isinstance(auc, dict):
-        value, lo, hi = auc.get("value"), auc.get("lo"), auc.get("hi")
     else:
-        value, lo, hi = auc, None, None
-    value_text = "-" if value is None else f"{float(value):.3f}"
-    ci_text = "-" if lo is None or hi is None else f"[{float(lo):.3f}, {float(hi):.3f}]"
-    return value_text, ci_text
+        print(f"current: {current or 'none (nothing promoted yet)'}")
+    return EXIT_OK
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
     """Move the registry's current pointer back (to ``--to`` or the previously served version)."""
+    from melanoma_ml.serving.registry import RegistryError
+
     registry = _registry(args)
-    before = registry.current()
+    try:
+        before = registry.current()
+    except RegistryError:
+        before = "(unreadable pointer)"  # rollback(to=...) still works; without --to it says what to do
     after = registry.rollback(args.to, reason=args.reason)
     print(f"rolled back: {before} -> {after} (registry {registry.root})")
     return EXIT_OK
 
 
+def cmd_registry_repair(args: argparse.Namespace) -> int:
+    """Rebuild ``current.json`` from ``history.jsonl`` and the versions (``ModelRegistry.repair``)."""
+    registry = _registry(args)
+    report = registry.repair()
+    print(f"registry: {registry.root}")
+    for note in report.notes:
+        print(f"  {one_line(note)}")
+    print(f"current: {report.version} ({'repaired' if report.changed else 'unchanged'})")
+    return EXIT_OK
+
+
+MAX_LISTED_FAILURES = 20
+"""``predict`` lists at most this many unscored files on stderr; the CSV's ``error`` column has them all."""
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Score a folder of images, a CSV or a dataset folder with a registry version; write a scores CSV.
+
+    Files that cannot be decoded are listed on stderr and kept in the CSV with their ``error``; the
+    others are still scored. Exits 0 when at least one image was scored, 2 when none could be.
+    """
+    from melanoma_ml.serving.batch import DEFAULT_BATCH_SIZE, load_scoring_model, score_inputs, write_scores
+    from melanoma_ml.serving.batch_inputs import read_scoring_input
+
+    config = resolve_config(args)
+    batch_size = args.batch_size or DEFAULT_BATCH_SIZE
+    inputs = read_scoring_input(args.path)
+    print(f"input: {inputs.description}", file=sys.stderr)
+    bundle = load_scoring_model(_registry(args), args.version)
+    print(
+        f"model: {bundle.version} ({bundle.manifest.backbone}, {bundle.spec.image_size} px, threshold "
+        f"{bundle.threshold:.4f}), TTA {'on (8 views)' if args.tta else 'off'}, batches of {batch_size}",
+        file=sys.stderr,
+    )
+    with _progress_bar() as progress:
+        scores = score_inputs(
+            inputs,
+            bundle,
+            tta=args.tta,
+            batch_size=batch_size,
+            max_pixels=config.serving.max_image_pixels,
+            progress=progress,
+        )
+    out = write_scores(scores, args.out)
+    failed = scores.failed
+    for row in failed.head(MAX_LISTED_FAILURES).itertuples(index=False):
+        print(f"not scored: {row.image_name} ({row.image_path or 'no file'}): {row.error}", file=sys.stderr)
+    if len(failed) > MAX_LISTED_FAILURES:
+        print(f"... and {len(failed) - MAX_LISTED_FAILURES} more (error column of {out})", file=sys.stderr)
+    scored = scores.scored
+    print(
+        f"scored {len(scored)} of {len(scores.table)} images with {scores.model_version} in "
+        f"{scores.seconds:.1f} s ({scores.images_per_second:.1f} img/s); "
+        f"{int((scored['decision'] == 'positive').sum())} above the threshold, {len(failed)} not scored; "
+        f"wrote {out}"
+    )
+    if scored.empty:
+        print(f"error: no image could be scored (the reasons are in {out})", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return EXIT_OK
+
+
+@contextmanager
+def _progress_bar() -> Iterator[Callable[[int, int], None]]:
+    """A tqdm bar on stderr (hidden when stderr is not a terminal), fed by ``progress(done, total)``."""
+    from tqdm import tqdm  # installed with lightning
+
+    bars: list[tqdm] = []
+
+    def update(done: int, total: int) -> None:
+        if not bars:
+            bars.append(tqdm(total=total, unit="img", desc="scoring", file=sys.stderr, disable=None))
+        bars[0].update(done - bars[0].n)
+
+    try:
+        yield update
+    finally:
+        for bar in bars:
+            bar.close()
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Run ``pipeline.run_all`` on a profile and print progress and a summary."""
+    """Run ``pipeline.run_all`` on a profile and print progress and a summary (``--dagster``: through Dagster)."""
     from melanoma_ml.pipeline import run_all
 
     config = resolve_config(args)
+    if args.dagster:
+        return _dagster_demo(args)
     started = time.perf_counter()
 
     def progress(message: str) -> None:
@@ -270,6 +400,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _dagster_demo(args: argparse.Namespace) -> int:
+    """The same steps as Dagster assets on the ``$DAGSTER_HOME`` instance, so the runs show in the UI.
+
+    melanoma_ml never imports dagster at import time: the Dagster layer is imported here, on demand.
+    """
+    try:
+        from melanoma_assets.demo import materialize_demo
+    except ModuleNotFoundError as exc:
+        if exc.name not in {"dagster", "melanoma_assets"}:
+            raise
+        raise UsageError(
+            f"demo --dagster needs the Dagster layer, but {exc.name} is not importable; install the project "
+            "with `pip install -e .` (./dev setup), or run the plain demo without --dagster"
+        ) from exc
+    return materialize_demo(args.profile, command_overrides(args))
+
+
 def summary_text(result: Any, wall_seconds: float) -> str:
     """The final ``demo`` summary: data, leaderboard, promotion, gallery, wall time."""
     cleaning = result.cleaning.summary
@@ -277,10 +424,20 @@ def summary_text(result: Any, wall_seconds: float) -> str:
         f"data: {result.source.root} ({'synthetic' if result.source.synthetic else result.source.layout}); "
         f"{cleaning['rows_clean']} clean images, {cleaning['rows_quarantined']} quarantined, "
         f"{cleaning['melanoma']} melanoma",
-        "leaderboard (out-of-fold, patient-bootstrap 95% CI):",
+        "leaderboard (ranked out-of-fold; patient-bootstrap CIs):",
     ]
     for row_text in _leaderboard_lines(result.reports, result.leaderboard.table):
         lines.append(f"  {row_text}")
+    tested = getattr(result, "test_evaluation", None)
+    if tested is not None and tested.has_test:
+        lines.append("untouched test sets (thresholds fixed out-of-fold; gap = out-of-fold AUC - test AUC):")
+        for r in tested.results:
+            lines.append(
+                f"  {r.test_set:<10} {r.model:<36} test AUC {r.test_auc.text(show_level=False)}  "
+                f"out-of-fold AUC {r.oof_auc.value:.3f}  gap {r.optimism_gap:+.3f}"
+            )
+    for note in [] if tested is None else tested.notes:
+        lines.append(f"test evaluation: {note}")
     promotion = result.promotion
     verdict = "promoted" if promotion.registered else "not promoted"
     lines.append(
@@ -309,11 +466,19 @@ def _leaderboard_lines(reports: dict[str, Any], table: Any) -> list[str]:
     order = [str(b) for b in table["backbone"]] if "backbone" in table.columns else list(reports)
     lines = []
     for rank, backbone in enumerate(order, start=1):
-        report = reports[backbone]
+        report = reports.get(backbone)
+        if report is None:  # the tabular-only and blend rows (ranking.with_tabular_rows): no image report
+            row = table.iloc[rank - 1]
+            lines.append(
+                f"{rank}. {backbone:<22} AUC {row['auc']:.3f} [{row['auc_lo']:.3f}, {row['auc_hi']:.3f}]  "
+                f"vs candidate {row['auc_diff_vs_best']:+.3f} [{row['diff_lo']:+.3f}, {row['diff_hi']:+.3f}]  "
+                f"{row['kind']}"
+            )
+            continue
         auc, pauc = report.metric("auc"), report.metric("pauc")
         lines.append(
-            f"{rank}. {backbone:<22} AUC {auc.value:.3f} [{auc.lo:.3f}, {auc.hi:.3f}]  "
-            f"pAUC {pauc.value:.3f} [{pauc.lo:.3f}, {pauc.hi:.3f}]  threshold {report.threshold.value:.3f}"
+            f"{rank}. {backbone:<22} AUC {auc.text(show_level=False)}  pAUC {pauc}  "
+            f"threshold {report.threshold.value:.3f}"
         )
     return lines
 
@@ -353,6 +518,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = add("demo", cmd_demo, "run the whole pipeline (synthetic data unless data.source_dir is set)")
     settings(demo)
+    demo.add_argument(
+        "--dagster",
+        action="store_true",
+        help="materialize the assets on the Dagster instance ($DAGSTER_HOME), so the run shows in the UI",
+    )
 
     inspect = add("inspect", cmd_inspect, "detect a dataset's layout, clean its metadata, preview folds")
     inspect.add_argument("data_dir", metavar="DATA_DIR", help="dataset folder or metadata CSV")
@@ -369,6 +539,12 @@ def build_parser() -> argparse.ArgumentParser:
     settings(inspect, root=False)
 
     models = add("models", cmd_models, "list registered model versions and the current one")
+    models.add_argument(
+        "--no-verify",
+        dest="verify",
+        action="store_false",
+        help="skip the sha256 check of each version's weights (default: check; one read of each file)",
+    )
     settings(models)
 
     rollback = add("rollback", cmd_rollback, "point the registry back at an earlier version")
@@ -376,13 +552,58 @@ def build_parser() -> argparse.ArgumentParser:
     rollback.add_argument("--reason", default="rollback (melanoma-ml CLI)", help="recorded in history")
     settings(rollback)
 
+    registry_help = "maintain the model registry: `registry repair`"
+    registry = commands.add_parser("registry", help=registry_help, description=registry_help)
+    registry_commands = registry.add_subparsers(dest="registry_command", required=True, metavar="ACTION")
+    repair = registry_commands.add_parser(
+        "repair",
+        help="rebuild current.json from history.jsonl and the versions (last served version that verifies)",
+        description="Rebuild current.json from history.jsonl and the versions: a pointer that names a "
+        "version that verifies is left alone; otherwise it names the last served version that verifies.",
+    )
+    repair.set_defaults(handler=cmd_registry_repair)
+    settings(repair)
+
     config = add("config", cmd_config, "print the resolved config as JSON")
     settings(config, root=False)
+
+    predict = add(
+        "predict",
+        cmd_predict,
+        "score a folder of images, a CSV of images or a dataset folder; write image_name,target,... CSV",
+    )
+    predict.add_argument(
+        "path",
+        metavar="PATH",
+        help="folder of images, CSV with image_path or image_name (+ optional age/sex/site), or a dataset "
+        "folder / metadata CSV in any supported layout (detected)",
+    )
+    predict.add_argument("--out", required=True, help="CSV to write (atomically): one row per image")
+    predict.add_argument("--version", metavar="VERSION", help="registry version (default: the served one)")
+    predict.add_argument(
+        "--no-tta",
+        dest="tta",
+        action="store_false",
+        help="one view per image instead of the 8 dihedral views",
+    )
+    predict.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        metavar="N",
+        help="images per forward pass (default: melanoma_ml.serving.batch.DEFAULT_BATCH_SIZE, 32)",
+    )
+    settings(predict)
     return parser
 
 
-PACKAGE_DIR = Path(__file__).resolve().parent
-"""Errors raised from files under this folder count as input errors (see ``is_input_error``)."""
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -396,24 +617,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: {one_line(err)}", file=sys.stderr)
         return EXIT_BAD_INPUT
-
-
-def is_input_error(err: BaseException) -> bool:
-    """Errors our own code raises for bad input (they carry a message naming the fix).
-
-    Config validation (pydantic) errors, and ValueError/FileNotFoundError/NotADirectoryError/RuntimeError
-    subclasses raised inside ``melanoma_ml`` itself (metadata, folds, images, bundles, registry, missing
-    pretrained weights). The same types raised deep inside numpy, torch or sklearn are bugs: they keep
-    their traceback.
-    """
-    from pydantic import ValidationError
-
-    if isinstance(err, ValidationError):
-        return True
-    if not isinstance(err, ValueError | FileNotFoundError | NotADirectoryError | RuntimeError):
-        return False
-    frames = traceback.extract_tb(err.__traceback__)
-    return bool(frames) and Path(frames[-1].filename).resolve().is_relative_to(PACKAGE_DIR)
 
 
 def one_line(err: BaseException) -> str:

@@ -11,10 +11,14 @@ merges overrides onto a profile.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import re
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from melanoma_ml import schema
+from melanoma_ml.errors import InputValueError
 
 PretrainedSpec = bool | str
 """``True`` downloads ImageNet weights from the hub, ``False`` starts from random weights, and a
@@ -25,6 +29,66 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+_Gain = Annotated[float, Field(ge=0.2, le=3.0)]
+
+DEVICE_NAME = re.compile(r"(cpu|cuda|mps):(\d+)")
+"""A ``training.device_pool`` entry: ``cuda:0``, ``mps:0``, or ``cpu:<i>`` (a CPU slot, for tests)."""
+
+
+class SyntheticDomain(_Strict):
+    """The acquisition "look" of a synthetic clinic: camera colour, optics, dermoscope and hair practice.
+
+    The defaults are the built-in demo look exactly (pixel-identical images for a seed). Changing them
+    shifts every image of a dataset the same way while the metadata, labels and lesion features stay the
+    same draw, so a model trained on one domain can be tested on a "second clinic" (``SYNTHETIC_DOMAINS``).
+    """
+
+    colour_cast: tuple[_Gain, _Gain, _Gain] = Field(
+        (1.0, 1.0, 1.0), description="Per-channel (R, G, B) gain applied to the finished image (white balance)."
+    )
+    scale: float = Field(
+        1.0, gt=0.2, le=3.0, description="Magnification: lesion radius multiplier (a different dermoscope lens)."
+    )
+    blur_sigma: float = Field(
+        0.0, ge=0.0, le=0.05, description="Gaussian blur sigma as a fraction of the image side (0 = sharp)."
+    )
+    vignette_rate: float = Field(0.30, ge=0.0, le=1.0, description="Chance of dark dermoscope-field corners.")
+    hair_rate: float = Field(0.45, ge=0.0, le=1.0, description="Chance of hair across the image.")
+    noise_std: float = Field(
+        0.0, ge=0.0, le=64.0, description="Gaussian sensor noise, standard deviation in 0-255 pixel units."
+    )
+
+
+SYNTHETIC_DOMAINS: dict[str, SyntheticDomain] = {
+    "default": SyntheticDomain(),
+    # A warmer camera (less blue), a stronger lens, slightly soft optics, a dermoscope whose round field
+    # darkens the corners most of the time, a clinic that shaves more often, and a noisier sensor.
+    "second_clinic": SyntheticDomain(
+        colour_cast=(1.06, 0.97, 0.82),
+        scale=1.2,
+        blur_sigma=0.006,
+        vignette_rate=0.8,
+        hair_rate=0.15,
+        noise_std=5.0,
+    ),
+}
+"""Named synthetic domains; ``synthetic.domain`` takes one of these or any ``SyntheticDomain``."""
+
+
+def synthetic_domain(name: str) -> SyntheticDomain:
+    """The named preset from ``SYNTHETIC_DOMAINS``.
+
+    Raises:
+        InputValueError: unknown name (the message lists the presets).
+    """
+    if name not in SYNTHETIC_DOMAINS:
+        raise InputValueError(
+            f"unknown synthetic domain {name!r}; use one of {sorted(SYNTHETIC_DOMAINS)} "
+            "or set synthetic.domain fields directly"
+        )
+    return SYNTHETIC_DOMAINS[name]
+
+
 class SyntheticConfig(_Strict):
     """Built-in synthetic demo data (ISIC 2020 layout, generated, never committed)."""
 
@@ -33,9 +97,17 @@ class SyntheticConfig(_Strict):
     melanoma_rate: float = Field(0.2, gt=0, lt=1, description="Fraction of lesions that are melanoma.")
     image_size: int = Field(512, ge=32, description="Side of the generated originals in pixels.")
     seed: int = 0
+    domain: SyntheticDomain = Field(
+        SyntheticDomain(), description="Acquisition look; SYNTHETIC_DOMAINS['second_clinic'] is a shifted one."
+    )
+    layout: Literal["isic2020", "isic2024"] = Field(
+        "isic2020",
+        description="Files written: isic2020 (train.csv + jpeg/train/*.jpg) or isic2024 (train-metadata.csv "
+        "with tbp_lv_* columns + JPEG bytes in train-image.hdf5; melanoma_ml.synthetic_isic2024).",
+    )
 
 
-DatasetLayout = Literal["auto", "isic2020", "isic2019", "ham10000", "isic_cli"]
+DatasetLayout = Literal["auto", "isic2020", "isic2019", "ham10000", "isic_cli", "isic2024"]
 """``auto`` detects the layout from the files in the folder (``melanoma_ml.metadata.layouts``)."""
 
 
@@ -71,11 +143,30 @@ class DataConfig(_Strict):
         description="Image folder; None auto-detects (jpeg/train, train, images, ...) inside source_dir.",
     )
     layout: DatasetLayout = "auto"
+    age_out_of_range: Literal["missing", "quarantine"] = Field(
+        "missing",
+        description="An age outside 0-120 years (not a person's age; ISIC's 0 = unknown and 85 = 85+ are "
+        "kept as such): 'missing' sets it missing with a warning row, 'quarantine' sets the whole row aside.",
+    )
     external_sources: list[ExternalSource] = Field(
         default_factory=list,
         description="Extra datasets for training only (never validated on), merged with the primary one "
         "(duplicates by id and image content removed, disagreements recorded). Env: "
         'MELANOMA_DATA__EXTERNAL_SOURCES=\'[{"path": "/data/isic2019"}]\'.',
+    )
+    test_sources: list[ExternalSource] = Field(
+        default_factory=list,
+        description="Labelled datasets scored in full as external test sets, never trained on (same entries "
+        "as external_sources); their images also present in training (same id or image content) are "
+        "excluded and counted.",
+    )
+    test_fraction: float = Field(
+        0.2,
+        ge=0,
+        le=0.5,
+        description="Fraction of the primary patients (lesions where patients are unknown) locked away as "
+        "the untouched test split before the CV folds are made; 0 turns it off (reports then say that no "
+        "untouched test set exists).",
     )
     n_folds: int = Field(5, ge=2, description="Number of patient-grouped stratified folds.")
     fold_seed: int = 42
@@ -94,6 +185,74 @@ _FALSE_WORDS = frozenset({"false", "0", "no"})
 """Case-insensitive strings read as ``ModelConfig.pretrained`` flags rather than weights paths."""
 
 
+TABULAR_PRESETS: dict[str, tuple[str, ...]] = {
+    # ISIC 2024 (SLICE-3D) train-metadata.csv: the lesion size and every numeric tbp_lv_* measurement of the
+    # 3D total-body-photography lesion visualiser that the test metadata also has (no iddx_*, lesion_id,
+    # mel_thick_mm or other train-only columns, which would leak the label).
+    "isic2024_tbp": (
+        "clin_size_long_diam_mm",
+        "tbp_lv_A",
+        "tbp_lv_Aext",
+        "tbp_lv_B",
+        "tbp_lv_Bext",
+        "tbp_lv_C",
+        "tbp_lv_Cext",
+        "tbp_lv_H",
+        "tbp_lv_Hext",
+        "tbp_lv_L",
+        "tbp_lv_Lext",
+        "tbp_lv_areaMM2",
+        "tbp_lv_area_perim_ratio",
+        "tbp_lv_color_std_mean",
+        "tbp_lv_deltaA",
+        "tbp_lv_deltaB",
+        "tbp_lv_deltaL",
+        "tbp_lv_deltaLB",
+        "tbp_lv_deltaLBnorm",
+        "tbp_lv_dnn_lesion_confidence",
+        "tbp_lv_eccentricity",
+        "tbp_lv_minorAxisMM",
+        "tbp_lv_nevi_confidence",
+        "tbp_lv_norm_border",
+        "tbp_lv_norm_color",
+        "tbp_lv_perimeterMM",
+        "tbp_lv_radial_color_std_max",
+        "tbp_lv_stdL",
+        "tbp_lv_stdLExt",
+        "tbp_lv_symm_2axis",
+        "tbp_lv_symm_2axis_angle",
+        "tbp_lv_x",
+        "tbp_lv_y",
+        "tbp_lv_z",
+    ),
+}
+"""Named lists of numeric tabular columns; ``model.tabular_features`` takes a name or a list of columns."""
+
+
+def tabular_columns(value: str | list[str] | tuple[str, ...] | None) -> list[str]:
+    """The column list ``value`` names: a ``TABULAR_PRESETS`` key, or the columns themselves.
+
+    Raises:
+        InputValueError: an unknown preset name, or a column named twice.
+    """
+    if value is None:
+        return []
+    if isinstance(value, str):
+        if value not in TABULAR_PRESETS:
+            raise InputValueError(
+                f"unknown tabular feature preset {value!r}; use one of {sorted(TABULAR_PRESETS)} "
+                "or a list of column names"
+            )
+        return list(TABULAR_PRESETS[value])
+    columns = [str(c) for c in value]
+    repeated = sorted({c for c in columns if columns.count(c) > 1})
+    if repeated:
+        raise InputValueError(
+            f"model.tabular_features names {repeated} more than once; list each column once"
+        )
+    return columns
+
+
 class ModelConfig(_Strict):
     """The network: a timm backbone fused with a metadata MLP."""
 
@@ -104,6 +263,24 @@ class ModelConfig(_Strict):
     meta_hidden: list[int] = Field(default_factory=lambda: [128, 64])
     meta_dropout: float = Field(0.3, ge=0, lt=1)
     head_dropout: float = Field(0.3, ge=0, lt=1)
+    tabular_features: list[str] | str = Field(
+        default_factory=list,
+        description="Numeric table columns fed to the metadata MLP beside age, sex and site: a preset name "
+        f"({', '.join(sorted(TABULAR_PRESETS))}) or a list of columns; empty: none. Standardised and "
+        "missing-flagged by the metadata encoder (melanoma_ml.features). Once validated always the list "
+        "(a str is accepted so MELANOMA_MODEL__TABULAR_FEATURES=isic2024_tbp works).",
+    )
+
+    @field_validator("tabular_features", mode="before")
+    @classmethod
+    def _tabular_preset(cls, v: Any) -> Any:
+        """A preset name becomes its column list, so the config always holds the columns it uses."""
+        if v is None or isinstance(v, str | list | tuple):
+            try:
+                return tabular_columns(v)
+            except InputValueError as exc:
+                raise ValueError(str(exc)) from exc
+        return v
 
     @field_validator("pretrained", mode="before")
     @classmethod
@@ -165,11 +342,96 @@ class TrainingConfig(_Strict):
     early_stopping_patience: int = Field(5, ge=1)
     seed: int = 42
     accelerator: Literal["auto", "cpu", "gpu", "mps"] = "auto"
-    devices: int | str = "auto"
-    precision: str = Field("32-true", description="Lightning precision, e.g. 32-true, 16-mixed, bf16-mixed.")
-    num_workers: int = Field(0, ge=0)
+    devices: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        1,
+        description="Devices ONE fit trains on (Lightning devices). Above 1 the fit runs data-parallel "
+        "(training.strategy); 'auto' takes every device of the pool (or Lightning's choice without one).",
+    )
+    strategy: Literal["auto", "ddp_spawn", "ddp_fork"] = Field(
+        "auto",
+        description="Lightning strategy for a fit on several devices; 'auto' means ddp_spawn there. Plain "
+        "'ddp' is not offered: it starts the other ranks by re-running the command line, which inside a "
+        "Dagster step is the step worker, not a training script. ddp_fork: CPU or before CUDA is touched.",
+    )
+    device_pool: list[str] | Literal["auto", "off"] = Field(
+        "auto",
+        description="Devices concurrent trainings on this machine lease, one lock each "
+        "(melanoma_ml.devices), e.g. ['cuda:0', 'cuda:1'] or 'cuda:0,cuda:1'; cpu:<i> slots for CPU hosts. "
+        "'auto': every CUDA device (none on a machine without CUDA: no lease); 'off': no lease. Set the "
+        "Dagster 'training' pool limit to len(pool) / devices.",
+    )
+    device_wait_s: float = Field(
+        3600.0, ge=0, description="Seconds a training waits for a free device before it fails."
+    )
+    k8s_gpus: int = Field(
+        1,
+        ge=0,
+        description="nvidia.com/gpu limit of each training step's pod under the Kubernetes executor "
+        "(MELANOMA_EXECUTOR=k8s; the dagster-k8s/config op tag, read when the definitions load); 0 requests "
+        "none. Ignored by the in-process executor.",
+    )
+    precision: str = Field(
+        "32-true",
+        description="Lightning precision, e.g. 32-true, 16-mixed, bf16-mixed; 'auto': bf16-mixed on CUDA GPUs "
+        "with native bf16, 16-mixed on older CUDA GPUs, 32-true on CPU/MPS (melanoma_ml.training.hardware).",
+    )
+    channels_last: bool | Literal["auto"] = Field(
+        False, description="Model and image batches in channels-last (NHWC) memory format; 'auto': on CUDA."
+    )
+    num_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
+        0, description="DataLoader worker processes; 'auto': min(usable CPUs - 1, 8)."
+    )
+    prefetch_factor: int = Field(
+        2, ge=1, description="Batches each DataLoader worker loads ahead (ignored without workers)."
+    )
     limit_train_batches: int | float | None = None
+    negative_ratio: float | None = Field(
+        None,
+        gt=0,
+        description="Per-epoch negative down-sampling for extreme imbalance (ISIC 2024: ~0.1% melanoma): "
+        "each epoch trains on every melanoma and ratio x as many benign images, a different seeded draw "
+        "each epoch; validation always uses every row. None: every row every epoch.",
+    )
     augmentation: AugmentationConfig = AugmentationConfig()
+
+    @field_validator("device_pool", mode="before")
+    @classmethod
+    def _device_list(cls, v: Any) -> Any:
+        """Env vars, ``.env`` files and the Dagster resource give strings: ``'cuda:0,cuda:1'`` is a list."""
+        if isinstance(v, str) and v.strip() not in ("auto", "off"):
+            return [part.strip() for part in v.split(",") if part.strip()]
+        return v
+
+    @field_validator("device_pool")
+    @classmethod
+    def _known_devices(cls, v: list[str] | str) -> list[str] | str:
+        if isinstance(v, str):
+            return v
+        bad = [name for name in v if not DEVICE_NAME.fullmatch(name)]
+        if bad or not v:
+            raise ValueError(
+                f"device_pool entries must be cuda:<index>, mps:<index> or cpu:<slot>, got {bad or v}; "
+                "e.g. ['cuda:0', 'cuda:1'], 'auto' or 'off'"
+            )
+        if len(set(v)) != len(v) or len({name.split(":")[0] for name in v}) != 1:
+            raise ValueError(f"device_pool must list distinct devices of one kind, got {v}")
+        return v
+
+
+class TabularBaselineConfig(_Strict):
+    """The gradient-boosted baseline on tabular features alone (``melanoma_ml.tabular.gbdt``).
+
+    It reads ``model.tabular_features`` plus age, sex and site, trains one scikit-learn
+    ``HistGradientBoostingClassifier`` per fold on the image models' folds and yields out-of-fold
+    predictions of the same shape.
+    """
+
+    max_iter: int = Field(300, ge=1, description="Boosting rounds (trees).")
+    learning_rate: float = Field(0.05, gt=0, le=1)
+    max_leaf_nodes: int = Field(31, ge=2)
+    min_samples_leaf: int = Field(20, ge=1)
+    l2_regularization: float = Field(1.0, ge=0)
+    seed: int = 42
 
 
 class EvaluationConfig(_Strict):
@@ -205,11 +467,38 @@ class ServingConfig(_Strict):
     )
     host: str = "127.0.0.1"
     port: int = 7860
+    registry_uri: str | None = Field(
+        None,
+        description="Model registry in object storage: s3://bucket/prefix (credentials and endpoint from "
+        "the usual AWS environment variables, e.g. AWS_ENDPOINT_URL for MinIO; melanoma_ml.serving."
+        "remote_registry). Versions are downloaded to <artifact_root>/registry-cache before loading. "
+        "Unset: the local <artifact_root>/registry.",
+    )
+    drop_dir: str | None = Field(
+        None,
+        description="Drop folder for batch scoring: each sub-folder put there (images, optionally a CSV with "
+        "their metadata) becomes one partition of the batch_scores asset, scored with the served model. "
+        "Unset: <artifact_root>/incoming.",
+    )
     reload_check_interval_s: float = Field(
         0.0,
         ge=0,
         description="Seconds between checks of the registry's current pointer; 0 checks on every request "
         "(one stat of a small file locally; raise it for remote artifact roots).",
+    )
+    reverify_seconds: float = Field(
+        300.0,
+        ge=0,
+        description="Seconds between full sha256 re-hashes of the served bundle's files (catches changes "
+        "that keep size and mtime, e.g. bit rot); 0 turns it off. Independently, every pointer check also "
+        "stats those files (inode, size, mtime) and re-verifies at once when they changed.",
+    )
+    fallback_to_last_valid: bool = Field(
+        False,
+        description="When the version current.json names is refused (sha256 mismatch, missing files) at "
+        "start-up, or the served one is corrupted on disk, serve the newest version in the registry history "
+        "that was served, not rolled back from, and still verifies (the app and every API answer say so). "
+        "Off: serve nothing and say why until someone rolls back or runs `melanoma-ml registry repair`.",
     )
     queue_max_size: int = Field(
         16, ge=1, description="Requests waiting in the Gradio queue before new ones are refused."
@@ -237,11 +526,11 @@ class ServingConfig(_Strict):
         "refused (a 1x1 or 2x2 map cannot show where the network looked).",
     )
     min_age: float = Field(
-        0,
+        schema.MIN_VALID_AGE,
         ge=0,
         description="Smallest age the app accepts; an accepted 0 means unknown (ISIC's code, as in cleaning).",
     )
-    max_age: float = Field(120, gt=0, description="Largest age the app accepts.")
+    max_age: float = Field(schema.MAX_VALID_AGE, gt=0, description="Largest age the app accepts.")
 
 
 class PipelineConfig(BaseSettings):
@@ -260,6 +549,7 @@ class PipelineConfig(BaseSettings):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     training: TrainingConfig = TrainingConfig()
+    tabular_baseline: TabularBaselineConfig = TabularBaselineConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     serving: ServingConfig = ServingConfig()
 
@@ -292,6 +582,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "backbones": ["test_efficientnet"],
         "data": {
             "n_folds": 2,
+            "test_fraction": 0.0,  # 24 patients are too few to lock a test split; tests set it when needed
             "image_size": 32,
             "synthetic": {"n_patients": 24, "images_per_patient": (2, 3), "image_size": 96},
         },
@@ -304,7 +595,15 @@ PROFILES: dict[str, dict[str, Any]] = {
         "backbones": ["efficientnet_b0", "densenet121", "resnet50", "convnext_tiny", "tf_efficientnetv2_s"],
         "data": {"n_folds": 5, "image_size": 256, "layout": "isic2020"},
         "model": {"pretrained": True},
-        "training": {"epochs": 20, "batch_size": 32, "learning_rate": 1e-4, "num_workers": 4},
+        "training": {
+            "epochs": 20,
+            "batch_size": 32,
+            "learning_rate": 1e-4,
+            "precision": "auto",
+            "channels_last": "auto",
+            "num_workers": "auto",
+            "prefetch_factor": 4,
+        },
         "evaluation": {"n_bootstrap": 1000},
     },
 }
@@ -328,7 +627,7 @@ def load_config(profile: str | None = "demo", overrides: dict[str, Any] | None =
         ValueError: unknown profile name (the message lists the known ones).
     """
     if profile is not None and profile not in PROFILES:
-        raise ValueError(f"unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
+        raise InputValueError(f"unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
     values = PROFILES[profile] if profile else {}
     merged = deep_merge(deep_merge(values, _environment_values()), overrides or {})
     return PipelineConfig(**merged)

@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 from melanoma_ml.config import ModelConfig, PretrainedSpec
+from melanoma_ml.errors import InputStateError, InputValueError
 
 
-class PretrainedWeightsUnavailable(RuntimeError):
+class PretrainedWeightsUnavailable(InputStateError):
     """Raised when ImageNet weights cannot be loaded (offline machine, missing file)."""
 
 
@@ -27,7 +28,7 @@ def validate_backbone(name: str) -> None:
     scored = [(difflib.SequenceMatcher(None, name, m).ratio(), m) for m in timm.list_models()]
     close = [m for score, m in sorted(scored, key=lambda t: (-t[0], t[1])) if score >= 0.6][:5]
     hint = f" Did you mean: {', '.join(close)}?" if close else " See timm.list_models() for names."
-    raise ValueError(f"unknown backbone {name!r}: it is not a timm model name.{hint}")
+    raise InputValueError(f"unknown backbone {name!r}: it is not a timm model name.{hint}")
 
 
 def create_backbone(name: str, pretrained: PretrainedSpec) -> nn.Module:

@@ -36,6 +36,9 @@ SITES: tuple[str, ...] = (
     "oral/genital",
 )
 MAX_AGE = 85  # ISIC caps published ages at 85
+MIN_VALID_AGE, MAX_VALID_AGE = 0, 120
+"""Ages (years) that can be a person's age; any other number is an error in the data, not an age. The app
+refuses it, cleaning sets it missing or quarantines the row (``data.age_out_of_range``); see ``ages``."""
 
 CLEAN_COLUMNS: tuple[str, ...] = (
     IMAGE,
@@ -51,8 +54,16 @@ CLEAN_COLUMNS: tuple[str, ...] = (
     IMAGE_PATH,
     IMAGE_SHA256,
 )
-"""Columns of the cleaned table, in order. ``patient_id``/``lesion_id``/``sex``/``age_approx``/site may be
+"""Columns every cleaned table starts with, in order (numeric ``extra_columns`` may follow). ``patient_id``/``lesion_id``/``sex``/``age_approx``/site may be
 missing (NaN); ``image_path`` is absolute (or a URL); ``image_sha256`` may be empty when images were not
 hashed (metadata-only cleaning)."""
+
+
+
+def extra_columns(table) -> list[str]:  # noqa: ANN001 - schema stays free of a pandas import
+    """Columns of a cleaned table after ``CLEAN_COLUMNS``: numeric per-image values a layout adds (ISIC 2024
+    ``tbp_lv_*``, float64, NaN where a source has none), read by ``model.tabular_features``."""
+    return [c for c in table.columns if c not in CLEAN_COLUMNS]
+
 
 METADATA_FEATURES: tuple[str, ...] = (AGE, SEX, SITE)

@@ -7,10 +7,20 @@ the safetensors state dict can be loaded into it.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
+from melanoma_ml.config import ModelConfig
+from melanoma_ml.errors import InputValueError
 from melanoma_ml.features import MetadataEncoder
+
+ARCHITECTURE_FIELDS: tuple[str, ...] = tuple(
+    name for name in ModelConfig.model_fields if name not in ("pretrained", "tabular_features")
+)
+"""The ``ModelConfig`` fields a spec keeps: all but ``pretrained`` (how the first weights were obtained
+does not change the architecture, and a spec's network is always built with random init) and
+``tabular_features`` (the fitted encoder records the tabular columns with their statistics; the spec's
+network takes them from there, so specs written before tabular features existed read unchanged)."""
 
 
 @dataclass(frozen=True)
@@ -18,56 +28,71 @@ class ModelSpec:
     """Architecture and preprocessing of a trained network.
 
     Attributes:
-        backbone: timm model name.
-        meta_hidden: Hidden widths of the metadata MLP.
-        meta_dropout: Dropout of the metadata MLP.
-        head_dropout: Dropout before the fused linear head.
+        network: The ``ModelConfig`` the network was built from (timm backbone, metadata MLP, dropouts);
+            stored as a copy with ``pretrained=False``, so ``build_network`` never touches the hub.
         image_size: Square input side in pixels the network was trained at.
         mean: Per-channel normalization mean (0-1 scale).
         std: Per-channel normalization std (0-1 scale).
         encoder: The fitted metadata encoder.
+
+    On disk (``to_dict``) the ``ARCHITECTURE_FIELDS`` sit at the top level beside ``image_size``, ``mean``,
+    ``std`` and ``encoder``, the shape every checkpoint and bundle has used.
     """
 
-    backbone: str
-    meta_hidden: list[int]
-    meta_dropout: float
-    head_dropout: float
+    network: ModelConfig
     image_size: int
     mean: list[float]
     std: list[float]
     encoder: MetadataEncoder = field(repr=False)
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.network, ModelConfig):
+            raise TypeError(
+                f"ModelSpec.network must be a melanoma_ml.config.ModelConfig, got {type(self.network).__name__}; "
+                "build it with ModelConfig(backbone=..., meta_hidden=...) or config.model_for(backbone)"
+            )
+        # A private copy: the caller's config stays mutable without changing this (frozen) spec. Its
+        # tabular columns are the encoder's (one record of them: the encoder, which is what is stored).
+        update = {"pretrained": False, "tabular_features": list(self.encoder.tabular)}
+        object.__setattr__(self, "network", self.network.model_copy(update=update, deep=True))
+
+    @property
+    def backbone(self) -> str:
+        """The timm model name (``network.backbone``)."""
+        return self.network.backbone
+
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["encoder"] = self.encoder.to_dict()
-        return data
+        return {
+            **self.network.model_dump(mode="json", include=set(ARCHITECTURE_FIELDS)),
+            "image_size": self.image_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "encoder": self.encoder.to_dict(),
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
-        try:
-            return cls(
-                backbone=str(data["backbone"]),
-                meta_hidden=[int(h) for h in data["meta_hidden"]],
-                meta_dropout=float(data["meta_dropout"]),
-                head_dropout=float(data["head_dropout"]),
-                image_size=int(data["image_size"]),
-                mean=[float(m) for m in data["mean"]],
-                std=[float(s) for s in data["std"]],
-                encoder=MetadataEncoder.from_dict(data["encoder"]),
+        """Rebuild from ``to_dict`` output (plain JSON; the network fields are validated by ``ModelConfig``)."""
+        missing = [
+            name
+            for name in (*ARCHITECTURE_FIELDS, "image_size", "mean", "std", "encoder")
+            if name not in data
+        ]
+        if missing:
+            raise InputValueError(
+                f"model spec is missing fields {missing}; the checkpoint or bundle is incomplete"
             )
-        except KeyError as exc:
-            raise ValueError(f"model spec is missing field {exc}; the checkpoint or bundle is incomplete") from exc
+        network = ModelConfig.model_validate({name: data[name] for name in ARCHITECTURE_FIELDS})
+        return cls(
+            network=network,
+            image_size=int(data["image_size"]),
+            mean=[float(m) for m in data["mean"]],
+            std=[float(s) for s in data["std"]],
+            encoder=MetadataEncoder.from_dict(data["encoder"]),
+        )
 
     def build_network(self):  # -> MelanomaNet (lazy import keeps this module torch-free)
         """A fresh network with this architecture and random weights (never touches the hub)."""
-        from melanoma_ml.config import ModelConfig
         from melanoma_ml.model import build_model
 
-        config = ModelConfig(
-            backbone=self.backbone,
-            pretrained=False,
-            meta_hidden=list(self.meta_hidden),
-            meta_dropout=self.meta_dropout,
-            head_dropout=self.head_dropout,
-        )
-        return build_model(config, self.encoder.n_features)
+        return build_model(self.network, self.encoder.n_features)

@@ -14,6 +14,12 @@ What it models:
 * **Distractors** that are NOT correlated with the label: hair, a ruler scale at one edge, dark vignette
   corners and gel bubbles, drawn from their own random stream with the same probability for both
   classes and recorded in ``artifacts.csv``, so a test (and a curious user) can check that.
+* **A domain** (``SyntheticConfig.domain``, ``melanoma_ml.config.SyntheticDomain``): the acquisition look
+  of the clinic: colour cast, lens magnification, blur, sensor noise and the vignette and hair rates. The
+  default is the look above, pixel for pixel. ``SYNTHETIC_DOMAINS["second_clinic"]`` renders the same
+  patients, lesions and labels (same seed) with a shifted look, for domain-shift and out-of-distribution
+  studies (``benchmarks/ood_detection.py``). The vignette and hair rates move the threshold on the same
+  random draw, so every other distractor and every view stays the same image for image.
 
 Output layout (``out_dir``): ``train.csv``, ``artifacts.csv``, ``jpeg/train/<image_name>.jpg``,
 ``masks/<image_name>.png`` (uint8 0/255 lesion mask) and ``manifest.json``. The folder is built in a temp
@@ -23,7 +29,7 @@ folder and renamed into place, so readers never see half a dataset; ``manifest.j
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -34,7 +40,8 @@ from PIL import Image, ImageChops, ImageDraw, ImageFilter
 
 from melanoma_ml import __version__, schema
 from melanoma_ml.atomic import atomic_directory, atomic_write_json, atomic_write_text
-from melanoma_ml.config import SyntheticConfig
+from melanoma_ml.config import SyntheticConfig, SyntheticDomain
+from melanoma_ml.errors import InputValueError
 
 GENERATOR_VERSION = 1
 """Bump when the rendering or the metadata model changes: existing synthetic folders are then rebuilt."""
@@ -74,7 +81,7 @@ _FEATURE_BETA = {
 _RADIUS_RANGE = {0: (0.09, 0.20), 1: (0.15, 0.30)}  # lesion radius as a fraction of the image side
 _SMALL_MELANOMA_P = 0.15  # these melanomas take a benign-sized radius
 _SMALL_MELANOMA_RADIUS = (0.09, 0.16)
-_ARTIFACT_P = {"hair": 0.45, "ruler": 0.20, "vignette": 0.30, "bubbles": 0.25}
+_ARTIFACT_P = {"ruler": 0.20, "bubbles": 0.25}  # hair and vignette rates belong to SyntheticDomain
 
 # --- colours (RGB) ---------------------------------------------------------------------------------------
 _SKIN_LIGHT = np.array([236, 200, 188], np.float32)
@@ -97,6 +104,7 @@ _LESION_OPACITY_LUT = [round(v * _LESION_OPACITY) for v in range(256)]
 _GRAIN_MEAN = 240.0  # grain is stored as uint8 around this value and applied with ImageChops.multiply
 _ANGLE_BINS = 720
 _WORK_SIDE = 256  # lesion geometry is drawn at most at this size, then upscaled smoothly
+_DEFAULT_DOMAIN = SyntheticDomain()
 
 
 @dataclass(frozen=True)
@@ -160,7 +168,7 @@ def generate_synthetic_dataset(out_dir: str | Path, config: SyntheticConfig) -> 
     out_dir = Path(out_dir)
     low, high = config.images_per_patient
     if not 1 <= low <= high:
-        raise ValueError(
+        raise InputValueError(
             f"synthetic.images_per_patient must be an inclusive range (low, high) with 1 <= low <= high, "
             f"got {config.images_per_patient}; e.g. (2, 6)"
         )
@@ -176,7 +184,7 @@ def generate_synthetic_dataset(out_dir: str | Path, config: SyntheticConfig) -> 
         mask_dir.mkdir(parents=True)
         skin_tones = _patient_skin_tones(table[schema.PATIENT], config.seed)
         for i, name in enumerate(table[schema.IMAGE]):
-            rgb, mask = render_view(lesions[i], views[i], skin_tones[i], config.image_size)
+            rgb, mask = render_view(lesions[i], views[i], skin_tones[i], config.image_size, config.domain)
             Image.fromarray(rgb).save(image_dir / f"{name}.jpg", quality=_JPEG_QUALITY)
             Image.fromarray(mask).save(mask_dir / f"{name}.png", compress_level=1)
         atomic_write_text(tmp / CSV_NAME, table.to_csv(index=False))
@@ -248,10 +256,11 @@ def plan_dataset(
 
     # Views and distractors come from their own stream: independent of the label by construction.
     view_rng = np.random.default_rng([config.seed, 1])
+    rates = {**_ARTIFACT_P, "hair": config.domain.hair_rate, "vignette": config.domain.vignette_rate}
     seen: set[int] = set()
     views = []
     for lesion in lesions.tolist():
-        views.append(_draw_view(view_rng, first=lesion not in seen))
+        views.append(_draw_view(view_rng, rates, first=lesion not in seen))
         seen.add(lesion)
     artifacts = pd.DataFrame({schema.IMAGE: table[schema.IMAGE]})
     for kind in ARTIFACT_KINDS:
@@ -260,14 +269,24 @@ def plan_dataset(
 
 
 def render_view(
-    lesion: LesionSpec, view: ViewSpec, skin: np.ndarray, size: int
+    lesion: LesionSpec,
+    view: ViewSpec,
+    skin: np.ndarray,
+    size: int,
+    domain: SyntheticDomain = _DEFAULT_DOMAIN,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Render one dermoscopy-like image and its lesion mask.
+
+    Args:
+        domain: The acquisition look; the lesion is magnified by ``domain.scale`` (so is its mask), and
+            blur, colour cast and noise are applied to the finished photograph (``_acquire``).
 
     Returns:
         (rgb (size, size, 3) uint8, mask (size, size) uint8 with 0 = skin, 255 = lesion).
     """
     rng = np.random.default_rng(view.seed)
+    if domain.scale != 1.0:
+        view = replace(view, zoom=view.zoom * domain.scale)
     work = min(size, _WORK_SIDE)
     coverage, shade = _lesion_geometry(lesion, view, work)
     # Colour varies slowly: draw it at half the geometry resolution; one resize brings both to full size.
@@ -296,6 +315,8 @@ def render_view(
         _draw_ruler(draw, rng, size)
     if view.artifacts["bubbles"]:
         _draw_bubbles(draw, rng, size)
+    if domain != _DEFAULT_DOMAIN:
+        img = _acquire(img, domain, np.random.default_rng([view.seed, 1]))
     return np.asarray(img), mask
 
 
@@ -340,14 +361,18 @@ def _draw_lesion(rng: np.random.Generator, target: int) -> LesionSpec:
     )
 
 
-def _draw_view(rng: np.random.Generator, *, first: bool) -> ViewSpec:
-    """Placement of one photograph; a repeat view of a lesion is shifted and zoomed a little more."""
+def _draw_view(rng: np.random.Generator, rates: dict[str, float], *, first: bool) -> ViewSpec:
+    """Placement of one photograph; a repeat view of a lesion is shifted and zoomed a little more.
+
+    ``rates`` is the chance of each distractor kind; each kind always consumes one draw, so changing a rate
+    changes only that kind's flags, never the rest of the stream.
+    """
     spread = 0.04 if first else 0.08
     return ViewSpec(
         rotation=float(rng.uniform(0, 2 * np.pi)),
         shift=(float(rng.uniform(-spread, spread)), float(rng.uniform(-spread, spread))),
         zoom=float(rng.uniform(0.92, 1.08)),
-        artifacts={kind: bool(rng.random() < _ARTIFACT_P[kind]) for kind in ARTIFACT_KINDS},
+        artifacts={kind: bool(rng.random() < rates[kind]) for kind in ARTIFACT_KINDS},
         seed=int(rng.integers(2**31)),
     )
 
@@ -480,6 +505,20 @@ def _vignette(size: int) -> Image.Image:
     return Image.fromarray((factor * 255).astype(np.uint8), mode="L").convert("RGB")
 
 
+def _acquire(img: Image.Image, domain: SyntheticDomain, rng: np.random.Generator) -> Image.Image:
+    """The camera of a clinic: optical blur, then white balance (per-channel gain), then sensor noise.
+
+    ``rng`` is the view's own acquisition stream, separate from the one that drew the scene.
+    """
+    size = img.size[0]
+    if domain.blur_sigma > 0:
+        img = img.filter(ImageFilter.GaussianBlur(domain.blur_sigma * size))
+    pixels = np.asarray(img, np.float32) * np.asarray(domain.colour_cast, np.float32)
+    if domain.noise_std > 0:
+        pixels += rng.normal(0.0, domain.noise_std, pixels.shape).astype(np.float32)
+    return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
+
+
 def _draw_hair(draw: ImageDraw.ImageDraw, rng: np.random.Generator, size: int) -> None:
     for _ in range(int(rng.integers(2, 12))):
         start = rng.uniform(0, size, 2)
@@ -553,7 +592,7 @@ def _reusable(out_dir: Path, config: SyntheticConfig) -> SyntheticDataset | None
     if (
         manifest is None
         or manifest.get("generator_version") != GENERATOR_VERSION
-        or manifest.get("config") != config.model_dump(mode="json")
+        or _with_default_domain(manifest.get("config")) != config.model_dump(mode="json")
     ):
         return None
     csv_path = out_dir / CSV_NAME
@@ -571,6 +610,13 @@ def _reusable(out_dir: Path, config: SyntheticConfig) -> SyntheticDataset | None
     return _dataset(out_dir, table)
 
 
+def _with_default_domain(stored: Any) -> Any:
+    """A manifest config written before ``domain`` existed describes the default domain (same pixels)."""
+    if isinstance(stored, dict) and "domain" not in stored:
+        return {**stored, "domain": _DEFAULT_DOMAIN.model_dump(mode="json")}
+    return stored
+
+
 _OWN_ENTRIES = {CSV_NAME, ARTIFACTS_NAME, MANIFEST_NAME, IMAGE_SUBDIR.parts[0], MASK_SUBDIR.parts[0]}
 
 
@@ -579,10 +625,10 @@ def _refuse_foreign_folder(out_dir: Path) -> None:
     if not out_dir.exists():
         return
     if not out_dir.is_dir():
-        raise ValueError(f"synthetic data folder {out_dir} is a file; choose a folder path")
+        raise InputValueError(f"synthetic data folder {out_dir} is a file; choose a folder path")
     foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in _OWN_ENTRIES)
     if foreign:
-        raise ValueError(
+        raise InputValueError(
             f"synthetic data folder {out_dir} contains files that are not part of a synthetic dataset "
             f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}); "
             "choose an empty or new folder (the generator replaces the whole folder)"

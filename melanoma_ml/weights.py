@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from melanoma_ml.atomic import atomic_write_bytes
+from melanoma_ml.errors import InputFileNotFoundError, InputValueError
 
 if TYPE_CHECKING:
     from torch import nn
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
 WEIGHTS_FILE = "weights.safetensors"
 
 
-class WeightsError(ValueError):
+class WeightsError(InputValueError):
     """A weights file cannot be read or does not fit the network its spec describes."""
 
 
@@ -53,7 +54,7 @@ def load_weights(spec: ModelSpec, path: str | Path) -> nn.Module:
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
+        raise InputFileNotFoundError(f"weights file not found: {path}")
     try:
         state = load_file(str(path), device="cpu")
     except SafetensorError as exc:

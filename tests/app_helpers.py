@@ -6,10 +6,11 @@ Importable from any test as ``from app_helpers import ...`` (this folder is on `
 
 from __future__ import annotations
 
-import socket
 import struct
 import zlib
 from typing import TYPE_CHECKING, Any
+
+from conftest import free_port
 
 if TYPE_CHECKING:
     from melanoma_ml.config import ServingConfig
@@ -28,21 +29,27 @@ METRICS = {
 
 
 def register_tiny(
-    registry: ModelRegistry, *, seed: int, threshold: float = 0.5, promote: bool = True, size: int = SIZE
+    registry: ModelRegistry,
+    *,
+    seed: int,
+    threshold: float = 0.5,
+    promote: bool = True,
+    size: int = SIZE,
+    test_metrics: dict | None = None,
 ) -> str:
     """Register (and promote) a random-weight test_efficientnet bundle; returns its version."""
     import torch
 
+    from melanoma_ml.config import ModelConfig
     from melanoma_ml.features import MetadataEncoder
     from melanoma_ml.spec import ModelSpec
 
     torch.manual_seed(seed)
     encoder = MetadataEncoder(age_mean=50.0, age_std=15.0, sexes=("female", "male"), sites=SITES)
     spec = ModelSpec(
-        backbone="test_efficientnet",
-        meta_hidden=[8],
-        meta_dropout=0.0,
-        head_dropout=0.0,
+        network=ModelConfig(
+            backbone="test_efficientnet", meta_hidden=[8], meta_dropout=0.0, head_dropout=0.0
+        ),
         image_size=size,
         mean=[0.485, 0.456, 0.406],
         std=[0.229, 0.224, 0.225],
@@ -50,7 +57,13 @@ def register_tiny(
     )
     net = spec.build_network().eval()
     version = registry.register_bundle(
-        net, spec, threshold=threshold, metrics=METRICS, data_version=f"test-{seed}", code_version="test"
+        net,
+        spec,
+        threshold=threshold,
+        metrics=METRICS,
+        data_version=f"test-{seed}",
+        code_version="test",
+        test_metrics=test_metrics,
     )
     if promote:
         registry.promote(version, reason="test")
@@ -68,12 +81,6 @@ def huge_png(side: int = 20_000) -> bytes:
 
     header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def launch_local(demo: Any, serving: ServingConfig) -> str:

@@ -8,6 +8,7 @@ from melanoma_assets.presentation import table_md
 from melanoma_assets.resources import PipelineSettings
 from melanoma_assets.versions import code_version
 from melanoma_ml import pipeline
+from melanoma_ml.metadata.fingerprint import table_fingerprint
 
 EAGER = dg.AutomationCondition.eager()
 
@@ -87,7 +88,7 @@ def patient_folds(settings: PipelineSettings, clean_metadata: pd.DataFrame) -> d
             "rows": len(folds),
             "folds": int(folds["fold"].nunique()),
             "per_fold": table_md(fold_summary(folds)),
-            "table_sha256": pipeline.table_fingerprint(folds),
+            "table_sha256": table_fingerprint(folds),
         },
     )
 

@@ -9,6 +9,7 @@ from melanoma_assets.presentation import png_md
 from melanoma_assets.resources import PipelineSettings
 from melanoma_assets.versions import code_version
 from melanoma_ml import pipeline
+from melanoma_ml.metadata.fingerprint import table_fingerprint
 
 ROLLBACK_HELP = (
     'Roll back: python -c "from melanoma_ml.serving.registry import ModelRegistry; '
@@ -27,6 +28,7 @@ def build_serving_model(grid: TrainingGrid) -> dg.AssetsDefinition:
             "leaderboard": dg.AssetIn("leaderboard"),
             "patient_folds": dg.AssetIn("patient_folds"),
             "fold_model": dg.AssetIn("fold_model"),
+            "test_evaluation": dg.AssetIn("test_evaluation"),
             **{f"report_{i}": dg.AssetIn(evaluation_key(b)) for i, b in enumerate(grid.backbones)},
         },
         code_version=code_version("serving_model"),
@@ -34,7 +36,12 @@ def build_serving_model(grid: TrainingGrid) -> dg.AssetsDefinition:
         description="Registry pointer after the promotion gate. " + ROLLBACK_HELP,
     )
     def serving_model(
-        settings: PipelineSettings, leaderboard, patient_folds: pd.DataFrame, fold_model: dict, **reports
+        settings: PipelineSettings,
+        leaderboard,
+        patient_folds: pd.DataFrame,
+        fold_model: dict,
+        test_evaluation,
+        **reports,
     ) -> dg.MaterializeResult:
         by_backbone = {r.name: r for r in reports.values()}
         folds_by_backbone: dict[str, list] = {}
@@ -45,7 +52,8 @@ def build_serving_model(grid: TrainingGrid) -> dg.AssetsDefinition:
             leaderboard,
             by_backbone,
             folds_by_backbone,
-            data_version=pipeline.table_fingerprint(patient_folds),
+            data_version=table_fingerprint(patient_folds),
+            test_evaluation=test_evaluation,
         )
         return dg.MaterializeResult(
             value=outcome,

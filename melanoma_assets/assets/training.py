@@ -1,4 +1,8 @@
-"""Trained fold models: one partition per backbone x fold, run one at a time in the "training" pool."""
+"""Trained fold models: one partition per backbone x fold, run in the "training" pool.
+
+The pool's limit is how many train at once: 1 on a CPU host (dagster.yaml), the device count on a machine
+with several GPUs, where each training also leases its own device (``melanoma_ml.devices``).
+"""
 
 import dagster as dg
 import pandas as pd
@@ -13,8 +17,13 @@ from melanoma_ml import pipeline
 TRAINING_POOL = "training"
 
 
-def build_fold_model(grid: TrainingGrid) -> dg.AssetsDefinition:
-    """The partitioned training asset for ``grid`` (backbones x folds known at definitions load)."""
+def build_fold_model(grid: TrainingGrid, op_tags: dict[str, str] | None = None) -> dg.AssetsDefinition:
+    """The partitioned training asset for ``grid`` (backbones x folds known at definitions load).
+
+    Args:
+        grid: The backbones and folds.
+        op_tags: Tags of its step, e.g. the GPU request for its Kubernetes pod (``executors.training_op_tags``).
+    """
 
     @dg.asset(
         name="fold_model",
@@ -24,6 +33,7 @@ def build_fold_model(grid: TrainingGrid) -> dg.AssetsDefinition:
         code_version=code_version("fold_model"),
         automation_condition=dg.AutomationCondition.eager(),
         kinds={"pytorch"},
+        op_tags=op_tags,
     )
     def fold_model(
         context: dg.AssetExecutionContext,
@@ -40,6 +50,8 @@ def build_fold_model(grid: TrainingGrid) -> dg.AssetsDefinition:
             value=result,
             metadata={
                 "checkpoint": dg.MetadataValue.path(str(result.checkpoint_dir)),
+                # TensorBoard event files of this fit: `tensorboard --logdir <artifact_root>/checkpoints`.
+                "tensorboard_logs": dg.MetadataValue.path(str(result.logs_dir)),
                 "weights_sha256": result.weights_sha256,
                 "best_epoch": result.best_epoch,
                 "val_auroc": result.best_val_auroc,
@@ -48,6 +60,7 @@ def build_fold_model(grid: TrainingGrid) -> dg.AssetsDefinition:
                 "wall_time_s": result.wall_time_s,
                 "n_train": result.n_train,
                 "n_val": result.n_val,
+                "devices": ", ".join(result.devices),
                 "training_curve": dg.MetadataValue.md(curve),
             },
         )

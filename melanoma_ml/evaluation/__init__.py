@@ -3,6 +3,7 @@
 Public API (numpy/pandas/sklearn only; matplotlib loads only for figures):
 
 * ``evaluate_predictions(oof, config, out_dir=None, *, name="") -> EvaluationReport``
+* ``Estimate``: a value with its CI (value, lo, hi, level); ``to_dict``/``from_dict``, ``text``
 * ``EvaluationReport`` (``metric``, ``flat_metrics``, ``incomplete_metrics``, ``to_dict``/``from_dict``,
   ``to_markdown``, ``save``/``load``), ``REQUIRED_METRICS``
 * ``paired_auc_difference(oof_a, oof_b, config)``, ``leaderboard(reports, oofs, config)``,
@@ -16,10 +17,10 @@ from __future__ import annotations
 from typing import Any
 
 from melanoma_ml.evaluation.compare import leaderboard, paired_auc_difference, split_by_backbone
+from melanoma_ml.evaluation.estimate import Estimate
 from melanoma_ml.evaluation.inputs import BACKBONE, PROB, validate_predictions
 from melanoma_ml.evaluation.report import (
     REQUIRED_METRICS,
-    Estimate,
     EvaluationReport,
     ThresholdEstimate,
     evaluate_predictions,

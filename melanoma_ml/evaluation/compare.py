@@ -10,6 +10,7 @@ import pandas as pd
 
 from melanoma_ml import schema
 from melanoma_ml.config import EvaluationConfig
+from melanoma_ml.errors import InputValueError
 from melanoma_ml.evaluation import weighted
 from melanoma_ml.evaluation.bootstrap import batch_size, percentile_interval
 from melanoma_ml.evaluation.inputs import BACKBONE, PROB, describe_rows, group_codes, validate_predictions
@@ -41,7 +42,7 @@ def align_predictions(
     only_a = pd.Index(a[schema.IMAGE]).difference(pd.Index(b[schema.IMAGE]))
     only_b = pd.Index(b[schema.IMAGE]).difference(pd.Index(a[schema.IMAGE]))
     if len(only_a) or len(only_b):
-        raise ValueError(
+        raise InputValueError(
             f"a paired comparison needs both models' predictions for the same images: "
             f"{len(only_a)} image(s) only in {names[0]} ({_names(only_a)}), {len(only_b)} only in "
             f"{names[1]} ({_names(only_b)}); evaluate both on the same folds table"
@@ -51,7 +52,7 @@ def align_predictions(
     for column in (schema.TARGET, schema.GROUP):
         differs = (merged[f"{column}_a"] != merged[f"{column}_b"]).to_numpy()
         if differs.any():
-            raise ValueError(
+            raise InputValueError(
                 f"{names[0]} and {names[1]} disagree on {column} for {describe_rows(merged, differs)}; "
                 f"both must come from the same folds table"
             )
@@ -145,7 +146,7 @@ def leaderboard(
         ValueError: no reports, or ``reports`` and ``oofs`` name different backbones.
     """
     if not reports:
-        raise ValueError("leaderboard needs at least one evaluated backbone")
+        raise InputValueError("leaderboard needs at least one evaluated backbone")
     if set(reports) != set(oofs):
         raise ValueError(
             f"reports and predictions must name the same backbones: reports {sorted(reports)}, "
@@ -191,10 +192,12 @@ def split_by_backbone(oof: pd.DataFrame) -> dict[str, pd.DataFrame]:
         ValueError: the table has no ``backbone`` column or a row without one.
     """
     if BACKBONE not in oof.columns:
-        raise ValueError(
+        raise InputValueError(
             f"predictions have no {BACKBONE!r} column to split on; add it or pass one table per model"
         )
     missing = oof[BACKBONE].isna().to_numpy()
     if missing.any():
-        raise ValueError(f"{BACKBONE} is missing in {describe_rows(oof.reset_index(drop=True), missing)}")
+        raise InputValueError(
+            f"{BACKBONE} is missing in {describe_rows(oof.reset_index(drop=True), missing)}"
+        )
     return {str(name): part.reset_index(drop=True) for name, part in oof.groupby(BACKBONE, sort=True)}

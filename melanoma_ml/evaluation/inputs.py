@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from melanoma_ml import schema
+from melanoma_ml.errors import InputValueError
 
 PROB = "prob"
 """Column with the predicted melanoma probability in [0, 1] (written by training as ``oof.parquet``)."""
@@ -55,28 +56,28 @@ def validate_predictions(oof: pd.DataFrame, *, what: str = "out-of-fold predicti
         raise TypeError(f"{what} must be a pandas DataFrame, got {type(oof).__name__}")
     missing = [c for c in REQUIRED_COLUMNS if c not in oof.columns]
     if missing:
-        raise ValueError(
+        raise InputValueError(
             f"{what} lack column(s) {missing}; expected {list(REQUIRED_COLUMNS)} (the oof.parquet that "
             f"training writes per fold, concatenated; group_id comes from folds.assign_folds)"
         )
     if len(oof) == 0:
-        raise ValueError(f"{what} are empty (0 rows); train at least one fold before evaluating")
+        raise InputValueError(f"{what} are empty (0 rows); train at least one fold before evaluating")
     frame = oof.reset_index(drop=True).copy()
 
     duplicated = frame[schema.IMAGE].duplicated(keep=False).to_numpy()
     if duplicated.any() and BACKBONE in frame.columns and frame[BACKBONE].nunique() > 1:
-        raise ValueError(
+        raise InputValueError(
             f"{what} hold several backbones ({sorted(map(str, frame[BACKBONE].dropna().unique()))}); "
             f"evaluate each on its own (evaluation.split_by_backbone) and compare them with leaderboard()"
         )
     if duplicated.any():
-        raise ValueError(
+        raise InputValueError(
             f"{what} list the same image more than once: {describe_rows(frame, duplicated)}; each image "
             f"must have exactly one out-of-fold prediction (did two folds' oof.parquet overlap?)"
         )
     no_group = frame[schema.GROUP].isna().to_numpy()
     if no_group.any():
-        raise ValueError(
+        raise InputValueError(
             f"{what} have no {schema.GROUP} in {describe_rows(frame, no_group)}; build the table from "
             f"folds.parquet (assign_folds sets group_id = patient, else lesion, else image)"
         )
@@ -84,7 +85,7 @@ def validate_predictions(oof: pd.DataFrame, *, what: str = "out-of-fold predicti
     target = pd.to_numeric(frame[schema.TARGET], errors="coerce")
     bad_target = ~target.isin([0, 1]).to_numpy()
     if bad_target.any():
-        raise ValueError(
+        raise InputValueError(
             f"{what} have {schema.TARGET} other than 0/1 in {describe_rows(frame, bad_target)}; "
             f"target must be 1 for melanoma and 0 for benign"
         )
@@ -93,13 +94,13 @@ def validate_predictions(oof: pd.DataFrame, *, what: str = "out-of-fold predicti
     prob = pd.to_numeric(frame[PROB], errors="coerce").astype(np.float64)
     nan_prob = prob.isna().to_numpy()
     if nan_prob.any():
-        raise ValueError(
+        raise InputValueError(
             f"{what} have a missing or non-numeric {PROB} in {describe_rows(frame, nan_prob)}; "
             f"the model produced NaN (diverged training?) or the rows were never predicted; re-run that fold"
         )
     outside = ((prob < 0) | (prob > 1)).to_numpy()
     if outside.any():
-        raise ValueError(
+        raise InputValueError(
             f"{what} have {PROB} outside [0, 1] in {describe_rows(frame, outside)}; these look like logits, "
             f"apply a sigmoid before evaluating"
         )

@@ -11,6 +11,8 @@ from typing import NamedTuple
 import numpy as np
 from sklearn.metrics import brier_score_loss, confusion_matrix, roc_auc_score
 
+from melanoma_ml.errors import InputValueError
+
 THRESHOLD_METRICS: tuple[str, ...] = (
     "sensitivity",
     "specificity",
@@ -35,7 +37,7 @@ def require_both_classes(y: np.ndarray, what: str = "the evaluation set") -> Non
     n_neg = int(np.sum(y == 0))
     if n_pos == 0 or n_neg == 0:
         only = f"{n_neg} benign" if n_pos == 0 else f"{n_pos} melanoma"
-        raise ValueError(
+        raise InputValueError(
             f"AUC needs both melanoma and benign cases in {what} (got only {only} images); "
             f"evaluate on more folds or a larger sample"
         )

@@ -1,7 +1,9 @@
-"""Evaluation figures as PNG files: ROC with bootstrap band, precision-recall, reliability, confusion matrix.
+"""Figures as PNG: ROC with bootstrap band, precision-recall, reliability, confusion matrix, training curves.
 
-Figures are drawn on the non-interactive Agg backend and written atomically, so a reader never sees a
-half-written PNG.
+Every figure is a ``matplotlib.figure.Figure`` with its own ``FigureCanvasAgg``: no pyplot figure and no
+``matplotlib.use``, so importing or calling this module leaves the process's backend and pyplot state alone
+(it runs inside Dagster and the app). Files are written atomically, so a reader never sees a half-written
+PNG. Only matplotlib, numpy, pandas and sklearn are imported (no torch).
 """
 
 from __future__ import annotations
@@ -10,22 +12,21 @@ import io
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from sklearn.calibration import calibration_curve  # noqa: E402
-from sklearn.metrics import (  # noqa: E402
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from sklearn.calibration import calibration_curve
+from sklearn.metrics import (
     ConfusionMatrixDisplay,
     average_precision_score,
     precision_recall_curve,
     roc_curve,
 )
 
-from melanoma_ml.atomic import atomic_write_bytes  # noqa: E402
-from melanoma_ml.evaluation.inputs import labels_and_scores, validate_predictions  # noqa: E402
+from melanoma_ml.atomic import atomic_write_bytes
+from melanoma_ml.errors import InputValueError
+from melanoma_ml.evaluation.inputs import labels_and_scores, validate_predictions
 
 if TYPE_CHECKING:
     from melanoma_ml.evaluation.report import EvaluationReport
@@ -35,12 +36,22 @@ _SIZE = (5.0, 4.5)
 _DPI = 100
 
 
-def _save(fig: plt.Figure, path: Path) -> Path:
+def _figure(size: tuple[float, float] = _SIZE) -> Figure:
+    """A figure on its own Agg canvas (not registered with pyplot, so nothing to close)."""
+    figure = Figure(figsize=size, dpi=_DPI)
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _png(fig: Figure) -> bytes:
     buffer = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buffer, format="png", dpi=_DPI)
-    plt.close(fig)
-    return atomic_write_bytes(path, buffer.getvalue())
+    return buffer.getvalue()
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    return atomic_write_bytes(path, _png(fig))
 
 
 def _title(report: EvaluationReport, what: str) -> str:
@@ -53,7 +64,8 @@ def plot_roc(y: np.ndarray, p: np.ndarray, report: EvaluationReport, path: Path)
     band: pd.DataFrame = report.roc_band
     auc = report.metric("auc")
     sens, spec = report.metric("sensitivity"), report.metric("specificity")
-    fig, ax = plt.subplots(figsize=_SIZE)
+    fig = _figure()
+    ax = fig.subplots()
     level = f"{report.ci_level:.0%}"
     ax.fill_between(band["fpr"], band["tpr_lo"], band["tpr_hi"], alpha=0.25, label=f"{level} bootstrap band")
     ax.plot(fpr, tpr, lw=1.8, label=f"AUC {auc.value:.3f} ({auc.lo:.3f}-{auc.hi:.3f})")
@@ -74,7 +86,8 @@ def plot_roc(y: np.ndarray, p: np.ndarray, report: EvaluationReport, path: Path)
 def plot_precision_recall(y: np.ndarray, p: np.ndarray, report: EvaluationReport, path: Path) -> Path:
     """Precision-recall curve with average precision and the melanoma prevalence as baseline."""
     precision, recall, _ = precision_recall_curve(y, p)
-    fig, ax = plt.subplots(figsize=_SIZE)
+    fig = _figure()
+    ax = fig.subplots()
     ax.step(recall, precision, where="post", lw=1.8, label=f"AP {average_precision_score(y, p):.3f}")
     ax.axhline(float(np.mean(y)), ls="--", lw=0.8, color="grey", label=f"prevalence {np.mean(y):.3f}")
     ax.set(xlabel="Recall (sensitivity)", ylabel="Precision", xlim=(0, 1), ylim=(0, 1.01))
@@ -87,9 +100,8 @@ def plot_calibration(y: np.ndarray, p: np.ndarray, report: EvaluationReport, n_b
     """Reliability diagram (equal-width bins) over a histogram of predicted probabilities."""
     observed, predicted = calibration_curve(y, p, n_bins=n_bins, strategy="uniform")
     ece = report.metric("ece")
-    fig, (ax, hist) = plt.subplots(
-        2, 1, figsize=(_SIZE[0], _SIZE[1] + 1), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
-    )
+    fig = _figure((_SIZE[0], _SIZE[1] + 1))
+    ax, hist = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     ax.plot([0, 1], [0, 1], ls="--", lw=0.8, color="grey", label="perfect calibration")
     ax.plot(predicted, observed, marker="o", lw=1.5, label=f"model (ECE {ece.value:.3f})")
     ax.set(ylabel="Observed melanoma fraction", ylim=(0, 1.01))
@@ -103,7 +115,8 @@ def plot_calibration(y: np.ndarray, p: np.ndarray, report: EvaluationReport, n_b
 def plot_confusion_matrix(y: np.ndarray, p: np.ndarray, report: EvaluationReport, path: Path) -> Path:
     """Confusion matrix of the decision ``p >= tuned threshold``."""
     threshold = report.threshold.value
-    fig, ax = plt.subplots(figsize=_SIZE)
+    fig = _figure()
+    ax = fig.subplots()
     ConfusionMatrixDisplay.from_predictions(
         y,
         (p >= threshold).astype(int),
@@ -128,3 +141,31 @@ def plot_all(oof: pd.DataFrame, report: EvaluationReport, out_dir: Path) -> dict
         "calibration": plot_calibration(y, p, report, report.ece_bins, out_dir / "calibration.png"),
         "confusion_matrix": plot_confusion_matrix(y, p, report, out_dir / "confusion_matrix.png"),
     }
+
+
+def plot_training_curves(history: pd.DataFrame, title: str | None = None) -> bytes:
+    """Loss and AUROC per epoch (train and validation) from a fold's ``history.csv``, as PNG bytes.
+
+    Raises:
+        InputValueError: ``history`` has no ``epoch`` column or no rows.
+    """
+    if "epoch" not in history.columns or history.empty:
+        raise InputValueError(
+            "history needs an 'epoch' column and at least one row (history.csv of a trained fold)"
+        )
+    figure = _figure((9, 3.5))
+    loss_ax, auc_ax = figure.subplots(1, 2)
+    for ax, metric in ((loss_ax, "loss"), (auc_ax, "auroc")):
+        for stage in ("train", "val"):
+            column = f"{stage}/{metric}"
+            if column in history.columns:
+                ax.plot(history["epoch"], history[column], marker="o", label=column)
+        ax.set_xlabel("epoch")
+        ax.set_title(metric)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend()
+    auc_ax.set_ylim(0, 1)
+    if title:
+        figure.suptitle(title)
+    return _png(figure)

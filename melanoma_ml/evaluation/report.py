@@ -8,10 +8,9 @@ through ``to_dict``/``from_dict`` (JSON-safe: NaN is stored as null) so it can b
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -19,12 +18,14 @@ from sklearn.metrics import roc_curve
 
 from melanoma_ml.atomic import atomic_write_json, to_jsonable
 from melanoma_ml.config import EvaluationConfig
+from melanoma_ml.errors import InputFileNotFoundError, InputValueError
 from melanoma_ml.evaluation.bootstrap import (
     BootstrapDraws,
     bootstrap_overall,
     metric_key,
     percentile_interval,
 )
+from melanoma_ml.evaluation.estimate import Estimate
 from melanoma_ml.evaluation.inputs import BACKBONE, group_codes, labels_and_scores, validate_predictions
 from melanoma_ml.evaluation.markdown import report_markdown
 from melanoma_ml.evaluation.metrics import (
@@ -48,27 +49,23 @@ ROC_GRID_POINTS = 101
 """False-positive rates (0..1) at which the ROC bootstrap band is stored."""
 
 RANKING_METRICS: tuple[str, ...] = ("auc", "pauc", "brier", "ece")
+FIXED_THRESHOLD_SETTING = "threshold_fixed_before_evaluation"
+"""``EvaluationReport.settings`` key, True when the threshold was given (e.g. tuned out-of-fold and applied
+unchanged to a test set) rather than tuned on the evaluated predictions."""
+
 REQUIRED_METRICS: tuple[str, ...] = (*RANKING_METRICS[:2], *THRESHOLD_METRICS, *RANKING_METRICS[2:])
 """Every metric of ``EvaluationReport.metrics``; each must have a finite value and CI (asset check).
 The threshold metrics here are at the tuned operating point."""
 
 
-class Estimate(NamedTuple):
-    """A point estimate with its percentile bootstrap CI."""
-
-    value: float
-    lo: float
-    hi: float
-
-
 @dataclass(frozen=True)
-class ThresholdEstimate:
+class ThresholdEstimate(Estimate):
     """The operating threshold tuned on all out-of-fold predictions, and its CI when re-tuned per resample."""
 
-    value: float
-    lo: float
-    hi: float
     target_sensitivity: float
+
+    def to_dict(self) -> dict[str, float | None]:
+        return {**super().to_dict(), "target_sensitivity": self.target_sensitivity}
 
 
 def _nan(value: Any) -> float:
@@ -122,24 +119,22 @@ class EvaluationReport:
         if rows.empty:
             raise KeyError(f"no metric {name!r} in the report; known: {list(self.metrics['metric'])}")
         row = rows.iloc[0]
-        return Estimate(float(row["value"]), float(row["lo"]), float(row["hi"]))
+        return Estimate(float(row["value"]), float(row["lo"]), float(row["hi"]), self.ci_level)
 
     def incomplete_metrics(self) -> list[str]:
         """Names of :data:`REQUIRED_METRICS` missing from the report or without a finite value and CI."""
         known = set(self.metrics["metric"])
         missing = [name for name in REQUIRED_METRICS if name not in known]
         return missing + [
-            name
-            for name in REQUIRED_METRICS
-            if name in known and not all(math.isfinite(v) for v in self.metric(name))
+            name for name in REQUIRED_METRICS if name in known and not self.metric(name).is_finite
         ]
 
     def flat_metrics(self) -> dict[str, float]:
         """``{"auc": .., "auc_lo": .., "auc_hi": .., ..., "threshold": ..}`` for metadata and manifests."""
         out: dict[str, float] = {}
         for name in self.metrics["metric"]:
-            value, lo, hi = self.metric(name)
-            out.update({name: value, f"{name}_lo": lo, f"{name}_hi": hi})
+            estimate = self.metric(name)
+            out.update({name: estimate.value, f"{name}_lo": estimate.lo, f"{name}_hi": estimate.hi})
         out.update(
             {
                 "threshold": self.threshold.value,
@@ -162,16 +157,8 @@ class EvaluationReport:
                 "n_redrawn": self.n_redrawn,
                 "ci_level": self.ci_level,
                 "ece_bins": self.ece_bins,
-                "metrics": {
-                    row.metric: {"value": row.value, "lo": row.lo, "hi": row.hi}
-                    for row in self.metrics.itertuples(index=False)
-                },
-                "threshold": {
-                    "value": self.threshold.value,
-                    "lo": self.threshold.lo,
-                    "hi": self.threshold.hi,
-                    "target_sensitivity": self.threshold.target_sensitivity,
-                },
+                "metrics": {name: self.metric(name).to_dict() for name in self.metrics["metric"]},
+                "threshold": self.threshold.to_dict(),
                 "metrics_at_threshold": self.metrics_at_threshold.to_dict(orient="records"),
                 "subgroups": self.subgroups.to_dict(orient="records"),
                 "roc_band": {column: self.roc_band[column].tolist() for column in self.roc_band.columns},
@@ -189,25 +176,28 @@ class EvaluationReport:
             ValueError: the dict is not an evaluation report of this format.
         """
         if data.get("format") != REPORT_FORMAT:
-            raise ValueError(
+            raise InputValueError(
                 f"not an evaluation report of format {REPORT_FORMAT!r} (got format {data.get('format')!r}); "
                 f"re-run the evaluation to regenerate report.json"
             )
+        ci_level = float(data["ci_level"])
+        estimates = {
+            name: Estimate.from_dict(m, default_level=ci_level, where=f"report metric {name!r}")
+            for name, m in data["metrics"].items()
+        }
         metrics = pd.DataFrame(
-            [
-                {"metric": name, "value": _nan(m["value"]), "lo": _nan(m["lo"]), "hi": _nan(m["hi"])}
-                for name, m in data["metrics"].items()
-            ],
+            [{"metric": name, "value": e.value, "lo": e.lo, "hi": e.hi} for name, e in estimates.items()],
             columns=["metric", "value", "lo", "hi"],
         )
         t = data["threshold"]
+        threshold = Estimate.from_dict(t, default_level=ci_level, where="report threshold")
         at_threshold = data["metrics_at_threshold"]
         subgroups = data["subgroups"]
         return cls(
             name=data["name"],
             metrics=metrics,
             threshold=ThresholdEstimate(
-                _nan(t["value"]), _nan(t["lo"]), _nan(t["hi"]), t["target_sensitivity"]
+                threshold.value, threshold.lo, threshold.hi, threshold.level, t["target_sensitivity"]
             ),
             metrics_at_threshold=_frame_from_records(
                 at_threshold, list(at_threshold[0]) if at_threshold else []
@@ -219,7 +209,7 @@ class EvaluationReport:
             n_melanoma=data["n_melanoma"],
             n_bootstrap=data["n_bootstrap"],
             n_redrawn=data["n_redrawn"],
-            ci_level=data["ci_level"],
+            ci_level=ci_level,
             ece_bins=data["ece_bins"],
             settings=data["settings"],
             figures=dict(data.get("figures", {})),
@@ -236,7 +226,9 @@ class EvaluationReport:
         if path.is_dir():
             path = path / REPORT_FILE
         if not path.is_file():
-            raise FileNotFoundError(f"evaluation report not found: {path}; run the evaluation step first")
+            raise InputFileNotFoundError(
+                f"evaluation report not found: {path}; run the evaluation step first"
+            )
         return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
 
     def to_markdown(self, embed_figures: bool = False) -> str:
@@ -266,6 +258,7 @@ def evaluate_predictions(
     out_dir: str | Path | None = None,
     *,
     name: str = "",
+    threshold: float | None = None,
 ) -> EvaluationReport:
     """Evaluate one model's out-of-fold predictions with patient-cluster bootstrap CIs.
 
@@ -281,6 +274,10 @@ def evaluate_predictions(
         config: evaluation settings.
         out_dir: where to write figures and ``report.json``; nothing is written when None.
         name: model name shown in the report; defaults to the single ``backbone`` value if present.
+        threshold: the operating threshold fixed BEFORE these predictions were seen (a test set is scored at
+            the threshold tuned out-of-fold, never re-tuned on it). None tunes it here for
+            ``config.target_sensitivity``. A given threshold has no CI (NaN bounds) and the report's
+            settings say so (``FIXED_THRESHOLD_SETTING``).
 
     Raises:
         ValueError: invalid predictions (see ``inputs.validate_predictions``) or a single class.
@@ -289,7 +286,9 @@ def evaluate_predictions(
     y, p = labels_and_scores(frame)
     require_both_classes(y)  # fails early, before any resampling
     codes, n_groups = group_codes(frame)
-    tuned = threshold_for_sensitivity(y, p, config.target_sensitivity)
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
+        raise InputValueError(f"threshold must be a probability in [0, 1], got {threshold}")
+    tuned = threshold_for_sensitivity(y, p, config.target_sensitivity) if threshold is None else threshold
     operating = {"tuned": tuned, "fixed": config.fixed_threshold}
 
     point: dict[str, float] = {
@@ -325,11 +324,15 @@ def evaluate_predictions(
         for m in THRESHOLD_METRICS
     ]
     threshold_lo, threshold_hi = percentile_interval(draws.values["threshold"], config.ci_level)
+    if threshold is not None:  # fixed beforehand: re-tuning it per resample would describe another rule
+        threshold_lo = threshold_hi = float("nan")
 
     report = EvaluationReport(
         name=_report_name(frame, name),
         metrics=pd.DataFrame(rows, columns=["metric", "value", "lo", "hi"]),
-        threshold=ThresholdEstimate(tuned, threshold_lo, threshold_hi, config.target_sensitivity),
+        threshold=ThresholdEstimate(
+            tuned, threshold_lo, threshold_hi, config.ci_level, config.target_sensitivity
+        ),
         metrics_at_threshold=pd.DataFrame(
             at_threshold, columns=["operating_point", "threshold", "metric", "value", "lo", "hi"]
         ),
@@ -342,7 +345,7 @@ def evaluate_predictions(
         n_redrawn=resamples.n_redrawn,
         ci_level=config.ci_level,
         ece_bins=config.ece_bins,
-        settings=config.model_dump(),
+        settings={**config.model_dump(), FIXED_THRESHOLD_SETTING: threshold is not None},
     )
     if out_dir is not None:
         from melanoma_ml.evaluation.plots import plot_all  # matplotlib loads only when figures are wanted

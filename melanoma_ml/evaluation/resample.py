@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from melanoma_ml.errors import InputValueError
+
 MAX_REDRAW_ROUNDS = 1000
 _DRAW_CHUNK_CELLS = 4_000_000
 
@@ -79,7 +81,7 @@ def draw_group_resamples(
     has_neg = np.bincount(group_codes, weights=(y == 0), minlength=n_groups) > 0
     if not has_pos.any() or not has_neg.any():
         only = "benign" if not has_pos.any() else "melanoma"
-        raise ValueError(
+        raise InputValueError(
             f"AUC needs both melanoma and benign cases in the evaluation set (got only {only} images); "
             f"the bootstrap cannot run"
         )
@@ -93,7 +95,7 @@ def draw_group_resamples(
             return GroupResamples(counts=counts, n_redrawn=n_redrawn, seed=seed)
         n_redrawn += int(single.sum())
         counts[single] = _draw(rng, int(single.sum()), n_groups, dtype)
-    raise ValueError(
+    raise InputValueError(
         f"bootstrap resamples keep holding a single class after {MAX_REDRAW_ROUNDS} redraws: only "
         f"{int(has_pos.sum())} of {n_groups} groups contain melanoma; evaluate on more data"
     )

@@ -14,6 +14,7 @@ import pandas as pd
 
 from melanoma_ml import schema
 from melanoma_ml.config import EvaluationConfig
+from melanoma_ml.errors import InputValueError
 from melanoma_ml.evaluation.bootstrap import bootstrap_subset, percentile_interval
 from melanoma_ml.evaluation.inputs import describe_rows, group_codes, labels_and_scores, validate_predictions
 from melanoma_ml.evaluation.metrics import roc_auc, threshold_metrics
@@ -67,7 +68,7 @@ def _age_levels(frame: pd.DataFrame) -> tuple[pd.Series, list[str]]:
     age = pd.to_numeric(frame[schema.AGE], errors="coerce")
     not_numeric = (age.isna() & frame[schema.AGE].notna()).to_numpy()
     if not_numeric.any():
-        raise ValueError(
+        raise InputValueError(
             f"{schema.AGE} is not a number in {describe_rows(frame, not_numeric)}; clean the metadata "
             f"(metadata.clean_metadata) or leave unknown ages empty"
         )

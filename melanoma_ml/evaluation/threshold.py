@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from melanoma_ml.errors import InputValueError
+
 SENSITIVITY_TOLERANCE = 1e-9
 """Slack when comparing a sensitivity with its target, so 27/30 counts as reaching 0.9 despite float error."""
 
@@ -18,10 +20,10 @@ def threshold_for_sensitivity(y: np.ndarray, p: np.ndarray, target: float) -> fl
         ValueError: no melanoma case in ``y``, or ``target`` outside (0, 1].
     """
     if not 0 < target <= 1:
-        raise ValueError(f"target sensitivity must lie in (0, 1], got {target}")
+        raise InputValueError(f"target sensitivity must lie in (0, 1], got {target}")
     positives = np.sort(np.asarray(p, dtype=np.float64)[np.asarray(y) == 1])[::-1]
     if positives.size == 0:
-        raise ValueError(
+        raise InputValueError(
             "cannot tune a threshold for sensitivity without melanoma cases in the evaluation set; "
             "evaluate on more folds or a larger sample"
         )

@@ -34,6 +34,8 @@ from PIL import Image, ImageOps
 
 from melanoma_ml import __version__, schema
 from melanoma_ml.atomic import atomic_directory, atomic_write_json
+from melanoma_ml.errors import InputFileNotFoundError, InputValueError
+from melanoma_ml.images import hdf5
 from melanoma_ml.images.io import DEFAULT_MAX_PIXELS, ImageDecodeError, image_size, load_rgb
 
 CACHE_FORMAT_VERSION = 1
@@ -111,20 +113,20 @@ class ImageCache:
         root = Path(cache_dir)
         manifest = _read_manifest(root)
         if manifest is None:
-            raise FileNotFoundError(
+            raise InputFileNotFoundError(
                 f"no complete image cache at {root} (manifest.json missing or unreadable); "
                 "build it with build_image_cache(table, cache_dir, size)"
             )
         index = pd.read_parquet(root / INDEX_NAME).sort_values("row")
         size, n_images = int(manifest["size"]), int(manifest["n_images"])
         if len(index) != n_images or index["row"].tolist() != list(range(n_images)):
-            raise ValueError(
+            raise InputValueError(
                 f"image cache {root} is inconsistent (index vs manifest); delete the folder and rebuild"
             )
         cache = cls(root=root, size=size, names=index[schema.IMAGE].astype(str).tolist())
         shape = cache.array().shape
         if shape != (n_images, size, size, 3):
-            raise ValueError(
+            raise InputValueError(
                 f"image cache {root} holds an array of shape {shape}, expected {(n_images, size, size, 3)}; "
                 "delete the folder and rebuild"
             )
@@ -152,7 +154,7 @@ def build_image_cache(
         ImageDecodeError: an image is missing or cannot be decoded (the message names file, row and fix).
     """
     if size < 1 or workers < 1:
-        raise ValueError(f"size and workers must be positive, got size={size}, workers={workers}")
+        raise InputValueError(f"size and workers must be positive, got size={size}, workers={workers}")
     cache_dir = Path(cache_dir)
     _check_table(table)
     labels = [str(label) for label in table.index]
@@ -218,23 +220,25 @@ def load_resized(
 def _check_table(table: pd.DataFrame) -> None:
     missing = [c for c in (schema.IMAGE, schema.IMAGE_PATH) if c not in table.columns]
     if missing:
-        raise ValueError(
+        raise InputValueError(
             f"image table lacks column(s) {missing}; it needs {schema.IMAGE!r} and {schema.IMAGE_PATH!r} "
             "(run metadata cleaning first, which adds absolute image paths)"
         )
     if table.empty:
-        raise ValueError("image table has no rows; nothing to cache (check the metadata cleaning summary)")
+        raise InputValueError(
+            "image table has no rows; nothing to cache (check the metadata cleaning summary)"
+        )
     blank = table.index[
         table[schema.IMAGE_PATH].isna() | (table[schema.IMAGE_PATH].astype(str).str.strip() == "")
     ]
     if len(blank):
-        raise ValueError(
+        raise InputValueError(
             f"{len(blank)} row(s) have no {schema.IMAGE_PATH} (rows {list(blank[:5])}); "
             "set data.image_dir or quarantine those rows"
         )
     duplicated = table[schema.IMAGE][table[schema.IMAGE].duplicated()].unique()
     if len(duplicated):
-        raise ValueError(
+        raise InputValueError(
             f"duplicate image names {list(duplicated[:5])}; each {schema.IMAGE} must appear once "
             "(metadata cleaning drops duplicates)"
         )
@@ -251,6 +255,13 @@ def _fingerprints(table: pd.DataFrame, labels: list[str]) -> list[str]:
     for path, sha, label in zip(table[schema.IMAGE_PATH].astype(str), shas, labels, strict=True):
         if sha.strip():
             prints.append(f"sha256:{sha.strip().lower()}")
+            continue
+        if hdf5.is_ref(path):  # an image inside an HDF5 file: the file's size + mtime stand for its bytes
+            try:
+                file_size, mtime_ns = hdf5.stat_key(hdf5.parse_ref(path)[0])
+            except hdf5.HDF5ImageError as err:
+                raise ImageDecodeError(f"{path} (row {label})", err.problem, err.fix) from err
+            prints.append(f"file:{path}|{file_size}|{mtime_ns}")
             continue
         try:
             stat = Path(path).stat()

@@ -10,6 +10,8 @@ Decisions:
     * 16-bit greyscale is scaled by its full range (value / 257, so 65535 -> 255) rather than clipped,
       which would turn nearly every pixel white. 32-bit integer data outside 0..65535 and float images
       have no fixed range and are scaled from their own min..max.
+    * An ``hdf5://<file>#<key>`` source (``images.hdf5``) is read as the bytes stored under ``key`` and
+      decoded like an upload, so HDF5-stored images (ISIC 2024) take the same path as files.
     * Size limits are checked from the header before any pixel is decoded. ``max_side`` asks the JPEG
       decoder for a reduced-scale decode (``Image.draft``), so a large JPEG is never held at full size.
 
@@ -25,6 +27,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from melanoma_ml.errors import InputValueError
+from melanoma_ml.images import hdf5
 
 ImageSource = str | Path | bytes
 
@@ -47,7 +52,7 @@ UPLOAD_FORMATS_TEXT = f"{', '.join(UPLOAD_FORMATS[:-1])} or {UPLOAD_FORMATS[-1]}
 _FIX_UPLOAD = f"upload a {UPLOAD_FORMATS_TEXT} image"
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(InputValueError):
     """An image could not be read. The message reads ``"<problem>: <source>; <fix>"``.
 
     Attributes:
@@ -99,7 +104,7 @@ def load_rgb(
         ValueError: ``max_side`` is not positive.
     """
     if max_side is not None and max_side < 1:
-        raise ValueError(f"max_side must be a positive number of pixels or None, got {max_side}")
+        raise InputValueError(f"max_side must be a positive number of pixels or None, got {max_side}")
     name = describe_source(source)
     with _open(source) as img:
         _check_pixel_budget(img, name, max_pixels)
@@ -186,11 +191,18 @@ def _fits_16_bit(values: np.ndarray) -> bool:
 def _open(source: ImageSource) -> Image.Image:
     """``Image.open`` (header only) with every failure turned into an ``ImageDecodeError``."""
     name = describe_source(source)
+    empty_fix = _FIX_UPLOAD
+    if hdf5.is_ref(source):  # an image stored inside an HDF5 file (ISIC 2024): decoded from its bytes
+        try:
+            source = hdf5.read_bytes(source)
+        except hdf5.HDF5ImageError as err:
+            raise ImageDecodeError(name, err.problem, err.fix) from err
+        empty_fix = _FIX_FILE
     if isinstance(source, bytes | bytearray):
         if not source:
-            raise ImageDecodeError(name, "empty image (0 bytes)", _FIX_UPLOAD)
+            raise ImageDecodeError(name, "empty image (0 bytes)", empty_fix)
         stream: io.BytesIO | Path = io.BytesIO(bytes(source))
-        fix = _FIX_UPLOAD
+        fix = empty_fix
     else:
         stream = Path(source)
         fix = "convert it to JPEG or PNG or remove its row from the metadata"

@@ -1,34 +1,51 @@
 """Albumentations pipelines: random augmentation for training, deterministic resize + normalize for eval.
 
 Both take a ``(H, W, 3)`` uint8 RGB array (``transform(image=array)["image"]``) and return a ``(3, size,
-size)`` float32 tensor normalized with the backbone's mean/std (given on the 0-1 scale).
+size)`` float32 tensor normalized with the backbone's mean/std (given on the 0-1 scale) by
+``normalize_pixels``, the function serving uses too.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import albumentations as A
 import cv2
+import numpy as np
 from albumentations.pytorch import ToTensorV2
 
 from melanoma_ml.config import AugmentationConfig
+from melanoma_ml.errors import InputValueError
+from melanoma_ml.images.normalization import check_normalization, normalize_pixels
+
+
+class NormalizePixels(A.ImageOnlyTransform):
+    """``normalize_pixels`` as an albumentations step (always applied; draws no random numbers)."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__(p=1.0)
+        check_normalization(mean, std)
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+
+    def apply(self, img: np.ndarray, **params: Any) -> np.ndarray:
+        return normalize_pixels(img, self.mean, self.std)
+
+    def apply_to_images(self, images: np.ndarray, **params: Any) -> np.ndarray:
+        return normalize_pixels(images, self.mean, self.std)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("mean", "std")
 
 
 def _normalize(mean: Sequence[float], std: Sequence[float]) -> list[A.BasicTransform]:
-    if len(mean) != 3 or len(std) != 3:
-        raise ValueError(f"mean and std need 3 values (RGB), got mean={list(mean)} std={list(std)}")
-    if any(s <= 0 for s in std):
-        raise ValueError(f"std values must be positive, got {list(std)}")
-    return [
-        A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0),
-        ToTensorV2(),
-    ]
+    return [NormalizePixels(mean, std), ToTensorV2()]
 
 
 def _check_size(size: int) -> None:
     if size < 1:
-        raise ValueError(f"image size must be a positive number of pixels, got {size}")
+        raise InputValueError(f"image size must be a positive number of pixels, got {size}")
 
 
 def train_transform(

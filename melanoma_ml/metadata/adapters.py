@@ -1,4 +1,4 @@
-"""Map the raw tables of ISIC 2019, HAM10000 and isic-cli exports onto SIIM-ISIC 2020 column naming.
+"""Map the raw tables of ISIC 2019, HAM10000, isic-cli exports and ISIC 2024 onto SIIM-ISIC 2020 column naming.
 
 Each adapter keeps the raw table's index (the source row number) and its values as text; harmonizing
 values is ``clean_metadata``'s job. ISIC 2020 tables are already in that naming.
@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from melanoma_ml import schema
+from melanoma_ml.config import TABULAR_PRESETS
 from melanoma_ml.metadata import vocabulary as vocab
 from melanoma_ml.metadata.clean import FILE_STEM
 from melanoma_ml.metadata.io import require_columns
@@ -105,7 +106,8 @@ def from_isic_cli(raw: pd.DataFrame, *, path: Path) -> pd.DataFrame:
     Diagnosis is the most specific filled level of ``diagnosis_1..5`` (or the legacy ``diagnosis``);
     ``target`` is 1 when any level names a melanoma (``vocabulary.melanoma_flags``), 0 when the levels
     name something else. Rows without hierarchical levels fall back to ``diagnosis`` and
-    ``benign_malignant`` inside ``clean_metadata``.
+    ``benign_malignant`` inside ``clean_metadata``. ``diagnosis_1`` "Benign"/"Malignant" fills a blank
+    ``benign_malignant``, so cleaning quarantines a row whose levels contradict each other.
     """
     require_columns(raw, ISIC_CLI_COLUMNS, path, "isic-cli export (metadata.csv)")
     out = pd.DataFrame(
@@ -128,9 +130,51 @@ def from_isic_cli(raw: pd.DataFrame, *, path: Path) -> pd.DataFrame:
     deepest = texts[levels[::-1]].bfill(axis=1).iloc[:, 0]
     flags = pd.concat([vocab.melanoma_flags(texts[c]) for c in levels], axis=1).max(axis=1)
     has_levels = deepest.notna()
+    if "diagnosis_1" in texts.columns:
+        stated = texts["diagnosis_1"].where(
+            vocab.normalized(texts["diagnosis_1"]).isin(["benign", "malignant"])
+        )
+        out[schema.BENIGN_MALIGNANT] = out[schema.BENIGN_MALIGNANT].where(
+            vocab.normalized(out[schema.BENIGN_MALIGNANT]).notna(), stated
+        )
     out[schema.DIAGNOSIS] = deepest.where(has_levels, out[schema.DIAGNOSIS])
     out[schema.TARGET] = flags.map({1.0: "1", 0.0: "0"}).where(has_levels, "").fillna("")
     return out
+
+
+ISIC2024_COLUMNS = ("isic_id",)
+ISIC2024_DIAGNOSIS_LEVELS = tuple(f"iddx_{level}" for level in range(1, 6))
+ISIC2024_TABULAR: tuple[str, ...] = TABULAR_PRESETS["isic2024_tbp"]
+"""Numeric per-lesion columns of an ISIC 2024 table kept in the cleaned table after ``schema.CLEAN_COLUMNS``
+(``model.tabular_features``); the one list is ``config.TABULAR_PRESETS["isic2024_tbp"]``."""
+
+
+def from_isic2024(raw: pd.DataFrame, *, path: Path) -> pd.DataFrame:
+    """An ISIC 2024 (SLICE-3D) ``train-metadata.csv`` -> 2020 naming, read like an isic-cli export.
+
+    ``iddx_1..5`` are the archive's diagnosis levels (``diagnosis_1..5`` of isic-cli), so ``target`` is
+    melanoma-vs-rest from them, as for every other source. The challenge's own ``target`` (1 = any
+    malignancy: melanoma, basal or squamous cell carcinoma) is not that label: it is used only where no
+    level is filled, and then only its 0 (benign, so not a melanoma); a 1 without levels says malignant of
+    an unknown kind and the row is quarantined as unlabeled. ``tabular_columns`` reads the tbp_lv_* values.
+    """
+    require_columns(raw, ISIC2024_COLUMNS, path, "ISIC 2024 (train-metadata.csv)")
+    levels = {f"iddx_{level}": f"diagnosis_{level}" for level in range(1, 6)}
+    renamed = raw.drop(columns=[c for c in levels.values() if c in raw.columns]).rename(columns=levels)
+    out = from_isic_cli(renamed, path=path)
+    challenge = _get(raw, schema.TARGET).fillna("").astype("str").str.strip()
+    from_levels = _get(out, schema.TARGET).fillna("").astype("str")
+    out[schema.TARGET] = from_levels.where(from_levels != "", challenge.where(challenge == "0", ""))
+    return out
+
+
+def tabular_columns(raw: pd.DataFrame) -> pd.DataFrame:
+    """The ``ISIC2024_TABULAR`` columns ``raw`` has, as float64 (blank or non-numeric -> NaN), same index."""
+    present = [c for c in ISIC2024_TABULAR if c in raw.columns]
+    return pd.DataFrame(
+        {c: pd.to_numeric(raw[c].str.strip(), errors="coerce").astype("float64") for c in present},
+        index=raw.index,
+    )
 
 
 def _get(raw: pd.DataFrame, *names: str) -> pd.Series:

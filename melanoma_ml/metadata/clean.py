@@ -9,33 +9,57 @@ Rules, in the order they are applied (a row is quarantined for the first rule it
 1. ``image_name`` blank -> quarantined (``missing_image_name``). A trailing ``.jpg``/``.jpeg``/``.png``
    is removed with a warning.
 2. Same ``image_name`` again -> the first row is kept, the others quarantined (``duplicate_image_name``).
-3. No label (``target`` not 0/1 and diagnosis missing or "unknown" and ``benign_malignant`` not
-   "benign") -> quarantined (``no_label``) unless ``require_labels=False``.
-4. Image file not found / not decodable (``probe_image``) -> quarantined (``image_missing`` /
+3. ``target`` filled in but not 0/1 (e.g. "yes") -> quarantined (``invalid_target``); it is never
+   reinterpreted.
+4. The label columns contradict each other -> quarantined (``label_conflict``, the reason names both
+   values). ``target`` is melanoma-vs-rest (as in ISIC 2020), so a malignant non-melanoma (basal cell
+   carcinoma, ``benign_malignant`` "malignant") with target 0 agrees. Contradictions: target 1 with a
+   stated non-melanoma diagnosis or with ``benign_malignant`` "benign"; target 0 with a melanoma diagnosis;
+   a diagnosis that is benign/malignant (``vocabulary.diagnosis_malignancy``) with the other
+   ``benign_malignant``. A missing or undecided value ("unknown", "indeterminate") contradicts nothing.
+5. No label (``target`` blank, diagnosis missing or "unknown", ``benign_malignant`` not "benign") ->
+   quarantined (``no_label``) unless ``require_labels=False``.
+6. Age outside 0-120 years (``ages.out_of_range``), only with ``age_out_of_range="quarantine"``
+   (``age_out_of_range``); by default the age is set missing with a warning instead.
+7. Image file not found / found only with an extension that is not accepted / not decodable
+   (``probe_image``) -> quarantined (``image_missing`` / ``image_extension_not_accepted`` /
    ``image_unreadable``), only with ``check_images=True``.
-5. Same file content (sha256) as an earlier kept row -> quarantined (``duplicate_content``).
+8. Same file content (sha256) as an earlier kept row -> quarantined (``duplicate_content``).
+
+A table whose column names repeat (ignoring case and surrounding spaces) is refused as a whole; otherwise
+column names are stripped and the 2020 names matched ignoring case (``" Patient_ID"`` is ``patient_id``),
+so a differently written header never drops the patient/lesion grouping.
 
 Value fixes, each recorded in ``warnings``: sex m/f/M/F -> male/female (other unrecognized values ->
 missing); age non-numeric -> missing, then ``ages.normalize_ages`` (0, ISIC's code for unknown, or
-negative -> missing, above 85 -> 85; the app applies the same rule to a typed-in age); site
-mapped onto ``schema.SITES`` (``vocabulary.SITE_MAP``), an unknown site -> missing. Values that mean
-"not recorded" (blank, "unknown", ...) become missing silently. When ``target`` and a stated diagnosis
-disagree, ``target`` is kept and the disagreement is warned about.
+outside 0-120 -> missing, above 85 -> 85, ISIC's top code for 85+; the app applies the same rule to a
+typed-in age and refuses one outside 0-120); site mapped onto ``schema.SITES`` (``vocabulary.SITE_MAP``),
+an unknown site -> missing. Values that mean "not recorded" (blank, "unknown", ...) become missing
+silently.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from melanoma_ml import schema
-from melanoma_ml.ages import normalize_ages
+from melanoma_ml.ages import normalize_ages, out_of_range
+from melanoma_ml.images.hdf5 import is_hdf5_file
 from melanoma_ml.metadata import vocabulary as vocab
-from melanoma_ml.metadata.image_files import IMAGE_EXTENSIONS, check_images_in, find_image, index_image_files
-from melanoma_ml.metadata.io import MetadataError, require_columns
+from melanoma_ml.metadata.image_files import (
+    IMAGE_EXTENSIONS,
+    check_images_in,
+    expected_location,
+    find_image,
+    index_image_files,
+    unaccepted_files,
+)
+from melanoma_ml.metadata.io import MetadataError, require_columns, require_unique_columns
 from melanoma_ml.metadata.result import (
     QUARANTINE_COLUMNS,
     WARNING_COLUMNS,
@@ -50,6 +74,23 @@ FILE_STEM = "image_file_stem"
 
 ImageDirs = Path | str | Sequence[Path | str] | None
 
+RAW_COLUMNS: tuple[str, ...] = (
+    schema.IMAGE,
+    schema.PATIENT,
+    schema.LESION,
+    schema.SEX,
+    schema.AGE,
+    schema.SITE,
+    schema.DIAGNOSIS,
+    schema.BENIGN_MALIGNANT,
+    schema.TARGET,
+    FILE_STEM,
+)
+"""Raw columns cleaning reads (2020 naming); matched ignoring case and surrounding spaces."""
+
+AGE_OUT_OF_RANGE_CHOICES = ("missing", "quarantine")
+"""What ``clean_metadata`` does with an age outside 0-120 (``DataConfig.age_out_of_range``)."""
+
 
 def clean_metadata(
     raw: pd.DataFrame,
@@ -61,6 +102,7 @@ def clean_metadata(
     hash_images: bool = True,
     image_ext: str = ".jpg",
     require_labels: bool = True,
+    age_out_of_range: str = "missing",
 ) -> CleaningResult:
     """Clean ``raw`` (2020 column naming) into one row per usable image.
 
@@ -77,14 +119,23 @@ def clean_metadata(
         image_ext: Extension tried first when looking for a file.
         require_labels: Quarantine rows without a label; False keeps them with ``target`` NaN (for a
             supplementary source whose labels come from another source in ``merge_sources``).
+        age_out_of_range: ``"missing"`` (an age outside 0-120 is set missing, with a warning) or
+            ``"quarantine"`` (the row is set aside).
 
     Returns:
         CleaningResult; ``clean.target`` is int64 unless ``require_labels=False``.
 
     Raises:
-        MetadataError: ``image_name`` column missing, no label column while labels are required, or
-            ``check_images`` without an existing ``image_dir``.
+        MetadataError: ``image_name`` column missing, column names repeated, no label column while labels
+            are required, ``check_images`` without an existing ``image_dir``, or an unknown
+            ``age_out_of_range``.
     """
+    if age_out_of_range not in AGE_OUT_OF_RANGE_CHOICES:
+        raise MetadataError(
+            f"data.age_out_of_range must be one of {list(AGE_OUT_OF_RANGE_CHOICES)}, got {age_out_of_range!r}"
+        )
+    require_unique_columns(raw.columns)
+    raw = _canonical_columns(raw)
     require_columns(raw, [schema.IMAGE], layout="SIIM-ISIC 2020 column naming")
     label_columns = (schema.TARGET, schema.DIAGNOSIS, schema.BENIGN_MALIGNANT)
     if require_labels and not any(c in raw.columns for c in label_columns):
@@ -100,8 +151,9 @@ def clean_metadata(
     log = _Log(source, rows, names)
     log.warn(had_extension, schema.IMAGE, raw[schema.IMAGE], "file extension removed from image_name")
     stems = _text(raw[FILE_STEM]) if FILE_STEM in raw.columns else names
-    values = _harmonize(raw, log)
-    labels = _labels(raw, values[schema.DIAGNOSIS], log)
+    values, age_invalid = _harmonize(raw, log)
+    checked = _labels(raw, values[schema.DIAGNOSIS])
+    labels = checked.label
 
     keep = names.notna().to_numpy().copy()
     log.quarantine(~keep, "missing_image_name", "row has no image_name; fill it in or delete the row")
@@ -115,16 +167,28 @@ def clean_metadata(
     )
     keep &= ~duplicate
 
+    keep = log.set_aside(keep, checked.invalid, "invalid_target", checked.invalid_reason)
+    keep = log.set_aside(keep, checked.conflict, "label_conflict", checked.conflict_reason)
     if require_labels:
-        unlabeled = keep & labels.isna().to_numpy()
         dx = values[schema.DIAGNOSIS].fillna("").astype("str")
-        log.quarantine(
-            unlabeled,
+        keep = log.set_aside(
+            keep,
+            labels.isna().to_numpy(),
             "no_label",
             "no label: target is not 0/1 and diagnosis '" + dx + "' does not decide melanoma; add "
             "the target or diagnosis, or delete the row",
         )
-        keep &= ~unlabeled
+    if age_out_of_range == "quarantine":
+        keep = log.set_aside(
+            keep,
+            age_invalid,
+            "age_out_of_range",
+            "age '"
+            + _column(raw, schema.AGE).astype("str").str.strip()
+            + f"' is outside {schema.MIN_VALID_AGE}-{schema.MAX_VALID_AGE} years, so not a person's age: "
+            "correct it or leave it blank (or set data.age_out_of_range: missing to keep the row with the "
+            "age missing)",
+        )
 
     paths = pd.Series("", index=raw.index, dtype="object")
     digests = pd.Series("", index=raw.index, dtype="object")
@@ -172,6 +236,14 @@ class _Log:
         self.names = names.to_numpy(dtype=object)
         self._quarantine: list[pd.DataFrame] = []
         self._warnings: list[pd.DataFrame] = []
+
+    def set_aside(
+        self, keep: np.ndarray, mask: np.ndarray, check: str, reason: str | pd.Series
+    ) -> np.ndarray:
+        """Quarantine the kept rows in ``mask`` (first failed rule wins); returns the rows still kept."""
+        hit = keep & np.asarray(mask, dtype=bool)
+        self.quarantine(hit, check, reason)
+        return keep & ~hit
 
     def quarantine(self, mask: np.ndarray, check: str, reason: str | pd.Series) -> None:
         if not mask.any():
@@ -221,6 +293,14 @@ class _Log:
         return frame.sort_values(schema.Q_ROW, kind="stable").reset_index(drop=True)[list(WARNING_COLUMNS)]
 
 
+def _canonical_columns(raw: pd.DataFrame) -> pd.DataFrame:
+    """Column names stripped, and ``RAW_COLUMNS`` spelled as in the schema whatever their case."""
+    known = {name.casefold(): name for name in RAW_COLUMNS}
+    names = [str(c).strip() for c in raw.columns]
+    names = [known.get(n.casefold(), n) for n in names]
+    return raw if names == list(raw.columns) else raw.set_axis(names, axis=1)
+
+
 def _with_row_index(raw: pd.DataFrame) -> pd.DataFrame:
     index = raw.index
     if pd.api.types.is_integer_dtype(index) and index.is_unique and (len(index) == 0 or index.min() >= 0):
@@ -251,19 +331,22 @@ def _image_names(values: pd.Series) -> tuple[pd.Series, pd.Series]:
     names = _text(values)
     lower = names.str.lower()
     has_ext = lower.str.endswith(IMAGE_EXTENSIONS, na=False)
-    stripped = names.where(~has_ext, names.str.rsplit(".", n=1).str[0])
+    stripped = names.where(~has_ext, names.str.replace(r"\.[^.]*$", "", regex=True))
     return stripped, has_ext
 
 
-def _harmonize(raw: pd.DataFrame, log: _Log) -> dict[str, pd.Series]:
-    return {
+def _harmonize(raw: pd.DataFrame, log: _Log) -> tuple[dict[str, pd.Series], np.ndarray]:
+    """Harmonized value columns, and which rows had an age outside 0-120."""
+    age, age_invalid = _age(_column(raw, schema.AGE), log)
+    values = {
         schema.PATIENT: _ids(_column(raw, schema.PATIENT)),
         schema.LESION: _ids(_column(raw, schema.LESION)),
         schema.SEX: _sex(_column(raw, schema.SEX), log),
-        schema.AGE: _age(_column(raw, schema.AGE), log),
+        schema.AGE: age,
         schema.SITE: _site(_column(raw, schema.SITE), log),
         schema.DIAGNOSIS: _text(_column(raw, schema.DIAGNOSIS)),
     }
+    return values, age_invalid
 
 
 def _sex(values: pd.Series, log: _Log) -> pd.Series:
@@ -275,7 +358,7 @@ def _sex(values: pd.Series, log: _Log) -> pd.Series:
     return sex.astype("str")
 
 
-def _age(values: pd.Series, log: _Log) -> pd.Series:
+def _age(values: pd.Series, log: _Log) -> tuple[pd.Series, np.ndarray]:
     norm = vocab.normalized(values)
     age = pd.to_numeric(norm, errors="coerce").astype("float64")
     age = age.where(np.isfinite(age))
@@ -283,7 +366,7 @@ def _age(values: pd.Series, log: _Log) -> pd.Series:
     normalized, fixes = normalize_ages(age.to_numpy())
     for mask, note in fixes:
         log.warn(pd.Series(mask, index=age.index), schema.AGE, values, note)
-    return pd.Series(normalized, index=age.index, dtype="float64")
+    return pd.Series(normalized, index=age.index, dtype="float64"), out_of_range(age.to_numpy())
 
 
 def _site(values: pd.Series, log: _Log) -> pd.Series:
@@ -301,32 +384,65 @@ def _site(values: pd.Series, log: _Log) -> pd.Series:
     return site.astype("str")
 
 
-def _labels(raw: pd.DataFrame, diagnosis: pd.Series, log: _Log) -> pd.Series:
-    """target 0/1 (float, NaN = no label): ``target`` column, else diagnosis, else benign_malignant."""
+@dataclass(frozen=True)
+class _LabelCheck:
+    """Labels and the rows whose label columns cannot be trusted (masks aligned with the table)."""
+
+    label: pd.Series
+    invalid: np.ndarray
+    invalid_reason: pd.Series
+    conflict: np.ndarray
+    conflict_reason: pd.Series
+
+
+def _labels(raw: pd.DataFrame, diagnosis: pd.Series) -> _LabelCheck:
+    """target 0/1 (float, NaN = no label): ``target`` column, else diagnosis, else benign_malignant.
+
+    Also finds a ``target`` that is not 0/1 and label columns that contradict each other (rules 3-4 of the
+    module docstring); those rows are quarantined, so their label is never used.
+    """
+    index = raw.index
     from_dx = vocab.melanoma_flags(diagnosis)
-    benign = vocab.normalized(_column(raw, schema.BENIGN_MALIGNANT)) == "benign"
-    from_bm = pd.Series(np.where(benign, 0.0, np.nan), index=raw.index)
-    if schema.TARGET not in raw.columns:
-        return from_dx.fillna(from_bm)
-    raw_target = raw[schema.TARGET]
+    raw_bm = _column(raw, schema.BENIGN_MALIGNANT)
+    bm = vocab.normalized(raw_bm)
+    from_bm = pd.Series(np.where(bm == "benign", 0.0, np.nan), index=index)
+    raw_target = _column(raw, schema.TARGET)
+    target_text = _text(raw_target).fillna("")
     norm = vocab.normalized(raw_target)
     target = pd.to_numeric(norm, errors="coerce")
     valid = target.isin([0, 1])
-    log.warn(
-        norm.notna() & ~valid,
-        schema.TARGET,
-        raw_target,
-        "target is not 0/1; ignored, label taken from the diagnosis",
-    )
     target = target.where(valid)
-    disagree = valid & from_dx.notna() & (target != from_dx)
-    log.warn(
-        disagree,
-        schema.TARGET,
-        "target=" + norm.fillna("") + ", diagnosis=" + diagnosis.fillna("").astype("str"),
-        "target and diagnosis disagree; target kept",
+    invalid = (norm.notna() & ~valid).to_numpy()
+    invalid_reason = (
+        "target '"
+        + target_text
+        + "' is not 0 or 1 (1 = melanoma, 0 = any other diagnosis); correct it, or leave it blank to take "
+        "the label from the diagnosis"
     )
-    return target.fillna(from_dx).fillna(from_bm).astype("float64")
+
+    dx_text = "diagnosis '" + diagnosis.fillna("").astype("str") + "'"
+    bm_text = "benign_malignant='" + _text(raw_bm).fillna("").astype("str") + "'"
+    says = "target=" + target_text
+    malignancy = vocab.diagnosis_malignancy(diagnosis)
+    checks = [
+        (valid & (target == 1) & (from_dx == 0), says + " (melanoma) but " + dx_text + " is not a melanoma"),
+        (valid & (target == 0) & (from_dx == 1), says + " (not melanoma) but " + dx_text + " is a melanoma"),
+        (valid & (target == 1) & (bm == "benign"), says + " (melanoma) but " + bm_text),
+        ((malignancy == "benign") & (bm == "malignant"), dx_text + " is benign but " + bm_text),
+        ((malignancy == "malignant") & (bm == "benign"), dx_text + " is malignant but " + bm_text),
+    ]
+    masks = np.column_stack([m.to_numpy(dtype=bool) for m, _ in checks])
+    conflict = masks.any(axis=1)
+    conflict_reason = pd.Series("", index=index, dtype="object")
+    for row in np.flatnonzero(conflict):
+        parts = [text.iat[row] for (_, text), hit in zip(checks, masks[row], strict=True) if hit]
+        conflict_reason.iat[row] = (
+            "label columns disagree: "
+            + "; ".join(parts)
+            + ". Correct the wrong value in the source table, or delete the row"
+        )
+    label = target.fillna(from_dx).fillna(from_bm).astype("float64")
+    return _LabelCheck(label, invalid, invalid_reason, conflict, conflict_reason)
 
 
 def _image_dirs(image_dir: ImageDirs) -> list[Path]:
@@ -337,7 +453,7 @@ def _image_dirs(image_dir: ImageDirs) -> list[Path]:
         )
     dirs = [image_dir] if isinstance(image_dir, str | Path) else list(image_dir)
     paths = [Path(d).expanduser().resolve() for d in dirs]
-    missing = [str(p) for p in paths if not p.is_dir()]
+    missing = [str(p) for p in paths if not (p.is_dir() or is_hdf5_file(p))]  # HDF5: ISIC 2024 images
     if missing:
         raise MetadataError(
             f"image folder not found: {', '.join(missing)}; set data.image_dir to the folder holding the "
@@ -362,20 +478,7 @@ def _attach_images(
     found: list[Path | None] = [find_image(files, str(stems.iat[i]), image_ext) for i in positions]
     missing = np.zeros(len(keep), dtype=bool)
     missing[positions[[f is None for f in found]]] = True
-    looked_in = ", ".join(str(d) for d in dirs)
-    expected = pd.Series(
-        [f"{dirs[0] / (str(s) + image_ext)}" for s in stems.to_numpy(dtype=object)], index=index
-    )
-    log.quarantine(
-        missing,
-        "image_missing",
-        "image file missing: "
-        + expected
-        + " (row "
-        + pd.Series(log.rows, index=index).astype("str")
-        + f"); looked in {looked_in} for .jpg/.jpeg/.png. Set data.image_dir to the folder holding the "
-        "images, or pass check_images=False for a metadata-only table",
-    )
+    _report_missing_images(missing, stems, dirs, image_ext, log)
     present = [(i, p) for i, p in zip(positions, found, strict=True) if p is not None]
     results = check_images_in([p for _, p in present], hash_images=hash_images)
     unreadable = np.zeros(len(keep), dtype=bool)
@@ -392,6 +495,37 @@ def _attach_images(
             )
     log.quarantine(unreadable, "image_unreadable", problems)
     return keep & ~missing & ~unreadable
+
+
+def _report_missing_images(
+    missing: np.ndarray, stems: pd.Series, dirs: list[Path], image_ext: str, log: _Log
+) -> None:
+    """Quarantine rows without an image file, telling a file with an unaccepted suffix from no file."""
+    if not missing.any():
+        return
+    accepted = "/".join(IMAGE_EXTENSIONS)
+    looked_in = ", ".join(str(d) for d in dirs)
+    stem_values = stems.to_numpy(dtype=object)
+    others = unaccepted_files(dirs, [str(stem_values[i]) for i in np.flatnonzero(missing)])
+    wrong_ext = np.zeros(len(missing), dtype=bool)
+    reasons = pd.Series("", index=stems.index, dtype="object")
+    for i in np.flatnonzero(missing):
+        stem, row = str(stem_values[i]), log.rows[i]
+        names = others.get(stem.lower())
+        if names:
+            wrong_ext[i] = True
+            reasons.iat[i] = (
+                f"found {', '.join(names)}, which is not an accepted extension: images must be {accepted} "
+                f"(row {row}, in {looked_in}); convert the file (e.g. to {stem}.png) or delete the row"
+            )
+        else:
+            reasons.iat[i] = (
+                f"image file missing: {expected_location(dirs[0], stem, image_ext)} (row {row}); looked in {looked_in} for "
+                f"{accepted}. Set data.image_dir to the folder holding the images, or pass "
+                "check_images=False for a metadata-only table"
+            )
+    log.quarantine(wrong_ext, "image_extension_not_accepted", reasons)
+    log.quarantine(missing & ~wrong_ext, "image_missing", reasons)
 
 
 def _drop_content_duplicates(

@@ -9,17 +9,23 @@ Layouts (checked in this order; the first match wins and the reason says which o
 * ``isic2019``: ``ISIC_2019_Training_Metadata.csv``, labelled by ``ISIC_2019_Training_GroundTruth.csv``.
 * ``ham10000``: ``HAM10000_metadata.csv``.
 * ``isic_cli``: ``metadata.csv`` with an ``isic_id`` column (``isic image download`` export).
+* ``isic2024``: ``train-metadata.csv`` (ISIC 2024 / SLICE-3D: ``isic_id``, ``iddx_1..5``, ``tbp_lv_*``), with
+  its images as JPEG bytes in ``train-image.hdf5`` beside it (read in place, ``images.hdf5``) or as files in
+  ``train-image/image/``. Its numeric ``tbp_lv_*`` columns follow ``schema.CLEAN_COLUMNS`` in the cleaned table.
 
 ``load_dataset`` also takes the path of a CSV file (any name, e.g. ``metadata_raw_ham10000.csv``);
 its layout is then told by its columns (or ``layout=``), and companion files are looked up beside it.
+
+When nothing matches, the error gives, for every CSV in the folder, the same precise reason naming it
+directly would (empty, not UTF-8, another separator, repeated or missing columns, or a usable table under
+a name a folder is not searched for).
 """
 
 from __future__ import annotations
 
-import csv
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
@@ -28,16 +34,23 @@ from melanoma_ml import schema
 from melanoma_ml.metadata import adapters
 from melanoma_ml.metadata.clean import clean_metadata
 from melanoma_ml.metadata.image_files import IMAGE_EXTENSIONS
-from melanoma_ml.metadata.io import MetadataError, MetadataFileNotFound, read_table, require_columns
+from melanoma_ml.metadata.io import (
+    MetadataError,
+    MetadataFileNotFound,
+    read_header,
+    read_table,
+    require_columns,
+)
 from melanoma_ml.metadata.result import QUARANTINE_COLUMNS, CleaningResult, summarize
 
-LAYOUTS: tuple[str, ...] = ("isic2020", "isic2019", "ham10000", "isic_cli")
+LAYOUTS: tuple[str, ...] = ("isic2020", "isic2019", "ham10000", "isic_cli", "isic2024")
 
 SOURCE_NAMES: dict[str, str] = {
     "isic2020": "ISIC2020",
     "isic2019": "ISIC2019",
     "ham10000": "HAM10000",
     "isic_cli": "ISIC-archive",
+    "isic2024": "ISIC2024",
 }
 
 ISIC2020_TABLES = ("ISIC_2020_Training_GroundTruth_v2.csv", "ISIC_2020_Training_GroundTruth.csv")
@@ -45,7 +58,13 @@ ISIC2020_DUPLICATES = "ISIC_2020_Training_Duplicates.csv"
 ISIC2019_METADATA = "ISIC_2019_Training_Metadata.csv"
 ISIC2019_GROUND_TRUTH = "ISIC_2019_Training_GroundTruth.csv"
 HAM10000_METADATA = "HAM10000_metadata.csv"
+ISIC2024_METADATA = "train-metadata.csv"
+ISIC2024_HDF5 = "train-image.hdf5"
+ISIC2024_IMAGE_DIR = "train-image/image"
 GENERIC_TABLES = ("train.csv", "metadata.csv")
+COMPANION_TABLES = (ISIC2020_DUPLICATES, ISIC2019_GROUND_TRUTH)
+MAX_DIAGNOSED_TABLES = 10
+"""At most this many CSVs of a folder are named, with their problem, when no layout matches."""
 
 REQUIREMENTS: dict[str, str] = {
     "isic2020": f"{' or '.join(ISIC2020_TABLES)}, or train.csv/metadata.csv with image_name and target "
@@ -53,6 +72,7 @@ REQUIREMENTS: dict[str, str] = {
     "isic2019": f"{ISIC2019_METADATA} (+ {ISIC2019_GROUND_TRUTH} for the labels)",
     "ham10000": f"{HAM10000_METADATA} (lesion_id, image_id, dx, age, sex, localization)",
     "isic_cli": "metadata.csv with an isic_id column (isic-cli export)",
+    "isic2024": f"{ISIC2024_METADATA} (+ {ISIC2024_HDF5} or {ISIC2024_IMAGE_DIR}/ for the images)",
 }
 
 IMAGE_DIR_CANDIDATES: tuple[tuple[str, ...], ...] = (
@@ -62,6 +82,7 @@ IMAGE_DIR_CANDIDATES: tuple[tuple[str, ...], ...] = (
     ("ISIC_2019_Training_Input/ISIC_2019_Training_Input",),
     ("ISIC_2019_Training_Input",),
     ("HAM10000_images_part_1", "HAM10000_images_part_2", "ham10000_images_part_1", "ham10000_images_part_2"),
+    (ISIC2024_IMAGE_DIR,),
     (".",),
 )
 """Image folders looked for inside a dataset folder, in order; the first group with images wins (all
@@ -141,6 +162,7 @@ def load_dataset(
     is_external: bool = False,
     require_labels: bool = True,
     image_ext: str = ".jpg",
+    age_out_of_range: str = "missing",
 ) -> CleaningResult:
     """Detect (or take) the layout of ``path``, read, adapt and clean it.
 
@@ -155,18 +177,21 @@ def load_dataset(
         require_labels: False keeps unlabeled rows (e.g. ISIC 2019 metadata without its ground truth,
             used as a supplementary source in ``merge_sources``).
         image_ext: Extension tried first when looking for image files.
+        age_out_of_range: ``"missing"`` or ``"quarantine"`` (``DataConfig.age_out_of_range``).
 
     Returns:
         CleaningResult whose summary also has ``layout``, ``layout_reason``, ``files`` and ``image_dirs``.
     """
     match = detect_layout(path) if layout == "auto" else layout_files(path, layout)
     table_path = match.files["table"]
-    raw = read_table(table_path)
-    raw = _adapt(match, raw, require_labels)
+    table = read_table(table_path)
+    raw = _adapt(match, table, require_labels)
     raw, official = _official_duplicates(raw, match.files.get("duplicates"))
     source = source or SOURCE_NAMES[match.name]
     dirs: list[Path] = []
     if check_images:
+        if image_dir is None and "images" in match.files:  # ISIC 2024 train-image.hdf5
+            image_dir = match.files["images"]
         dirs = _resolve_image_dirs(image_dir, table_path.parent)
     result = clean_metadata(
         raw,
@@ -177,9 +202,12 @@ def load_dataset(
         hash_images=hash_images,
         image_ext=image_ext,
         require_labels=require_labels,
+        age_out_of_range=age_out_of_range,
     )
     if official is not None:
         result = _with_quarantined(result, official.assign(source=source), rows_in=len(raw) + len(official))
+    if match.name == "isic2024":
+        result = _with_tabular(result, adapters.tabular_columns(table))
     result.summary.update(
         layout=match.name,
         layout_reason=match.reason,
@@ -198,6 +226,8 @@ def _adapt(match: LayoutMatch, raw: pd.DataFrame, require_labels: bool) -> pd.Da
         return adapters.from_ham10000(raw, path=table_path)
     if match.name == "isic_cli":
         return adapters.from_isic_cli(raw, path=table_path)
+    if match.name == "isic2024":
+        return adapters.from_isic2024(raw, path=table_path)
     gt_path = match.files.get("ground_truth")
     if gt_path is None and require_labels:
         raise MetadataError(
@@ -251,6 +281,14 @@ def _with_quarantined(result: CleaningResult, extra: pd.DataFrame, rows_in: int)
     )
 
 
+def _with_tabular(result: CleaningResult, tabular: pd.DataFrame) -> CleaningResult:
+    """The cleaned table with each kept row's numeric tabular values appended after ``schema.CLEAN_COLUMNS``."""
+    values = tabular.loc[result.source_rows].reset_index(drop=True)
+    clean = pd.concat([result.clean, values], axis=1)
+    result.summary["tabular_columns"] = list(tabular.columns)
+    return replace(result, clean=clean)
+
+
 def _resolve_image_dirs(image_dir: str | Path | Sequence[str | Path] | None, folder: Path) -> list[Path]:
     if image_dir is not None:
         dirs = [image_dir] if isinstance(image_dir, str | Path) else list(image_dir)
@@ -259,8 +297,9 @@ def _resolve_image_dirs(image_dir: str | Path | Sequence[str | Path] | None, fol
     if not found:
         looked = ", ".join("+".join(group) for group in IMAGE_DIR_CANDIDATES)
         raise MetadataError(
-            f"no image folder with .jpg/.jpeg/.png files found in {folder} (looked for {looked}); set "
-            "data.image_dir to the image folder, or pass check_images=False for a metadata-only table"
+            f"no image folder with {'/'.join(IMAGE_EXTENSIONS)} files found in {folder} (looked for {looked}; "
+            f"ISIC 2024: {ISIC2024_HDF5}); set data.image_dir to the image folder or HDF5 file, or pass "
+            "check_images=False for a metadata-only table"
         )
     return found
 
@@ -271,13 +310,11 @@ def _has_images(folder: Path) -> bool:
 
 
 def _header(path: Path) -> list[str]:
-    """Column names of a CSV without reading its rows ([] when unreadable or empty)."""
+    """Column names of a CSV without reading its rows ([] when unusable: ``_table_problems`` says why)."""
     try:
-        with open(path, encoding="utf-8-sig", newline="") as fh:
-            row = next(csv.reader(fh), [])
-    except (OSError, UnicodeDecodeError, csv.Error):
+        return read_header(path)
+    except (OSError, MetadataError):
         return []
-    return [c.strip() for c in row]
 
 
 def _layout_by_columns(columns: list[str]) -> str | None:
@@ -286,6 +323,8 @@ def _layout_by_columns(columns: list[str]) -> str | None:
         return "isic2020"
     if {"image_id", "dx"} <= cols:
         return "ham10000"
+    if "isic_id" in cols and any(c.startswith("tbp_lv_") or c.startswith("iddx_") for c in cols):
+        return "isic2024"
     if "isic_id" in cols:
         return "isic_cli"
     if "image" in cols and cols & {"anatom_site_general", "age_approx", "sex", "gender", "lesion_id"}:
@@ -294,16 +333,61 @@ def _layout_by_columns(columns: list[str]) -> str | None:
 
 
 def _layout_of_file(path: Path) -> LayoutMatch:
-    columns = _header(path)
+    columns = read_header(path)
     name = _layout_by_columns(columns)
     if name is None:
+        raise MetadataError(_columns_problem(path, columns))
+    files = {"table": path, **_companions(path.parent, name)}
+    return LayoutMatch(name, files, f"{path.name} has {name} columns")
+
+
+def _columns_problem(path: Path, columns: list[str]) -> str:
+    """Why a table with these columns fits no layout, for the layout its columns come closest to."""
+    cols = set(columns)
+    found = f"found columns {columns}"
+    if schema.IMAGE in cols:
+        missing = (
+            f"it has {schema.IMAGE} but no label column ({schema.TARGET} or {schema.DIAGNOSIS}) for isic2020"
+        )
+        fix = f"add {schema.TARGET} (1 = melanoma, 0 = not) or {schema.DIAGNOSIS}"
+    elif "image_id" in cols:
+        missing, fix = "it has image_id but no dx column for ham10000", "add the dx column"
+    elif "image" in cols:
+        missing = "it has image but no metadata column (age_approx, anatom_site_general, sex, lesion_id) for isic2019"
+        fix = "add the metadata columns"
+    else:
         needs = "; ".join(f"{k}: {v}" for k, v in REQUIREMENTS.items())
-        raise MetadataError(
+        return (
             f"cannot tell the layout of {path} from its columns {columns}; name it with data.layout "
             f"or use a table with the columns one layout needs ({needs})"
         )
-    files = {"table": path, **_companions(path.parent, name)}
-    return LayoutMatch(name, files, f"{path.name} has {name} columns")
+    return f"cannot tell the layout of {path}: {missing}; {found}. {fix.capitalize()}, or name the layout with data.layout"
+
+
+def _table_problems(folder: Path) -> list[str]:
+    """For each CSV directly in ``folder`` (companion tables aside), why detection could not use it."""
+    tables = sorted(
+        p
+        for p in folder.iterdir()
+        if p.suffix.lower() == ".csv" and p.name not in COMPANION_TABLES and p.is_file()
+    )
+    picked_up = [*ISIC2020_TABLES, *GENERIC_TABLES, ISIC2019_METADATA, HAM10000_METADATA, ISIC2024_METADATA]
+    problems = []
+    for path in tables[:MAX_DIAGNOSED_TABLES]:
+        try:
+            columns = read_header(path)
+        except MetadataError as err:
+            problems.append(str(err))
+            continue
+        name = _layout_by_columns(columns)
+        if name is None:
+            problems.append(_columns_problem(path, columns))
+        else:
+            problems.append(
+                f"{path.name} has {name} columns, but a folder is searched only for {', '.join(picked_up)}: "
+                f"set data.source_dir to the CSV itself ({path})"
+            )
+    return problems
 
 
 def _companions(folder: Path, layout: str) -> dict[str, Path]:
@@ -311,6 +395,8 @@ def _companions(folder: Path, layout: str) -> dict[str, Path]:
         return {"duplicates": folder / ISIC2020_DUPLICATES}
     if layout == "isic2019" and (folder / ISIC2019_GROUND_TRUTH).is_file():
         return {"ground_truth": folder / ISIC2019_GROUND_TRUTH}
+    if layout == "isic2024" and (folder / ISIC2024_HDF5).is_file():
+        return {"images": folder / ISIC2024_HDF5}
     return {}
 
 
@@ -339,6 +425,12 @@ def _match(folder: Path, layout: str) -> LayoutMatch | None:
         if (folder / HAM10000_METADATA).is_file():
             return LayoutMatch(layout, {"table": folder / HAM10000_METADATA}, f"found {HAM10000_METADATA}")
         return None
+    if layout == "isic2024":
+        if (folder / ISIC2024_METADATA).is_file():
+            files = {"table": folder / ISIC2024_METADATA, **_companions(folder, layout)}
+            images = f"images in {ISIC2024_HDF5}" if "images" in files else f"no {ISIC2024_HDF5}"
+            return LayoutMatch(layout, files, f"found {ISIC2024_METADATA} ({images})")
+        return None
     table = folder / "metadata.csv"
     if table.is_file() and "isic_id" in _header(table):
         return LayoutMatch(layout, {"table": table}, "found metadata.csv with an isic_id column (isic-cli)")
@@ -349,4 +441,5 @@ def _nothing_matches(folder: Path) -> str:
     found = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
     shown = ", ".join(found[:30]) + (f", ... ({len(found)} in all)" if len(found) > 30 else "")
     needs = "; ".join(f"{name} needs {need}" for name, need in REQUIREMENTS.items())
-    return f"no known dataset layout in {folder}: found [{shown or 'nothing'}]. {needs}"
+    problems = "".join(f"{problem}. " for problem in _table_problems(folder))
+    return f"no known dataset layout in {folder}: {problems}Found [{shown or 'nothing'}]. {needs}"

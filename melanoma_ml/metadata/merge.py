@@ -80,7 +80,8 @@ def merge_sources(results: Sequence[CleaningResult], primary: str) -> CleaningRe
     keep &= ~unlabeled
 
     merged = table[keep].reset_index(drop=True)
-    clean = merged[list(schema.CLEAN_COLUMNS)].copy()
+    extras = [c for c in schema.extra_columns(merged) if c not in (_KEY, _ORDER, _ROW)]  # ISIC 2024 tbp_lv_*
+    clean = merged[[*schema.CLEAN_COLUMNS, *extras]].copy()
     clean[schema.TARGET] = clean[schema.TARGET].astype("int64")
     quarantine = pd.concat(
         [r.quarantine for r in ordered] + [q for q in quarantined if len(q)], ignore_index=True

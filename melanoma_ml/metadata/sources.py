@@ -73,7 +73,7 @@ def load_configured_data(data: DataConfig, *, default_source_dir: Path | None = 
             )
         )
     _require_distinct_names(plans)
-    results = [_load(plan) for plan in plans]
+    results = [_load(plan, data.age_out_of_range) for plan in plans]
     described = [_describe(plan, result) for plan, result in zip(plans, results, strict=True)]
     if len(results) == 1:
         results[0].summary["data_sources"] = described
@@ -159,7 +159,7 @@ def _plan(
     )
 
 
-def _load(plan: _Plan) -> CleaningResult:
+def _load(plan: _Plan, age_out_of_range: str) -> CleaningResult:
     """``load_dataset`` with the config entry named in any error, and the detected layout logged."""
     with _named(plan.setting, plan.path):
         result = load_dataset(
@@ -169,6 +169,7 @@ def _load(plan: _Plan) -> CleaningResult:
             source=plan.name,
             is_external=plan.is_external,
             require_labels=plan.require_labels,
+            age_out_of_range=age_out_of_range,
         )
     log.info(
         "%s %s: layout %s (%s); %d clean rows, %d quarantined",

@@ -24,11 +24,8 @@ import numpy as np
 import pandas as pd
 
 from melanoma_ml import schema
-
-MISSING_TOKENS: frozenset[str] = frozenset(
-    {"", "unknown", "unk", "nan", "none", "null", "na", "n/a", "missing", "not provided", "?", "-"}
-)
-"""Raw values (lower-cased) that mean "not recorded". They become NaN without a warning."""
+from melanoma_ml.missing import MISSING_TOKENS as MISSING_TOKENS  # re-exported for identifier cleaning
+from melanoma_ml.missing import text_keys
 
 SEX_MAP: dict[str, str] = {
     "male": "male",
@@ -92,10 +89,8 @@ _MELANOMA = re.compile(r"\bmelanoma\b|^mel$|^lentigo maligna$")
 
 
 def normalized(values: pd.Series) -> pd.Series:
-    """Lower-cased, stripped strings with missing tokens turned into NaN (vectorized)."""
-    text = values.astype("str").str.strip().str.lower()
-    text = text.where(values.notna(), "")
-    return text.mask(text.isin(MISSING_TOKENS))
+    """Lower-cased, stripped strings; NaN where ``melanoma_ml.missing`` says the value is missing."""
+    return text_keys(values)
 
 
 def melanoma_flags(diagnosis: pd.Series) -> pd.Series:
@@ -103,3 +98,44 @@ def melanoma_flags(diagnosis: pd.Series) -> pd.Series:
     text = normalized(diagnosis)
     flags = text.str.contains(_MELANOMA, regex=True, na=False).astype("float64")
     return flags.where(text.notna(), np.nan)
+
+
+BENIGN_DIAGNOSES: frozenset[str] = frozenset(
+    {
+        "nevus",
+        "seborrheic keratosis",
+        "lentigo nos",
+        "lentigo simplex",
+        "lichenoid keratosis",
+        "solar lentigo",
+        "cafe-au-lait macule",
+        "dermatofibroma",
+        "vascular lesion",
+        "benign keratosis",
+        "angioma",
+        "angiokeratoma",
+    }
+)
+"""Stated diagnoses that are benign (ISIC 2020, ISIC 2019 / HAM10000 spelled out, isic-cli level 3)."""
+
+_BENIGN = re.compile(r"^benign\b|\bnevus\b")
+_MALIGNANT = re.compile(r"^malignant\b|\b(?:basal|squamous) cell carcinoma\b")
+
+
+def diagnosis_malignancy(diagnosis: pd.Series) -> pd.Series:
+    """Per row: "malignant", "benign", or NaN when the diagnosis does not decide.
+
+    Malignant: a melanoma (``melanoma_flags``), a basal or squamous cell carcinoma, or an isic-cli class
+    starting with "Malignant". Benign: ``BENIGN_DIAGNOSES``, any nevus that is not a melanoma, or an isic-cli
+    class starting with "Benign". Undecided: missing/unknown, and diagnoses that are neither or both in
+    practice ("atypical melanocytic proliferation", "Indeterminate ...", "actinic keratosis or
+    intraepithelial carcinoma"). Cleaning quarantines a row whose ``benign_malignant`` contradicts this.
+    """
+    text = normalized(diagnosis)
+    melanoma = melanoma_flags(diagnosis) == 1
+    malignant = melanoma | text.str.contains(_MALIGNANT, regex=True, na=False)
+    benign = ~malignant & (text.isin(BENIGN_DIAGNOSES) | text.str.contains(_BENIGN, regex=True, na=False))
+    out = pd.Series(np.nan, index=diagnosis.index, dtype="object")
+    out[benign.to_numpy()] = "benign"
+    out[malignant.to_numpy()] = "malignant"
+    return out

@@ -22,7 +22,6 @@ import os
 import sys
 import uuid
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from typing import Any
 
 from melanoma_ml.runtime import quiet_network_chatter
@@ -37,6 +36,7 @@ from PIL import Image  # noqa: E402
 
 from melanoma_ml.config import ServingConfig, load_config  # noqa: E402
 from melanoma_ml.images.io import UPLOAD_FORMATS_TEXT  # noqa: E402
+from melanoma_ml.serving.model_card import known_metric, model_card_markdown, readable_time  # noqa: E402
 from melanoma_ml.serving.service import (  # noqa: E402
     DISCLAIMER,
     NO_CAM,
@@ -50,8 +50,6 @@ from melanoma_ml.serving.service import (  # noqa: E402
     ServedModel,
     ServiceStatus,
     age_hint,
-    headline_metrics,
-    metric_line,
 )
 
 log = logging.getLogger(__name__)
@@ -73,71 +71,32 @@ CSS = """
 
 
 # ---------------------------------------------------------------------- text shown on the page
-def readable_time(iso: str | None) -> str:
-    """``2026-11-27T01:42:26.85+00:00`` -> ``2026-11-27 01:42 UTC`` (unparseable text is shown as is)."""
-    if not iso:
-        return "at an unknown time"
-    try:
-        moment = datetime.fromisoformat(iso)
-    except ValueError:
-        return iso
-    if moment.tzinfo is not None:
-        moment = moment.astimezone(UTC)
-    return moment.strftime("%Y-%m-%d %H:%M UTC")
-
-
 def status_markdown(status: ServiceStatus) -> str:
     """The line above the form: what is served, or why nothing is."""
     lines = []
-    if status.model is None:
-        lines.append(f"**No model available.** {NO_MODEL_MESSAGE}")
+    if status.model is None:  # a refused version is named, not reported as "nothing promoted"
+        lines.append(f"**No model available.** {status.reload_error or NO_MODEL_MESSAGE}")
     else:
         model = status.model
         lines.append(
             f"Serving model **{model.version}** ({model.backbone}, {model.image_size} px), "
             f"promoted {readable_time(model.promoted_at)}; new promotions are picked up automatically."
         )
-    if status.reload_error:
+    if status.reload_error and status.model is not None:
         lines.append(f"**Warning:** {status.reload_error}")
     return "\n\n".join(lines)
 
 
-def model_card_markdown(model: ServedModel | None) -> str:
-    """Backbone, version, promotion time, data version and headline metrics with CIs."""
-    if model is None:
-        return f"No model promoted yet. {NO_MODEL_MESSAGE}"
-    manifest = model.manifest
-    metrics = manifest.get("metrics", {})
-    rows = [
-        ("Backbone", f"`{model.backbone}` + metadata MLP (age, sex, site)"),
-        ("Version", model.version),
-        ("Promoted", readable_time(model.promoted_at)),
-        ("Bundle created", readable_time(manifest.get("created_at"))),
-        ("Training data version", f"`{manifest.get('data_version', 'unknown')}`"),
-        ("Code version", f"`{manifest.get('code_version', 'unknown')}`"),
-        ("Input size", f"{model.image_size} px"),
-        ("Decision threshold", f"{model.threshold:.3f}"),
-    ]
-    for line in headline_metrics(metrics):
-        rows.append((line.name, line.text()))
-    table = "\n".join(f"| {name} | {value} |" for name, value in rows)
-    return (
-        f"| Model | |\n|---|---|\n{table}\n\n"
-        "Metrics are out-of-fold estimates with patient-level bootstrap confidence intervals; the threshold "
-        "was tuned for a target sensitivity on the same out-of-fold predictions."
-    )
-
-
 def result_markdown(prediction: Prediction) -> str:
     """Probability, decision and what the threshold meant in evaluation."""
-    model_metrics = prediction.model.manifest.get("metrics", {})
+    model_metrics = prediction.model.manifest.metrics
     verdict = (
         '<span class="positive">At or above the decision threshold: suspicious for melanoma.</span>'
         if prediction.positive
         else '<span class="negative">Below the decision threshold.</span>'
     )
-    sens = metric_line(model_metrics, "sensitivity", "Sensitivity")
-    spec = metric_line(model_metrics, "specificity", "Specificity")
+    sens = known_metric(model_metrics, "sensitivity")
+    spec = known_metric(model_metrics, "specificity")
     operating = []
     if sens is not None:
         operating.append(f"sensitivity {sens.text()}")
@@ -159,6 +118,17 @@ def _choices(values: Sequence[str]) -> list[str]:
     return [UNKNOWN, *values]
 
 
+def tabular_hint(model: ServedModel | None) -> str:
+    """The tabular textbox's placeholder: the served model's tabular columns, or that it has none."""
+    if model is None or not model.tabular_features:
+        return "this model uses no tabular features: leave this empty"
+    example = ", ".join(f'"{c}": ...' for c in model.tabular_features[:2])
+    return (
+        f"optional JSON object, e.g. {{{example}}}; columns left out count as missing. "
+        f"This model reads: {', '.join(model.tabular_features)}"
+    )
+
+
 def page_state(
     service: ModelService, sex: str | None = None, site: str | None = None, layer: str | None = None
 ) -> tuple[Any, ...]:
@@ -178,6 +148,7 @@ def page_state(
         gr.update(choices=sexes, value=sex if sex in sexes else UNKNOWN),
         gr.update(choices=sites, value=site if site in sites else UNKNOWN),
         gr.update(choices=layers, value=layer if layer in layers else (layers[0] if layers else None)),
+        gr.update(placeholder=tabular_hint(model)),
     )
 
 
@@ -190,10 +161,21 @@ def run_prediction(
     tta: bool,
     cam_method: str,
     target_layer: str | None,
+    tabular: str | None = None,
 ) -> tuple[dict[str, Any], Any, Any, str]:
-    """The ``/predict`` endpoint: (answer JSON, un-augmented view, CAM overlay or None, summary)."""
+    """The ``/predict`` endpoint: (answer JSON, un-augmented view, CAM overlay or None, summary).
+
+    ``tabular`` is optional JSON text ``{column: number}`` for models trained with tabular features.
+    """
     request = PredictionRequest(
-        image=image, age=age, sex=sex, site=site, tta=tta, cam_method=cam_method, target_layer=target_layer
+        image=image,
+        age=age,
+        sex=sex,
+        site=site,
+        tta=tta,
+        cam_method=cam_method,
+        target_layer=target_layer,
+        tabular=tabular,
     )
     try:
         prediction = service.predict(request)
@@ -288,6 +270,14 @@ def create_app(service: ModelService) -> gr.Blocks:
                     allow_custom_value=True,
                     elem_id="site",
                 )
+                with gr.Accordion("Tabular features (optional)", open=False):
+                    tabular = gr.Textbox(
+                        label="Lesion measurements as JSON (e.g. ISIC 2024 tbp_lv_* values)",
+                        placeholder=tabular_hint(model),
+                        value="",  # a default, so API callers that send the first seven inputs still work
+                        lines=2,
+                        elem_id="tabular",
+                    )
                 with gr.Accordion("Options", open=True):
                     tta = gr.Checkbox(
                         label="Test-time augmentation (8 flips/rotations in one batched pass)",
@@ -321,7 +311,8 @@ def create_app(service: ModelService) -> gr.Blocks:
             card = gr.Markdown(model_card_markdown(model))
         gr.Markdown(
             "<small>API: `gradio_client.Client(url).predict(handle_file(path), age, sex, site, tta, "
-            'cam_method, target_layer, api_name="/predict")`.</small>'
+            'cam_method, target_layer, tabular, api_name="/predict")`; `tabular` is optional JSON text '
+            "of the model's tabular features (may be left out or empty).</small>"
         )
 
         def on_load(
@@ -335,13 +326,13 @@ def create_app(service: ModelService) -> gr.Blocks:
         def on_upload(image: str | None) -> Any:
             return preview_upload(service, image)
 
-        state_outputs = [status_md, card, sex, site, layer]
+        state_outputs = [status_md, card, sex, site, layer, tabular]
         picks = [sex, site, layer]
         demo.load(on_load, inputs=picks, outputs=state_outputs, api_visibility="private")
         upload.change(on_upload, inputs=upload, outputs=preview, api_visibility="private")
         button.click(
             on_predict,
-            inputs=[upload, age, sex, site, tta, cam, layer],
+            inputs=[upload, age, sex, site, tta, cam, layer, tabular],
             outputs=[answer, view, overlay, summary],
             api_name=API_NAME,
         ).then(on_load, inputs=picks, outputs=state_outputs, api_visibility="private")

@@ -1,9 +1,9 @@
 """The serving bundle: one folder with ``weights.safetensors`` and ``manifest.json``.
 
-The manifest carries everything needed to rebuild and trust the network without unpickling anything:
-the model spec (architecture, input size, normalization, fitted metadata encoder), the decision
-threshold, the evaluation metrics, data/code versions and the sha256 of the weights file, which is
-checked before the weights are read.
+The manifest (``manifest.BundleManifest``) carries everything needed to rebuild and trust the network
+without unpickling anything: the model spec (architecture, input size, normalization, fitted metadata
+encoder), the decision threshold, the evaluation metrics with their CIs, data/code versions and the sha256
+of the weights file, which is checked before the weights are read.
 
 torch and safetensors are imported inside the functions that need them, so ``read_manifest`` and
 ``verify_bundle`` stay cheap for callers that only inspect a bundle (the registry, the app's poller).
@@ -12,13 +12,17 @@ torch and safetensors are imported inside the functions that need them, so ``rea
 from __future__ import annotations
 
 import json
-import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from melanoma_ml.atomic import atomic_directory, atomic_write_json, sha256_file, to_jsonable
+from pydantic import ValidationError
+
+from melanoma_ml.atomic import atomic_directory, atomic_write_json, sha256_file
+from melanoma_ml.errors import InputValueError
+from melanoma_ml.serving.manifest import MANIFEST_SCHEMA_VERSION, BundleManifest, stored_schema
 from melanoma_ml.spec import ModelSpec
 from melanoma_ml.weights import WEIGHTS_FILE, WeightsError, load_weights, save_weights
 
@@ -26,19 +30,18 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-FORMAT_VERSION = 1
+    from melanoma_ml.evaluation.estimate import Estimate
+    from melanoma_ml.serving.manifest import ValidationPredictions
+
 MANIFEST_FILE = "manifest.json"
-REQUIRED_MANIFEST_KEYS = (
-    "format_version",
-    "model_spec",
-    "threshold",
-    "metrics",
-    "weights_sha256",
-)
 
 
-class BundleError(ValueError):
+class BundleError(InputValueError):
     """A bundle folder is missing, incomplete or unreadable (the message says which file and what to do)."""
+
+
+class ManifestSchemaError(BundleError):
+    """The manifest was written in another schema than this code reads (an older or newer melanoma_ml)."""
 
 
 class BundleIntegrityError(BundleError):
@@ -53,21 +56,21 @@ class Bundle:
         path: The bundle folder.
         net: The network, in eval mode, parameters frozen (``requires_grad=False``).
         spec: Architecture, preprocessing and metadata encoder.
-        manifest: The parsed ``manifest.json``.
+        manifest: The validated ``manifest.json``.
         threshold: Probability at or above which a lesion is flagged.
-        version: ``manifest["extra"]["version"]`` when present (registry bundles), else the folder name.
+        version: ``manifest.version`` when set (registry bundles), else the folder name.
     """
 
     path: Path
     net: nn.Module
     spec: ModelSpec
-    manifest: dict[str, Any]
+    manifest: BundleManifest
     threshold: float
     version: str
 
     @property
-    def metrics(self) -> dict[str, Any]:
-        return self.manifest.get("metrics", {})
+    def metrics(self) -> dict[str, Estimate]:
+        return self.manifest.metrics
 
     @property
     def device(self) -> torch.device:
@@ -80,10 +83,14 @@ def save_bundle(
     spec: ModelSpec,
     *,
     threshold: float,
-    metrics: dict[str, Any],
+    metrics: Mapping[str, Estimate | Mapping[str, Any]],
     data_version: str,
     code_version: str,
-    extra: dict[str, Any] | None = None,
+    version: str | None = None,
+    fold: int | None = None,
+    checkpoint_sha256: str | None = None,
+    oof: ValidationPredictions | Mapping[str, list[Any]] | None = None,
+    test_metrics: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``net`` and its manifest to ``out_dir`` atomically (temp folder + rename).
 
@@ -95,46 +102,60 @@ def save_bundle(
         net: The trained network (any device; weights are written from CPU copies).
         spec: The spec that rebuilds ``net`` (``spec.build_network()``).
         threshold: Decision threshold on the probability, in [0, 1].
-        metrics: Evaluation metrics as produced by the evaluation report (stored verbatim, JSON).
+        metrics: Evaluation metrics, name -> ``Estimate`` or its dict (``EvaluationReport.to_dict()["metrics"]``).
         data_version: Identifier of the training data (e.g. the folds table hash).
         code_version: Identifier of the code (e.g. git commit or package version).
-        extra: Further JSON-serializable fields, stored under ``manifest["extra"]``.
+        version: The registry version this bundle becomes (set by ``ModelRegistry``).
+        fold, checkpoint_sha256, oof: For a bundle of a fold model: its fold, its checkpoint's weights
+            sha256 and its out-of-fold predictions (see ``BundleManifest``).
+        test_metrics: The model's metrics per untouched test set (``BundleManifest.test_metrics``), or None.
 
     Returns:
         The bundle folder.
+
+    Raises:
+        BundleError: a field does not fit ``BundleManifest`` (e.g. a threshold outside [0, 1]); nothing is
+            written.
     """
-    threshold = float(threshold)
-    if not math.isfinite(threshold) or not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"threshold must be a probability in [0, 1], got {threshold}")
-    metrics_json = to_jsonable(metrics, "metrics")
-    extra_json = to_jsonable(extra or {}, "extra")
     out_dir = Path(out_dir)
-    with atomic_directory(out_dir) as tmp:
+    with atomic_directory(out_dir) as tmp:  # an invalid field raises in here: no out_dir is left behind
         weights = save_weights(tmp / WEIGHTS_FILE, net)
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "backbone": spec.backbone,
-            "image_size": spec.image_size,
-            "normalization": {"mean": list(spec.mean), "std": list(spec.std)},
-            "metadata_encoder": spec.encoder.to_dict(),
-            "model_spec": spec.to_dict(),
+        fields = {
+            "version": version,
+            "model_spec": spec,
             "threshold": threshold,
-            "metrics": metrics_json,
+            "metrics": dict(metrics),
             "data_version": str(data_version),
             "code_version": str(code_version),
             "created_at": datetime.now(UTC).isoformat(),
             "weights_sha256": sha256_file(weights),
-            "extra": extra_json,
+            "fold": fold,
+            "checkpoint_sha256": checkpoint_sha256,
+            "oof": oof,
+            "test_metrics": test_metrics,
         }
-        atomic_write_json(tmp / MANIFEST_FILE, manifest)
+        manifest = _validated(fields, f"the manifest for {out_dir}")
+        atomic_write_json(tmp / MANIFEST_FILE, manifest.to_json())
     return out_dir
 
 
-def read_manifest(path: str | Path) -> dict[str, Any]:
-    """Parse ``manifest.json`` of the bundle at ``path`` (no weights read, no torch).
+def _validated(data: Mapping[str, Any], where: str) -> BundleManifest:
+    """``BundleManifest.model_validate(data)``, its errors as one ``BundleError`` naming every bad field."""
+    try:
+        return BundleManifest.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, err['loc'])) or 'manifest'}: {err['msg']}" for err in exc.errors()
+        )
+        raise BundleError(f"{where} is invalid: {problems}") from exc
+
+
+def read_manifest(path: str | Path) -> BundleManifest:
+    """Parse and validate ``manifest.json`` of the bundle at ``path`` (no weights read, no torch).
 
     Raises:
-        BundleError: missing folder, missing manifest, invalid JSON or missing required fields.
+        ManifestSchemaError: the manifest is of another schema than ``MANIFEST_SCHEMA_VERSION``.
+        BundleError: missing folder, missing manifest, invalid JSON or fields that do not fit.
     """
     path = Path(path)
     if not path.is_dir():
@@ -155,18 +176,19 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         ) from exc
     if not isinstance(manifest, dict):
         raise BundleError(f"{manifest_path} must hold a JSON object; the bundle is corrupted: re-export it")
-    missing = [key for key in REQUIRED_MANIFEST_KEYS if key not in manifest]
-    if missing:
-        raise BundleError(f"{manifest_path} lacks fields {missing}; re-export the bundle with save_bundle()")
-    if manifest["format_version"] != FORMAT_VERSION:
-        raise BundleError(
-            f"{manifest_path} has format_version {manifest['format_version']!r}; this code reads "
-            f"{FORMAT_VERSION}: re-export the bundle with this version of melanoma_ml"
+    schema = stored_schema(manifest)
+    if schema != MANIFEST_SCHEMA_VERSION:
+        found = "no manifest schema_version" if schema is None else f"manifest schema {schema!r}"
+        raise ManifestSchemaError(
+            f"bundle {path} has {found}, this version of melanoma_ml reads schema {MANIFEST_SCHEMA_VERSION}: "
+            "roll back to a version written by this code (`melanoma-ml rollback --to VERSION`), or re-run "
+            "promotion (materialize `serving_model` or run `melanoma-ml demo`) to register a new one; while "
+            "the current version is unreadable, move the registry folder aside first"
         )
-    return manifest
+    return _validated(manifest, str(manifest_path))
 
 
-def verify_bundle(path: str | Path) -> dict[str, Any]:
+def verify_bundle(path: str | Path) -> BundleManifest:
     """Check that the bundle is complete and its weights match the manifest's sha256; return the manifest.
 
     Raises:
@@ -178,7 +200,7 @@ def verify_bundle(path: str | Path) -> dict[str, Any]:
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise BundleError(f"{WEIGHTS_FILE} missing in bundle {path}; re-export the bundle or roll back")
-    expected = str(manifest["weights_sha256"])
+    expected = manifest.weights_sha256
     actual = sha256_file(weights)
     if actual != expected:
         raise BundleIntegrityError(
@@ -209,12 +231,7 @@ def load_bundle(
 
     path = Path(path)
     manifest = verify_bundle(path)
-    try:
-        spec = ModelSpec.from_dict(manifest["model_spec"])
-    except (TypeError, ValueError) as exc:
-        raise BundleError(
-            f"model_spec in {path / MANIFEST_FILE} is invalid ({exc}); re-export the bundle"
-        ) from exc
+    spec = manifest.model_spec
     try:
         net = load_weights(spec, path / WEIGHTS_FILE)  # only after verify_bundle checked its sha256
     except WeightsError as exc:
@@ -223,13 +240,11 @@ def load_bundle(
     net.to(device)
     if channels_last:
         net.to(memory_format=torch.channels_last)
-    extra = manifest.get("extra") or {}
-    version = str(extra.get("version") or path.name)
     return Bundle(
         path=path,
         net=net,
         spec=spec,
         manifest=manifest,
-        threshold=float(manifest["threshold"]),
-        version=version,
+        threshold=manifest.threshold,
+        version=manifest.version or path.name,
     )

@@ -19,6 +19,7 @@ from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget
 from torch import nn
 
+from melanoma_ml.errors import InputValueError
 from melanoma_ml.serving.inference import encode_metadata, normalize, square_view
 from melanoma_ml.spec import ModelSpec
 
@@ -96,7 +97,7 @@ def target_layer_names(
         names = [name for name in order if sides[name] >= min_side][-1:]
     if not names:
         size = f"a {image_size} px input" if image_size else f"a {PROBE_SIZE} px probe input"
-        raise ValueError(
+        raise InputValueError(
             f"no layer of {type(net).__name__} keeps a spatial 4-D (B, C, H, W) feature map of at least "
             f"{min_side}x{min_side} on {size}; CAMs need a convolutional feature map: pass target_layer= one "
             "of the names from net.named_modules(), lower serving.cam_min_map_side, or use a larger "
@@ -116,7 +117,7 @@ def _min_side(min_side: int | None) -> int:
 
         return ServingConfig().cam_min_map_side
     if min_side < 1:
-        raise ValueError(f"min_side must be a positive number of feature-map cells, got {min_side}")
+        raise InputValueError(f"min_side must be a positive number of feature-map cells, got {min_side}")
     return min_side
 
 
@@ -198,7 +199,7 @@ def resolve_layer(net: nn.Module, name: str) -> tuple[nn.Module, str]:
             module = None
             break
     if module is None:
-        raise ValueError(
+        raise InputValueError(
             f"no layer named {name!r} in the {type(net).__name__}; use one of {target_layer_names(net)} "
             "or another name from net.named_modules()"
         )
@@ -238,7 +239,7 @@ def explain(
     else:
         net, spec = model.net, model.spec
     if method not in CAM_CLASSES:
-        raise ValueError(f"unknown CAM method {method!r}; choose one of {sorted(CAM_CLASSES)}")
+        raise InputValueError(f"unknown CAM method {method!r}; choose one of {sorted(CAM_CLASSES)}")
     view = square_view(image, spec.image_size)
     meta_input = metadata.reshape(1, -1) if isinstance(metadata, np.ndarray) else [metadata]
     meta = encode_metadata(meta_input, spec, 1)
@@ -283,7 +284,7 @@ def _cam(
             param.requires_grad_(flag)
         net.train(was_training)
     if len(feature_map) != 4 or min(feature_map[-2:]) < min_side:
-        raise ValueError(
+        raise InputValueError(
             f"layer {layer_name} gives a {feature_map} feature map for a {x.shape[-1]} px input, too coarse "
             f"for a heatmap (serving.cam_min_map_side is {min_side}); pass an earlier layer as target_layer= "
             "(e.g. the previous stage or block) or leave it empty for the size-aware default"

@@ -3,7 +3,9 @@
 The 8 views (identity, 90/180/270 degree turns and their horizontal flips) of a whole batch are made
 with tensor ops and go through ONE forward pass; the 8 sigmoid probabilities per image are averaged.
 The geometry matches training: the image cache resizes the short side and centre-crops to the spec's
-size, and this module reuses that very function.
+size, and this module reuses that very function. So does the pixel scaling: ``normalize`` runs
+``melanoma_ml.images.normalization.normalize_pixels``, the function the training transforms use, once on
+the whole batch.
 """
 
 from __future__ import annotations
@@ -15,14 +17,18 @@ import numpy as np
 import torch
 from torch import nn
 
+from melanoma_ml.errors import InputValueError
 from melanoma_ml.images.cache import resize_centre_crop
+from melanoma_ml.images.normalization import normalize_pixels
 from melanoma_ml.spec import ModelSpec
 
 if TYPE_CHECKING:
     from melanoma_ml.serving.bundle import Bundle
 
 N_VIEWS = 8
-METADATA_KEYS = ("age", "sex", "site")
+METADATA_KEYS = ("age", "sex", "site", "tabular")
+"""Keys of a request's metadata dict; ``tabular`` (``{column: value}``) is optional, for models with
+``model.tabular_features``."""
 
 
 def square_view(image: np.ndarray, size: int, *, index: int = 0) -> np.ndarray:
@@ -39,7 +45,7 @@ def square_view(image: np.ndarray, size: int, *, index: int = 0) -> np.ndarray:
             "(melanoma_ml.images.io.load_rgb decodes files and bytes)"
         )
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or min(image.shape[:2]) < 1:
-        raise ValueError(
+        raise InputValueError(
             f"image {index} has shape {image.shape} and dtype {image.dtype}; pass (H, W, 3) uint8 RGB "
             "arrays (melanoma_ml.images.io.load_rgb converts grayscale/RGBA/16-bit files)"
         )
@@ -47,14 +53,12 @@ def square_view(image: np.ndarray, size: int, *, index: int = 0) -> np.ndarray:
 
 
 def normalize(views: np.ndarray, spec: ModelSpec) -> torch.Tensor:
-    """``(B, S, S, 3)`` uint8 -> ``(B, 3, S, S)`` float32 normalized with the spec's mean/std (0-1 scale)."""
-    views = np.ascontiguousarray(views)
-    if not views.flags.writeable:  # PIL-backed arrays are read-only; torch wants to own writable memory
-        views = views.copy()
-    x = torch.from_numpy(views).permute(0, 3, 1, 2).float().div_(255.0)
-    mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1)
-    return (x - mean) / std
+    """``(B, S, S, 3)`` uint8 -> ``(B, 3, S, S)`` float32 normalized with the spec's mean/std (0-1 scale).
+
+    The result is a channels-last view of the normalized pixels (no copy), the memory format the network
+    runs in.
+    """
+    return torch.from_numpy(normalize_pixels(views, spec.mean, spec.std)).permute(0, 3, 1, 2)
 
 
 def preprocess(images: Sequence[np.ndarray], spec: ModelSpec, *, first_index: int = 0) -> torch.Tensor:
@@ -94,13 +98,13 @@ def encode_metadata(
     encoder = spec.encoder
     if isinstance(metadata, np.ndarray):
         if metadata.shape != (n, encoder.n_features):
-            raise ValueError(
+            raise InputValueError(
                 f"encoded metadata has shape {metadata.shape}, expected ({n}, {encoder.n_features}) "
                 f"(features {encoder.feature_names}); or pass one {{'age', 'sex', 'site'}} dict per image"
             )
         return torch.from_numpy(np.ascontiguousarray(metadata, dtype=np.float32))
     if len(metadata) != n:
-        raise ValueError(f"got {n} images but {len(metadata)} metadata records; pass one dict per image")
+        raise InputValueError(f"got {n} images but {len(metadata)} metadata records; pass one dict per image")
     rows = []
     for i, record in enumerate(metadata):
         if not isinstance(record, Mapping):
@@ -109,10 +113,12 @@ def encode_metadata(
             )
         unknown = sorted(set(record) - set(METADATA_KEYS))
         if unknown:
-            raise ValueError(
+            raise InputValueError(
                 f"metadata record {i} has unknown keys {unknown}; use only {list(METADATA_KEYS)}"
             )
-        rows.append(encoder.encode_one(record.get("age"), record.get("sex"), record.get("site")))
+        rows.append(
+            encoder.encode_one(record.get("age"), record.get("sex"), record.get("site"), record.get("tabular"))
+        )
     return torch.from_numpy(np.stack(rows)) if rows else torch.zeros((0, encoder.n_features))
 
 
@@ -168,7 +174,7 @@ def predict(
         ``(n,)`` float array of probabilities in [0, 1].
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise InputValueError(f"batch_size must be >= 1, got {batch_size}")
     meta = encode_metadata(metadata, bundle.spec, len(images))
     out = []
     for start in range(0, len(images), batch_size):

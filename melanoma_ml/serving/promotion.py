@@ -1,10 +1,10 @@
 """The promotion gate: should a candidate model replace the serving champion?
 
-Pure functions, no I/O. Metrics use the evaluation report's shape: each metric is a dict with the point
-estimate and its bootstrap confidence interval, e.g. ``{"auc": {"value": 0.91, "lo": 0.88, "hi": 0.94},
-...}``. The paired difference is the evaluation's ``paired_auc_difference`` of candidate minus champion
-on the same out-of-fold rows, in the same shape (``{"value": 0.02, "lo": -0.01, "hi": 0.05}``); a
-``"diff"`` key is accepted in place of ``"value"``.
+Pure functions, no I/O. Metrics map names to :class:`~melanoma_ml.evaluation.estimate.Estimate` s or their
+stored dicts, e.g. ``{"auc": {"value": 0.91, "lo": 0.88, "hi": 0.94, "level": 0.95}, ...}`` (read by
+``Estimate.from_dict``). The paired difference is the evaluation's ``paired_auc_difference`` of candidate
+minus champion on the same out-of-fold rows (its ``{"diff", "lo", "hi", "ci_level"}`` dict or an
+``Estimate``).
 
 The candidate metrics describe the model that would be served (the pipeline passes the chosen fold
 model's metrics on its own validation rows), not a pool of models.
@@ -21,10 +21,12 @@ Rules:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from melanoma_ml.errors import InputValueError
+from melanoma_ml.evaluation.estimate import Estimate
 
 
 @dataclass(frozen=True)
@@ -42,54 +44,33 @@ class GateDecision:
     evidence: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class Estimate:
-    """A point estimate with its confidence interval."""
-
-    value: float
-    lo: float
-    hi: float
-
-    def __str__(self) -> str:
-        return f"{self.value:.3f} [{self.lo:.3f}, {self.hi:.3f}]"
-
-
 def metric_estimate(metrics: Mapping[str, Any], name: str, *, where: str) -> Estimate:
-    """Read ``metrics[name]`` as ``{"value", "lo", "hi"}`` (``"diff"`` accepted for ``"value"``).
+    """``metrics[name]`` as a finite :class:`Estimate` (see :func:`finite_estimate`).
 
     Raises:
-        ValueError: the metric is absent, not a dict, or has non-finite or disordered numbers.
+        InputValueError: the metric is absent, malformed or not finite.
     """
     if name not in metrics:
-        raise ValueError(
+        raise InputValueError(
             f"{where} metrics lack {name!r} (keys: {sorted(metrics)}); pass the evaluation report's metrics "
-            "dict, e.g. {'auc': {'value': 0.91, 'lo': 0.88, 'hi': 0.94}}"
+            "dict, e.g. {'auc': {'value': 0.91, 'lo': 0.88, 'hi': 0.94, 'level': 0.95}}"
         )
-    return as_estimate(metrics[name], where=f"{where} {name}")
+    return finite_estimate(metrics[name], where=f"{where} {name}")
 
 
-def as_estimate(entry: Any, *, where: str) -> Estimate:
-    """Read one ``{"value"|"diff", "lo", "hi"}`` dict as an ``Estimate`` (see ``metric_estimate``)."""
-    if not isinstance(entry, Mapping):
-        raise ValueError(f"{where} must be a dict with 'value', 'lo' and 'hi', got {entry!r}")
-    point_key = "value" if "value" in entry else "diff"
-    missing = [k for k in (point_key, "lo", "hi") if k not in entry]
-    if missing:
-        raise ValueError(
-            f"{where} lacks {missing}; expected {{'value': .., 'lo': .., 'hi': ..}}, got {dict(entry)}"
-        )
-    try:
-        value, lo, hi = (float(entry[point_key]), float(entry["lo"]), float(entry["hi"]))
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{where} holds a non-number ({exc}): {dict(entry)}") from exc
-    if not all(math.isfinite(v) for v in (value, lo, hi)):
-        raise ValueError(
-            f"{where} is not finite ({dict(entry)}); the evaluation could not estimate it "
+def finite_estimate(entry: Estimate | Mapping[str, Any], *, where: str) -> Estimate:
+    """Read ``entry`` with ``Estimate.from_dict`` and require finite numbers: the gate never guesses.
+
+    Raises:
+        InputValueError: malformed (see ``Estimate.from_dict``) or not finite.
+    """
+    estimate = Estimate.from_dict(entry, where=where)
+    if not estimate.is_finite:
+        raise InputValueError(
+            f"{where} is not finite ({estimate.to_dict()}); the evaluation could not estimate it "
             "(e.g. a single-class fold): fix the data or the folds before promoting"
         )
-    if not lo <= hi:
-        raise ValueError(f"{where} has lo > hi ({dict(entry)}); the interval is malformed")
-    return Estimate(value, lo, hi)
+    return estimate
 
 
 def decide_promotion(
@@ -126,7 +107,7 @@ def decide_promotion(
         "metric": metric,
         "auc_floor": float(auc_floor),
         "candidate": candidate_name,
-        "candidate_estimate": _as_dict(cand),
+        "candidate_estimate": cand.to_dict(),
     }
     above_floor = cand.lo > auc_floor
     evidence["above_floor"] = above_floor
@@ -146,7 +127,7 @@ def decide_promotion(
         )
 
     champ = metric_estimate(champion, metric, where=f"champion {champion_name}")
-    evidence.update({"champion": champion_name, "champion_estimate": _as_dict(champ)})
+    evidence.update({"champion": champion_name, "champion_estimate": champ.to_dict()})
     if paired_diff is None:
         evidence["not_worse"] = None
         why = paired_note or (
@@ -159,11 +140,11 @@ def decide_promotion(
             "so 'not worse' cannot be shown; not promoted",
             evidence,
         )
-    diff = as_estimate(paired_diff, where="paired difference")
+    diff = finite_estimate(paired_diff, where="paired difference")
     not_worse = diff.hi >= 0
     not_lower = diff.value >= 0
     evidence.update(
-        {"paired_diff": _as_dict(diff), "not_worse": not_worse, "not_lower_on_shared_rows": not_lower}
+        {"paired_diff": diff.to_dict(), "not_worse": not_worse, "not_lower_on_shared_rows": not_lower}
     )
     versus = f"candidate {candidate_name} {label} {cand} vs champion {champion_name} ({champ})"
     if not not_worse:
@@ -186,7 +167,3 @@ def decide_promotion(
         f"{auc_floor:.3f}; promoted",
         evidence,
     )
-
-
-def _as_dict(estimate: Estimate) -> dict[str, float]:
-    return {"value": estimate.value, "lo": estimate.lo, "hi": estimate.hi}

@@ -9,14 +9,24 @@ being served, then swaps it in under a lock; other requests keep using the model
 no request fails or waits during a swap. A bundle that fails to load (tampered weights, missing files)
 is refused, the previous model keeps serving and the status says why.
 
+Integrity of the served files: each check also stats the served bundle's files (inode, size, mtime) and
+re-verifies their sha256 at once when one changed, and every ``serving.reverify_seconds`` regardless (bit
+rot keeps the stat). A served version that no longer verifies stops serving; so does nothing at start-up
+when the current version is refused. Then, with ``serving.fallback_to_last_valid``, the newest version the
+history shows as served (and not rolled back from) that verifies is served instead, and the status and
+every API answer (``fallback``) say which and why; without it, requests are refused with the reason.
+
 Each served model has its own inference lock: pytorch-grad-cam registers hooks on the shared network,
 so a forward pass of another request during a CAM would corrupt that CAM's activations.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -30,16 +40,21 @@ import numpy as np
 from melanoma_ml import schema
 from melanoma_ml.ages import normalize_age
 from melanoma_ml.config import PipelineConfig, ServingConfig
+from melanoma_ml.echo import echo
+from melanoma_ml.errors import InputStateError, InputValueError
 from melanoma_ml.images.io import UPLOAD_FORMATS_TEXT, ImageDecodeError, load_rgb
+from melanoma_ml.missing import is_missing, text_key
+from melanoma_ml.serving.bundle import MANIFEST_FILE, WEIGHTS_FILE
 from melanoma_ml.serving.registry import ModelRegistry
 
 if TYPE_CHECKING:
     from melanoma_ml.serving.bundle import Bundle
+    from melanoma_ml.serving.manifest import BundleManifest
 
 log = logging.getLogger(__name__)
 
 UNKNOWN = "unknown"
-"""What the UI shows for a metadata field left empty; encoded as missing, exactly as in training."""
+"""What the UI shows for a metadata field left empty; missing by ``melanoma_ml.missing``, as in training."""
 
 CAM_METHODS = ("eigencam", "gradcam")
 NO_CAM = "none"
@@ -59,12 +74,16 @@ _NOT_CHECKED = object()
 """Pointer stamp before the first check (distinct from ``None``, which means "no pointer")."""
 
 
-class InvalidRequest(ValueError):
+class InvalidRequest(InputValueError):
     """The request cannot be answered as given; the message says what to change."""
 
 
-class NoModelAvailable(RuntimeError):
-    """Nothing has been promoted yet (the message says how to get a model)."""
+class NoModelAvailable(InputStateError):
+    """No model can be served: none promoted yet, or the current one was refused (the message says why)."""
+
+
+FileStamp = tuple[int, int, int] | None
+"""``(inode, mtime_ns, size)`` of a file, or None when it is missing."""
 
 
 @dataclass(frozen=True)
@@ -78,6 +97,9 @@ class ServedModel:
         loaded_at: ISO time this process loaded it.
         target_layers: CAM layer choices for this backbone, best first: only layers whose feature map at the
             bundle's image size keeps at least ``serving.cam_min_map_side`` cells a side.
+        file_stamps: ``(file name, stat stamp)`` of the bundle's files, taken before they were verified.
+        fallback: Why this version serves although ``current.json`` names another
+            (``serving.fallback_to_last_valid``), or None.
         lock: Serializes forward passes on this network (CAM hooks are not thread-safe).
     """
 
@@ -86,6 +108,8 @@ class ServedModel:
     promoted_at: str | None
     loaded_at: str
     target_layers: tuple[str, ...]
+    file_stamps: tuple[tuple[str, FileStamp], ...] = ()
+    fallback: str | None = None
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
@@ -110,7 +134,12 @@ class ServedModel:
         return {key: list(values) for key, values in self.bundle.spec.encoder.vocabulary.items()}
 
     @property
-    def manifest(self) -> dict[str, Any]:
+    def tabular_features(self) -> tuple[str, ...]:
+        """The numeric tabular columns this model reads (``model.tabular_features``); empty for most."""
+        return self.bundle.spec.encoder.tabular
+
+    @property
+    def manifest(self) -> BundleManifest:
         return self.bundle.manifest
 
 
@@ -123,6 +152,8 @@ class PredictionRequest:
         age: Years, as a number or text; None/""/"unknown" means unknown.
         sex: One of the model's sex categories, or None/""/"unknown".
         site: One of the model's anatomic sites, or None/""/"unknown".
+        tabular: ``{column: number}`` for a model trained with tabular features (or that mapping as JSON
+            text); a column left out, None or "" is missing, encoded by the training rule. None: all missing.
         tta: Average the 8 dihedral views; None uses ``serving.tta``.
         cam_method: ``"eigencam"``, ``"gradcam"`` or ``"none"``; None uses ``serving.cam_method``.
         target_layer: CAM layer name; None/"" uses the backbone's default.
@@ -135,6 +166,7 @@ class PredictionRequest:
     tta: bool | None = None
     cam_method: str | None = None
     target_layer: str | None = None
+    tabular: Mapping[str, Any] | str | None = None
 
 
 @dataclass(frozen=True)
@@ -188,6 +220,7 @@ class Prediction:
             "target_layer": self.target_layer,
             "metadata": dict(self.metadata),
             "seconds": round(self.seconds, 4),
+            "fallback": self.model.fallback,
         }
 
 
@@ -197,7 +230,8 @@ class ServiceStatus:
 
     Attributes:
         model: The model being served, or None.
-        reload_error: Why the latest promoted version was refused (previous model still serving), or None.
+        reload_error: Why the latest promoted version was refused (previous model still serving), why the
+            served version stopped, or why a fallback version serves (``ServedModel.fallback``); or None.
     """
 
     model: ServedModel | None
@@ -206,7 +240,7 @@ class ServiceStatus:
 
 def registry_root(config: PipelineConfig) -> Path:
     """``<artifact_root>/registry``: the same registry the pipeline promotes into."""
-    from melanoma_ml.pipeline import artifact_paths
+    from melanoma_ml.artifacts import artifact_paths
 
     return artifact_paths(config).registry
 
@@ -226,17 +260,21 @@ class ModelService:
         self.registry = registry
         self.config = config
         self._clock = clock
-        self._state_lock = threading.Lock()  # guards the four fields below; held only for assignments
+        self._state_lock = threading.Lock()  # guards the six fields below; held only for assignments
         self._served: ServedModel | None = None
         self._stamp: object = _NOT_CHECKED
         self._reload_error: str | None = None
         self._last_check = -math.inf
+        self._file_stamps: tuple[tuple[str, FileStamp], ...] = ()  # of the served files, last verified
+        self._verified_at = -math.inf
         self._load_lock = threading.Lock()  # one loader at a time; never held while answering requests
 
     @classmethod
     def from_config(cls, config: PipelineConfig) -> ModelService:
-        """A service on ``<artifact_root>/registry`` with ``config.serving``."""
-        return cls(ModelRegistry(registry_root(config)), config.serving)
+        """A service on ``serving.registry_uri`` (S3) or ``<artifact_root>/registry``, with ``config.serving``."""
+        from melanoma_ml.serving.remote_registry import open_registry
+
+        return cls(open_registry(config), config.serving)
 
     # ------------------------------------------------------------------ model lifecycle
     def status(self) -> ServiceStatus:
@@ -248,6 +286,7 @@ class ModelService:
     def refresh(self) -> ServedModel | None:
         """Load the promoted version if the pointer moved since the last check; return the served model.
 
+        Also re-verifies the served files when their stat changed or ``serving.reverify_seconds`` passed.
         With a model already serving, a request that finds another thread loading does not wait: it keeps
         the current model. With nothing served yet it waits for the loader.
         """
@@ -258,11 +297,17 @@ class ModelService:
                 return served
             self._last_check = now
             known_stamp = self._stamp
-        if self.registry.pointer_stamp() == known_stamp:
+            known_files = self._file_stamps
+            rehash_due = 0 < self.config.reverify_seconds <= now - self._verified_at
+        changed = [] if served is None else _changed_files(served.bundle.path, known_files)
+        reverify = served is not None and (bool(changed) or rehash_due)
+        if self.registry.pointer_stamp() == known_stamp and not reverify:
             return served
         if not self._load_lock.acquire(blocking=served is None):
             return served
         try:
+            if reverify:
+                self._reverify(served, changed)
             self._load_if_moved()
         finally:
             self._load_lock.release()
@@ -285,14 +330,17 @@ class ModelService:
                 return
             version = str(pointer["version"])
             if served is not None and served.version == version:
-                self._record(stamp, served, None)
+                self._record(stamp, dataclasses.replace(served, fallback=None), None)
                 return
             model = self._load_version(version, pointer.get("promoted_at"))
         except (ValueError, OSError) as exc:  # BundleError/BundleIntegrityError/RegistryError are ValueErrors
-            still = f"still serving {served.version}" if served is not None else "no model is being served"
+            refused = f"{version} was refused: {exc}."
+            if served is None:
+                self._fall_back(stamp, None if version == "the promoted model" else version, refused)
+                return
             message = (
-                f"{version} was refused: {exc}. {still.capitalize()}; fix the bundle or promote/roll back to "
-                "a good version (the app reloads on the next request)."
+                f"{refused} Still serving {served.version}; fix the bundle or promote/roll back to a good "
+                "version (the app reloads on the next request)."
             )
             log.error(message)
             self._record(stamp, served, message)
@@ -300,8 +348,78 @@ class ModelService:
         log.info("serving model %s (%s), promoted %s", model.version, model.backbone, model.promoted_at)
         self._record(stamp, model, None)
 
+    def _reverify(self, served: ServedModel, changed: list[str]) -> None:
+        """Under ``_load_lock``: re-hash the served files; stop serving the version if they do not verify."""
+        from melanoma_ml.serving.bundle import verify_bundle
+
+        with self._state_lock:
+            if self._served is not served:
+                return  # another thread swapped models since this request looked
+            stamp = self._stamp
+        stamps = _stamp_files(served.bundle.path)
+        try:
+            manifest = verify_bundle(served.bundle.path)
+            if manifest.weights_sha256 != served.manifest.weights_sha256:
+                raise ValueError(
+                    f"its weights were replaced by others (sha256 {manifest.weights_sha256}, served "
+                    f"{served.manifest.weights_sha256}); registry versions are immutable"
+                )
+        except (ValueError, OSError) as exc:
+            what = (
+                f"its files changed on disk ({', '.join(changed)})"
+                if changed
+                else f"the periodic sha256 re-check (every {self.config.reverify_seconds:g} s) failed"
+            )
+            self._fall_back(stamp, served.version, f"{served.version} stopped serving: {what}: {exc}.")
+            return
+        with self._state_lock:  # same bytes (e.g. touched): accept the new stat
+            self._file_stamps = stamps
+            self._verified_at = self._clock()
+
+    def _fall_back(self, stamp: object, refused: str | None, reason: str) -> None:
+        """Nothing valid to serve from the pointer: serve the last valid version if configured, else nothing."""
+        if self.config.fallback_to_last_valid:
+            model = self._last_valid(exclude=refused)
+            if model is not None:
+                notice = (
+                    f"{reason} Now serving {model.version}: the newest version in the registry history that "
+                    "was served, not rolled back from, and verifies (serving.fallback_to_last_valid is on). "
+                    "Promote or roll back to a good version to end this."
+                )
+                log.error(notice)
+                self._record(stamp, dataclasses.replace(model, fallback=notice), notice)
+                return
+            advice = "No earlier served version verifies either."
+        else:
+            advice = "Set serving.fallback_to_last_valid to serve the last valid version automatically."
+        message = (
+            f"{reason} No model is being served: roll back to a good version (`melanoma-ml rollback --to "
+            f"VERSION`) or run `melanoma-ml registry repair` (the app reloads on the next request). {advice}"
+        )
+        log.error(message)
+        self._record(stamp, None, message)
+
+    def _last_valid(self, exclude: str | None) -> ServedModel | None:
+        """The newest version on the registry's served stack (``served_stack``) other than ``exclude`` that loads."""
+        try:
+            stack = self.registry.served_stack()
+        except (ValueError, OSError) as exc:
+            log.error("cannot read the registry history to fall back: %s", exc)
+            return None
+        for version in dict.fromkeys(reversed(stack)):
+            if version == exclude:
+                continue
+            try:
+                return self._load_version(version, None)
+            except (ValueError, OSError) as exc:
+                log.warning("fallback candidate %s refused: %s", version, exc)
+        return None
+
     def _record(self, stamp: object, served: ServedModel | None, error: str | None) -> None:
         with self._state_lock:
+            if served is not None and (self._served is None or served.bundle is not self._served.bundle):
+                self._file_stamps = served.file_stamps
+                self._verified_at = self._clock()
             self._stamp = stamp
             self._served = served
             self._reload_error = error
@@ -310,7 +428,9 @@ class ModelService:
         from melanoma_ml.serving.bundle import load_bundle
         from melanoma_ml.serving.explain import target_layer_names
 
-        bundle = load_bundle(self.registry.version_path(version))
+        path = self.registry.version_path(version)
+        stamps = _stamp_files(path)  # before verifying: a change after this is seen by the next check
+        bundle = load_bundle(path)
         return ServedModel(
             bundle=bundle,
             version=version,
@@ -319,6 +439,7 @@ class ModelService:
             target_layers=tuple(
                 target_layer_names(bundle.net, bundle.spec.image_size, self.config.cam_min_map_side)
             ),
+            file_stamps=stamps,
         )
 
     # ------------------------------------------------------------------ requests
@@ -332,7 +453,8 @@ class ModelService:
         started = time.perf_counter()
         model = self.refresh()
         if model is None:
-            raise NoModelAvailable(NO_MODEL_MESSAGE)
+            with self._state_lock:
+                raise NoModelAvailable(self._reload_error or NO_MODEL_MESSAGE)
         from melanoma_ml.serving.inference import predict
 
         vocabulary = model.vocabulary
@@ -341,6 +463,9 @@ class ModelService:
             "sex": parse_category(request.sex, vocabulary["sex"], "sex"),
             "site": parse_category(request.site, vocabulary["site"], "anatomic site"),
         }
+        tabular = parse_tabular(request.tabular, model.tabular_features)
+        if tabular is not None:
+            metadata["tabular"] = tabular
         tta = self.config.tta if request.tta is None else bool(request.tta)
         method = parse_cam_method(request.cam_method, default=self.config.cam_method)
         layer = parse_target_layer(request.target_layer, model.target_layers) if method else None
@@ -408,7 +533,7 @@ class ModelService:
         name = "the uploaded image"
         if isinstance(source, str | Path):
             path = Path(source)
-            name = path.name
+            name = echo(path.name)  # an uploaded file keeps its client-side name (up to 255 bytes)
             limit = self.config.max_upload_mb * 1024 * 1024
             if path.is_file() and path.stat().st_size > limit:
                 raise InvalidRequest(
@@ -427,16 +552,26 @@ class ModelService:
             raise InvalidRequest(f"could not use {name}: {exc.reason}") from exc
 
 
+def _stamp_files(folder: Path) -> tuple[tuple[str, FileStamp], ...]:
+    """Stat stamps of a bundle's two files: what the per-request integrity check compares."""
+    stamps = []
+    for name in (WEIGHTS_FILE, MANIFEST_FILE):
+        try:
+            st = os.stat(folder / name)
+        except FileNotFoundError:
+            stamps.append((name, None))
+        else:
+            stamps.append((name, (st.st_ino, st.st_mtime_ns, st.st_size)))
+    return tuple(stamps)
+
+
+def _changed_files(folder: Path, known: tuple[tuple[str, FileStamp], ...]) -> list[str]:
+    """Names of the files whose stat stamp differs from ``known`` (two ``stat`` calls)."""
+    now = dict(_stamp_files(folder))
+    return [name for name, stamp in known if now.get(name) != stamp]
+
+
 # ---------------------------------------------------------------------- input validation (pure)
-def is_unknown(value: Any) -> bool:
-    """None, blank, NaN or the word "unknown" all mean "not given"."""
-    if value is None:
-        return True
-    if isinstance(value, float) and math.isnan(value):
-        return True
-    return isinstance(value, str) and value.strip().lower() in {"", UNKNOWN}
-
-
 def parse_age(value: Any, min_age: float, max_age: float) -> float | None:
     """A validated age in years, or None for unknown.
 
@@ -446,19 +581,21 @@ def parse_age(value: Any, min_age: float, max_age: float) -> float | None:
     Raises:
         InvalidRequest: not a number, or outside ``[min_age, max_age]``.
     """
-    if is_unknown(value):
+    if is_missing(value):
         return None
     if isinstance(value, bool):
-        raise InvalidRequest(f"age must be a number of years, got {value!r}; enter e.g. 45 or leave it empty")
+        raise InvalidRequest(
+            f"age must be a number of years, got {echo(value)}; enter e.g. 45 or leave it empty"
+        )
     try:
         age = float(str(value).strip()) if isinstance(value, str) else float(value)
     except (TypeError, ValueError):
         raise InvalidRequest(
-            f"age must be a number of years, got {value!r}; enter e.g. 45 or leave it empty if unknown"
+            f"age must be a number of years, got {echo(value)}; enter e.g. 45 or leave it empty if unknown"
         ) from None
     if not math.isfinite(age) or not min_age <= age <= max_age:
         raise InvalidRequest(
-            f"age {value!r} is outside {min_age:g}-{max_age:g} years; enter the patient's age or leave it empty"
+            f"age {echo(value)} is outside {min_age:g}-{max_age:g} years; enter the patient's age or leave it empty"
         )
     return normalize_age(age)[0]
 
@@ -475,14 +612,71 @@ def parse_category(value: Any, choices: Sequence[str], what: str) -> str | None:
     Raises:
         InvalidRequest: a value the model was not trained with (the message lists the choices).
     """
-    if is_unknown(value):
+    key = text_key(value)
+    if key is None:
         return None
-    key = str(value).strip().lower()
     if key not in choices:
         raise InvalidRequest(
-            f"unknown {what} {value!r}; choose one of {sorted(choices)} or leave it empty ({UNKNOWN!r})"
+            f"unknown {what} {echo(value)}; choose one of {sorted(choices)} or leave it empty ({UNKNOWN!r})"
         )
     return key
+
+
+def parse_tabular(
+    value: Mapping[str, Any] | str | None, columns: Sequence[str]
+) -> dict[str, float | None] | None:
+    """A request's tabular features as ``{column: number or None}`` over every one of ``columns``.
+
+    ``value`` is a mapping or its JSON text; None, "" or ``{}`` leave every column missing, as does a
+    column left out or given as None/""/"unknown" (the encoder then applies the training rule: the
+    training median plus a missing flag). Returns None for a model without tabular features.
+
+    Raises:
+        InvalidRequest: not a JSON object, a column the model does not use, a value that is not a finite
+            number, or tabular values for a model trained without them.
+    """
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            value = json.loads(text) if text else None
+        except json.JSONDecodeError as exc:
+            raise InvalidRequest(
+                f'tabular features must be a JSON object like {{"tbp_lv_areaMM2": 3.2}}; got {echo(text)} '
+                f"({exc.msg} at character {exc.pos})"
+            ) from exc
+    if value is None:
+        value = {}
+    if not isinstance(value, Mapping):
+        raise InvalidRequest(
+            f"tabular features must be an object mapping column names to numbers, got {type(value).__name__}"
+        )
+    if not columns:
+        if value:
+            raise InvalidRequest(
+                f"this model uses no tabular features, but {sorted(map(str, value))} were given; leave them out"
+            )
+        return None
+    unknown = sorted(str(k) for k in value if k not in columns)
+    if unknown:
+        raise InvalidRequest(
+            f"unknown tabular features {[echo(k) for k in unknown]}; this model uses {list(columns)}"
+        )
+    out: dict[str, float | None] = {}
+    for column in columns:
+        raw = value.get(column)
+        if is_missing(raw):
+            out[column] = None
+            continue
+        try:
+            number = float(str(raw).strip()) if isinstance(raw, str) else float(raw)
+        except (TypeError, ValueError):
+            number = math.nan
+        if isinstance(raw, bool) or not math.isfinite(number):
+            raise InvalidRequest(
+                f"tabular feature {column} must be a finite number, got {echo(raw)}; enter a number or leave it out"
+            )
+        out[column] = number
+    return out
 
 
 def parse_cam_method(value: str | None, *, default: str) -> str | None:
@@ -497,7 +691,9 @@ def parse_cam_method(value: str | None, *, default: str) -> str | None:
     if key in {NO_CAM, "off"}:
         return None
     if key not in CAM_METHODS:
-        raise InvalidRequest(f"unknown explanation method {value!r}; choose one of {[*CAM_METHODS, NO_CAM]}")
+        raise InvalidRequest(
+            f"unknown explanation method {echo(value)}; choose one of {[*CAM_METHODS, NO_CAM]}"
+        )
     return key
 
 
@@ -512,64 +708,7 @@ def parse_target_layer(value: str | None, choices: Sequence[str]) -> str:
     name = str(value).strip()
     if name not in choices:
         raise InvalidRequest(
-            f"unknown CAM target layer {name!r} for this model (or one whose feature map is too coarse at the "
+            f"unknown CAM target layer {echo(name)} for this model (or one whose feature map is too coarse at the "
             f"model's input size); choose one of {list(choices)} or leave it empty for the default"
         )
     return name
-
-
-# ---------------------------------------------------------------------- model card (pure)
-HEADLINE_METRICS = (
-    ("auc", "ROC AUC"),
-    ("pauc", "Partial AUC (high-sensitivity region)"),
-    ("sensitivity", "Sensitivity at the threshold"),
-    ("specificity", "Specificity at the threshold"),
-    ("brier", "Brier score (lower is better)"),
-    ("ece", "Calibration error, ECE (lower is better)"),
-)
-"""Metrics the model card shows, in order, as ``(key in the manifest's metrics, label)``."""
-
-
-@dataclass(frozen=True)
-class MetricLine:
-    """One metric of the bundle: point estimate and bootstrap CI (bounds None when not estimable)."""
-
-    name: str
-    value: float
-    lo: float | None
-    hi: float | None
-
-    def text(self, digits: int = 3) -> str:
-        if self.lo is None or self.hi is None:
-            return f"{self.value:.{digits}f} (no CI)"
-        return f"{self.value:.{digits}f} (95% CI {self.lo:.{digits}f}-{self.hi:.{digits}f})"
-
-
-def metric_line(metrics: Mapping[str, Any], key: str, name: str) -> MetricLine | None:
-    """Read ``metrics[key]`` in the evaluation report's shape ``{"value", "lo", "hi"}``.
-
-    Returns None when the bundle has no such metric (or no point value for it).
-
-    Raises:
-        ValueError: the entry has another shape (the bundle was not exported from an evaluation report).
-    """
-    entry = metrics.get(key)
-    if entry is None:
-        return None
-    if not isinstance(entry, Mapping) or "value" not in entry:
-        raise ValueError(
-            f"bundle metric {key!r} is {entry!r}, expected {{'value': .., 'lo': .., 'hi': ..}} as written by "
-            "the evaluation report; re-export the bundle from an EvaluationReport"
-        )
-    if entry["value"] is None:
-        return None
-    lo, hi = entry.get("lo"), entry.get("hi")
-    return MetricLine(
-        name, float(entry["value"]), None if lo is None else float(lo), None if hi is None else float(hi)
-    )
-
-
-def headline_metrics(metrics: Mapping[str, Any]) -> list[MetricLine]:
-    """The ``HEADLINE_METRICS`` the bundle has, in order."""
-    lines = [metric_line(metrics, key, name) for key, name in HEADLINE_METRICS]
-    return [line for line in lines if line is not None]

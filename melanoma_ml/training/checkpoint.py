@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from torch import nn
 
 from melanoma_ml.atomic import atomic_directory, atomic_write_bytes, atomic_write_json
+from melanoma_ml.errors import InputFileNotFoundError, InputValueError
 from melanoma_ml.spec import ModelSpec
 from melanoma_ml.weights import WEIGHTS_FILE, WeightsError, load_weights, save_weights
 
@@ -36,28 +37,32 @@ def save_checkpoint(
         spec: The spec that rebuilds ``net``.
         info: Small JSON-able facts (strict JSON: NaN is stored as null, unknown objects are refused).
         extra_files: Further files to store beside the checkpoint, ``{file name: bytes}`` (e.g. the fold's
-            ``oof.parquet``, ``history.csv``, ``result.json``).
+            ``oof.parquet``, ``history.csv``, ``result.json``); a name may hold sub-folders in POSIX form
+            (``logs/events.out.tfevents...``), created as needed.
 
     Returns:
         ``out_dir`` as a ``Path``.
 
     Raises:
-        ValueError: an extra file name is a path or collides with a checkpoint file.
+        ValueError: an extra file name is absolute, leaves ``out_dir`` or collides with a checkpoint file.
         TypeError: ``info`` holds something JSON cannot store (the message names its key).
     """
     out_dir = Path(out_dir)
     extra_files = dict(extra_files or {})
     for name in extra_files:
-        if Path(name).name != name or name in ("", ".", "..") or name in CHECKPOINT_FILES:
+        parts = PurePosixPath(name).parts
+        escapes = name.startswith("/") or "\\" in name or ".." in parts
+        if not parts or escapes or parts[0] in CHECKPOINT_FILES:
             raise ValueError(
-                f"extra file name {name!r} must be a plain file name other than {list(CHECKPOINT_FILES)}; "
-                "rename it"
+                f"extra file name {name!r} must be a plain file name (or a relative POSIX path without "
+                f"'..') other than {list(CHECKPOINT_FILES)}; rename it"
             )
     with atomic_directory(out_dir) as tmp:
         save_weights(tmp / WEIGHTS_FILE, net)
         atomic_write_json(tmp / SPEC_FILE, spec.to_dict())
         atomic_write_json(tmp / INFO_FILE, dict(info))
         for name, data in extra_files.items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(tmp / name, data)
     return out_dir
 
@@ -69,7 +74,7 @@ def read_spec(checkpoint_dir: str | Path) -> ModelSpec:
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc}); re-run training for this fold") from exc
+        raise InputValueError(f"{path} is not valid JSON ({exc}); re-run training for this fold") from exc
     return ModelSpec.from_dict(data)
 
 
@@ -96,10 +101,12 @@ def load_checkpoint(checkpoint_dir: str | Path) -> tuple[nn.Module, ModelSpec, d
 
 def _require_files(folder: Path, names: tuple[str, ...]) -> None:
     if not folder.is_dir():
-        raise FileNotFoundError(f"checkpoint folder not found: {folder}; train this fold first (train_fold)")
+        raise InputFileNotFoundError(
+            f"checkpoint folder not found: {folder}; train this fold first (train_fold)"
+        )
     missing = [name for name in names if not (folder / name).is_file()]
     if missing:
-        raise FileNotFoundError(
+        raise InputFileNotFoundError(
             f"checkpoint {folder} is incomplete: missing {', '.join(missing)}; "
             "re-run training for this fold (an interrupted write never leaves a partial folder)"
         )

@@ -1,15 +1,22 @@
-"""A dataset over the pre-resized image cache plus encoded metadata, and its data loaders."""
+"""A dataset over the pre-resized image cache plus encoded metadata, and its data loaders.
+
+With ``training.negative_ratio`` the training loader draws, each epoch, every positive and ``ratio`` times
+as many negatives (``NegativeDownsampler``); validation loaders always read every row.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_worker_info
 
 from melanoma_ml.config import TrainingConfig
+from melanoma_ml.errors import InputValueError
+from melanoma_ml.training.hardware import resolve_hardware
 
 Transform = Callable[..., dict[str, Any]]
 """An albumentations-style callable: ``transform(image=array)["image"] -> tensor``."""
@@ -53,13 +60,13 @@ class MelanomaDataset(Dataset):
                 "one entry per example"
             )
         if len(rows) and (rows.min() < 0 or rows.max() >= len(images)):
-            raise ValueError(
+            raise InputValueError(
                 f"image rows must lie in [0, {len(images)}); got {rows.min()}..{rows.max()}; "
                 "the image cache does not match the table, rebuild it"
             )
         bad = ~np.isin(targets, (0.0, 1.0))
         if bad.any():
-            raise ValueError(
+            raise InputValueError(
                 f"targets must be 0 or 1; example {int(np.flatnonzero(bad)[0])} has {targets[bad][0]}"
             )
         self.images = images
@@ -114,23 +121,105 @@ def _reseed_worker_transform(worker_id: int) -> None:
         transform.set_random_seed(info.seed % 2**32)
 
 
+class NegativeDownsampler(Sampler[int]):
+    """Per-epoch negative down-sampling: every positive plus ``ratio x positives`` negatives, shuffled.
+
+    The negatives of successive epochs are successive slices of a stream of seeded permutations of all
+    negatives, so consecutive epochs share no negative until every negative has been used once (then a
+    new permutation starts). The sequence depends only on ``(seed, epoch)``; Lightning calls
+    ``set_epoch`` at the start of every training epoch, as it does for a ``DistributedSampler``.
+
+    Args:
+        targets: ``(n,)`` 0/1 labels of the dataset.
+        ratio: Negatives per positive per epoch (> 0); when that is at least the number of negatives,
+            every negative is used every epoch.
+        seed: Seeds the draws and the order.
+
+    Raises:
+        InputValueError: no positive example (nothing to balance against) or a ratio that is not > 0.
+    """
+
+    def __init__(self, targets: np.ndarray, ratio: float, seed: int) -> None:
+        targets = np.asarray(targets)
+        if not ratio > 0:
+            raise InputValueError(f"training.negative_ratio must be > 0 (or None for off), got {ratio}")
+        self.positives = np.flatnonzero(targets == 1)
+        self.negatives = np.flatnonzero(targets != 1)
+        if len(self.positives) == 0:
+            raise InputValueError(
+                "training.negative_ratio needs at least one melanoma among the training rows; "
+                "set it to None for this data"
+            )
+        self.n_negatives = min(len(self.negatives), math.ceil(ratio * len(self.positives)))
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.positives) + self.n_negatives
+
+    def epoch_negatives(self, epoch: int) -> np.ndarray:
+        """The negatives (dataset indices) drawn for ``epoch``."""
+        n_all, k = len(self.negatives), self.n_negatives
+        if k == n_all:
+            return self.negatives.copy()
+        start = epoch * k
+        picked: list[np.ndarray] = []
+        while k > 0:
+            cycle, offset = divmod(start, n_all)
+            order = np.random.default_rng([self.seed, cycle]).permutation(n_all)
+            take = order[offset : offset + k]
+            picked.append(self.negatives[take])
+            start += len(take)
+            k -= len(take)
+        return np.concatenate(picked)
+
+    def __iter__(self) -> Iterator[int]:
+        rows = np.concatenate([self.positives, self.epoch_negatives(self.epoch)])
+        order = np.random.default_rng([self.seed, self.epoch, 1]).permutation(len(rows))
+        return iter(rows[order].tolist())
+
+
+def channels_last_collate(batch: list[Any]) -> list[torch.Tensor]:
+    """``default_collate``, with the image batch in channels-last (NHWC) memory format.
+
+    Pinning and ``.to(device)`` keep the layout, so the batch reaches a channels-last network without
+    a conversion on the GPU.
+    """
+    image, *rest = default_collate(batch)
+    return [image.contiguous(memory_format=torch.channels_last), *rest]
+
+
 def make_loader(dataset: MelanomaDataset, training: TrainingConfig, *, shuffle: bool) -> DataLoader:
-    """A loader with ``training.batch_size`` / ``num_workers``; shuffling seeded by ``training.seed``.
+    """A loader with ``training.batch_size``; shuffling seeded by ``training.seed``.
+
+    Workers, pinning, prefetching and the batch memory format come from
+    ``melanoma_ml.training.hardware.resolve_hardware`` (``"auto"`` settings resolved for this machine).
 
     A training loader (``shuffle=True``) drops the last batch only when it would hold a single example:
-    BatchNorm in the metadata MLP cannot train on a batch of one.
+    BatchNorm in the metadata MLP cannot train on a batch of one. With ``training.negative_ratio`` it
+    samples through ``NegativeDownsampler`` (a different draw of negatives each epoch); evaluation
+    loaders (``shuffle=False``) never down-sample.
     """
     if shuffle and len(dataset) < 2:
-        raise ValueError(f"need at least 2 training examples, got {len(dataset)}")
-    workers = training.num_workers
+        raise InputValueError(f"need at least 2 training examples, got {len(dataset)}")
+    sampler = (
+        NegativeDownsampler(dataset.targets, training.negative_ratio, training.seed)
+        if shuffle and training.negative_ratio is not None
+        else None
+    )
+    n_drawn = len(dataset) if sampler is None else len(sampler)
+    plan = resolve_hardware(training)
     return DataLoader(
         dataset,
         batch_size=training.batch_size,
-        shuffle=shuffle,
-        drop_last=shuffle and len(dataset) % training.batch_size == 1,
-        num_workers=workers,
-        persistent_workers=workers > 0,
-        pin_memory=torch.cuda.is_available(),
-        worker_init_fn=_reseed_worker_transform if workers > 0 else None,
+        shuffle=shuffle and sampler is None,
+        sampler=sampler,
+        drop_last=shuffle and n_drawn % training.batch_size == 1,
+        **plan.loader_kwargs(),
+        collate_fn=channels_last_collate if plan.channels_last else None,
+        worker_init_fn=_reseed_worker_transform if plan.num_workers > 0 else None,
         generator=torch.Generator().manual_seed(training.seed),
     )

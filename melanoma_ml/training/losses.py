@@ -9,6 +9,7 @@ from torch import nn
 from torchvision.ops import sigmoid_focal_loss
 
 from melanoma_ml.config import TrainingConfig
+from melanoma_ml.errors import InputValueError
 
 Reduction = Literal["none", "mean", "sum"]
 
@@ -30,11 +31,11 @@ class FocalLoss(nn.Module):
     def __init__(self, alpha: float, gamma: float, reduction: Reduction) -> None:
         super().__init__()
         if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"focal alpha must be in [0, 1], got {alpha}")
+            raise InputValueError(f"focal alpha must be in [0, 1], got {alpha}")
         if gamma < 0:
-            raise ValueError(f"focal gamma must be >= 0, got {gamma}")
+            raise InputValueError(f"focal gamma must be >= 0, got {gamma}")
         if reduction not in ("none", "mean", "sum"):
-            raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+            raise InputValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
         self.alpha = alpha
         self.gamma = gamma
         self.reduction = reduction
@@ -58,4 +59,4 @@ def build_loss(training: TrainingConfig) -> nn.Module:
         return FocalLoss(training.focal_alpha, training.focal_gamma, training.focal_reduction)
     if training.loss == "bce":
         return nn.BCEWithLogitsLoss()
-    raise ValueError(f"unknown loss {training.loss!r}; set training.loss to 'focal' or 'bce'")
+    raise InputValueError(f"unknown loss {training.loss!r}; set training.loss to 'focal' or 'bce'")

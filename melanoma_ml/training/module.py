@@ -17,6 +17,7 @@ from torchmetrics.classification import (
 )
 
 from melanoma_ml.config import TrainingConfig
+from melanoma_ml.errors import InputValueError
 from melanoma_ml.training.losses import build_loss
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -82,7 +83,9 @@ class MelanomaModule(L.LightningModule):
             )
         batch_size = targets.shape[0]
         metrics.update(probs, targets)
-        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, batch_size=batch_size)
+        # sync_dist: a data-parallel fit logs the mean over the ranks (a no-op on one device); the
+        # torchmetrics collection syncs its own state across ranks when it computes.
+        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, batch_size=batch_size, sync_dist=True)
         self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=batch_size)
         return loss
 
@@ -105,4 +108,4 @@ class MelanomaModule(L.LightningModule):
                 "optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "monitor": MONITOR, "interval": "epoch"},
             }
-        raise ValueError(f"unknown scheduler {cfg.scheduler!r}; use 'cosine', 'plateau' or 'none'")
+        raise InputValueError(f"unknown scheduler {cfg.scheduler!r}; use 'cosine', 'plateau' or 'none'")

@@ -6,23 +6,26 @@
     oof.parquet                                 out-of-fold probabilities of the validation rows
     history.csv                                 one row per epoch: epoch, lr, train/loss, val/loss, val/auroc, ...
     result.json                                 ``FoldResult.to_dict()``
+    logs/                                       TensorBoard event files of the fit (``tensorboard --logdir``)
 
 All of them appear at once: the folder is built in a temp folder and renamed into place
-(``checkpoint.save_checkpoint(..., extra_files=...)``), so a failed run leaves the previous fold intact.
+(``checkpoint.save_checkpoint(..., extra_files=...)``), so a failed run leaves the previous fold intact, and
+the temp folder of a run killed mid-write (``kill -9``, out of memory) is swept by the next write of that fold.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import math
+import os
+import tempfile
 import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -31,12 +34,16 @@ import numpy as np
 import pandas as pd
 import torch
 from lightning.pytorch.callbacks import EarlyStopping
+from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader
 
 from melanoma_ml import schema
+from melanoma_ml.artifacts import artifact_paths
 from melanoma_ml.atomic import parquet_bytes, to_json_text
-from melanoma_ml.config import PipelineConfig
+from melanoma_ml.config import PipelineConfig, TrainingConfig
+from melanoma_ml.devices import training_placement
+from melanoma_ml.errors import InputFileNotFoundError, InputStateError, InputValueError
 from melanoma_ml.features import MetadataEncoder
 from melanoma_ml.folds import split_masks
 from melanoma_ml.images.transforms import eval_transform, train_transform
@@ -44,12 +51,15 @@ from melanoma_ml.model import build_model, normalization_for
 from melanoma_ml.spec import ModelSpec
 from melanoma_ml.training.checkpoint import read_spec, save_checkpoint
 from melanoma_ml.training.data import MelanomaDataset, make_loader
+from melanoma_ml.training.hardware import resolve_hardware
 from melanoma_ml.training.module import MONITOR, MelanomaModule
 from melanoma_ml.weights import weights_bytes
 
 OOF_FILE = "oof.parquet"
 HISTORY_FILE = "history.csv"
 RESULT_FILE = "result.json"
+LOGS_DIR = "logs"
+"""Sub-folder of a fold's checkpoint folder holding its TensorBoard event files (one run per fit)."""
 PROB = "prob"
 BACKBONE = "backbone"
 
@@ -100,6 +110,8 @@ class FoldResult:
         wall_time_s: The ``train_fold`` call up to saving (training, prediction, serialization).
         oof: Out-of-fold predictions (``OOF_COLUMNS``), one row per validation image.
         history: One row per epoch (``epoch``, ``lr``, ``train/loss``, ``val/loss``, ``val/auroc``, ...).
+        devices: Where it trained: the leased ``training.device_pool`` names (``cuda:1``), else the torch
+            devices Lightning used (``cpu``); one entry per rank of a data-parallel fit.
     """
 
     backbone: str
@@ -116,6 +128,12 @@ class FoldResult:
     oof: pd.DataFrame
     history: pd.DataFrame
     spec: ModelSpec
+    devices: list[str] = field(default_factory=list)
+
+    @property
+    def logs_dir(self) -> Path:
+        """The fold's TensorBoard event files (``tensorboard --logdir`` it, or the checkpoints folder)."""
+        return self.checkpoint_dir / LOGS_DIR
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe summary (without the DataFrames)."""
@@ -132,6 +150,7 @@ class FoldResult:
             "n_train": self.n_train,
             "n_val": self.n_val,
             "spec": self.spec.to_dict(),
+            "devices": list(self.devices),
         }
 
     @classmethod
@@ -140,7 +159,7 @@ class FoldResult:
         out_dir = Path(out_dir)
         result_path = out_dir / RESULT_FILE
         if not result_path.is_file():
-            raise FileNotFoundError(
+            raise InputFileNotFoundError(
                 f"{result_path} not found: the fold in {out_dir} never finished training; run train_fold again"
             )
         data = json.loads(result_path.read_text())
@@ -159,6 +178,7 @@ class FoldResult:
             oof=pd.read_parquet(out_dir / OOF_FILE),
             history=pd.read_csv(out_dir / HISTORY_FILE),
             spec=read_spec(out_dir),
+            devices=[str(d) for d in data.get("devices", [])],  # absent in folds trained before leases
         )
 
 
@@ -173,10 +193,10 @@ def split_fold(table: pd.DataFrame, fold: int | str) -> tuple[pd.DataFrame, pd.D
     try:
         fold = int(fold)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"fold must be an integer fold number, got {fold!r}") from exc
+        raise InputValueError(f"fold must be an integer fold number, got {fold!r}") from exc
     missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
     if missing:
-        raise ValueError(
+        raise InputValueError(
             f"table is missing columns {missing}; pass the cleaned table after assign_folds "
             f"(columns {list(REQUIRED_COLUMNS)})"
         )
@@ -186,7 +206,7 @@ def split_fold(table: pd.DataFrame, fold: int | str) -> tuple[pd.DataFrame, pd.D
         classes = set(pd.to_numeric(part[schema.TARGET], errors="coerce").dropna().astype(int))
         if classes != {0, 1}:
             lacking = "melanoma" if 1 not in classes else "benign lesions"
-            raise ValueError(
+            raise InputValueError(
                 f"fold {fold} has no {lacking} in {name} ({len(part)} rows, classes {sorted(classes)}); "
                 "use fewer folds (data.n_folds) or add data so every fold holds both classes"
             )
@@ -194,10 +214,16 @@ def split_fold(table: pd.DataFrame, fold: int | str) -> tuple[pd.DataFrame, pd.D
 
 
 class _EpochRecorder(L.Callback):
-    """Per-epoch history, the best epoch's weights (kept in memory) and the training throughput."""
+    """Per-epoch history, the best epoch's weights (kept in memory) and the training throughput.
 
-    def __init__(self, monitor: str) -> None:
+    Under ``ddp_spawn``/``ddp_fork`` the fit runs in child processes and Lightning hands back only the
+    last weights and metrics, not callbacks: rank 0 then saves this recorder's state to ``handoff`` at
+    the end of the fit and the parent reads it back with ``adopt``.
+    """
+
+    def __init__(self, monitor: str, handoff: Path | None = None) -> None:
         self.monitor = monitor
+        self.handoff = handoff
         self.rows: list[dict[str, float]] = []
         self.best_score = -math.inf
         self.best_epoch = 0
@@ -214,7 +240,8 @@ class _EpochRecorder(L.Callback):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self.train_images += int(batch[0].shape[0])
+        # Every rank trains an equal share (the distributed sampler pads), so rank 0's count x world size.
+        self.train_images += int(batch[0].shape[0]) * trainer.world_size
 
     def _stop_clock(self, pl_module: L.LightningModule) -> None:
         if self._started is None:
@@ -239,10 +266,48 @@ class _EpochRecorder(L.Callback):
             self.best_epoch = epoch
             self.best_state = {k: v.detach().cpu().clone() for k, v in pl_module.net.state_dict().items()}
 
+    _HANDED_OVER = ("rows", "best_score", "best_epoch", "best_state", "train_seconds", "train_images")
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.handoff is not None and trainer.is_global_zero:
+            torch.save({name: getattr(self, name) for name in self._HANDED_OVER}, self.handoff)
+
+    def adopt(self, path: Path) -> None:
+        """Take over the state rank 0 saved at ``path`` (the parent of a spawned fit)."""
+        if not path.is_file():
+            raise InputStateError(
+                f"the data-parallel fit ended without rank 0's training record {path}; see the rank logs"
+            )
+        for name, value in torch.load(path, weights_only=False).items():
+            setattr(self, name, value)
+
     def history(self) -> pd.DataFrame:
         frame = pd.DataFrame(self.rows)
         first = [c for c in ("epoch", "lr", "train/loss", "val/loss", MONITOR) if c in frame.columns]
         return frame[first + sorted(c for c in frame.columns if c not in first)]
+
+
+class _FoldData(L.LightningDataModule):
+    """The fold's loaders, built where the fit runs.
+
+    A data-parallel fit (``ddp_spawn``) pickles what ``fit`` receives into each rank. A ready
+    ``DataLoader`` carries a ``torch.Generator`` whose pickled state is a temporary tensor: shared with
+    the child through a file descriptor that is closed again before the child starts ("bad value(s) in
+    fds_to_keep"). Datasets pickle cleanly (the image cache as its file name), so the ranks get those and
+    build the same seeded loaders themselves.
+    """
+
+    def __init__(
+        self, train_set: MelanomaDataset, val_set: MelanomaDataset, training: TrainingConfig
+    ) -> None:
+        super().__init__()
+        self.train_set, self.val_set, self.training = train_set, val_set, training
+
+    def train_dataloader(self) -> DataLoader:
+        return make_loader(self.train_set, self.training, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return make_loader(self.val_set, self.training, shuffle=False)
 
 
 @contextmanager
@@ -276,6 +341,23 @@ def _quiet_lightning() -> Iterator[None]:
         rank_zero.setLevel(level)
 
 
+def _torch_devices(trainer: L.Trainer) -> list[str]:
+    """The devices Lightning trained on, one per rank (``["cpu"]``, ``["cuda:0", "cuda:1"]``)."""
+    parallel = getattr(trainer.strategy, "parallel_devices", None)
+    return [str(d) for d in parallel] if parallel else [str(trainer.strategy.root_device)]
+
+
+def _folder_files(folder: Path, prefix: str) -> dict[str, bytes]:
+    """Every file under ``folder`` as ``{"<prefix>/<relative POSIX path>": bytes}`` (none if it is absent)."""
+    if not folder.is_dir():
+        return {}
+    return {
+        f"{prefix}/{path.relative_to(folder).as_posix()}": path.read_bytes()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
+
+
 def predict_probabilities(net: nn.Module, loader: DataLoader, device: torch.device) -> np.ndarray:
     """Melanoma probabilities for every example of ``loader``, in order (eval mode, no TTA)."""
     net.eval().to(device)
@@ -305,28 +387,30 @@ def train_fold(
         fold: The validation fold.
         table: Cleaned, folded table (``REQUIRED_COLUMNS``; ``is_external`` rows are train-only).
         cache: The image cache holding every image of ``table`` at the training size.
-        out_dir: Output folder; replaced atomically, nothing is written outside it.
+        out_dir: Output folder; replaced atomically. Nothing else is written but, with a device pool
+            (``training.device_pool``), the lease's lock file under ``<artifact_root>/locks/``.
         progress_bar: Show Lightning's progress bar (off for logs and tests).
+
+    The fit holds its devices' leases (``melanoma_ml.devices``) from the first epoch to the last
+    validation prediction; with ``training.devices`` above 1 it runs data-parallel (``ddp_spawn``).
 
     Raises:
         ValueError: the fold cannot be trained (see ``split_fold``).
+        DeviceLeaseTimeout: no free device within ``training.device_wait_s``.
     """
     started = time.perf_counter()
     out_dir = Path(out_dir)
     cfg = config.training
     train_rows, val_rows = split_fold(table, fold)
     fold = int(fold)
-    encoder = MetadataEncoder.fit(train_rows)
+    encoder = MetadataEncoder.fit(train_rows, tabular=config.model.tabular_features)
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     model_config = config.model_for(backbone)
     net = build_model(model_config, encoder.n_features)
     norm = normalization_for(net.backbone)
     spec = ModelSpec(
-        backbone=backbone,
-        meta_hidden=list(model_config.meta_hidden),
-        meta_dropout=model_config.meta_dropout,
-        head_dropout=model_config.head_dropout,
+        network=model_config,
         image_size=int(cache.size),
         mean=norm["mean"],
         std=norm["std"],
@@ -349,39 +433,58 @@ def train_fold(
         eval_transform(spec.image_size, spec.mean, spec.std),
     )
 
-    recorder = _EpochRecorder(MONITOR)
-    with _restoring_torch_determinism(), _quiet_lightning():
-        trainer = L.Trainer(
-            max_epochs=cfg.epochs,
-            accelerator=cfg.accelerator,
-            devices=cfg.devices,
-            precision=cfg.precision,
-            callbacks=[
-                recorder,
-                EarlyStopping(monitor=MONITOR, mode="max", patience=cfg.early_stopping_patience),
-            ],
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=progress_bar,
-            enable_model_summary=False,
-            limit_train_batches=cfg.limit_train_batches,
-            num_sanity_val_steps=0,
-            deterministic="warn",
-            default_root_dir=out_dir,
+    holder = f"{backbone} fold {fold} (pid {os.getpid()})"
+    with (
+        training_placement(cfg, artifact_paths(config).locks, holder=holder) as placement,
+        tempfile.TemporaryDirectory(prefix="melanoma-fit-") as scratch,
+    ):
+        recorder = _EpochRecorder(MONITOR)
+        hardware = resolve_hardware(cfg, placement.accelerator)
+        if hardware.channels_last:  # the loaders hand over channels-last batches too (make_loader)
+            net = net.to(memory_format=torch.channels_last)
+        with _restoring_torch_determinism(), _quiet_lightning():
+            trainer = L.Trainer(
+                max_epochs=cfg.epochs,
+                accelerator=placement.accelerator,
+                devices=placement.devices,
+                strategy=placement.strategy,
+                precision=hardware.precision,
+                callbacks=[
+                    recorder,
+                    EarlyStopping(monitor=MONITOR, mode="max", patience=cfg.early_stopping_patience),
+                ],
+                # Epoch-level scalars only (the module logs on_epoch); written to scratch, stored with the fold.
+                logger=TensorBoardLogger(scratch, name=LOGS_DIR, version="", default_hp_metric=False),
+                log_every_n_steps=1,
+                enable_checkpointing=False,
+                enable_progress_bar=progress_bar,
+                enable_model_summary=False,
+                limit_train_batches=cfg.limit_train_batches,
+                num_sanity_val_steps=0,
+                deterministic="warn",
+                default_root_dir=out_dir,
+            )
+            if trainer.world_size > 1:
+                recorder.handoff = Path(scratch) / "recorder.pt"
+            trainer.fit(MelanomaModule(net, cfg), datamodule=_FoldData(train_set, val_set, cfg))
+        if recorder.handoff is not None:
+            recorder.adopt(recorder.handoff)
+        if recorder.best_state is None:
+            raise InputStateError(
+                f"no epoch of {backbone} fold {fold} produced a finite {MONITOR}; check the validation labels "
+                "and lower training.learning_rate"
+            )
+        net.load_state_dict(recorder.best_state)
+        # Validation predictions come from this one process over the whole validation set, after the fit,
+        # also for a data-parallel fit: its distributed sampler pads and shards the rows, so gathering them
+        # from the ranks would need de-duplication and re-ordering for the same numbers (one cheap pass).
+        # Only this process writes the checkpoint below: spawned ranks have exited by now.
+        probs = predict_probabilities(
+            net, make_loader(val_set, cfg, shuffle=False), trainer.strategy.root_device
         )
-        trainer.fit(
-            MelanomaModule(net, cfg),
-            train_dataloaders=make_loader(train_set, cfg, shuffle=True),
-            val_dataloaders=make_loader(val_set, cfg, shuffle=False),
-        )
-    if recorder.best_state is None:
-        raise RuntimeError(
-            f"no epoch of {backbone} fold {fold} produced a finite {MONITOR}; check the validation labels "
-            "and lower training.learning_rate"
-        )
-    net.load_state_dict(recorder.best_state)
-    probs = predict_probabilities(net, make_loader(val_set, cfg, shuffle=False), trainer.strategy.root_device)
-    net.cpu()
+        net.cpu()
+        devices = list(placement.leased) or _torch_devices(trainer)
+        logs = _folder_files(Path(scratch) / LOGS_DIR, LOGS_DIR)
 
     oof = val_rows[[c for c in OOF_COLUMNS if c in val_rows.columns]].reset_index(drop=True).copy()
     oof[PROB] = probs.astype(np.float64)
@@ -406,6 +509,7 @@ def train_fold(
         oof=oof,
         history=history,
         spec=spec,
+        devices=devices,
     )
     save_checkpoint(  # one atomic folder: the previous fold stays intact until all of it is written
         out_dir,
@@ -416,44 +520,7 @@ def train_fold(
             OOF_FILE: parquet_bytes(oof),
             HISTORY_FILE: history.to_csv(index=False).encode("utf-8"),
             RESULT_FILE: to_json_text(result.to_dict(), RESULT_FILE).encode("utf-8"),
+            **logs,
         },
     )
     return result
-
-
-def plot_training_curves(history: pd.DataFrame, title: str | None = None) -> bytes:
-    """Loss and AUROC per epoch (train and validation) as PNG bytes.
-
-    Drawn on matplotlib's object-oriented ``Figure`` with an Agg canvas: no pyplot, no global backend
-    change, so it is safe inside a long-running process (Dagster, the app).
-
-    Raises:
-        ValueError: ``history`` has no ``epoch`` column or no rows.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    if "epoch" not in history.columns or history.empty:
-        raise ValueError(
-            "history needs an 'epoch' column and at least one row (history.csv of a trained fold)"
-        )
-    figure = Figure(figsize=(9, 3.5), dpi=100)
-    FigureCanvasAgg(figure)
-    loss_ax, auc_ax = figure.subplots(1, 2)
-    for ax, metric in ((loss_ax, "loss"), (auc_ax, "auroc")):
-        for stage in ("train", "val"):
-            column = f"{stage}/{metric}"
-            if column in history.columns:
-                ax.plot(history["epoch"], history[column], marker="o", label=column)
-        ax.set_xlabel("epoch")
-        ax.set_title(metric)
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend()
-    auc_ax.set_ylim(0, 1)
-    if title:
-        figure.suptitle(title)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    return buffer.getvalue()

@@ -65,9 +65,39 @@ def test_each_evaluation_depends_on_exactly_its_backbones_folds() -> None:
     assert graph.get(evaluation).parent_keys == {dg.AssetKey("fold_model")}
 
 
-def test_graph_has_jobs_checks_schedule_sensor_and_training_pool() -> None:
+JOB_ASSETS = {
+    "prepare_data": {"source_metadata", "clean_metadata", "quarantined_rows", "patient_folds", "image_cache"},
+    "train_models": {"fold_model"},
+    "evaluate_and_promote": {
+        "evaluation/test_efficientnet",
+        "test_evaluation",
+        "tabular_baseline",
+        "leaderboard",
+        "serving_model",
+        "gradcam_gallery",
+    },
+}
+"""Each job of the ``tiny`` profile and the assets it materializes."""
+
+
+@pytest.mark.parametrize(("job_name", "assets"), sorted(JOB_ASSETS.items()))
+def test_each_job_resolves_with_its_asset_selection(job_name: str, assets: set[str]) -> None:
+    job = build_definitions("tiny").resolve_job_def(job_name)
+    assert job.name == job_name
+    assert {key.to_user_string() for key in job.asset_layer.selected_asset_keys} == assets
+    if job_name == "train_models":  # the only partitioned job: one run per backbone x fold
+        assert set(job.partitions_def.get_partition_keys()) == {"test_efficientnet|0", "test_efficientnet|1"}
+    else:
+        assert job.partitions_def is None
+
+
+def test_the_jobs_are_exactly_ours() -> None:
+    names = {job.name for job in build_definitions("tiny").resolve_all_job_defs()}
+    assert {n for n in names if not n.startswith("__")} == set(JOB_ASSETS)
+
+
+def test_graph_has_checks_schedule_sensor_and_training_pool() -> None:
     defs = build_definitions("tiny")
-    assert {j for j in ("prepare_data", "train_models", "evaluate_and_promote") if defs.resolve_job_def(j)}
     check_names = {key.name for key in defs.resolve_asset_graph().asset_check_keys}
     assert {
         "clean_metadata_schema",
@@ -87,6 +117,7 @@ def test_graph_has_jobs_checks_schedule_sensor_and_training_pool() -> None:
         "patient_folds",
         "image_cache",
         "fold_model",
+        "tabular_baseline",
         "leaderboard",
         "serving_model",
     ):

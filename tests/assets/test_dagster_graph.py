@@ -35,6 +35,7 @@ def test_whole_graph_materializes_and_serves_a_verified_bundle(tmp_path: Path) -
         "folds_leak_free_and_balanced",
         "checkpoint_loads",
         "report_complete",
+        "test_split_untouched",
         "served_bundle_reproduces",
     }
     assert all(e.passed for e in evaluations), [

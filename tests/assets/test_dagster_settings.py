@@ -14,8 +14,8 @@ from melanoma_assets.resources import (
     PipelineSettings,
     TrainingHardware,
 )
+from melanoma_ml.artifacts import artifact_paths
 from melanoma_ml.config import load_config
-from melanoma_ml.pipeline import artifact_paths
 
 
 def settings(tmp_path: Path, **kwargs) -> PipelineSettings:

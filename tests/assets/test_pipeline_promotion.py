@@ -11,7 +11,9 @@ import pandas as pd
 import pytest
 
 from melanoma_ml import pipeline
+from melanoma_ml.atomic import sha256_file
 from melanoma_ml.config import load_config
+from melanoma_ml.serving.champion import OOF_KEEP, PromotionOutcome
 
 N_PATIENTS = 60
 
@@ -50,9 +52,7 @@ def fold_results(tmp_path: Path, config, backbone: str, skill: float, tag: str) 
     model_config = config.model_for(backbone)
     net = build_model(model_config, encoder.n_features)
     norm = normalization_for(net.backbone)
-    spec = ModelSpec(
-        backbone, list(model_config.meta_hidden), 0.0, 0.0, 32, norm["mean"], norm["std"], encoder
-    )
+    spec = ModelSpec(model_config, 32, norm["mean"], norm["std"], encoder)
     results = []
     for fold in (0, 1):
         out = save_checkpoint(tmp_path / tag / f"fold{fold}", net, spec, {"fold": fold})
@@ -62,7 +62,7 @@ def fold_results(tmp_path: Path, config, backbone: str, skill: float, tag: str) 
                 backbone,
                 fold,
                 out,
-                pipeline.sha256_file(out / "weights.safetensors"),
+                sha256_file(out / "weights.safetensors"),
                 1,
                 0.8 + fold / 100,
                 1,
@@ -78,9 +78,7 @@ def fold_results(tmp_path: Path, config, backbone: str, skill: float, tag: str) 
     return results
 
 
-def offer(
-    tmp_path: Path, config, backbone: str, skill: float, tag: str, results=None
-) -> pipeline.PromotionOutcome:
+def offer(tmp_path: Path, config, backbone: str, skill: float, tag: str, results=None) -> PromotionOutcome:
     results = results or fold_results(tmp_path, config, backbone, skill, tag)
     report = pipeline.evaluate_backbone(config, backbone, results)
     board = pipeline.rank_backbones(config, {backbone: report})
@@ -114,7 +112,7 @@ def test_gate_keeps_the_champion_against_a_worse_candidate_and_promotes_a_better
     better = offer(tmp_path, config, "test_efficientnet", skill=0.9, tag="better")
     assert better.decision.promote, better.decision.reason
     assert better.champion_before == "v0001" and registry.current() == better.registered == "v0002"
-    assert registry.manifest("v0002")["extra"]["backbone"] == "test_efficientnet"
+    assert registry.manifest("v0002").backbone == "test_efficientnet"
 
     assert registry.rollback() == "v0001"
     assert registry.current() == "v0001"
@@ -158,49 +156,15 @@ def test_the_bundle_threshold_and_metrics_are_the_served_fold_models_own(tmp_pat
 
     own = results[1].oof
     y, p = own["target"].to_numpy(), own["prob"].to_numpy()
-    assert manifest["threshold"] == threshold_for_sensitivity(y, p, config.evaluation.target_sensitivity)
-    assert manifest["metrics"]["auc"]["value"] == pytest.approx(roc_auc(y, p))
-    assert manifest["threshold"] != pooled.threshold.value  # the pooled OOF of both folds gives another one
-    assert manifest["metrics"]["auc"]["value"] != pytest.approx(pooled.metric("auc").value)
-    assert outcome.decision.evidence["candidate_estimate"]["value"] == manifest["metrics"]["auc"]["value"]
-    stored = pd.DataFrame(manifest["extra"]["oof"])
+    assert manifest.threshold == threshold_for_sensitivity(y, p, config.evaluation.target_sensitivity)
+    assert manifest.metrics["auc"].value == pytest.approx(roc_auc(y, p))
+    assert manifest.metrics["auc"].level == config.evaluation.ci_level
+    assert manifest.threshold != pooled.threshold.value  # the pooled OOF of both folds gives another one
+    assert manifest.metrics["auc"].value != pytest.approx(pooled.metric("auc").value)
+    assert outcome.decision.evidence["candidate_estimate"]["value"] == manifest.metrics["auc"].value
+    assert (manifest.fold, manifest.checkpoint_sha256) == (1, results[1].weights_sha256)
+    stored = manifest.oof_frame()
     assert stored["image_name"].tolist() == own["image_name"].tolist() and set(stored["fold"]) == {1}
-
-
-def champion_manifest(oof: pd.DataFrame) -> dict:
-    return {"extra": {"fold": 0, "oof": {c: oof[c].tolist() for c in pipeline.OOF_KEEP}}}
-
-
-def test_paired_difference_uses_the_candidates_current_labels(tmp_path: Path) -> None:
-    config = load_config("tiny", {"artifact_root": str(tmp_path), "evaluation": {"n_bootstrap": 100}})
-    table = rows()
-    rng = np.random.default_rng(3)
-    candidate = table.assign(prob=np.clip(0.6 * table["target"] + 0.4 * rng.random(len(table)), 0, 1))
-    champion = table.assign(prob=rng.random(len(table)))
-    champion = champion[champion["fold"] == 0].copy()
-    champion.loc[champion.index[:3], "target"] = 1 - champion.loc[champion.index[:3], "target"]  # since fixed
-
-    difference, note = pipeline.paired_difference_with_champion(
-        config, candidate, champion_manifest(champion)
-    )
-    assert difference is not None, note
-    assert difference["n"] == len(champion)
-    shared = candidate[candidate["fold"] == 0]
-    assert "shared images" in note and f"{int(shared['target'].sum())} melanoma" in note
-
-
-@pytest.mark.parametrize(
-    ("manifest", "message"),
-    [
-        (lambda oof: {"extra": {"fold": 0}}, "stores no out-of-fold predictions"),
-        (lambda oof: champion_manifest(oof.head(8)), "a paired AUC needs at least 5 of each class"),
-    ],
-)
-def test_paired_difference_is_refused_without_enough_shared_cases(tmp_path: Path, manifest, message) -> None:
-    config = load_config("tiny", {"artifact_root": str(tmp_path)})
-    table = rows().assign(prob=0.5)
-    difference, note = pipeline.paired_difference_with_champion(config, table, manifest(table))
-    assert difference is None and message in note
 
 
 @pytest.mark.slow
@@ -221,15 +185,13 @@ def test_gallery_shows_the_bundles_own_validation_images(tmp_path: Path, stored_
         )
     table["image_path"] = [str(tmp_path / "img" / f"{n}.png") for n in table["image_name"]]
     own = result.oof  # fold 0's validation rows
-    extra = {"oof": {c: own[c].tolist() for c in pipeline.OOF_KEEP}}
-    if stored_fold is not None:
-        extra["fold"] = stored_fold
+    provenance = {"oof": {c: own[c].tolist() for c in OOF_KEEP}, "fold": stored_fold}
     from melanoma_ml.training.checkpoint import load_checkpoint
 
     net, spec, _ = load_checkpoint(result.checkpoint_dir)
     registry = ModelRegistry(tmp_path / "artifacts" / "registry")
     version = registry.register_bundle(
-        net, spec, threshold=0.5, metrics={}, data_version="d", code_version="c", extra=extra
+        net, spec, threshold=0.5, metrics={}, data_version="d", code_version="c", **provenance
     )
     registry.promote(version)
 

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from app_helpers import free_port, huge_png, launch_local
+from app_helpers import huge_png, launch_local
+from conftest import free_port
 from PIL import Image
 
 pytestmark = [pytest.mark.live, pytest.mark.slow]
@@ -64,7 +65,9 @@ def write_uploads(folder: Path, lesion: Path) -> dict[str, Path]:
 def trained(tmp_path_factory):
     """A tiny training: synthetic data -> clean -> folds -> cache -> one fold -> evaluation -> registry."""
     from melanoma_ml import pipeline
+    from melanoma_ml.artifacts import artifact_paths
     from melanoma_ml.config import load_config
+    from melanoma_ml.metadata.fingerprint import table_fingerprint
     from melanoma_ml.serving.registry import ModelRegistry
     from melanoma_ml.training.checkpoint import load_checkpoint
 
@@ -87,7 +90,7 @@ def trained(tmp_path_factory):
 
     report = evaluate_predictions(result.oof, config.evaluation, name=result.backbone)
     net, spec, _ = load_checkpoint(result.checkpoint_dir)
-    registry = ModelRegistry(pipeline.artifact_paths(config).registry)
+    registry = ModelRegistry(artifact_paths(config).registry)
 
     def register(threshold: float, reason: str) -> str:
         return registry.register_bundle(
@@ -96,7 +99,7 @@ def trained(tmp_path_factory):
             reason=reason,
             threshold=threshold,
             metrics=report.to_dict()["metrics"],
-            data_version=pipeline.table_fingerprint(folds),
+            data_version=table_fingerprint(folds),
             code_version="test",
         )
 

@@ -10,14 +10,13 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT, require
+from conftest import REPO_ROOT, free_port, require
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
@@ -28,12 +27,6 @@ def _pg_bin() -> Path | None:
         return Path(candidates[-1]).parent
     found = shutil.which("initdb")
     return Path(found).parent if found else None
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _as_postgres(args: list[str]) -> list[str]:
@@ -63,7 +56,7 @@ def postgres_server() -> Iterator[dict[str, str]]:
     if os.geteuid() == 0:
         shutil.chown(workdir, "postgres")
         shutil.chown(sockets, "postgres")
-    port = _free_port()
+    port = free_port()
     try:
         subprocess.run(
             _as_postgres([str(bin_dir / "initdb"), "-D", str(data), "-U", "dagster", "--auth=trust"]),

@@ -5,6 +5,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
+import signal
+import subprocess
+import sys
+import time
 from datetime import UTC, date, datetime
 from pathlib import Path
 
@@ -20,6 +25,8 @@ from melanoma_ml.atomic import (
     sha256_file,
     to_jsonable,
 )
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_atomic_write_json_replaces_and_leaves_no_temp(tmp_path):
@@ -183,3 +190,170 @@ def test_atomic_directory_fsyncs_the_files_and_the_parent_after_the_rename(tmp_p
     synced = [name for kind, name in events if kind == "fsync"]
     assert any(name.endswith("sub/a.txt") for name in synced)  # a file written with plain write_text
     assert events.index(("replace", "bundle")) < events.index(("fsync", "."))  # parent synced after
+
+
+# --- leftovers of a writer killed with SIGKILL --------------------------------------------------------------
+
+# A writer that stops inside the atomic block: it reports its temp path in argv[2], then sleeps until killed.
+# ``mode`` picks where it stops: inside ``atomic_directory``, between the two renames of a replacement
+# (the previous folder moved aside, the new one not yet in), or inside ``atomic_write_bytes`` before the rename.
+SLEEPING_WRITER = """
+import os, sys, time
+from pathlib import Path
+from melanoma_ml import atomic
+
+final, report, mode = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+
+def stop(where):
+    report.write_text(str(where))
+    time.sleep(300)
+
+if mode == "directory":
+    with atomic.atomic_directory(final) as tmp:
+        (tmp / "a.txt").write_text("half")
+        stop(tmp)
+elif mode == "between-renames":
+    real_replace = os.replace
+    def replace(src, dst):
+        if Path(dst) == final:
+            stop(src)
+        return real_replace(src, dst)
+    atomic.os.replace = replace
+    with atomic.atomic_directory(final) as tmp:
+        (tmp / "a.txt").write_text("new")
+elif mode == "file":
+    atomic.os.fsync = lambda fd: stop(final)
+    atomic.atomic_write_text(final, "half")
+"""
+
+
+def _start_writer(final: Path, mode: str, tmp_path: Path) -> tuple[subprocess.Popen, list[Path]]:
+    """Start a writer that stops inside its atomic block; returns it and the temp paths beside ``final``."""
+    report = tmp_path / f"report-{mode}-{time.monotonic_ns()}.txt"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    process = subprocess.Popen(
+        [sys.executable, "-c", SLEEPING_WRITER, str(final), str(report), mode],
+        env=env,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 60
+    while not report.exists() or not report.read_text():
+        if process.poll() is not None:
+            pytest.fail(f"the writer exited with {process.returncode} before reaching its atomic block")
+        if time.monotonic() > deadline:
+            _kill(process)
+            pytest.fail("the writer did not reach its atomic block within 60 s")
+        time.sleep(0.05)
+    temps = [p for p in final.parent.iterdir() if p.name.startswith(f".{final.name}.")]
+    report.unlink()
+    return process, temps
+
+
+def _kill(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+
+
+def _listing(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_the_next_writer_sweeps_a_killed_writers_temp_folder(tmp_path):
+    out = tmp_path / "out"
+    final = out / "bundle"
+    with atomic_directory(final) as tmp:
+        (tmp / "a.txt").write_text("old")
+    process, temps = _start_writer(final, "directory", tmp_path)
+    _kill(process)  # kill -9 inside the atomic block
+    assert len(temps) == 1 and temps[0].is_dir() and temps[0].name.endswith(".tmp")
+    assert (final / "a.txt").read_text() == "old"
+
+    with atomic_directory(final) as tmp:
+        (tmp / "a.txt").write_text("new")
+    assert (final / "a.txt").read_text() == "new"
+    assert _listing(out) == ["bundle"]
+
+
+def test_a_live_writers_temp_folder_is_not_swept(tmp_path):
+    out = tmp_path / "out"
+    final = out / "bundle"
+    process, temps = _start_writer(final, "directory", tmp_path)
+    try:
+        with atomic_directory(final) as tmp:
+            (tmp / "a.txt").write_text("mine")
+        assert (final / "a.txt").read_text() == "mine"
+        assert temps[0].is_dir() and (temps[0] / "a.txt").read_text() == "half"
+        assert atomic.sweep_stale_temps(final) == []
+        assert temps[0].is_dir()
+    finally:
+        _kill(process)
+    assert atomic.sweep_stale_temps(final) == [temps[0]]
+    assert _listing(out) == ["bundle"]
+
+
+def test_a_reused_pid_is_told_apart_by_its_start_time(tmp_path):
+    out = tmp_path / "out"
+    final = out / "bundle"
+    process, temps = _start_writer(final, "directory", tmp_path)
+    try:
+        live = temps[0]
+        match = re.search(r"-(\d+)-(\d+)-[a-z0-9_]+\.tmp$", live.name)
+        assert match and int(match.group(1)) == process.pid, live.name
+        # Same (alive) pid, another start time: the leftover of an earlier process that had this pid.
+        reused = out / live.name.replace(f"-{match.group(2)}-", f"-{int(match.group(2)) + 1000}-")
+        reused.mkdir()
+        assert atomic.sweep_stale_temps(final) == [reused]
+        assert live.is_dir() and not reused.exists()
+    finally:
+        _kill(process)
+
+
+def test_sweeping_touches_only_this_targets_temp_names(tmp_path):
+    out = tmp_path / "out"
+    final = out / "bundle"
+    process, temps = _start_writer(final, "directory", tmp_path)
+    _kill(process)
+    dead = temps[0]
+    token = dead.name[len(".bundle.") : -len(".tmp")]
+    keep = [
+        out / f".bundle-2.{token}.tmp",  # another target's leftover
+        out / f".other.{token}.tmp",
+        out / ".bundle.abc123xy.tmp",  # no writer id in the name: whose it is cannot be told, so it stays
+        out / f".bundle.{token}.partial",
+        out / "notes.txt",
+    ]
+    for path in keep:
+        path.mkdir()
+    assert atomic.sweep_stale_temps(final) == [dead]
+    assert _listing(out) == sorted(p.name for p in keep)
+
+
+def test_a_writer_killed_between_the_renames_gets_the_previous_folder_back(tmp_path):
+    out = tmp_path / "out"
+    final = out / "bundle"
+    with atomic_directory(final) as tmp:
+        (tmp / "a.txt").write_text("old")
+    process, _temps = _start_writer(final, "between-renames", tmp_path)
+    _kill(process)
+    assert not final.exists()  # the previous folder is moved aside, the new one is not in place
+    assert len(_listing(out)) == 2
+
+    swept = atomic.sweep_stale_temps(final)
+    assert len(swept) == 2
+    assert (final / "a.txt").read_text() == "old"
+    assert _listing(out) == ["bundle"]
+
+
+def test_the_next_file_writer_sweeps_a_killed_writers_temp_file(tmp_path):
+    out = tmp_path / "out"
+    target = out / "pointer.json"
+    atomic_write_json(target, {"version": "v1"})
+    process, temps = _start_writer(target, "file", tmp_path)
+    _kill(process)
+    assert len(temps) == 1 and temps[0].is_file()
+    assert json.loads(target.read_text()) == {"version": "v1"}
+
+    atomic_write_json(target, {"version": "v2"})
+    assert json.loads(target.read_text()) == {"version": "v2"}
+    assert _listing(out) == ["pointer.json"]

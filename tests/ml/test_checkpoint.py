@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
 
+from melanoma_ml.config import ModelConfig
 from melanoma_ml.features import MetadataEncoder
 from melanoma_ml.spec import ModelSpec
 from melanoma_ml.training import checkpoint as checkpoint_module
@@ -27,10 +33,9 @@ from melanoma_ml.weights import weights_bytes
 def _spec(backbone: str = "test_efficientnet", meta_hidden: list[int] | None = None) -> ModelSpec:
     encoder = MetadataEncoder(age_mean=50.0, age_std=12.0, sexes=("female", "male"), sites=("torso",))
     return ModelSpec(
-        backbone=backbone,
-        meta_hidden=meta_hidden or [8],
-        meta_dropout=0.1,
-        head_dropout=0.1,
+        network=ModelConfig(
+            backbone=backbone, meta_hidden=meta_hidden or [8], meta_dropout=0.1, head_dropout=0.1
+        ),
         image_size=32,
         mean=[0.5, 0.5, 0.5],
         std=[0.25, 0.25, 0.25],
@@ -132,12 +137,19 @@ def test_extra_files_are_written_in_the_same_folder(tmp_path: Path) -> None:
     assert (out / WEIGHTS_FILE).read_bytes() == weights_bytes(net)
 
 
-@pytest.mark.parametrize("name", [WEIGHTS_FILE, "../escape.txt", "sub/x.csv", ""])
+@pytest.mark.parametrize("name", [WEIGHTS_FILE, "../escape.txt", "sub/../../x.csv", "/abs/x.csv", ""])
 def test_bad_extra_file_names_are_refused_before_writing(tmp_path: Path, name: str) -> None:
     spec = _spec()
     with pytest.raises(ValueError, match="must be a plain file name"):
         save_checkpoint(tmp_path / "fold0", spec.build_network(), spec, {}, extra_files={name: b"x"})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_extra_files_may_live_in_sub_folders(tmp_path: Path) -> None:
+    spec = _spec()
+    extra = {"logs/version_0/events.out": b"e", "logs/hparams.yaml": b"h", "result.json": b"{}"}
+    out = save_checkpoint(tmp_path / "fold0", spec.build_network(), spec, {}, extra_files=extra)
+    assert {name: (out / name).read_bytes() for name in extra} == extra
 
 
 def test_a_failed_write_keeps_the_previous_folder_whole(saved, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -173,3 +185,58 @@ def test_info_is_strict_json(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match=r"info\.json\.when holds a set"):
         save_checkpoint(tmp_path / "g", spec.build_network(), spec, {"when": {1}})
     assert not (tmp_path / "g").exists()
+
+
+# A training process killed (kill -9) while it writes a fold folder: it stops after the weights are in the
+# temp folder, reports that it got there, and sleeps until killed.
+KILLED_WHILE_SAVING = """
+import sys, time
+from pathlib import Path
+import torch
+from melanoma_ml.config import ModelConfig
+from melanoma_ml.features import MetadataEncoder
+from melanoma_ml.spec import ModelSpec
+from melanoma_ml.training import checkpoint
+
+out, report = Path(sys.argv[1]), Path(sys.argv[2])
+encoder = MetadataEncoder(age_mean=50.0, age_std=12.0, sexes=("female", "male"), sites=("torso",))
+network = ModelConfig(backbone="test_efficientnet", meta_hidden=[8], meta_dropout=0.1, head_dropout=0.1)
+spec = ModelSpec(network=network, image_size=32, mean=[0.5] * 3, std=[0.25] * 3, encoder=encoder)
+real_save = checkpoint.save_weights
+
+def save_then_hang(path, net):
+    real_save(path, net)
+    report.write_text(str(path))
+    time.sleep(300)
+
+checkpoint.save_weights = save_then_hang
+checkpoint.save_checkpoint(out, spec.build_network(), spec, {"fold": 0, "run": "killed"})
+"""
+
+
+def test_a_fold_write_killed_with_sigkill_is_swept_by_the_next_save(saved, tmp_path: Path) -> None:
+    out, net, spec = saved
+    report = tmp_path / "reached.txt"
+    repo = Path(__file__).resolve().parents[2]
+    process = subprocess.Popen(
+        [sys.executable, "-c", KILLED_WHILE_SAVING, str(out), str(report)],
+        env={**os.environ, "PYTHONPATH": str(repo)},
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (report.exists() and report.read_text()):
+            assert process.poll() is None, f"the writer exited with {process.returncode} before saving"
+            assert time.monotonic() < deadline, "the writer did not reach save_weights within 120 s"
+            time.sleep(0.1)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+    leftover = Path(report.read_text()).parent
+    assert leftover.parent == out.parent and leftover.name.startswith(f".{out.name}.") and leftover.is_dir()
+    assert load_checkpoint(out)[2] == {"fold": 0, "val/auroc": 0.75}  # the previous fold is whole
+
+    save_checkpoint(out, net, spec, {"fold": 0, "run": 2})
+    assert [p.name for p in out.parent.iterdir() if p != report] == [out.name]
+    assert load_checkpoint(out)[2] == {"fold": 0, "run": 2}

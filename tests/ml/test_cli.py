@@ -62,7 +62,7 @@ def test_help_lists_the_subcommands_without_loading_torch():
     )
     seconds = time.perf_counter() - started
     assert proc.returncode == 0, proc.stderr
-    for command in ("demo", "inspect", "models", "rollback", "config"):
+    for command in ("demo", "inspect", "models", "rollback", "registry", "config"):
         assert command in proc.stdout
     assert seconds < 10, f"--help took {seconds:.1f} s"  # ~0.3 s idle; torch alone would take ~5 s
     probe = subprocess.run(
@@ -182,13 +182,15 @@ def registry_root(tmp_path: Path) -> Path:
     """An artifact root whose registry has v0001 then v0002 promoted (random-weight tiny bundles)."""
     import torch
 
+    from melanoma_ml.config import ModelConfig
     from melanoma_ml.features import MetadataEncoder
     from melanoma_ml.serving.registry import ModelRegistry
     from melanoma_ml.spec import ModelSpec
 
     torch.manual_seed(0)
     encoder = MetadataEncoder(age_mean=50.0, age_std=15.0, sexes=("female", "male"), sites=("torso",))
-    spec = ModelSpec("test_efficientnet", [8], 0.1, 0.1, 32, [0.5] * 3, [0.25] * 3, encoder)
+    network = ModelConfig(backbone="test_efficientnet", meta_hidden=[8], meta_dropout=0.1, head_dropout=0.1)
+    spec = ModelSpec(network, 32, [0.5] * 3, [0.25] * 3, encoder)
     net = spec.build_network().eval()
     registry = ModelRegistry(tmp_path / "artifacts" / "registry")
     for auc in (0.71, 0.83):
@@ -215,6 +217,18 @@ def test_models_lists_versions_and_marks_current(capsys, registry_root):
     assert lines[-1] == "current: v0002"
 
 
+def test_models_lists_a_version_of_an_older_manifest_schema_as_unreadable(capsys, registry_root):
+    manifest_path = registry_root / "registry" / "versions" / "v0001" / "manifest.json"
+    old = json.loads(manifest_path.read_text())
+    del old["schema_version"]
+    manifest_path.write_text(json.dumps({**old, "format_version": 1, "extra": {"version": "v0001"}}))
+    code, out, _ = run(capsys, "models", "--no-verify", "--artifact-root", str(registry_root))
+    assert code == 0
+    v1 = next(line for line in out.splitlines() if "v0001" in line)
+    assert "unreadable: bundle" in v1 and "has manifest schema 1, this version of melanoma_ml reads" in v1
+    assert "0.830 [0.780, 0.880] (95% CI)" in out  # v0002 is still listed
+
+
 def test_rollback_moves_the_pointer_back_and_forth(capsys, registry_root):
     from melanoma_ml.serving.registry import ModelRegistry
 
@@ -227,6 +241,53 @@ def test_rollback_moves_the_pointer_back_and_forth(capsys, registry_root):
     code, _, err = run(capsys, "rollback", "--to", "v0009", "--artifact-root", root)
     assert code == 2 and "unknown model version 'v0009'" in err
     assert ModelRegistry(registry_root / "registry").current() == "v0002"
+
+
+def _corrupt(weights: Path) -> None:
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\x00")
+
+
+def test_models_verifies_each_version_and_says_why_one_was_never_promoted(capsys, registry_root):
+    from melanoma_ml.serving.registry import ModelRegistry
+
+    registry = ModelRegistry(registry_root / "registry")
+    orphan = registry.register(registry.version_path("v0001"), reason="copied in by hand")
+    _corrupt(registry.version_path("v0002") / "weights.safetensors")
+    code, out, _ = run(capsys, "models", "--artifact-root", str(registry_root))
+    assert code == 0
+    lines = out.splitlines()
+    v2 = lines.index(next(line for line in lines if " v0002 " in line))
+    assert lines[v2].lstrip().startswith("*")
+    assert "CORRUPT: weights sha256 mismatch" in lines[v2 + 1]
+    o = lines.index(next(line for line in lines if f" {orphan} " in line))
+    assert "not promoted: registered" in lines[o + 1] and "copied in by hand" in lines[o + 1]
+    assert "v0001" in out and "CORRUPT" not in lines[v2 - 1] + lines[v2 - 2]
+    assert "current: v0002 (CORRUPT" in lines[-1]
+    code, out, _ = run(capsys, "models", "--no-verify", "--artifact-root", str(registry_root))
+    assert code == 0 and "CORRUPT" not in out and "not promoted" in out and "not verified" in out
+
+
+def test_a_corrupt_pointer_is_listed_rolled_back_over_and_repaired(capsys, registry_root):
+    from melanoma_ml.serving.registry import ModelRegistry
+
+    registry = ModelRegistry(registry_root / "registry")
+    root = str(registry_root)
+    registry.current_file.write_text("{not json")
+    code, out, _ = run(capsys, "models", "--artifact-root", root)
+    assert code == 0 and "v0002" in out and "unreadable" in out.splitlines()[-1]
+    assert "registry repair" in out.splitlines()[-1]
+    code, out, err = run(capsys, "rollback", "--to", "v0001", "--artifact-root", root)
+    assert code == 0, err
+    assert "rolled back: (unreadable pointer) -> v0001" in out
+    assert registry.current() == "v0001"
+
+    registry.current_file.write_text("{not json")
+    code, out, err = run(capsys, "registry", "repair", "--artifact-root", root)
+    assert code == 0, err
+    assert "not valid JSON" in out and "now names v0001" in out
+    assert registry.current() == "v0001"
+    code, out, _ = run(capsys, "registry", "repair", "--artifact-root", root)
+    assert code == 0 and "nothing to repair" in out
 
 
 def test_models_on_a_root_without_registry(capsys, tmp_path):
@@ -249,12 +310,38 @@ def test_demo_on_the_tiny_profile(capsys, tmp_path):
     assert code == 0 and "current: v0001" in out
 
 
-def test_errors_from_inside_libraries_keep_their_traceback():
-    """A ValueError raised by numpy is a bug, not bad input: it must not be shortened to one line."""
+def _numpy_reshape_bug(args) -> int:
     import numpy as np
 
-    from melanoma_ml.cli import is_input_error
+    np.zeros(3).reshape(2, 2)
+    return 0
+
+
+def _torch_shape_bug(args) -> int:
+    import torch
+
+    torch.nn.functional.binary_cross_entropy_with_logits(torch.zeros(3), torch.zeros(4))
+    return 0
+
+
+@pytest.mark.parametrize("bug", [_numpy_reshape_bug, _torch_shape_bug], ids=["numpy", "torch"])
+def test_a_value_error_from_inside_a_library_keeps_its_traceback(monkeypatch, capsys, bug):
+    """A ValueError that numpy/torch raise deep inside a command is a bug, not bad input: it propagates."""
+    import melanoma_ml.cli as cli
+    from melanoma_ml.errors import is_input_error
+
+    monkeypatch.setattr(cli, "cmd_config", bug)
+    with pytest.raises(ValueError) as excinfo:
+        cli.main(["config"])
+    assert not is_input_error(excinfo.value)
+    assert "error:" not in capsys.readouterr().err
+
+
+def test_errors_are_input_errors_by_type_not_by_where_they_were_raised():
+    import numpy as np
+
     from melanoma_ml.config import load_config
+    from melanoma_ml.errors import is_input_error
 
     with pytest.raises(ValueError) as from_numpy:
         np.zeros(3).reshape(2, 2)
@@ -262,3 +349,43 @@ def test_errors_from_inside_libraries_keep_their_traceback():
     with pytest.raises(ValueError) as from_us:
         load_config("no-such-profile")
     assert is_input_error(from_us.value)
+    assert not is_input_error(ValueError("a plain ValueError raised in melanoma_ml is a bug too"))
+
+
+@pytest.mark.parametrize(
+    ("module", "name", "builtin"),
+    [
+        ("melanoma_ml.metadata.io", "MetadataError", ValueError),
+        ("melanoma_ml.metadata.io", "MetadataFileNotFound", FileNotFoundError),
+        ("melanoma_ml.folds", "FoldError", ValueError),
+        ("melanoma_ml.images.io", "ImageDecodeError", ValueError),
+        ("melanoma_ml.serving.service", "InvalidRequest", ValueError),
+        ("melanoma_ml.serving.service", "NoModelAvailable", RuntimeError),
+        ("melanoma_ml.serving.registry", "RegistryError", ValueError),
+        ("melanoma_ml.serving.bundle", "BundleError", ValueError),
+        ("melanoma_ml.weights", "WeightsError", ValueError),
+        ("melanoma_ml.model", "PretrainedWeightsUnavailable", RuntimeError),
+        ("melanoma_ml.cli", "UsageError", ValueError),
+        ("melanoma_ml.steps", "PipelineCheckFailed", RuntimeError),
+    ],
+)
+def test_each_input_error_class_is_an_input_error_and_keeps_its_builtin(module, name, builtin):
+    """Re-based on errors.py (``errors.is_input_error`` checks the type); ``except ValueError`` still works."""
+    import importlib
+
+    from melanoma_ml.errors import MelanomaInputError
+
+    cls = getattr(importlib.import_module(module), name)
+    assert issubclass(cls, MelanomaInputError) and issubclass(cls, builtin)
+
+
+def test_an_input_error_from_a_command_is_one_line(monkeypatch, capsys):
+    import melanoma_ml.cli as cli
+    from melanoma_ml.serving.registry import RegistryError
+
+    def refuse(args) -> int:
+        raise RegistryError("unknown model version 'v0042'; run melanoma-ml models")
+
+    monkeypatch.setattr(cli, "cmd_config", refuse)
+    assert cli.main(["config"]) == 2
+    assert capsys.readouterr().err == "error: unknown model version 'v0042'; run melanoma-ml models\n"

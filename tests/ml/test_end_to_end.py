@@ -1,4 +1,4 @@
-"""The pure-Python path end to end on synthetic data, with a Grad-CAM "looks at the lesion" check.
+"""The pure-Python path end to end on synthetic data, with Grad-CAM plumbing checked against lesion masks.
 
 synthetic data -> load_dataset (images checked and hashed) -> assign_folds -> build_image_cache ->
 train_fold x 2 -> evaluate_predictions on the OOF -> save_bundle / load_bundle -> predict, then CAMs of
@@ -59,7 +59,7 @@ def e2e(tmp_path_factory: pytest.TempPathFactory) -> EndToEnd:
     from melanoma_ml.folds import assign_folds
     from melanoma_ml.images.cache import build_image_cache
     from melanoma_ml.metadata import load_dataset
-    from melanoma_ml.pipeline import table_fingerprint
+    from melanoma_ml.metadata.fingerprint import table_fingerprint
     from melanoma_ml.serving.bundle import save_bundle
     from melanoma_ml.synthetic import generate_synthetic_dataset
     from melanoma_ml.training.checkpoint import load_checkpoint
@@ -87,7 +87,7 @@ def e2e(tmp_path_factory: pytest.TempPathFactory) -> EndToEnd:
         metrics=report.to_dict()["metrics"],
         data_version=table_fingerprint(folds),
         code_version="test",
-        extra={"fold": 0, "backbone": BACKBONE},
+        fold=0,
     )
     return EndToEnd(config, root, dataset, cleaning, folds, cache, results, oof, report, bundle_dir)
 
@@ -121,8 +121,8 @@ def test_report_has_every_required_metric_with_a_confidence_interval(e2e: EndToE
 
     assert e2e.report.incomplete_metrics() == []
     for name in REQUIRED_METRICS:
-        value, lo, hi = e2e.report.metric(name)
-        assert lo <= value <= hi, (name, lo, value, hi)
+        estimate = e2e.report.metric(name)
+        assert estimate.lo <= estimate.value <= estimate.hi, (name, estimate)
     assert (e2e.root / "reports" / BACKBONE / "report.json").is_file()
 
 
@@ -132,8 +132,8 @@ def _served(e2e: EndToEnd, images_from: str) -> tuple[np.ndarray, np.ndarray]:
     ``images_from`` is ``"cache"`` (the cached training pixels) or ``"files"`` (the original files,
     decoded by ``load_resized``, the decode path the serving app uses for uploads).
     """
+    from melanoma_ml.features import metadata_dict
     from melanoma_ml.images.cache import load_resized
-    from melanoma_ml.pipeline import metadata_dict
     from melanoma_ml.serving.bundle import load_bundle
     from melanoma_ml.serving.inference import predict
 
@@ -176,8 +176,8 @@ def _cam_ratios(e2e: EndToEnd) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
     Returns (inside/outside ratio of mean heat per image, targets, heatmaps).
     """
+    from melanoma_ml.features import metadata_dict
     from melanoma_ml.images.io import load_rgb
-    from melanoma_ml.pipeline import metadata_dict
     from melanoma_ml.serving.bundle import load_bundle
     from melanoma_ml.serving.explain import default_target_layer, explain
 
@@ -196,15 +196,16 @@ def _cam_ratios(e2e: EndToEnd) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.asarray(ratios), rows[schema.TARGET].to_numpy(), np.stack(heatmaps)
 
 
-def test_grad_cam_of_the_trained_network_is_hotter_on_the_lesion(e2e: EndToEnd):
-    """Mean Grad-CAM heat inside the generator's lesion mask exceeds the mean outside it.
+def test_grad_cam_maps_are_valid_and_line_up_with_the_input_view(e2e: EndToEnd):
+    """Grad-CAM plumbing: finite [0, 1] maps on the input view, not flat, warmer inside the lesion mask.
 
     Measured (seed 0, 100 images): ratio median 1.35, mean 2.2, > 1 for 74% of images; melanomas median
     2.4. What this does NOT show: that the tiny network learned where lesions are. The synthetic lesion is
     a dark, high-contrast blob near the centre, and the same Grad-CAM on a random-init network scores
     higher (median 2.6), as does each heatmap against another image's mask (median 1.35, own > other for
     only 48% of images). So the assertions guard the CAM plumbing (layer choice at 32 px, input view,
-    heatmap in [0, 1]) and the direction of the map, not learned localization.
+    heatmap in [0, 1]) and the direction of the map, not learned localization; trained vs random-init
+    localisation is measured by ``benchmarks/cam_localisation.py`` (``evaluation.localisation``).
     """
     ratios, targets, heatmaps = _cam_ratios(e2e)
     print(

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -47,3 +51,30 @@ def test_plot_all_writes_every_figure_as_a_valid_png(tmp_path, record_property):
     assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == sorted(
         f"{n}.png" for n in FIGURE_NAMES
     )
+
+
+def test_plots_leave_the_matplotlib_backend_and_pyplot_alone(tmp_path):
+    """Importing and drawing keeps the backend the process chose (here ``svg``) and opens no pyplot figure."""
+    code = (
+        "import json, sys, matplotlib\n"
+        "before = matplotlib.get_backend()\n"
+        "import melanoma_ml.evaluation.plots as plots\n"
+        "after_import = matplotlib.get_backend()\n"
+        "import io, pandas as pd\n"
+        "from melanoma_ml.config import EvaluationConfig\n"
+        "from melanoma_ml.evaluation import evaluate_predictions\n"
+        f"oof = pd.read_json(io.StringIO({predictions().to_json()!r}))\n"
+        "plots.plot_all(oof, evaluate_predictions(oof, EvaluationConfig(n_bootstrap=50)), sys.argv[1])\n"
+        "plots.plot_training_curves(pd.DataFrame({'epoch': [1, 2], 'train/loss': [0.7, 0.5]}))\n"
+        "pyplot = sys.modules.get('matplotlib.pyplot')\n"
+        "print(json.dumps([before, after_import, matplotlib.get_backend(), pyplot.get_fignums() if pyplot else []]))\n"
+    )
+    env = {**os.environ, "MPLBACKEND": "svg"}
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == ["svg", "svg", "svg", []]

@@ -46,8 +46,9 @@ def test_every_required_metric_has_a_value_inside_its_ci(report):
     assert list(report.metrics["metric"]) == list(REQUIRED_METRICS)
     assert report.incomplete_metrics() == []
     for name in REQUIRED_METRICS:
-        value, lo, hi = report.metric(name)
-        assert lo <= value <= hi, name
+        estimate = report.metric(name)
+        assert estimate.lo <= estimate.value <= estimate.hi, name
+        assert estimate.level == CONFIG.ci_level
     assert report.metric("auc").value == pytest.approx(
         roc_auc(*(predictions()[c].to_numpy() for c in ("target", "prob")))
     )
@@ -66,7 +67,10 @@ def test_operating_points_table_matches_the_headline_metrics(report):
     assert set(table.loc[table["operating_point"] == "fixed", "threshold"]) == {CONFIG.fixed_threshold}
     tuned = table[table["operating_point"] == "tuned"].set_index("metric")
     for name in THRESHOLD_METRICS:
-        assert tuned.loc[name, ["value", "lo", "hi"]].tolist() == pytest.approx(list(report.metric(name)))
+        estimate = report.metric(name)
+        assert tuned.loc[name, ["value", "lo", "hi"]].tolist() == pytest.approx(
+            [estimate.value, estimate.lo, estimate.hi]
+        )
 
 
 def test_sizes_name_and_subgroups(report):
@@ -102,7 +106,17 @@ def test_json_round_trip_is_strict_json_and_lossless(report):
     pd.testing.assert_frame_equal(again.subgroups, report.subgroups, check_dtype=False)
     pd.testing.assert_frame_equal(again.metrics_at_threshold, report.metrics_at_threshold, check_dtype=False)
     assert again.threshold == report.threshold
-    assert data["metrics"]["auc"].keys() == {"value", "lo", "hi"}
+    assert data["metrics"]["auc"].keys() == {"value", "lo", "hi", "level"}
+    assert data["metrics"]["auc"]["level"] == data["threshold"]["level"] == CONFIG.ci_level
+
+
+def test_a_report_stored_before_levels_were_stored_reads_the_reports_level(report):
+    data = report.to_dict()
+    for entry in [*data["metrics"].values(), data["threshold"]]:
+        del entry["level"]
+    again = EvaluationReport.from_dict({**data, "ci_level": 0.9})
+    assert again.metric("auc").level == again.threshold.level == 0.9
+    assert again.metric("auc").value == report.metric("auc").value
 
 
 def test_nan_values_survive_the_round_trip_as_null():
@@ -138,6 +152,14 @@ def test_markdown_lists_metrics_and_subgroups(report):
     assert "| AUC |" in text and "| pAUC (TPR >= 80%) |" in text
     assert "#### Subgroups" in text and "| sex | female |" in text
     assert "data:image" not in text
+    auc = report.metric("auc")
+    assert f"| AUC | {auc.value:.3f} [{auc.lo:.3f}, {auc.hi:.3f}] |" in text
+    assert "95% CI" in text
+
+
+def test_markdown_names_the_reports_own_ci_level():
+    text = evaluate_predictions(predictions(), CONFIG.model_copy(update={"ci_level": 0.9})).to_markdown()
+    assert "90% CI" in text and "95%" not in text
 
 
 def test_out_dir_writes_figures_and_report_json_that_loads_back(tmp_path):

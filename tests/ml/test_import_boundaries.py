@@ -1,7 +1,9 @@
-"""Layering rules: melanoma_ml never imports dagster; only the Gradio app module imports gradio."""
+"""Layering rules: melanoma_ml never imports dagster; only the Gradio app module imports gradio; only the CLI
+imports the pipeline."""
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import pkgutil
@@ -58,6 +60,72 @@ def test_light_modules_do_not_pull_in_torch():
         "melanoma_ml.spec",
     ]
     assert "torch" not in _top_level_packages_after_importing(light)
+
+
+PACKAGE_DIR = Path(melanoma_ml.__file__).resolve().parent
+PIPELINE = "melanoma_ml.pipeline"
+TOP_LAYER = {"melanoma_ml/cli.py", "melanoma_ml/__main__.py"}
+"""The only modules that may import the pipeline: it composes every lower module, never the reverse."""
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """Every module ``path`` imports (at any depth: lazy imports inside functions count), as dotted names.
+
+    ``from package import name`` yields both ``package`` and ``package.name`` (``name`` may be a module);
+    relative imports are resolved against ``path``'s package.
+    """
+    package = ".".join(path.relative_to(PACKAGE_DIR.parent).with_suffix("").parts[:-1])
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parent, base] if base else parent)
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    return found
+
+
+def _importers_of_the_pipeline() -> list[str]:
+    files = sorted(PACKAGE_DIR.rglob("*.py"))
+    relative = {f: f.relative_to(PACKAGE_DIR.parent).as_posix() for f in files}
+    return [
+        relative[f]
+        for f in files
+        if relative[f] not in TOP_LAYER | {"melanoma_ml/pipeline.py"} and PIPELINE in _imported_modules(f)
+    ]
+
+
+def test_no_module_below_the_cli_imports_the_pipeline():
+    assert _importers_of_the_pipeline() == []
+
+
+def test_the_import_walk_sees_every_form_of_importing_the_pipeline(tmp_path, monkeypatch):
+    """The check above can fail: each spelling of the import is found, in any nesting."""
+    package = tmp_path / "melanoma_ml"
+    (package / "serving").mkdir(parents=True)
+    spellings = {
+        "a.py": "import melanoma_ml.pipeline\n",
+        "b.py": "from melanoma_ml import pipeline\n",
+        "c.py": "def f():\n    from melanoma_ml.pipeline import run_all\n",
+        "serving/d.py": "from .. import pipeline\n",
+        "serving/e.py": "from ..pipeline import STEPS\n",
+        "cli.py": "from melanoma_ml.pipeline import run_all\n",
+        "clean.py": "from melanoma_ml import pipeline_helpers\nimport melanoma_ml.config\n",
+    }
+    for name, text in spellings.items():
+        (package / name).write_text(text)
+    monkeypatch.setattr(sys.modules[__name__], "PACKAGE_DIR", package)
+    assert _importers_of_the_pipeline() == [
+        "melanoma_ml/a.py",
+        "melanoma_ml/b.py",
+        "melanoma_ml/c.py",
+        "melanoma_ml/serving/d.py",
+        "melanoma_ml/serving/e.py",
+    ]
 
 
 REPO_ROOT = Path(melanoma_ml.__file__).resolve().parents[1]

@@ -280,3 +280,81 @@ def test_empty_csv_in_folder(tmp_path: Path) -> None:
     (tmp_path / "HAM10000_metadata.csv").write_bytes(b"")
     with pytest.raises(MetadataError, match="empty"):
         load_dataset(tmp_path, check_images=False)
+
+
+UNUSABLE_TABLES = [
+    ("metadata.csv", b"", ["empty (0 bytes)", "re-export"]),
+    (
+        "train.csv",
+        "image_name,target,diagnóstico\nISIC_1,0,x\n".encode("latin-1"),
+        ["not UTF-8", "UTF-8 CSV"],
+    ),
+    (
+        "train.csv",
+        b"image_name;patient_id;target\nISIC_1;IP_1;0\n",
+        ["semicolon-separated", "comma-separated"],
+    ),
+    ("metadata.csv", b"image_name,patient_id\nISIC_1,IP_1\n", ["no label column", "target", "diagnosis"]),
+    (
+        "train.csv",
+        b"image_name,patient_id,image_name,target\nISIC_1,IP_1,ISIC_2,0\n",
+        ["repeated column name"],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "words"), UNUSABLE_TABLES, ids=["empty", "latin1", "semicolon", "no_target", "dup"]
+)
+def test_unusable_table_gives_the_same_precise_reason_by_folder_and_by_file(
+    tmp_path: Path, name: str, data: bytes, words: list[str]
+) -> None:
+    path = tmp_path / name
+    path.write_bytes(data)
+    with pytest.raises(MetadataError) as by_file:
+        load_dataset(path, check_images=False)
+    with pytest.raises(MetadataError) as by_folder:
+        load_dataset(tmp_path, check_images=False)
+    for message in (str(by_file.value), str(by_folder.value)):
+        assert str(path) in message, message
+        for word in words:
+            assert word in message, message
+
+
+def test_folder_names_a_usable_table_it_does_not_pick_up(tmp_path: Path) -> None:
+    write_csv(tmp_path / "my_isic_table.csv", ["image_name,target", "ISIC_1,0"])
+    with pytest.raises(MetadataError, match=r"my_isic_table.csv has isic2020 columns.*data.source_dir"):
+        detect_layout(tmp_path)
+
+
+def test_folder_of_tif_images_is_found(tmp_path: Path) -> None:
+    isic2020(tmp_path)
+    for i in (1, 2, 3):
+        path = tmp_path / "train" / f"ISIC_{i}.tif"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((16, 16, 3), i * 40, np.uint8)).save(path)
+    result = load_dataset(tmp_path)
+    assert result.summary["image_dirs"] == [str((tmp_path / "train").resolve())]
+    assert result.clean["image_path"].str.endswith(".tif").all() and len(result.clean) == 3
+
+
+def test_isic_cli_benign_malignant_level_must_agree_with_the_diagnosis(tmp_path: Path) -> None:
+    write_csv(
+        tmp_path / "metadata.csv",
+        [
+            "isic_id,diagnosis_1,diagnosis_2,diagnosis_3",
+            "ISIC_1,Malignant,Malignant melanocytic proliferations (Melanoma),Melanoma in situ",
+            "ISIC_2,Benign,Malignant melanocytic proliferations (Melanoma),Melanoma in situ",
+            "ISIC_3,Malignant,Malignant epidermal proliferations,Basal cell carcinoma",
+            "ISIC_4,Malignant,Benign melanocytic proliferations,Nevus",
+            "ISIC_5,Indeterminate,Indeterminate melanocytic proliferations,Atypical melanocytic neoplasm",
+        ],
+    )
+    result = load_dataset(tmp_path, check_images=False)
+    assert dict(zip(result.clean["image_name"], result.clean["target"], strict=True)) == {
+        "ISIC_1": 1, "ISIC_3": 0, "ISIC_5": 0
+    }  # fmt: skip
+    q = result.quarantine.set_index("image_name")
+    assert q["check"].to_dict() == {"ISIC_2": "label_conflict", "ISIC_4": "label_conflict"}
+    assert "benign_malignant='Benign'" in q.loc["ISIC_2", "reason"]
+    assert "'Nevus' is benign" in q.loc["ISIC_4", "reason"]

@@ -60,8 +60,11 @@ AGE_CASES = [
     ("forty", float("nan"), "non-numeric age"),
     ("0", float("nan"), "age 0"),
     ("0.0", float("nan"), "age 0"),
-    ("-5", float("nan"), "negative age"),
+    ("-5", float("nan"), "outside 0-120"),
     ("90", 85.0, "capped at 85"),
+    ("120", 85.0, "capped at 85"),
+    ("120.5", float("nan"), "outside 0-120"),
+    ("200", float("nan"), "outside 0-120"),
     ("inf", float("nan"), "non-numeric age"),
 ]
 SITE_CASES = [
@@ -137,27 +140,108 @@ def test_diagnosis_decides_target_when_no_target_column() -> None:
     assert result.clean[schema.TARGET].dtype == np.int64
 
 
-def test_target_column_kept_and_disagreement_warned() -> None:
+def test_target_column_decides_and_blank_target_falls_back() -> None:
     raw = table(
         [
             {"image_name": "A", "diagnosis": "unknown", "target": "0"},  # unknown diagnosis: no disagreement
             {"image_name": "B", "diagnosis": "melanoma", "target": "1"},
-            {"image_name": "C", "diagnosis": "nevus", "target": "1"},  # disagree -> target kept
             {"image_name": "D", "diagnosis": "melanoma", "target": "1.0"},
-            {"image_name": "E", "diagnosis": "melanoma", "target": "yes"},  # invalid target -> diagnosis
             {"image_name": "F", "diagnosis": "unknown", "target": "", "benign_malignant": "benign"},
             {"image_name": "G", "diagnosis": "unknown", "target": ""},  # no label
         ]
     )
     result = clean_metadata(raw, image_dir=None, source="t", check_images=False)
     assert dict(zip(result.clean.image_name, result.clean.target, strict=True)) == {
-        "A": 0, "B": 1, "C": 1, "D": 1, "E": 1, "F": 0
-    }  # fmt: skip
-    target_warnings = result.warnings[result.warnings["column"] == "target"]
-    assert set(target_warnings["image_name"]) == {"C", "E"}
-    assert "disagree" in target_warnings.set_index("image_name").loc["C", "action"]
+        "A": 0,
+        "B": 1,
+        "D": 1,
+        "F": 0,
+    }
+    assert result.warnings.empty
     assert result.quarantine[["image_name", "check"]].values.tolist() == [["G", "no_label"]]
     assert "no label" in result.quarantine["reason"].iloc[0]
+
+
+# target, diagnosis, benign_malignant -> kept with this target, or (check, words the reason must contain)
+LABEL_AGREEMENT_CASES = [
+    ("1", "melanoma", "malignant", 1),
+    ("0", "nevus", "benign", 0),
+    ("0", "basal cell carcinoma", "malignant", 0),  # target is melanoma-vs-rest: not a disagreement
+    ("0", "unknown", "malignant", 0),  # a malignant non-melanoma with no stated diagnosis
+    ("1", "unknown", "malignant", 1),
+    ("", "basal cell carcinoma", "malignant", 0),
+    ("", "melanoma in situ", "malignant", 1),
+    ("0", "atypical melanocytic proliferation", "benign", 0),  # as in ISIC 2020
+    ("0", "seborrheic keratosis", "indeterminate/benign", 0),
+    ("1", "nevus", "", ("label_conflict", ["target=1", "'nevus'"])),
+    ("0", "melanoma", "malignant", ("label_conflict", ["target=0", "'melanoma'"])),
+    ("1", "unknown", "benign", ("label_conflict", ["target=1", "benign_malignant='benign'"])),
+    ("", "nevus", "malignant", ("label_conflict", ["'nevus'", "benign_malignant='malignant'"])),
+    ("", "melanoma", "benign", ("label_conflict", ["'melanoma'", "benign_malignant='benign'"])),
+    ("0", "Nevus", "Malignant", ("label_conflict", ["'Nevus'", "benign_malignant='Malignant'"])),
+    ("yes", "melanoma", "malignant", ("invalid_target", ["'yes'", "0 or 1"])),
+    ("2", "nevus", "benign", ("invalid_target", ["'2'"])),
+    ("0.5", "", "", ("invalid_target", ["'0.5'"])),
+    ("-1", "unknown", "", ("invalid_target", ["'-1'"])),
+]
+
+
+@pytest.mark.parametrize(("target", "dx", "bm", "expected"), LABEL_AGREEMENT_CASES)
+@pytest.mark.parametrize("require_labels", [True, False])
+def test_label_columns_must_agree_or_the_row_is_quarantined(
+    target: str, dx: str, bm: str, expected: int | tuple[str, list[str]], require_labels: bool
+) -> None:
+    rows = [
+        {"image_name": "OK", "diagnosis": "nevus", "target": "0", "benign_malignant": "benign"},
+        {"image_name": "X", "diagnosis": dx, "target": target, "benign_malignant": bm},
+    ]
+    result = clean_metadata(
+        table(rows), image_dir=None, source="t", check_images=False, require_labels=require_labels
+    )
+    assert result.summary["rows_in"] == len(result.clean) + len(result.quarantine)
+    if isinstance(expected, int):
+        assert result.quarantine.empty, result.quarantine["reason"].tolist()
+        assert result.clean.set_index("image_name").loc["X", "target"] == expected
+        return
+    check, words = expected
+    assert result.clean["image_name"].tolist() == ["OK"]
+    assert result.quarantine[["row", "image_name", "check"]].values.tolist() == [[1, "X", check]]
+    reason = result.quarantine["reason"].iloc[0]
+    for word in words:
+        assert word in reason, reason
+    assert result.summary["quarantine_reasons"] == {check: 1}
+
+
+def test_age_outside_the_range_becomes_missing_or_quarantines_the_row() -> None:
+    ages = ["45", "200", "-5", "0", "90", "120", ""]
+    rows = [{"image_name": f"ISIC_{i}", "diagnosis": "nevus", "age_approx": a} for i, a in enumerate(ages)]
+    kept = clean_metadata(table(rows), image_dir=None, source="t", check_images=False)
+    assert kept.quarantine.empty and len(kept.clean) == len(ages)
+    ages_out = kept.clean["age_approx"].tolist()
+    assert ages_out[0] == 45 and ages_out[4] == ages_out[5] == 85  # ISIC's top-coding: 85 means 85+
+    assert all(math.isnan(a) for a in (ages_out[1], ages_out[2], ages_out[3], ages_out[6]))
+    warned = kept.warnings.set_index("row")["action"]
+    assert "outside 0-120" in warned[1] and "outside 0-120" in warned[2] and "age 0" in warned[3]
+
+    quarantined = clean_metadata(
+        table(rows), image_dir=None, source="t", check_images=False, age_out_of_range="quarantine"
+    )
+    assert quarantined.clean["image_name"].tolist() == ["ISIC_0", "ISIC_3", "ISIC_4", "ISIC_5", "ISIC_6"]
+    q = quarantined.quarantine.set_index("row")
+    assert q["check"].tolist() == ["age_out_of_range", "age_out_of_range"]
+    assert "'200'" in q.loc[1, "reason"] and "0-120" in q.loc[1, "reason"]
+    assert "data.age_out_of_range" in q.loc[2, "reason"]
+    with pytest.raises(MetadataError, match="age_out_of_range"):
+        clean_metadata(table(rows), image_dir=None, source="t", check_images=False, age_out_of_range="drop")
+
+
+def test_cleaning_and_the_app_use_one_age_range() -> None:
+    from melanoma_ml.ages import normalize_age
+    from melanoma_ml.config import ServingConfig
+
+    app = ServingConfig()
+    assert (app.min_age, app.max_age) == (schema.MIN_VALID_AGE, schema.MAX_VALID_AGE) == (0, 120)
+    assert normalize_age(200)[0] is None and normalize_age(120)[0] == schema.MAX_AGE
 
 
 def test_unlabeled_rows_kept_when_labels_not_required() -> None:
@@ -296,9 +380,9 @@ def test_large_table_is_vectorized_fast() -> None:
             "age_approx": rng.choice(["45", "50.0", "", "0", "90", "x"], n),
             "anatom_site_general_challenge": rng.choice(["torso", "anterior torso", "", "back", "zz"], n),
             "diagnosis": rng.choice(["nevus", "melanoma", "unknown"], n),
-            "target": rng.choice(["0", "1"], n),
         }
     )
+    raw["target"] = np.where(raw["diagnosis"] == "melanoma", "1", "0")
     start = time.perf_counter()
     result = clean_metadata(raw, image_dir=None, source="t", check_images=False)
     assert time.perf_counter() - start < 5.0
@@ -321,3 +405,40 @@ def test_typed_input_and_extension_warning() -> None:
     warned = result.warnings.set_index("image_name")
     assert warned.loc["ISIC_1", "action"] == "file extension removed from image_name"
     assert warned.loc["ISIC_1", "value"] == "ISIC_1.JPG"
+
+
+def test_every_decodable_extension_is_found_and_others_are_named(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    pixels = np.random.default_rng(3).integers(0, 255, (24, 24, 3), dtype=np.uint8)
+    files = {
+        "ISIC_tif": "ISIC_tif.tif",
+        "ISIC_tiff": "ISIC_tiff.TIFF",
+        "ISIC_bmp": "ISIC_bmp.bmp",
+        "ISIC_webp": "ISIC_webp.webp",
+        "ISIC_upper": "ISIC_upper.JPG",
+        "ISIC_jpeg": "ISIC_jpeg.jpeg",
+        "ISIC_gif": "ISIC_gif.gif",
+    }
+    for i, name in enumerate(files.values()):
+        Image.fromarray(np.roll(pixels, i, axis=0)).save(images / name)
+    raw = table([{"image_name": n, "diagnosis": "nevus"} for n in [*files, "ISIC_none"]])
+    result = clean_metadata(raw, image_dir=images, source="t")
+
+    found = dict(zip(result.clean["image_name"], result.clean["image_path"], strict=True))
+    assert {n: Path(p).name for n, p in found.items()} == {n: f for n, f in files.items() if n != "ISIC_gif"}
+    q = result.quarantine.set_index("image_name")
+    assert q.loc["ISIC_gif", "check"] == "image_extension_not_accepted"
+    reason = q.loc["ISIC_gif", "reason"]
+    assert "found ISIC_gif.gif, which is not an accepted extension" in reason and ".webp" in reason
+    assert q.loc["ISIC_none", "check"] == "image_missing"
+    assert ".tif" in q.loc["ISIC_none", "reason"]
+
+
+def test_column_names_are_matched_ignoring_case_and_spaces() -> None:
+    raw = pd.DataFrame({" Image_Name": ["A", "B"], "Patient_ID ": ["IP_1", "IP_2"], "TARGET": ["0", "1"]})
+    result = clean_metadata(raw, image_dir=None, source="t", check_images=False)
+    assert result.clean["patient_id"].tolist() == ["IP_1", "IP_2"]
+    assert result.clean["target"].tolist() == [0, 1]
+    with pytest.raises(MetadataError, match=r"repeated column name.*patient_id"):
+        clean_metadata(raw.assign(patient_id="x"), image_dir=None, source="t", check_images=False)

@@ -8,7 +8,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from melanoma_ml.metadata.io import MetadataError, MetadataFileNotFound, read_table, require_columns
+from melanoma_ml.errors import MelanomaInputError
+from melanoma_ml.metadata.io import (
+    MetadataError,
+    MetadataFileNotFound,
+    read_header,
+    read_table,
+    require_columns,
+)
 
 HEADER = "image_name,patient_id,sex,age_approx,anatom_site_general_challenge,diagnosis,target"
 ROWS = ["ISIC_1,IP_1,male,45,torso,nevus,0", "ISIC_2,IP_2,,,,melanoma,1"]
@@ -76,3 +83,57 @@ def test_require_columns_names_missing_found_and_layout() -> None:
     message = str(err.value)
     for part in ("['target', 'diagnosis']", "x.csv", "ISIC 2020", "['image_name', 'sex']"):
         assert part in message
+
+
+@pytest.mark.parametrize(
+    ("header", "row", "repeated"),
+    [
+        ("image_name,patient_id,image_name,target", "ISIC_1,IP_1,ISIC_2,0", "image_name"),
+        ("image_name,patient_id, Image_Name ,target", "ISIC_1,IP_1,ISIC_2,0", "image_name"),
+        ("image_name,target,patient_id,TARGET,patient_id", "ISIC_1,0,IP_1,1,IP_2", "patient_id"),
+    ],
+)
+def test_read_table_rejects_repeated_column_names(
+    tmp_path: Path, header: str, row: str, repeated: str
+) -> None:
+    """pandas would rename the second column (``image_name.1``) and the ids in it would be lost."""
+    path = _write(tmp_path / "dup.csv", f"{header}\r\n{row}\r\n".encode())
+    with pytest.raises(MetadataError, match="repeated column name") as err:
+        read_table(path)
+    message = str(err.value)
+    assert str(path) in message and repeated in message and "rename or delete" in message
+    assert isinstance(err.value, MelanomaInputError)
+
+
+def test_read_table_rejects_repeated_parquet_columns_after_stripping(tmp_path: Path) -> None:
+    path = tmp_path / "dup.parquet"
+    pd.DataFrame({"image_name": ["ISIC_1"], " image_name": ["ISIC_2"], "target": ["0"]}).to_parquet(path)
+    with pytest.raises(MetadataError, match=r"repeated column name.*image_name"):
+        read_table(path)
+
+
+@pytest.mark.parametrize(("delimiter", "word"), [(";", "semicolon"), ("\t", "tab"), ("|", "pipe")])
+def test_read_header_names_a_wrong_delimiter(tmp_path: Path, delimiter: str, word: str) -> None:
+    text = (
+        delimiter.join(["image_name", "patient_id", "target"])
+        + "\nISIC_1"
+        + delimiter
+        + "IP_1"
+        + delimiter
+        + "0\n"
+    )
+    path = _write(tmp_path / "t.csv", text.encode())
+    for read in (read_header, read_table):
+        with pytest.raises(MetadataError, match=f"{word}-separated") as err:
+            read(path)
+        assert str(path) in str(err.value) and "comma-separated" in str(err.value)
+
+
+def test_read_header_returns_stripped_names_and_names_the_problem(tmp_path: Path) -> None:
+    path = _write(tmp_path / "ok.csv", b"\xef\xbb\xbf image_name ,target\r\nISIC_1,0\r\n")
+    assert read_header(path) == ["image_name", "target"]
+    latin = _write(tmp_path / "latin.csv", "image_name,target,diagnóstico\nISIC_1,0,x\n".encode("latin-1"))
+    with pytest.raises(MetadataError, match="not UTF-8"):
+        read_header(latin)
+    with pytest.raises(MetadataError, match=r"empty \(0 bytes\)"):
+        read_header(_write(tmp_path / "empty.csv", b""))

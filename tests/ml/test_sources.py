@@ -231,3 +231,24 @@ def test_real_isic2019_metadata_forced_to_need_labels(isic_sample_dir: Path) -> 
     )
     with pytest.raises(MetadataError, match=r"data.external_sources\[0\].*has no labels.*GroundTruth"):
         load_configured_data(data)
+
+
+@pytest.mark.parametrize(("setting", "kept"), [("missing", ["ISIC_1", "ISIC_2"]), ("quarantine", ["ISIC_1"])])
+def test_age_out_of_range_setting_reaches_cleaning(tmp_path: Path, setting: str, kept: list[str]) -> None:
+    from PIL import Image
+
+    (tmp_path / "images").mkdir()
+    for i in (1, 2):
+        Image.new("RGB", (8, 8), (i * 50, 0, 0)).save(tmp_path / "images" / f"ISIC_{i}.jpg")
+    (tmp_path / "train.csv").write_text(
+        "image_name,patient_id,age_approx,target\nISIC_1,IP_1,45,0\nISIC_2,IP_2,200,1\n"
+    )
+    result = load_configured_data(DataConfig(source_dir=str(tmp_path), age_out_of_range=setting))
+    assert result.clean[schema.IMAGE].tolist() == kept
+    if setting == "missing":
+        assert pd.isna(result.clean[schema.AGE].iloc[1])
+        assert "outside 0-120" in result.warnings["action"].iloc[0]
+    else:
+        assert result.quarantine["check"].tolist() == ["age_out_of_range"]
+    with pytest.raises(ValidationError, match="age_out_of_range"):
+        DataConfig(age_out_of_range="drop")

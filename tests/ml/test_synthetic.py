@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from pydantic import ValidationError
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import GroupKFold, cross_val_predict
 
 from melanoma_ml import schema, synthetic
-from melanoma_ml.config import SyntheticConfig
+from melanoma_ml.config import SYNTHETIC_DOMAINS, SyntheticConfig, SyntheticDomain, synthetic_domain
 from melanoma_ml.images.io import load_rgb
 from melanoma_ml.synthetic import ARTIFACT_KINDS, generate_synthetic_dataset, plan_dataset
 
@@ -226,3 +228,121 @@ def test_melanoma_is_learnable_from_pixels_but_not_trivially(tmp_path: Path):
     area_auc = roc_auc_score(y, areas)
     assert pixel_auc > 0.75, pixel_auc
     assert 0.6 < area_auc < 0.97, area_auc
+
+
+# --- the acquisition domain (a "second clinic") ---------------------------------------------------------
+
+# sha256 of every raw RGB + mask array of TINY, rendered by the generator before the domain knob existed
+# (checked byte-for-byte against that version). If a Pillow/numpy upgrade or a rendering change moves it,
+# the demo data changed: bump synthetic.GENERATOR_VERSION so cached folders are rebuilt, then update this.
+TINY_DEFAULT_LOOK_SHA256 = "35b008b4cd22968aabb0c0977f50f66bd8a8a20316b75985216d1392c5707832"
+
+
+def _render(config: SyntheticConfig) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Raw (pre-JPEG) images and masks of ``config``."""
+    table, _, lesions, views = plan_dataset(config)
+    tones = synthetic._patient_skin_tones(table[schema.PATIENT], config.seed)
+    pairs = [
+        synthetic.render_view(lesion, view, tone, config.image_size, config.domain)
+        for lesion, view, tone in zip(lesions, views, tones, strict=True)
+    ]
+    return [rgb for rgb, _ in pairs], [mask for _, mask in pairs]
+
+
+def _with_domain(config: SyntheticConfig, **changes) -> SyntheticConfig:
+    return config.model_copy(update={"domain": SyntheticDomain(**changes)})
+
+
+def _sharpness(images: list[np.ndarray]) -> float:
+    """Mean absolute difference between horizontally adjacent pixels (falls with blur)."""
+    return float(np.mean([np.abs(np.diff(img.astype(np.float32), axis=1)).mean() for img in images]))
+
+
+def test_default_domain_renders_todays_look_pixel_for_pixel():
+    images, masks = _render(TINY)
+    digest = hashlib.sha256()
+    for rgb, mask in zip(images, masks, strict=True):
+        digest.update(rgb.tobytes())
+        digest.update(mask.tobytes())
+    assert digest.hexdigest() == TINY_DEFAULT_LOOK_SHA256
+    assert TINY.domain == SYNTHETIC_DOMAINS["default"] == SyntheticDomain()
+
+
+@pytest.mark.parametrize(
+    ("changes", "channel"),
+    [
+        ({"colour_cast": (1.0, 1.0, 0.8)}, 2),
+        ({"colour_cast": (1.0, 0.8, 1.0)}, 1),
+        ({"colour_cast": (0.8, 1, 1)}, 0),
+    ],
+)
+def test_colour_cast_scales_its_channel(changes, channel):
+    base = np.stack(_render(TINY)[0]).astype(np.float64).mean(axis=(0, 1, 2))
+    cast = np.stack(_render(_with_domain(TINY, **changes))[0]).astype(np.float64).mean(axis=(0, 1, 2))
+    ratio = cast / base
+    assert ratio[channel] == pytest.approx(0.8, abs=0.01)
+    assert np.delete(ratio, channel) == pytest.approx([1.0, 1.0], abs=0.005)
+
+
+def test_blur_lowers_and_noise_raises_sharpness():
+    base = _sharpness(_render(TINY)[0])
+    assert _sharpness(_render(_with_domain(TINY, blur_sigma=0.02))[0]) < 0.8 * base
+    assert _sharpness(_render(_with_domain(TINY, noise_std=8.0))[0]) > 1.2 * base
+
+
+def test_scale_magnifies_the_lesion_and_its_mask():
+    base = np.mean([(m > 0).mean() for m in _render(TINY)[1]])
+    larger = np.mean([(m > 0).mean() for m in _render(_with_domain(TINY, scale=1.3))[1]])
+    assert larger > 1.3 * base  # area grows roughly with scale squared, less where the image edge clips
+
+
+def test_distractor_rates_move_only_their_own_flags():
+    config = SyntheticConfig(n_patients=300, images_per_patient=(2, 6), seed=2)
+    table, artifacts, lesions, _ = plan_dataset(config)
+    shifted = _with_domain(config, vignette_rate=0.9, hair_rate=0.05)
+    table2, artifacts2, lesions2, _ = plan_dataset(shifted)
+    pd.testing.assert_frame_equal(table, table2)  # patients, metadata and labels: the same draw
+    assert lesions == lesions2
+    pd.testing.assert_frame_equal(artifacts[["ruler", "bubbles"]], artifacts2[["ruler", "bubbles"]])
+    assert artifacts2["vignette"].mean() == pytest.approx(0.9, abs=0.03)
+    assert artifacts2["hair"].mean() == pytest.approx(0.05, abs=0.02)
+    assert (artifacts2["vignette"] >= artifacts["vignette"]).all(), "a higher rate only adds vignettes"
+    assert (artifacts2["hair"] <= artifacts["hair"]).all(), "a lower rate only removes hair"
+
+
+def test_second_clinic_keeps_labels_and_shifts_the_look(tmp_path: Path):
+    second = TINY.model_copy(update={"domain": synthetic_domain("second_clinic")})
+    default_ds = generate_synthetic_dataset(tmp_path / "default", TINY)
+    second_ds = generate_synthetic_dataset(tmp_path / "second", second)
+    assert default_ds.csv_path.read_bytes() == second_ds.csv_path.read_bytes()
+    assert json.loads((second_ds.root / "manifest.json").read_text())["config"]["domain"]["scale"] == 1.2
+    table = pd.read_csv(default_ds.csv_path)
+
+    def blue_over_red(ds) -> float:
+        pixels = np.stack([load_rgb(ds.image_dir / f"{n}.jpg") for n in table[schema.IMAGE]]).astype(float)
+        return float(pixels[..., 2].mean() / pixels[..., 0].mean())
+
+    assert blue_over_red(second_ds) < 0.85 * blue_over_red(default_ds), "the second clinic is warmer"
+
+
+def test_unknown_domain_preset_and_bad_gain_are_refused():
+    with pytest.raises(ValueError, match=r"unknown synthetic domain 'clinic_b'.*second_clinic"):
+        synthetic_domain("clinic_b")
+    with pytest.raises(ValidationError, match="colour_cast"):
+        SyntheticDomain(colour_cast=(1.0, 0.0, 1.0))
+
+
+def test_folder_written_before_the_domain_knob_is_reused(tmp_path: Path, monkeypatch):
+    ds = generate_synthetic_dataset(tmp_path / "syn", TINY)
+    manifest_path = ds.root / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["config"]["domain"]
+    manifest_path.write_text(json.dumps(manifest))
+
+    def no_rendering(*args, **kwargs):
+        raise AssertionError("a pre-domain folder has the default look and must be reused")
+
+    monkeypatch.setattr(synthetic, "render_view", no_rendering)
+    assert generate_synthetic_dataset(tmp_path / "syn", TINY) == ds
+    with pytest.raises(AssertionError, match="must be reused"):
+        generate_synthetic_dataset(tmp_path / "syn", _with_domain(TINY, noise_std=1.0))

@@ -17,16 +17,17 @@ from sklearn.metrics import roc_auc_score
 from melanoma_ml import schema
 from melanoma_ml.atomic import sha256_file
 from melanoma_ml.config import PipelineConfig, load_config
+from melanoma_ml.evaluation.plots import plot_training_curves
 from melanoma_ml.folds import EXTERNAL_FOLD
 from melanoma_ml.training import checkpoint as checkpoint_module
 from melanoma_ml.training.checkpoint import CHECKPOINT_FILES, load_checkpoint
 from melanoma_ml.training.train import (
     HISTORY_FILE,
+    LOGS_DIR,
     OOF_COLUMNS,
     OOF_FILE,
     RESULT_FILE,
     FoldResult,
-    plot_training_curves,
     split_fold,
     train_fold,
 )
@@ -185,7 +186,13 @@ def test_oof_covers_exactly_the_validation_rows(data, trained) -> None:
 @pytest.mark.slow
 def test_files_history_and_result_are_consistent(trained) -> None:
     result, out = trained
-    assert {p.name for p in out.iterdir()} == {*CHECKPOINT_FILES, OOF_FILE, HISTORY_FILE, RESULT_FILE}
+    assert {p.name for p in out.iterdir()} == {
+        *CHECKPOINT_FILES,
+        OOF_FILE,
+        HISTORY_FILE,
+        RESULT_FILE,
+        LOGS_DIR,
+    }
     assert [p.name for p in out.parent.iterdir()] == [out.name]  # no temp folders or logs beside it
     history = pd.read_csv(out / HISTORY_FILE)
     assert len(history) == result.epochs_run == len(result.history)
@@ -210,7 +217,7 @@ def test_a_failed_save_leaves_the_previous_fold_intact_and_complete(
     _result, trained_out = trained
     out = tmp_path / f"fold{FOLD}"
     shutil.copytree(trained_out, out)
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     real_write = checkpoint_module.atomic_write_bytes
 
     def fail_on_result(path, data):  # the fold's last file: everything else is already written
@@ -221,7 +228,7 @@ def test_a_failed_save_leaves_the_previous_fold_intact_and_complete(
     monkeypatch.setattr(checkpoint_module, "atomic_write_bytes", fail_on_result)
     with pytest.raises(OSError, match="disk full"):
         train_fold(_config(), "test_efficientnet", FOLD, table, cache, out)
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     assert [p.name for p in tmp_path.iterdir()] == [out.name]  # no temp or half-written folder
     assert FoldResult.load(out).weights_sha256 == sha256_file(out / "weights.safetensors")
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import albumentations as A
 import numpy as np
 import pytest
 import torch
 
 from melanoma_ml.config import AugmentationConfig
-from melanoma_ml.images.transforms import eval_transform, train_transform
+from melanoma_ml.images.normalization import normalize_pixels
+from melanoma_ml.images.transforms import NormalizePixels, eval_transform, train_transform
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -88,3 +90,17 @@ def test_same_seed_gives_the_same_augmentations_and_another_seed_does_not() -> N
 def test_bad_normalization_is_refused(mean, std, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         eval_transform(32, mean, std)
+
+
+@pytest.mark.parametrize(
+    "make", [lambda: eval_transform(32, MEAN, STD), lambda: train_transform(32, NO_AUGMENTATION, MEAN, STD)]
+)
+def test_both_pipelines_normalize_with_the_shared_function(make) -> None:
+    steps = list(make())
+    assert not any(isinstance(step, A.Normalize) for step in steps)
+    normalize = [step for step in steps if isinstance(step, NormalizePixels)]
+    assert len(normalize) == 1 and (normalize[0].mean, normalize[0].std) == (MEAN, STD)
+    image = _image(32)
+    torch.testing.assert_close(
+        make()(image=image)["image"], torch.from_numpy(normalize_pixels(image, MEAN, STD)).permute(2, 0, 1)
+    )

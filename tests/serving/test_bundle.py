@@ -10,28 +10,41 @@ import numpy as np
 import pytest
 import torch
 
+from melanoma_ml.config import ModelConfig
+from melanoma_ml.errors import MelanomaInputError
+from melanoma_ml.evaluation.estimate import Estimate
 from melanoma_ml.features import MetadataEncoder
 from melanoma_ml.serving import bundle as bundle_module
 from melanoma_ml.serving.bundle import (
     BundleError,
     BundleIntegrityError,
+    ManifestSchemaError,
     load_bundle,
     read_manifest,
     save_bundle,
     verify_bundle,
 )
+from melanoma_ml.serving.manifest import MANIFEST_SCHEMA_VERSION, BundleManifest
 from melanoma_ml.spec import ModelSpec
 from melanoma_ml.training.checkpoint import save_checkpoint
 from melanoma_ml.weights import WEIGHTS_FILE
 
-METRICS = {"auc": {"value": 0.81, "lo": 0.74, "hi": 0.88}, "n_rows": 40}
+METRICS = {"auc": {"value": 0.81, "lo": 0.74, "hi": 0.88, "level": 0.9}}
+OOF = {
+    "image_name": ["ISIC_1", "ISIC_2"],
+    "group_id": ["patient:P1", "patient:P2"],
+    "fold": [1, 1],
+    "target": [0, 1],
+    "prob": [0.2, 0.7],
+}
 
 
 def tiny_spec(backbone: str = "test_efficientnet", size: int = 32) -> ModelSpec:
     encoder = MetadataEncoder(
         age_mean=50.0, age_std=15.0, sexes=("female", "male"), sites=("head/neck", "torso")
     )
-    return ModelSpec(backbone, [8], 0.1, 0.1, size, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225], encoder)
+    network = ModelConfig(backbone=backbone, meta_hidden=[8], meta_dropout=0.1, head_dropout=0.1)
+    return ModelSpec(network, size, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225], encoder)
 
 
 @pytest.fixture(scope="module")
@@ -55,20 +68,44 @@ def export(out: Path, spec_and_net, **overrides) -> Path:
 
 def test_manifest_records_everything_needed_to_rebuild_and_trust(tmp_path, spec_and_net):
     spec, _ = spec_and_net
-    path = export(tmp_path / "b", spec_and_net, extra={"version": "v0007", "note": np.float32(0.5)})
+    path = export(
+        tmp_path / "b",
+        spec_and_net,
+        version="v0007",
+        fold=1,
+        checkpoint_sha256="ab" * 32,
+        oof={**OOF, "prob": np.array(OOF["prob"], dtype=np.float32).tolist()},
+    )
     manifest = read_manifest(path)
+    assert isinstance(manifest, BundleManifest)
     assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "weights.safetensors"]
-    assert manifest["backbone"] == "test_efficientnet"
-    assert manifest["image_size"] == 32
-    assert manifest["normalization"] == {"mean": spec.mean, "std": spec.std}
-    assert manifest["metadata_encoder"] == spec.encoder.to_dict()
-    assert ModelSpec.from_dict(manifest["model_spec"]) == spec
-    assert manifest["threshold"] == 0.3
-    assert manifest["metrics"] == METRICS
-    assert (manifest["data_version"], manifest["code_version"]) == ("folds-abc123", "0.1.0+test")
-    assert manifest["created_at"].endswith("+00:00")
-    assert manifest["weights_sha256"] == bundle_module.sha256_file(path / "weights.safetensors")
-    assert manifest["extra"] == {"version": "v0007", "note": 0.5}
+    assert manifest.schema_version == MANIFEST_SCHEMA_VERSION
+    assert manifest.backbone == "test_efficientnet" and manifest.model_spec == spec
+    assert manifest.threshold == 0.3
+    assert manifest.metrics == {"auc": Estimate(0.81, 0.74, 0.88, 0.9)}
+    assert (manifest.data_version, manifest.code_version) == ("folds-abc123", "0.1.0+test")
+    assert manifest.created_at.endswith("+00:00")
+    assert manifest.weights_sha256 == bundle_module.sha256_file(path / "weights.safetensors")
+    assert (manifest.version, manifest.fold, manifest.checkpoint_sha256) == ("v0007", 1, "ab" * 32)
+    assert manifest.oof_frame()["image_name"].tolist() == OOF["image_name"]
+    on_disk = json.loads((path / "manifest.json").read_text())  # plain, readable JSON
+    assert on_disk["schema_version"] == MANIFEST_SCHEMA_VERSION
+    assert (
+        on_disk["model_spec"]["backbone"] == "test_efficientnet" and on_disk["model_spec"]["image_size"] == 32
+    )
+    assert on_disk["metrics"] == METRICS
+    assert on_disk["oof"]["prob"] == pytest.approx(OOF["prob"])
+
+
+def test_a_bundle_without_provenance_leaves_it_empty(tmp_path, spec_and_net):
+    manifest = read_manifest(export(tmp_path / "b", spec_and_net))
+    assert (manifest.version, manifest.fold, manifest.checkpoint_sha256, manifest.oof) == (
+        None,
+        None,
+        None,
+        None,
+    )
+    assert manifest.oof_frame().empty and list(manifest.oof_frame().columns) == list(OOF)
 
 
 def test_round_trip_gives_identical_predictions_without_unpickling(tmp_path, spec_and_net, monkeypatch):
@@ -89,9 +126,9 @@ def test_round_trip_gives_identical_predictions_without_unpickling(tmp_path, spe
     assert not loaded.net.training
     assert not any(p.requires_grad for p in loaded.net.parameters())
     assert loaded.threshold == 0.3
-    assert loaded.version == "exported"  # no extra["version"]: the folder name
+    assert loaded.version == "exported"  # no manifest version: the folder name
     assert loaded.spec == spec
-    assert loaded.metrics == METRICS
+    assert loaded.metrics == {"auc": Estimate(0.81, 0.74, 0.88, 0.9)}
 
 
 def test_tampered_weights_are_refused_before_loading(tmp_path, spec_and_net):
@@ -121,18 +158,26 @@ def test_failed_save_keeps_the_previous_bundle(tmp_path, spec_and_net, monkeypat
     )
     with pytest.raises(OSError, match="boom"):
         export(tmp_path / "b", spec_and_net, threshold=0.9)
-    assert verify_bundle(path)["threshold"] == 0.4
+    assert verify_bundle(path).threshold == 0.4
     assert [p.name for p in tmp_path.iterdir()] == ["b"]
 
 
 @pytest.mark.parametrize(
     ("overrides", "error", "message"),
     [
-        ({"threshold": 1.5}, ValueError, r"threshold must be a probability in \[0, 1\]"),
-        ({"threshold": float("nan")}, ValueError, "threshold must be a probability"),
-        ({"metrics": {"auc": object()}}, TypeError, r"metrics.auc holds a object"),
-        ({"extra": {"when": {1, 2}}}, TypeError, r"extra.when holds a set"),
+        ({"threshold": 1.5}, BundleError, r"threshold: Input should be less than or equal to 1"),
+        ({"threshold": float("nan")}, BundleError, "threshold: Input should be a finite number"),
+        ({"metrics": {"auc": object()}}, BundleError, r"metrics\.auc: .*must be a dict"),
+        ({"metrics": {"n_rows": 40}}, BundleError, r"metrics\.n_rows: .*must be a dict"),
+        ({"oof": {**OOF, "prob": [0.2]}}, BundleError, "oof: .*columns differ in length"),
+        (
+            {"fold": 0, "oof": OOF},
+            BundleError,
+            r"oof holds rows of folds \[1\], but the bundle serves fold 0",
+        ),
+        ({"checkpoint_sha256": "abc"}, BundleError, "checkpoint_sha256: String should match pattern"),
     ],
+    ids=["threshold", "nan-threshold", "metric-object", "metric-number", "oof-lengths", "oof-fold", "sha"],
 )
 def test_bad_export_arguments_are_refused_before_writing(tmp_path, spec_and_net, overrides, error, message):
     with pytest.raises(error, match=message):
@@ -144,6 +189,45 @@ def _remove(name):
     return lambda path: (path / name).unlink()
 
 
+def _edit_manifest(change):
+    def damage(path: Path) -> None:
+        manifest = json.loads((path / "manifest.json").read_text())
+        change(manifest)
+        (path / "manifest.json").write_text(json.dumps(manifest))
+
+    return damage
+
+
+def _schema_1(manifest: dict) -> dict:
+    """A manifest as melanoma_ml wrote it before ``schema_version`` (provenance in ``extra``)."""
+    old = {key: value for key, value in manifest.items() if key not in ("schema_version", "version")}
+    return {**old, "format_version": 1, "backbone": "test_efficientnet", "extra": {"version": "v0003"}}
+
+
+@pytest.mark.parametrize(
+    ("change", "found"),
+    [
+        (_schema_1, "has manifest schema 1"),
+        (lambda m: {**m, "schema_version": 99}, "has manifest schema 99"),
+        (lambda m: {k: v for k, v in m.items() if k != "schema_version"}, "has no manifest schema_version"),
+    ],
+    ids=["old", "newer", "none"],
+)
+def test_a_manifest_of_another_schema_is_refused_with_what_to_do(tmp_path, spec_and_net, change, found):
+    path = export(tmp_path / "v0003", spec_and_net)
+    manifest = json.loads((path / "manifest.json").read_text())
+    (path / "manifest.json").write_text(json.dumps(change(manifest)))
+    with pytest.raises(ManifestSchemaError) as refused:
+        load_bundle(path)
+    message = str(refused.value)
+    assert (
+        f"bundle {path} {found}, this version of melanoma_ml reads schema {MANIFEST_SCHEMA_VERSION}"
+        in message
+    )
+    assert "melanoma-ml rollback --to VERSION" in message and "serving_model" in message
+    assert isinstance(refused.value, BundleError) and isinstance(refused.value, MelanomaInputError)
+
+
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
@@ -152,15 +236,23 @@ def _remove(name):
         (_remove("weights.safetensors"), "weights.safetensors missing in bundle"),
         (lambda path: (path / "manifest.json").write_text("{not json"), "is not valid JSON"),
         (lambda path: (path / "manifest.json").write_text("[1, 2]"), "must hold a JSON object"),
-        (lambda path: (path / "manifest.json").write_text('{"format_version": 1}'), "lacks fields"),
         (
-            lambda path: (path / "manifest.json").write_text(
-                json.dumps({**json.loads((path / "manifest.json").read_text()), "format_version": 99})
-            ),
-            "has format_version 99",
+            _edit_manifest(lambda m: m.pop("threshold")),
+            r"manifest.json is invalid: threshold: Field required",
         ),
+        (_edit_manifest(lambda m: m.update(color="red")), "color: Extra inputs are not permitted"),
+        (_edit_manifest(lambda m: m["metrics"].update(auc=0.8)), r"metrics\.auc: .*must be a dict"),
     ],
-    ids=["no-folder", "no-manifest", "no-weights", "bad-json", "not-object", "missing-fields", "format"],
+    ids=[
+        "no-folder",
+        "no-manifest",
+        "no-weights",
+        "bad-json",
+        "not-object",
+        "missing-field",
+        "unknown-field",
+        "metric",
+    ],
 )
 def test_broken_bundles_give_clear_errors(tmp_path, spec_and_net, damage, message):
     path = export(tmp_path / "b", spec_and_net)
@@ -197,10 +289,12 @@ def test_bundle_and_checkpoint_write_the_same_weights_file(tmp_path, spec_and_ne
 
 
 def test_nan_metrics_are_stored_as_null(tmp_path, spec_and_net):
-    path = export(tmp_path / "b", spec_and_net, metrics={"auc": {"value": float("nan")}, "n": np.int64(3)})
+    nan = float("nan")
+    path = export(tmp_path / "b", spec_and_net, metrics={"auc": Estimate(0.7, nan, nan, 0.95)})
 
     def refuse(token):
         raise AssertionError(f"non-standard JSON token {token}")
 
     manifest = json.loads((path / "manifest.json").read_text(), parse_constant=refuse)
-    assert manifest["metrics"] == {"auc": {"value": None}, "n": 3}
+    assert manifest["metrics"] == {"auc": {"value": 0.7, "lo": None, "hi": None, "level": 0.95}}
+    assert read_manifest(path).metrics["auc"].text() == "0.700 (no CI)"

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from melanoma_ml.config import ServingConfig
+from melanoma_ml.config import ModelConfig, ServingConfig
 from melanoma_ml.features import MetadataEncoder
 from melanoma_ml.model import MelanomaNet
 from melanoma_ml.serving.bundle import Bundle
@@ -30,7 +30,8 @@ def tiny_spec(backbone: str) -> ModelSpec:
     encoder = MetadataEncoder(
         age_mean=50.0, age_std=15.0, sexes=("female", "male"), sites=("head/neck", "torso")
     )
-    return ModelSpec(backbone, [8], 0.1, 0.1, SIZE, [0.5] * 3, [0.25] * 3, encoder)
+    network = ModelConfig(backbone=backbone, meta_hidden=[8], meta_dropout=0.1, head_dropout=0.1)
+    return ModelSpec(network, SIZE, [0.5] * 3, [0.25] * 3, encoder)
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +125,7 @@ def test_explanations_are_maps_over_the_input_view(nets, image, backbone, method
 
 
 @pytest.mark.parametrize("backbone", ["test_efficientnet", "test_resnet", "test_convnext"])
-def test_eigencam_highlights_something(nets, image, backbone):
+def test_eigencam_maps_peak_at_one_and_are_not_flat(nets, image, backbone):
     net, spec = nets[backbone]
     heatmap = explain(net, image, META, spec=spec).heatmap
     assert heatmap.max() == pytest.approx(1.0, abs=1e-3)

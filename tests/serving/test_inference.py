@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from melanoma_ml.config import ModelConfig
 from melanoma_ml.features import MetadataEncoder
 from melanoma_ml.images.cache import resize_centre_crop
 from melanoma_ml.serving.bundle import Bundle, load_bundle, save_bundle
@@ -34,9 +35,8 @@ def tiny_spec(size: int = SIZE) -> ModelSpec:
     encoder = MetadataEncoder(
         age_mean=50.0, age_std=15.0, sexes=("female", "male"), sites=("head/neck", "torso")
     )
-    return ModelSpec(
-        "test_efficientnet", [8], 0.1, 0.1, size, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225], encoder
-    )
+    network = ModelConfig(backbone="test_efficientnet", meta_hidden=[8], meta_dropout=0.1, head_dropout=0.1)
+    return ModelSpec(network, size, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225], encoder)
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +87,17 @@ def test_preprocess_normalizes_with_the_spec_and_gives_square_inputs(images):
         x[1], (cropped - torch.tensor(spec.mean).view(3, 1, 1)) / torch.tensor(spec.std).view(3, 1, 1)
     )
     assert preprocess([], spec).shape == (0, 3, SIZE, SIZE)
+
+
+def test_serving_input_is_bit_identical_to_the_training_eval_transform(images):
+    """Both run ``normalize_pixels``: no second normalisation to drift from the first."""
+    from melanoma_ml.images.transforms import eval_transform
+
+    spec = tiny_spec()
+    views = [resize_centre_crop(image, SIZE) for image in images]
+    transform = eval_transform(spec.image_size, spec.mean, spec.std)
+    trained = torch.stack([transform(image=view)["image"] for view in views])
+    assert torch.equal(preprocess(images, spec), trained)
 
 
 def test_batched_tta_equals_the_mean_of_eight_separate_forward_passes(bundle, images):

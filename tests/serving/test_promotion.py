@@ -103,17 +103,18 @@ def test_reason_reads_like_a_sentence_with_the_numbers():
     decision = decide_promotion(
         auc(0.91, 0.88, 0.94),
         auc(0.89, 0.86, 0.92),
-        {"diff": 0.02, "lo": 0.001, "hi": 0.04},
+        {"diff": 0.02, "lo": 0.001, "hi": 0.04, "ci_level": 0.9},  # paired_auc_difference's shape
         auc_floor=0.7,
         candidate_name="test_resnet",
         champion_name="v0002",
     )
     assert decision.reason.startswith(
-        "candidate test_resnet AUC 0.910 [0.880, 0.940] vs champion v0002 (0.890"
+        "candidate test_resnet AUC 0.910 [0.880, 0.940] (95% CI) vs champion v0002 (0.890"
     )
+    assert "difference 0.020 [0.001, 0.040] (90% CI)" in decision.reason
     assert decision.evidence["not_worse"] is True
     assert decision.evidence["not_lower_on_shared_rows"] is True
-    assert decision.evidence["paired_diff"] == {"value": 0.02, "lo": 0.001, "hi": 0.04}
+    assert decision.evidence["paired_diff"] == {"value": 0.02, "lo": 0.001, "hi": 0.04, "level": 0.9}
 
 
 def test_a_missing_paired_difference_is_refused_with_the_callers_reason():
@@ -135,7 +136,7 @@ def test_a_missing_paired_difference_is_refused_with_the_callers_reason():
     ("candidate", "paired", "message"),
     [
         ({"accuracy": 0.9}, None, r"candidate test_resnet metrics lack 'auc'"),
-        ({"auc": 0.9}, None, "must be a dict with 'value', 'lo' and 'hi'"),
+        ({"auc": 0.9}, None, "candidate test_resnet auc must be a dict"),
         ({"auc": {"value": 0.9, "lo": 0.8}}, None, r"lacks \['hi'\]"),
         ({"auc": {"value": float("nan"), "lo": 0.8, "hi": 0.9}}, None, "is not finite"),
         ({"auc": {"value": 0.9, "lo": 0.95, "hi": 0.85}}, None, "lo > hi"),

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -12,6 +14,7 @@ import pytest
 import torch
 
 from melanoma_ml.atomic import sha256_file
+from melanoma_ml.config import ModelConfig
 from melanoma_ml.features import MetadataEncoder
 from melanoma_ml.serving.bundle import BundleError, BundleIntegrityError, save_bundle
 from melanoma_ml.serving.registry import ModelRegistry, RegistryError
@@ -27,7 +30,8 @@ BUNDLE_KWARGS = {
 
 def tiny_spec() -> ModelSpec:
     encoder = MetadataEncoder(age_mean=50.0, age_std=15.0, sexes=("female", "male"), sites=("torso",))
-    return ModelSpec("test_efficientnet", [8], 0.1, 0.1, 32, [0.5] * 3, [0.25] * 3, encoder)
+    network = ModelConfig(backbone="test_efficientnet", meta_hidden=[8], meta_dropout=0.1, head_dropout=0.1)
+    return ModelSpec(network, 32, [0.5] * 3, [0.25] * 3, encoder)
 
 
 @pytest.fixture(scope="module")
@@ -71,12 +75,14 @@ def test_versions_increment_and_stay_immutable(tmp_path, source_bundle):
 def test_register_bundle_exports_a_loadable_version_that_knows_its_name(tmp_path, spec_and_net):
     spec, net = spec_and_net
     registry = ModelRegistry(tmp_path)
-    version = registry.register_bundle(net, spec, extra={"backbone_run": "fold0"}, **BUNDLE_KWARGS)
+    version = registry.register_bundle(net, spec, fold=0, checkpoint_sha256="cd" * 32, **BUNDLE_KWARGS)
     registry.promote(version, reason="first model")
     bundle = registry.load_current()
     assert bundle.version == "v0001"
-    assert bundle.manifest["extra"] == {"backbone_run": "fold0", "version": "v0001"}
-    assert registry.manifest("v0001")["threshold"] == 0.5
+    manifest = registry.manifest("v0001")  # typed fields, validated on load
+    assert bundle.manifest == manifest
+    assert (manifest.version, manifest.fold, manifest.checkpoint_sha256) == ("v0001", 0, "cd" * 32)
+    assert manifest.threshold == 0.5 and manifest.backbone == spec.backbone and manifest.model_spec == spec
 
 
 def test_a_copied_in_bundle_reports_its_new_version_not_the_source_registrys(tmp_path, spec_and_net):
@@ -85,14 +91,14 @@ def test_a_copied_in_bundle_reports_its_new_version_not_the_source_registrys(tmp
     spec, net = spec_and_net
     staging = ModelRegistry(tmp_path / "staging")
     for _ in range(3):
-        staging.register_bundle(net, spec, extra={"fold": 1}, **BUNDLE_KWARGS)
+        staging.register_bundle(net, spec, fold=1, **BUNDLE_KWARGS)
     exported = staging.version_path("v0003")
 
     production = ModelRegistry(tmp_path / "production")
     assert production.register(exported) == "v0001"
     copied = production.version_path("v0001")
     assert load_bundle(copied).version == "v0001"
-    assert production.manifest("v0001")["extra"] == {"fold": 1, "version": "v0001"}
+    assert (production.manifest("v0001").version, production.manifest("v0001").fold) == ("v0001", 1)
     assert sha256_file(copied / "weights.safetensors") == sha256_file(exported / "weights.safetensors")
     assert load_bundle(exported).version == "v0003"  # the source is left as it was
 
@@ -165,31 +171,6 @@ def test_a_tampered_version_is_never_promoted(tmp_path, source_bundle):
     assert registry.current() == "v0001"
 
 
-def test_a_failed_registration_burns_its_number_and_leaves_no_folder(tmp_path, spec_and_net):
-    spec, net = spec_and_net
-    registry = ModelRegistry(tmp_path)
-    with pytest.raises(ValueError, match="threshold must be a probability"):
-        registry.register_bundle(net, spec, **{**BUNDLE_KWARGS, "threshold": 2.0})
-    assert registry.versions() == []
-    assert list((tmp_path / "versions").iterdir()) == []
-    assert registry.register_bundle(net, spec, **BUNDLE_KWARGS) == "v0002"
-
-
-def test_a_version_taken_between_listing_and_reserving_is_skipped(tmp_path, source_bundle, monkeypatch):
-    registry = ModelRegistry(tmp_path)
-    real_mkdir = __import__("os").mkdir
-    raced = []
-
-    def mkdir_after_a_rival(path, *args, **kwargs):
-        if not raced and Path(path).parent.name == ".reserved":  # a rival reserves the same number first
-            raced.append(path)
-            real_mkdir(path)
-        return real_mkdir(path, *args, **kwargs)
-
-    monkeypatch.setattr("melanoma_ml.serving.registry.os.mkdir", mkdir_after_a_rival)
-    assert registry.register(source_bundle) == "v0002"
-
-
 def _register_in_child(args):
     root, source = args
     return ModelRegistry(root).register(source)
@@ -216,3 +197,159 @@ def test_the_registry_and_gate_import_without_torch():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+# ---------------------------------------------------------------------- crashes, orphans, corruption, repair
+def _killed_mid_write(root: Path, spec, net) -> None:
+    """In a forked child: register a bundle and die (``os._exit``, no cleanup) while its manifest is written."""
+    import melanoma_ml.serving.bundle as bundle_module
+
+    def die(*_args, **_kwargs):
+        os._exit(3)
+
+    bundle_module.atomic_write_json = die  # only in the child's copy of the module
+    ModelRegistry(root).register_bundle(net, spec, **BUNDLE_KWARGS)
+
+
+def test_a_killed_bundle_write_consumes_no_version_number_and_its_temp_is_swept(tmp_path, spec_and_net):
+    spec, net = spec_and_net
+    root = tmp_path / "registry"
+    child = multiprocessing.get_context("fork").Process(target=_killed_mid_write, args=(root, spec, net))
+    child.start()
+    child.join(60)
+    assert child.exitcode == 3
+    registry = ModelRegistry(root)
+    assert registry.versions() == []
+    assert [p.name for p in root.rglob("*.tmp")], "the killed writer should have left its temp folder"
+    assert registry.register_bundle(net, spec, **BUNDLE_KWARGS) == "v0001"
+    assert list(root.rglob("*.tmp")) == []  # swept at the start of the next write
+    assert registry.manifest("v0001").version == "v0001"
+
+
+def test_a_failed_registration_consumes_no_number_and_leaves_no_folder(tmp_path, spec_and_net):
+    spec, net = spec_and_net
+    registry = ModelRegistry(tmp_path)
+    with pytest.raises(ValueError, match="threshold"):
+        registry.register_bundle(net, spec, **{**BUNDLE_KWARGS, "threshold": 2.0})
+    assert registry.versions() == []
+    assert [p.name for p in (tmp_path / "versions").iterdir()] == []
+    assert registry.register_bundle(net, spec, **BUNDLE_KWARGS) == "v0001"
+
+
+def test_a_number_another_writer_takes_before_our_rename_is_skipped(tmp_path, source_bundle, monkeypatch):
+    registry = ModelRegistry(tmp_path)
+    real_rename = os.rename
+    rival = tmp_path / "versions" / "v0001"
+
+    def rename_after_a_rival(src, dst):
+        if Path(dst) == rival and not rival.exists():  # a rival's complete bundle lands on v0001 first
+            rival.mkdir()
+            (rival / "weights.safetensors").write_bytes(b"rival")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr("melanoma_ml.serving.registry.os.rename", rename_after_a_rival)
+    assert registry.register(source_bundle) == "v0002"
+    assert (rival / "weights.safetensors").read_bytes() == b"rival"  # the rival's folder is untouched
+    assert registry.manifest("v0002").version == "v0002"
+
+
+def test_a_number_named_in_history_is_never_reused(tmp_path, source_bundle):
+    registry = ModelRegistry(tmp_path)
+    assert registry.register(source_bundle) == "v0001"
+    shutil.rmtree(registry.version_path("v0001"))  # deleted by hand: history still names v0001
+    assert registry.register(source_bundle) == "v0002"
+
+
+def test_stale_temps_are_swept_only_when_no_writer_holds_the_registry_lock(tmp_path, source_bundle):
+    import fcntl
+
+    registry = ModelRegistry(tmp_path)
+    registry.register(source_bundle)
+    leftovers = [tmp_path / "versions" / ".v0009.abc.tmp", tmp_path / ".stage-x.tmp"]
+    for folder in leftovers:
+        folder.mkdir()
+        (folder / "weights.safetensors").write_bytes(b"half")
+    stray_file = tmp_path / ".current.json.zzz.tmp"
+    stray_file.write_text("{")
+    with open(tmp_path / ".write.lock", "a+b") as lock:  # another writer is mid-write
+        fcntl.flock(lock.fileno(), fcntl.LOCK_SH)
+        registry.register(source_bundle)
+        assert all(p.exists() for p in [*leftovers, stray_file])  # may be that writer's: left alone
+    registry.register(source_bundle)  # nobody else writing now: leftovers are dead writers'
+    assert not any(p.exists() for p in [*leftovers, stray_file])
+    assert registry.versions() == ["v0001", "v0002", "v0003"]
+
+
+def test_orphans_say_why_they_were_never_promoted(tmp_path, source_bundle):
+    registry = ModelRegistry(tmp_path)
+    for _ in range(3):
+        registry.register(source_bundle, reason="gate: promoted")
+    registry.promote("v0001")
+    weights = registry.version_path("v0003") / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\x00")
+    with pytest.raises(BundleIntegrityError):
+        registry.promote("v0003", reason="try v3")
+    orphans = registry.orphans()
+    assert set(orphans) == {"v0002", "v0003"}
+    assert "never promoted" in orphans["v0002"] and "crashed" in orphans["v0002"]
+    assert "promotion refused" in orphans["v0003"] and "sha256 mismatch" in orphans["v0003"]
+
+
+def test_check_names_a_corrupt_version(tmp_path, source_bundle):
+    registry = ModelRegistry(tmp_path)
+    registry.register(source_bundle)
+    assert registry.check("v0001") is None
+    weights = registry.version_path("v0001") / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\x00")
+    assert "sha256 mismatch" in registry.check("v0001")
+
+
+@pytest.fixture()
+def served_twice(tmp_path, source_bundle) -> ModelRegistry:
+    """v0001 promoted, then v0002 promoted (current); v0003 registered only."""
+    registry = ModelRegistry(tmp_path)
+    for _ in range(3):
+        registry.register(source_bundle)
+    registry.promote("v0001", reason="first")
+    registry.promote("v0002", reason="second")
+    return registry
+
+
+def test_rollback_to_works_with_a_corrupt_pointer(served_twice):
+    served_twice.current_file.write_text("{not json")
+    with pytest.raises(RegistryError, match="not valid JSON.*registry repair"):
+        served_twice.rollback()
+    assert served_twice.rollback(to="v0001") == "v0001"
+    assert served_twice.current() == "v0001"
+    assert served_twice.history()[-1]["previous"] is None
+
+
+def test_repair_rebuilds_a_corrupt_pointer_from_history(served_twice):
+    served_twice.current_file.write_text("{not json")
+    report = served_twice.repair()
+    assert (report.version, report.changed) == ("v0002", True)
+    assert "not valid JSON" in report.text() and "v0002" in report.text()
+    assert served_twice.current() == "v0002"
+    assert served_twice.history()[-1]["event"] == "repaired"
+    assert served_twice.repair().changed is False  # a sound pointer is left alone
+
+
+def test_repair_skips_a_corrupt_version_and_a_torn_history_line(served_twice):
+    weights = served_twice.version_path("v0002") / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\x00")
+    served_twice.current_file.unlink()
+    with open(served_twice.history_file, "a", encoding="utf-8") as fh:
+        fh.write('{"event": "promo')  # a writer killed mid-append
+    report = served_twice.repair()
+    assert (report.version, report.changed) == ("v0001", True)
+    text = report.text()
+    assert "v0002" in text and "sha256 mismatch" in text and "line 6" in text
+    assert served_twice.current() == "v0001"
+
+
+def test_repair_without_a_valid_served_version_says_what_to_do(tmp_path, source_bundle):
+    registry = ModelRegistry(tmp_path)
+    registry.register(source_bundle)
+    registry.current_file.write_text("[]")
+    with pytest.raises(RegistryError, match=r"no promoted version in .*history.*rollback --to"):
+        registry.repair()

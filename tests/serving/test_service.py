@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from app_helpers import METRICS, SITES, SIZE, huge_png, register_tiny
+from app_helpers import SITES, SIZE, huge_png, register_tiny
 from PIL import Image
 
 from melanoma_ml.config import ServingConfig
@@ -22,14 +22,10 @@ from melanoma_ml.serving.registry import ModelRegistry
 from melanoma_ml.serving.service import (
     NO_MODEL_MESSAGE,
     InvalidRequest,
-    MetricLine,
     ModelService,
     NoModelAvailable,
     PredictionRequest,
     age_hint,
-    headline_metrics,
-    is_unknown,
-    metric_line,
     parse_age,
     parse_cam_method,
     parse_category,
@@ -176,31 +172,11 @@ def test_parse_target_layer() -> None:
         parse_target_layer("fc", layers)
 
 
-def test_is_unknown() -> None:
-    assert [is_unknown(v) for v in (None, "", "unknown", 0, "0", "male")] == [
-        True,
-        True,
-        True,
-        False,
-        False,
-        False,
-    ]
-
-
-def test_metric_lines_read_the_report_shape() -> None:
-    lines = headline_metrics(METRICS)
-    assert [line.name for line in lines] == [
-        "ROC AUC",
-        "Sensitivity at the threshold",
-        "Specificity at the threshold",
-        "Brier score (lower is better)",
-    ]
-    assert lines[0] == MetricLine("ROC AUC", 0.81, 0.74, 0.88)
-    assert lines[0].text() == "0.810 (95% CI 0.740-0.880)"
-    assert lines[3].text() == "0.120 (no CI)"
-    assert metric_line(METRICS, "pauc", "pAUC") is None
-    with pytest.raises(ValueError, match="expected"):
-        metric_line({"auc": 0.8}, "auc", "AUC")
+@pytest.mark.parametrize("value", [None, "", "  ", "unknown", "N/A", "nan", "-", float("nan")])
+def test_every_value_training_reads_as_missing_is_unknown_in_a_request(value) -> None:
+    """The service asks ``melanoma_ml.missing``, as cleaning and the encoder do (no rule of its own)."""
+    assert parse_age(value, 0, 120) is None
+    assert parse_category(value, SITES, "site") is None
 
 
 # ---------------------------------------------------------------------- no model yet
@@ -486,3 +462,84 @@ def test_corrupt_pointer_keeps_the_served_model_and_says_why(registry, samples) 
     registry.current_file.write_text("{not json")
     assert service.predict(request).model_version == first
     assert "current.json is not valid JSON" in service.status().reload_error
+
+
+# ---------------------------------------------------------------------- a corrupt served version
+def corrupt(registry: ModelRegistry, version: str, *, keep_stat: bool = False) -> None:
+    """Flip the last byte of ``version``'s weights; ``keep_stat`` restores the mtime (same inode and size)."""
+    import os
+
+    weights = registry.version_path(version) / "weights.safetensors"
+    before = weights.stat()
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    with open(weights, "r+b") as fh:  # in place: same inode
+        fh.write(bytes(data))
+    if keep_stat:
+        os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+
+def test_a_corrupt_current_version_at_startup_is_named_to_clients(registry, samples) -> None:
+    register_tiny(registry, seed=20)
+    second = register_tiny(registry, seed=21)
+    corrupt(registry, second)
+    assert ServingConfig().fallback_to_last_valid is False
+    service = ModelService(registry, ServingConfig())
+    with pytest.raises(NoModelAvailable) as excinfo:
+        service.predict(PredictionRequest(image=samples["rgb.jpg"]))
+    message = str(excinfo.value)
+    assert f"{second} was refused" in message and "sha256 mismatch" in message
+    assert "No model has been promoted yet" not in message
+    assert "serving.fallback_to_last_valid" in message and "rollback" in message
+
+
+def test_with_fallback_the_last_valid_version_serves_and_says_why(registry, samples) -> None:
+    first = register_tiny(registry, seed=22)
+    second = register_tiny(registry, seed=23)
+    corrupt(registry, second)
+    service = ModelService(registry, ServingConfig(tta=False, fallback_to_last_valid=True))
+    result = service.predict(PredictionRequest(image=samples["rgb.jpg"], cam_method="none"))
+    assert result.model_version == first
+    notice = result.to_json()["fallback"]
+    assert f"{second} was refused" in notice and f"serving {first}" in notice
+    assert notice in service.status().reload_error
+    register_tiny(registry, seed=24)  # a good promotion ends the fallback
+    answer = service.predict(PredictionRequest(image=samples["rgb.jpg"], cam_method="none")).to_json()
+    assert answer["fallback"] is None and service.status().reload_error is None
+
+
+@pytest.mark.parametrize("fallback", [False, True])
+def test_served_files_changed_on_disk_stop_that_version(registry, samples, fallback) -> None:
+    first = register_tiny(registry, seed=25)
+    second = register_tiny(registry, seed=26)
+    service = ModelService(registry, ServingConfig(tta=False, fallback_to_last_valid=fallback))
+    request = PredictionRequest(image=samples["rgb.jpg"], cam_method="none")
+    assert service.predict(request).model_version == second
+    corrupt(registry, second)
+    if fallback:
+        assert service.predict(request).model_version == first
+    else:
+        with pytest.raises(NoModelAvailable) as excinfo:
+            service.predict(request)
+        message = str(excinfo.value)
+        assert f"{second} stopped serving" in message and "weights.safetensors" in message
+        assert "sha256 mismatch" in message
+    served = service.status().model
+    assert (served is None) if not fallback else (served.version == first)
+    registry.repair()  # the operator repairs the registry: the app follows the rewritten pointer
+    assert service.predict(request).model_version == first
+
+
+def test_a_corruption_that_keeps_the_file_stat_is_found_by_the_periodic_rehash(registry, samples) -> None:
+    now = [0.0]
+    version = register_tiny(registry, seed=27)
+    config = ServingConfig(tta=False, reverify_seconds=60.0)
+    service = ModelService(registry, config, clock=lambda: now[0])
+    request = PredictionRequest(image=samples["rgb.jpg"], cam_method="none")
+    assert service.predict(request).model_version == version
+    corrupt(registry, version, keep_stat=True)  # bit rot: same inode, size and mtime
+    now[0] = 30.0
+    assert service.predict(request).model_version == version  # the per-request stat cannot see it
+    now[0] = 61.0
+    with pytest.raises(NoModelAvailable, match=f"{version} stopped serving.*sha256 mismatch"):
+        service.predict(request)

@@ -1,0 +1,86 @@
+"""The artifact layout: where every step writes under ``config.artifact_root`` (docs/architecture.md).
+
+The one definition of those paths, read by the pipeline steps, the checks, the CLI and the serving app.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from melanoma_ml.config import PipelineConfig
+from melanoma_ml.errors import InputValueError
+
+
+@dataclass(frozen=True)
+class ArtifactPaths:
+    """Where each step writes, under the artifact root."""
+
+    root: Path
+
+    @property
+    def synthetic(self) -> Path:
+        return self.root / "data" / "synthetic"
+
+    @property
+    def tables(self) -> Path:
+        return self.root / "tables"
+
+    def cache(self, size: int) -> Path:
+        return self.root / "cache" / f"{size}px"
+
+    def checkpoint(self, backbone: str, fold: int) -> Path:
+        return self.root / "checkpoints" / backbone / f"fold{fold}"
+
+    @property
+    def locks(self) -> Path:
+        """Device lease lock files, one folder per host (``melanoma_ml.devices``)."""
+        return self.root / "locks"
+
+    def report(self, backbone: str) -> Path:
+        return self.root / "reports" / backbone
+
+    def oof(self, backbone: str) -> Path:
+        """The out-of-fold predictions of ``backbone``'s evaluation (read by the leaderboard and the gate)."""
+        return self.report(backbone) / "oof.parquet"
+
+    @property
+    def leaderboard(self) -> Path:
+        return self.root / "reports" / "leaderboard"
+
+    @property
+    def registry(self) -> Path:
+        return self.root / "registry"
+
+    @property
+    def registry_cache(self) -> Path:
+        """Local copies of versions downloaded from a remote registry (``serving.registry_uri``)."""
+        return self.root / "registry-cache"
+
+    @property
+    def gallery(self) -> Path:
+        return self.root / "reports" / "gradcam"
+
+    @property
+    def incoming(self) -> Path:
+        """The default drop folder of batch scoring (``serving.drop_dir`` unset): one sub-folder per batch."""
+        return self.root / "incoming"
+
+    def scores(self, batch: str) -> Path:
+        """The scores CSV the ``batch_scores`` asset writes for the drop-folder batch ``batch``."""
+        return self.root / "scores" / f"{batch}.csv"
+
+
+def artifact_paths(config: PipelineConfig) -> ArtifactPaths:
+    """The artifact layout for ``config`` (remote URLs are rejected with advice)."""
+    root = config.artifact_root
+    if "://" in root and not root.startswith("file://"):
+        scheme = root.split("://", 1)[0]
+        raise InputValueError(
+            f"artifact_root {root!r} is a {scheme}:// URL, but the pipeline steps need a local folder (the "
+            "image cache is memory-mapped, checkpoints and registry pointers are renamed atomically). "
+            "Supported: a local path or a file:// URL; mount the bucket (s3fs, gcsfuse, blobfuse) and point "
+            "artifact_root at the mount. The model registry alone can live in S3: set serving.registry_uri "
+            "(MELANOMA_SERVING__REGISTRY_URI=s3://bucket/prefix)"
+        )
+    return ArtifactPaths(Path(root.removeprefix("file://")).expanduser().resolve())

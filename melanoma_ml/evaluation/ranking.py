@@ -1,0 +1,229 @@
+"""Backbones ranked by their out-of-fold predictions: assembled per backbone, read back, ranked, saved.
+
+``compare.leaderboard`` holds the statistics; this module holds each backbone's pooled out-of-fold table
+(``backbone_oof``, saved as ``reports/<backbone>/oof.parquet``, read back by ``report_oof``) and the
+``Leaderboard`` the pipeline passes to the promotion gate (``reports/leaderboard/``). With the tabular
+baseline on, the board also shows the GBDT (``kind`` tabular-only) and the rank blend of the candidate with
+it (``kind`` blend) as rows beside the image models; neither can be the candidate: the gate serves image
+bundles.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from melanoma_ml.artifacts import artifact_paths
+from melanoma_ml.atomic import atomic_write_bytes, atomic_write_json, parquet_bytes
+from melanoma_ml.config import EvaluationConfig, PipelineConfig
+from melanoma_ml.errors import InputFileNotFoundError
+from melanoma_ml.evaluation.compare import leaderboard, paired_auc_difference
+
+if TYPE_CHECKING:
+    from melanoma_ml.evaluation.holdout import TestEvaluation
+    from melanoma_ml.evaluation.report import EvaluationReport
+    from melanoma_ml.training.train import FoldResult
+
+
+@dataclass(frozen=True)
+class Leaderboard:
+    """Backbones ranked by out-of-fold AUC, with paired AUC differences against the candidate.
+
+    Attributes:
+        table: ``melanoma_ml.evaluation.leaderboard``: one row per backbone, best first, with AUC/pAUC CIs and
+            the paired AUC difference to the candidate (``auc_diff_vs_best``, ``diff_lo``, ``diff_hi``),
+            plus ``kind`` (:data:`IMAGE`); with the tabular baseline, its row and the blend's
+            (``with_tabular_rows``), ranked among the image rows by AUC.
+        candidate: The image backbone with the highest AUC: the one offered to the promotion gate.
+        comparisons: Paired AUC differences that say what each part of the blend adds (blend vs the
+            candidate: does the GBDT add anything; blend vs the GBDT: does the image model); empty without
+            the tabular baseline.
+        tabular_note: What the tabular baseline was, or why it is off ("" when not given).
+    """
+
+    table: pd.DataFrame
+    candidate: str
+    comparisons: tuple[dict[str, Any], ...] = ()
+    tabular_note: str = ""
+
+    @classmethod
+    def rank(
+        cls,
+        reports: Mapping[str, EvaluationReport],
+        oofs: Mapping[str, pd.DataFrame],
+        config: EvaluationConfig,
+        test_evaluation: TestEvaluation | None = None,
+        tabular: TabularRows | None = None,
+        tabular_note: str = "",
+    ) -> Leaderboard:
+        """Rank ``reports`` (their out-of-fold predictions ``oofs`` give the paired differences).
+
+        With a scored ``test_evaluation``, each row leads with its backbone's test AUC [CI] (the fold-model
+        mean on the locked test split, else the first external set: ``test_set``) and the optimism gap
+        (out-of-fold minus test AUC). The order and the candidate come from the out-of-fold AUC only.
+        With ``tabular`` (an enabled baseline), its row and the blend's are added (``with_tabular_rows``);
+        ``tabular_note`` says what the baseline was or why it is off.
+        """
+        table = leaderboard(reports, oofs, config)
+        candidate = str(table.attrs["candidate"])
+        table.insert(list(table.columns).index("backbone") + 1, KIND, IMAGE)
+        comparisons: tuple[dict[str, Any], ...] = ()
+        if tabular is not None:
+            table, comparisons = with_tabular_rows(table, oofs[candidate], tabular, config)
+        if test_evaluation is not None and test_evaluation.has_test:
+            table = with_test_columns(table, test_evaluation)
+        return cls(table=table, candidate=candidate, comparisons=comparisons, tabular_note=tabular_note)
+
+    def save(self, out_dir: Path) -> None:
+        """Write ``leaderboard.parquet`` and ``leaderboard.json`` (candidate + rows) into ``out_dir``."""
+        atomic_write_bytes(out_dir / "leaderboard.parquet", parquet_bytes(self.table))
+        atomic_write_json(
+            out_dir / "leaderboard.json",
+            {
+                "candidate": self.candidate,
+                "rows": self.table.to_dict("records"),
+                "comparisons": list(self.comparisons),
+                "tabular_note": self.tabular_note,
+            },
+        )
+
+
+KIND = "kind"
+"""Leaderboard column saying what a row is: :data:`IMAGE`, :data:`TABULAR_ONLY` or :data:`BLEND`."""
+IMAGE = "image"
+TABULAR_ONLY = "tabular-only (not servable)"
+BLEND = "blend (not servable)"
+
+
+@dataclass(frozen=True)
+class TabularRows:
+    """What the leaderboard needs of the tabular baseline to show it and the blend.
+
+    Attributes:
+        report: The GBDT's out-of-fold report (``tabular.baseline.run_tabular_baseline``).
+        oof: Its out-of-fold predictions, over the same images as the image models'.
+        blend_dir: Where the blend's report and out-of-fold table are written; None writes nothing.
+    """
+
+    report: EvaluationReport
+    oof: pd.DataFrame
+    blend_dir: Path | None = None
+
+
+def with_tabular_rows(
+    table: pd.DataFrame, candidate_oof: pd.DataFrame, tabular: TabularRows, config: EvaluationConfig
+) -> tuple[pd.DataFrame, tuple[dict[str, Any], ...]]:
+    """``table`` with the GBDT's row and the blend's row, all rows re-ranked by out-of-fold AUC.
+
+    The blend is ``tabular.blend.rank_blend`` of the candidate's and the GBDT's out-of-fold predictions
+    (equal weights, no fitted parameters), evaluated with ``evaluate_predictions`` on those same rows, so
+    its AUC/pAUC carry the same patient-bootstrap CIs. Every row's ``auc_diff_vs_best`` is its paired AUC
+    difference to the candidate (positive: better than the best image model); ``candidate`` stays on the
+    best image model, and rows of the other kinds are never offered to the promotion gate.
+
+    Returns:
+        The table and the ``comparisons``: blend vs candidate, blend vs GBDT (``paired_auc_difference``
+        fields plus ``a``, ``b`` and the ``question`` each answers).
+
+    Raises:
+        InputValueError: the tables do not cover the same images (models trained on different folds tables).
+    """
+    from melanoma_ml.evaluation.report import evaluate_predictions
+    from melanoma_ml.tabular.blend import rank_blend
+
+    candidate = str(table.attrs["candidate"])
+    gbdt = tabular.report.name
+    blend_name = f"{candidate}+{gbdt}"
+    blend_oof = rank_blend([candidate_oof, tabular.oof], name=blend_name)
+    if tabular.blend_dir is not None:
+        atomic_write_bytes(tabular.blend_dir / "oof.parquet", parquet_bytes(blend_oof))
+    blend_report = evaluate_predictions(blend_oof, config, out_dir=tabular.blend_dir, name=blend_name)
+    vs_image = paired_auc_difference(blend_oof, candidate_oof, config, names=(blend_name, candidate))
+    vs_gbdt = paired_auc_difference(blend_oof, tabular.oof, config, names=(blend_name, gbdt))
+    gbdt_vs_image = paired_auc_difference(tabular.oof, candidate_oof, config, names=(gbdt, candidate))
+    records = [
+        _row(gbdt, TABULAR_ONLY, tabular.report, gbdt_vs_image),
+        _row(blend_name, BLEND, blend_report, vs_image),
+    ]
+    extra = pd.DataFrame.from_records(records).reindex(columns=table.columns)
+    extra["candidate"] = False
+    out = pd.concat([table, extra], ignore_index=True)
+    out = out.sort_values(["auc", "pauc", "backbone"], ascending=[False, False, True], kind="stable")
+    out = out.reset_index(drop=True)
+    out["rank"] = range(1, len(out) + 1)
+    out.attrs = dict(table.attrs)
+    comparisons = (
+        {"a": blend_name, "b": candidate, "question": f"does {gbdt} add to {candidate}?", **vs_image},
+        {"a": blend_name, "b": gbdt, "question": f"does {candidate} add to {gbdt}?", **vs_gbdt},
+    )
+    return out, comparisons
+
+
+def _row(name: str, kind: str, report: EvaluationReport, diff: dict[str, Any]) -> dict[str, Any]:
+    auc, pauc = report.metric("auc"), report.metric("pauc")
+    return {
+        "backbone": name,
+        KIND: kind,
+        "auc": auc.value,
+        "auc_lo": auc.lo,
+        "auc_hi": auc.hi,
+        "pauc": pauc.value,
+        "pauc_lo": pauc.lo,
+        "pauc_hi": pauc.hi,
+        "auc_diff_vs_best": diff["diff"],
+        "diff_lo": diff["lo"],
+        "diff_hi": diff["hi"],
+        "p_value": diff["p_value"],
+    }
+
+
+TEST_COLUMNS = ("test_set", "test_auc", "test_auc_lo", "test_auc_hi", "optimism_gap")
+"""Leaderboard columns from the test evaluation, placed right after ``backbone``."""
+
+
+def with_test_columns(table: pd.DataFrame, test_evaluation: TestEvaluation) -> pd.DataFrame:
+    """``table`` with :data:`TEST_COLUMNS` after ``backbone`` (NaN where a backbone has no test result)."""
+    rows = []
+    for backbone in table["backbone"]:
+        result = test_evaluation.headline(str(backbone), "ensemble")
+        row = result.row() if result is not None else {}
+        rows.append({column: row.get(column, float("nan")) for column in TEST_COLUMNS})
+    test = pd.DataFrame(rows, columns=list(TEST_COLUMNS), index=table.index)
+    at = list(table.columns).index("backbone") + 1
+    out = pd.concat([table.iloc[:, :at], test, table.iloc[:, at:]], axis=1)
+    out.attrs = dict(table.attrs)
+    return out
+
+
+def backbone_oof(backbone: str, fold_results: Sequence[FoldResult], n_folds: int) -> pd.DataFrame:
+    """The out-of-fold predictions of all folds of ``backbone`` (every fold must be there, once).
+
+    Raises:
+        ValueError: a fold is missing or duplicated, or a result belongs to another backbone.
+    """
+    folds = sorted(r.fold for r in fold_results)
+    others = sorted({r.backbone for r in fold_results} - {backbone})
+    if others:
+        raise ValueError(f"results of {others} were passed to the evaluation of {backbone!r}")
+    if folds != list(range(n_folds)):
+        raise ValueError(
+            f"{backbone}: out-of-fold evaluation needs exactly folds 0..{n_folds - 1} once each, got {folds}; "
+            "train the missing fold partitions first"
+        )
+    return pd.concat([r.oof for r in sorted(fold_results, key=lambda r: r.fold)], ignore_index=True)
+
+
+def report_oof(config: PipelineConfig, backbone: str) -> pd.DataFrame:
+    """The out-of-fold predictions ``pipeline.evaluate_backbone`` saved for ``backbone``.
+
+    Raises:
+        FileNotFoundError: ``backbone`` has not been evaluated under this artifact root.
+    """
+    path = artifact_paths(config).oof(backbone)
+    if not path.is_file():
+        raise InputFileNotFoundError(f"{path} not found; evaluate backbone {backbone!r} first")
+    return pd.read_parquet(path)

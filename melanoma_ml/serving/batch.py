@@ -1,0 +1,269 @@
+"""Score many images with one model version: batched decoding and TTA, one table of scores, one CSV.
+
+``score_path(path, bundle)`` reads what is at ``path`` (``batch_inputs.read_scoring_input``: a folder of
+images, a CSV, a dataset folder in any layout), decodes each image once with the training cache's decoder
+(``images.cache.load_resized``, as the app does, so there is no train/serve skew), and calls
+``inference.predict`` once per batch of ``batch_size`` images (with TTA: ``8 x batch_size`` views in one
+forward pass). The next batch is decoded on worker threads while the network runs on the current one.
+
+A file that cannot be decoded does not stop the run: its row carries the reason in ``error`` and the other
+images are still scored. The table has the ISIC challenge submission columns (``image_name``, ``target`` =
+the melanoma probability) plus the decision at the model's threshold and the model version, so a scores
+file says which model produced it. ``melanoma-ml predict`` and the ``batch_scores`` Dagster asset are thin
+layers over this module.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from melanoma_ml import schema
+from melanoma_ml.artifacts import artifact_paths
+from melanoma_ml.atomic import atomic_write_bytes
+from melanoma_ml.errors import InputStateError, InputValueError
+from melanoma_ml.features import metadata_dict
+from melanoma_ml.images.cache import load_resized
+from melanoma_ml.images.io import DEFAULT_MAX_PIXELS, ImageDecodeError
+from melanoma_ml.serving.batch_inputs import ERROR, ScoringInput, read_scoring_input
+
+if TYPE_CHECKING:
+    from melanoma_ml.config import PipelineConfig
+    from melanoma_ml.serving.bundle import Bundle
+    from melanoma_ml.serving.registry import ModelRegistry
+
+DEFAULT_BATCH_SIZE = 32
+"""Images per forward pass (with TTA 256 views): large enough to amortize the per-call overhead on a CPU,
+small enough that a 256 px batch of views stays well under 1 GB."""
+
+PROBABILITY = "target"
+"""The ISIC challenge submission calls the predicted melanoma probability ``target``."""
+
+SCORE_COLUMNS: tuple[str, ...] = (
+    schema.IMAGE,
+    PROBABILITY,
+    "decision",
+    "threshold",
+    "model_version",
+    ERROR,
+    schema.IMAGE_PATH,
+)
+"""Columns of a scores table, in order; ``error`` is empty for a scored row, ``target`` NaN for a failed one."""
+
+Progress = Callable[[int, int], object]
+"""Called as ``progress(done, total)`` after each batch (images decoded or failed so far, images to do)."""
+
+
+@dataclass(frozen=True)
+class BatchScores:
+    """The scores of one input.
+
+    Attributes:
+        table: One row per input image (``SCORE_COLUMNS``): the scored ones in input order, then the ones
+            set aside before decoding (cleaning, missing files).
+        source: What was read (``kind``, ``description``).
+        model_version: The registry version (or bundle folder name) that scored.
+        threshold: The model's decision threshold.
+        tta: Whether the 8 dihedral views were averaged.
+        seconds: Wall time of decoding and scoring (reading the input not included).
+    """
+
+    table: pd.DataFrame
+    source: ScoringInput
+    model_version: str
+    threshold: float
+    tta: bool
+    seconds: float
+
+    @property
+    def scored(self) -> pd.DataFrame:
+        return self.table[self.table[ERROR] == ""]
+
+    @property
+    def failed(self) -> pd.DataFrame:
+        return self.table[self.table[ERROR] != ""]
+
+    @property
+    def images_per_second(self) -> float:
+        """Decoded and scored images per wall-clock second (failed files not counted)."""
+        return len(self.scored) / self.seconds if self.seconds > 0 else float("nan")
+
+
+def drop_folder(config: PipelineConfig) -> Path:
+    """The batch-scoring drop folder: ``serving.drop_dir``, else ``<artifact_root>/incoming``."""
+    if config.serving.drop_dir:
+        return Path(config.serving.drop_dir).expanduser().resolve()
+    return artifact_paths(config).incoming
+
+
+def load_scoring_model(registry: ModelRegistry, version: str | None = None) -> Bundle:
+    """Load (sha256-verified) ``version`` from ``registry``, or the served version when None.
+
+    Raises:
+        InputStateError: nothing promoted yet and no version named.
+        RegistryError: an unknown version (the message lists the known ones).
+        BundleError: the version's files are missing or do not verify.
+    """
+    from melanoma_ml.serving.bundle import load_bundle
+
+    version = version or registry.current()
+    if version is None:
+        raise InputStateError(
+            f"no model promoted in registry {registry.root} yet: run `melanoma-ml demo` or materialize "
+            "`serving_model`, or name a version with --version"
+        )
+    return load_bundle(registry.version_path(version))
+
+
+def score_path(
+    path: str | Path,
+    bundle: Bundle,
+    *,
+    tta: bool = True,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    workers: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    progress: Progress | None = None,
+) -> BatchScores:
+    """Score every image at ``path`` (``batch_inputs.read_scoring_input``) with ``bundle``.
+
+    Args:
+        path: Folder of images, CSV, or dataset folder / metadata CSV in a known layout.
+        bundle: The loaded model (``load_scoring_model``).
+        tta: Average the 8 dihedral views of each image.
+        batch_size: Images per ``inference.predict`` call.
+        workers: Decoding threads (Pillow releases the GIL); default ``min(4, cpu count)``.
+        max_pixels: Larger images (by their header) are refused, as uploads are.
+        progress: ``progress(done, total)`` after each batch.
+
+    Raises:
+        InputValueError / InputFileNotFoundError: nothing usable at ``path`` (see ``read_scoring_input``),
+            or ``batch_size`` below 1. An image that fails to decode is reported in its row instead.
+    """
+    return score_inputs(
+        read_scoring_input(path),
+        bundle,
+        tta=tta,
+        batch_size=batch_size,
+        workers=workers,
+        max_pixels=max_pixels,
+        progress=progress,
+    )
+
+
+def score_inputs(
+    inputs: ScoringInput,
+    bundle: Bundle,
+    *,
+    tta: bool = True,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    workers: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    progress: Progress | None = None,
+) -> BatchScores:
+    """``score_path`` on an already read input."""
+    from melanoma_ml.serving.inference import predict
+
+    if batch_size < 1:
+        raise InputValueError(f"batch size must be at least 1, got {batch_size}")
+    workers = workers or min(4, os.cpu_count() or 1)
+    table = inputs.table
+    tabular = [c for c in bundle.spec.encoder.tabular if c in table.columns]
+    metadata = [metadata_dict(row, tabular) for row in table.itertuples(index=False)]
+    paths = table[schema.IMAGE_PATH].astype(str).tolist()
+    probabilities = np.full(len(table), np.nan)
+    errors = [""] * len(table)
+    started = time.perf_counter()
+    done = 0
+    for rows, views in _decoded_batches(paths, bundle.spec.image_size, max_pixels, batch_size, workers):
+        good: list[int] = []
+        images: list[np.ndarray] = []
+        for row, view in zip(rows, views, strict=True):
+            if isinstance(view, ImageDecodeError):
+                errors[row] = view.reason
+            else:
+                good.append(row)
+                images.append(view)
+        if good:
+            probabilities[good] = predict(
+                bundle, images, [metadata[row] for row in good], tta=tta, batch_size=len(good)
+            )
+        done += len(rows)
+        if progress is not None:
+            progress(done, len(table))
+    seconds = time.perf_counter() - started
+    scored = pd.DataFrame(
+        {
+            schema.IMAGE: table[schema.IMAGE].astype(str).to_numpy(),
+            PROBABILITY: probabilities,
+            ERROR: errors,
+            schema.IMAGE_PATH: paths,
+        }
+    )
+    rejected = inputs.rejected.assign(**{PROBABILITY: np.nan})
+    return BatchScores(
+        table=_with_decisions(pd.concat([scored, rejected], ignore_index=True), bundle),
+        source=inputs,
+        model_version=bundle.version,
+        threshold=float(bundle.threshold),
+        tta=tta,
+        seconds=seconds,
+    )
+
+
+def write_scores(scores: BatchScores, out: str | Path) -> Path:
+    """Write ``scores.table`` as CSV at ``out`` atomically (a reader never sees half a file)."""
+    out = Path(out).expanduser()
+    if out.is_dir():
+        raise InputValueError(
+            f"--out {out} is a folder; name the CSV file to write, e.g. {out / 'scores.csv'}"
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write_bytes(out, scores.table.to_csv(index=False).encode("utf-8"))
+
+
+def _with_decisions(table: pd.DataFrame, bundle: Bundle) -> pd.DataFrame:
+    scored = table[ERROR] == ""
+    positive = table[PROBABILITY] >= bundle.threshold
+    table["decision"] = np.where(scored, np.where(positive, "positive", "negative"), "")
+    table["threshold"] = float(bundle.threshold)
+    table["model_version"] = bundle.version
+    return table[list(SCORE_COLUMNS)]
+
+
+def _decoded_batches(
+    paths: Sequence[str], size: int, max_pixels: int, batch_size: int, workers: int
+) -> Iterator[tuple[list[int], list[np.ndarray | ImageDecodeError]]]:
+    """``(rows, views)`` per batch, in order: each view the model's square image or the decode error.
+
+    The next batch is submitted to the pool before the current one is handed out, so decoding overlaps
+    the caller's forward pass; at most two batches of decoded views are held at a time.
+    """
+
+    def decode(path: str) -> np.ndarray | ImageDecodeError:
+        try:
+            return load_resized(path, size, max_pixels=max_pixels)
+        except ImageDecodeError as err:  # reported in the file's row; the other files are still scored
+            return err
+
+    batches = [
+        list(range(start, min(start + batch_size, len(paths)))) for start in range(0, len(paths), batch_size)
+    ]
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="batch-decode") as pool:
+
+        def submit(rows: list[int]) -> list[Future]:
+            return [pool.submit(decode, paths[row]) for row in rows]
+
+        pending = submit(batches[0]) if batches else []
+        for index, rows in enumerate(batches):
+            current = pending
+            pending = submit(batches[index + 1]) if index + 1 < len(batches) else []
+            yield rows, [future.result() for future in current]

@@ -1,0 +1,164 @@
+"""What a serving bundle's ``manifest.json`` holds: one typed shape for its writer and every reader.
+
+``BundleManifest`` is validated when a bundle is read (``bundle.read_manifest``) and written by
+``bundle.save_bundle``; nobody reads the JSON by key. The JSON stays plain and readable: the model spec
+(backbone, input size, normalization, metadata encoder), the threshold, the metrics as
+``{"value", "lo", "hi", "level"}`` estimates, versions, the weights' sha256 and, for a bundle made from a
+fold model, that fold, its checkpoint's sha256 and its out-of-fold predictions.
+
+``schema_version`` names the shape. A manifest of another schema is refused as a whole (no field-by-field
+guessing): :func:`stored_schema` tells which one a file holds, so the error can say so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, model_validator
+
+from melanoma_ml.evaluation.estimate import Estimate
+from melanoma_ml.spec import ModelSpec
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+MANIFEST_SCHEMA_VERSION = 2
+"""Schema 1 (``format_version: 1``) kept the provenance in a free-form ``extra`` dict and CIs without a level."""
+
+
+def stored_schema(data: Mapping[str, Any]) -> Any:
+    """The schema a parsed ``manifest.json`` declares (schema 1 called it ``format_version``); None if none."""
+    return data.get("schema_version", data.get("format_version"))
+
+
+def _estimate(value: Any) -> Estimate:
+    return Estimate.from_dict(value, where="metric")  # InputValueError is a ValueError: pydantic reports it
+
+
+def _spec(value: Any) -> ModelSpec:
+    if isinstance(value, ModelSpec):
+        return value
+    if not isinstance(value, Mapping):
+        raise ValueError(f"must be a dict written by ModelSpec.to_dict(), got {type(value).__name__}")
+    try:
+        return ModelSpec.from_dict(dict(value))
+    except (TypeError, ValueError, KeyError) as exc:
+        raise ValueError(f"is not a valid model spec ({exc})") from exc
+
+
+StoredEstimate = Annotated[
+    Estimate, PlainValidator(_estimate), PlainSerializer(lambda e: e.to_dict(), when_used="always")
+]
+StoredSpec = Annotated[
+    ModelSpec, PlainValidator(_spec), PlainSerializer(lambda s: s.to_dict(), when_used="always")
+]
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+class ValidationPredictions(BaseModel):
+    """The served fold model's out-of-fold predictions, one list per column (enough for a paired comparison
+    with the next candidate and for the gallery to find the model's own validation images)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    image_name: list[str]
+    group_id: list[str]
+    fold: list[int]
+    target: list[Literal[0, 1]]
+    prob: list[Annotated[float, Field(ge=0.0, le=1.0)]]
+
+    @model_validator(mode="after")
+    def _same_length(self) -> ValidationPredictions:
+        lengths = {name: len(getattr(self, name)) for name in type(self).model_fields}
+        if len(set(lengths.values())) > 1:
+            raise ValueError(f"columns differ in length: {lengths}")
+        return self
+
+    @classmethod
+    def columns(cls) -> tuple[str, ...]:
+        """The stored columns, in order (a subset of the training out-of-fold table's columns)."""
+        return tuple(cls.model_fields)
+
+    @classmethod
+    def from_frame(cls, frame: pd.DataFrame) -> ValidationPredictions:
+        """The :meth:`columns` of an out-of-fold predictions table."""
+        return cls(**{column: frame[column].tolist() for column in cls.columns()})
+
+    def to_frame(self) -> pd.DataFrame:
+        import pandas as pd
+
+        return pd.DataFrame(self.model_dump())
+
+
+class TestMetrics(BaseModel):
+    """The served model on one test set nothing was tuned on, at the bundle's own threshold."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    metrics: dict[str, StoredEstimate]
+    n_images: int = Field(ge=1)
+    n_melanoma: int = Field(ge=1)
+
+
+class BundleManifest(BaseModel):
+    """The parsed ``manifest.json`` of a bundle.
+
+    Attributes:
+        schema_version: :data:`MANIFEST_SCHEMA_VERSION`.
+        version: The registry version (``v0003``) once registered, else None.
+        model_spec: Architecture, input size, normalization and the fitted metadata encoder.
+        threshold: Probability at or above which a lesion is flagged.
+        metrics: Evaluation metrics of the served model, each an :class:`Estimate` with its CI level.
+        data_version: Identifier of the training data (e.g. the folds table hash).
+        code_version: Identifier of the code that trained it.
+        created_at: ISO time the bundle was written (UTC).
+        weights_sha256: sha256 of ``weights.safetensors``, checked before the weights are read.
+        fold: The fold whose model this is (bundles made from a fold checkpoint), else None.
+        checkpoint_sha256: sha256 of that fold checkpoint's weights (tells "already served"), else None.
+        oof: That fold model's out-of-fold predictions on its own validation rows, else None.
+        test_metrics: Test set name (``internal``: the locked test split; else a ``data.test_sources``
+            name) -> the model's metrics there, at :attr:`threshold` (fixed before the test). None when no
+            untouched test set existed; optional, so schema 2 manifests without it stay valid.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    schema_version: Literal[2] = MANIFEST_SCHEMA_VERSION
+    version: str | None = None
+    model_spec: StoredSpec
+    threshold: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
+    metrics: dict[str, StoredEstimate]
+    data_version: str
+    code_version: str
+    created_at: str
+    weights_sha256: Sha256
+    fold: int | None = None
+    checkpoint_sha256: Sha256 | None = None
+    oof: ValidationPredictions | None = None
+    test_metrics: dict[str, TestMetrics] | None = None
+
+    @model_validator(mode="after")
+    def _oof_is_the_folds_own(self) -> BundleManifest:
+        if self.fold is not None and self.oof is not None and set(self.oof.fold) - {self.fold}:
+            raise ValueError(
+                f"oof holds rows of folds {sorted(set(self.oof.fold))}, but the bundle serves fold {self.fold}: "
+                "store only that fold model's own validation rows"
+            )
+        return self
+
+    @property
+    def backbone(self) -> str:
+        return self.model_spec.backbone
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object written as ``manifest.json`` (strict JSON: NaN bounds stored as null)."""
+        return self.model_dump(mode="json")
+
+    def oof_frame(self) -> pd.DataFrame:
+        """:attr:`oof` as a table; an empty one (same columns) when none is stored."""
+        if self.oof is None:
+            import pandas as pd
+
+            return pd.DataFrame(columns=list(ValidationPredictions.columns()))
+        return self.oof.to_frame()

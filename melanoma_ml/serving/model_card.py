@@ -1,0 +1,96 @@
+"""The model card the app shows: a served bundle's provenance and headline metrics with CIs, as markdown.
+
+Pure text from the bundle manifest (no gradio, no torch): the app (``serving.app``) renders it, and tests
+check it without starting a UI.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+from melanoma_ml.serving.service import NO_MODEL_MESSAGE
+
+if TYPE_CHECKING:
+    from melanoma_ml.evaluation.estimate import Estimate
+    from melanoma_ml.serving.service import ServedModel
+
+HEADLINE_METRICS = (
+    ("auc", "ROC AUC"),
+    ("pauc", "Partial AUC (high-sensitivity region)"),
+    ("sensitivity", "Sensitivity at the threshold"),
+    ("specificity", "Specificity at the threshold"),
+    ("brier", "Brier score (lower is better)"),
+    ("ece", "Calibration error, ECE (lower is better)"),
+)
+"""Metrics the model card shows, in order, as ``(key in the manifest's metrics, label)``."""
+
+
+TEST_SET_LABEL = {"internal": "locked test split"}
+"""How the card names a test set (``holdout.INTERNAL_TEST``; others are external ``data.test_sources``)."""
+
+
+def known_metric(metrics: Mapping[str, Estimate], key: str) -> Estimate | None:
+    """``metrics[key]`` (a bundle's ``manifest.metrics``), or None when absent or without a point value."""
+    estimate = metrics.get(key)
+    return estimate if estimate is not None and math.isfinite(estimate.value) else None
+
+
+def headline_metrics(metrics: Mapping[str, Estimate]) -> list[tuple[str, Estimate]]:
+    """``(label, estimate)`` of the ``HEADLINE_METRICS`` the bundle has, in order (``estimate.text()`` shows
+    it with its own CI level)."""
+    lines = [(label, known_metric(metrics, key)) for key, label in HEADLINE_METRICS]
+    return [(label, estimate) for label, estimate in lines if estimate is not None]
+
+
+def readable_time(iso: str | None) -> str:
+    """``2026-11-27T01:42:26.85+00:00`` -> ``2026-11-27 01:42 UTC`` (unparseable text is shown as is)."""
+    if not iso:
+        return "at an unknown time"
+    try:
+        moment = datetime.fromisoformat(iso)
+    except ValueError:
+        return iso
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(UTC)
+    return moment.strftime("%Y-%m-%d %H:%M UTC")
+
+
+def model_card_markdown(model: ServedModel | None) -> str:
+    """Backbone, version, promotion time, data version and headline metrics with CIs."""
+    if model is None:
+        return f"No model promoted yet. {NO_MODEL_MESSAGE}"
+    manifest = model.manifest
+    rows = [
+        ("Backbone", f"`{model.backbone}` + metadata MLP (age, sex, site)"),
+        ("Version", model.version),
+        ("Promoted", readable_time(model.promoted_at)),
+        ("Bundle created", readable_time(manifest.created_at)),
+        ("Training data version", f"`{manifest.data_version}`"),
+        ("Code version", f"`{manifest.code_version}`"),
+        ("Input size", f"{model.image_size} px"),
+        ("Decision threshold", f"{model.threshold:.3f}"),
+    ]
+    for test_set, tested in (manifest.test_metrics or {}).items():
+        where = TEST_SET_LABEL.get(test_set, f"external test set {test_set}")
+        rows.append((f"**Test** ({where})", f"{tested.n_images} images, {tested.n_melanoma} melanoma"))
+        for label, estimate in headline_metrics(tested.metrics):
+            rows.append((f"{label}, test", estimate.text()))
+    for label, estimate in headline_metrics(manifest.metrics):
+        rows.append((f"{label}, out-of-fold", estimate.text()))
+    table = "\n".join(f"| {name} | {value} |" for name, value in rows)
+    if manifest.test_metrics:
+        note = (
+            "Test metrics are measured on patients nothing was trained, tuned or chosen on, at the threshold "
+            "fixed beforehand. Out-of-fold metrics come from this model's own validation rows, which also chose "
+            "its epoch and threshold (expect them to be optimistic). All CIs: patient-level bootstrap."
+        )
+    else:
+        note = (
+            "No untouched test set exists for this model: every metric is out-of-fold, with patient-level "
+            "bootstrap confidence intervals, and the threshold was tuned for a target sensitivity on the same "
+            "out-of-fold predictions (expect them to be optimistic)."
+        )
+    return f"| Model | |\n|---|---|\n{table}\n\n{note}"

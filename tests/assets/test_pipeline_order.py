@@ -1,0 +1,69 @@
+"""One run order: ``pipeline.STEPS`` (what ``run_all`` walks) is the Dagster asset graph, step for step.
+
+Each step is named after the asset it backs (``evaluation`` for every ``evaluation/<backbone>``). The test
+fails when an asset, an upstream edge, a multi-asset output or a blocking check exists on one side only,
+or when the plain order would run a step before one it reads.
+"""
+
+from __future__ import annotations
+
+import dagster as dg
+import pytest
+
+from melanoma_assets.definitions import build_definitions
+from melanoma_assets.groups import DATA, EVALUATION, SERVING, TRAINING
+from melanoma_ml.pipeline import STEPS
+
+RUNNER_STAGES = (DATA, TRAINING, EVALUATION, SERVING)
+"""The group order ``melanoma_assets.runner.materialize_graph`` materializes in."""
+
+
+def step_name(key: dg.AssetKey) -> str:
+    return key.path[0]  # evaluation/<backbone> -> evaluation; every other key has one part
+
+
+@pytest.fixture(scope="module")
+def graph():
+    return build_definitions("demo").resolve_asset_graph()  # two backbones, so evaluation/* fans out
+
+
+def producers() -> dict[str, str]:
+    """Asset name -> the step that materializes it."""
+    return {name: step.name for step in STEPS for name in (step.name, *step.also_writes)}
+
+
+def test_the_steps_materialize_exactly_the_graphs_assets(graph) -> None:
+    assert set(producers()) == {step_name(key) for key in graph.get_all_asset_keys()}
+    assert len({step.name for step in STEPS}) == len(STEPS)
+
+
+def test_each_step_reads_exactly_its_assets_upstream_assets(graph) -> None:
+    by_name = {step.name: step for step in STEPS}
+    for key in graph.get_all_asset_keys():
+        step = by_name[producers()[step_name(key)]]
+        upstream = {step_name(parent) for parent in graph.get(key).parent_keys}
+        assert upstream == set(step.inputs), f"{key.to_user_string()}: graph {upstream}, STEPS {step.inputs}"
+
+
+def test_each_step_runs_the_blocking_checks_of_its_asset_with_their_inputs(graph) -> None:
+    declared = {
+        (step.name, check, frozenset(reads)) for step in STEPS for check, reads in step.checks.items()
+    }
+    in_graph = set()
+    for check_key in graph.asset_check_keys:
+        node = graph.get(check_key)
+        assert node.blocking, f"{check_key.name} is not blocking, but run_all stops on it"
+        asset = step_name(check_key.asset_key)
+        reads = frozenset(step_name(k) for k in node.parent_entity_keys) - {asset}
+        in_graph.add((producers()[asset], check_key.name, reads))
+    assert declared == in_graph
+
+
+def test_the_plain_order_runs_every_step_after_what_it_reads_and_in_the_runners_stages(graph) -> None:
+    done: set[str] = set()
+    for step in STEPS:
+        assert set(step.reads) <= done, f"{step.name} reads {set(step.reads) - done} before they are made"
+        done.update((step.name, *step.also_writes))
+    groups = {step_name(key): graph.get(key).group_name for key in graph.get_all_asset_keys()}
+    stages = [RUNNER_STAGES.index(groups[step.name]) for step in STEPS]
+    assert stages == sorted(stages), list(zip([s.name for s in STEPS], stages, strict=True))

@@ -1,0 +1,109 @@
+"""The whole tiny graph with a locked test split: the test_evaluation asset, its check, and no leak.
+
+One in-process materialization (every partition) with ``data.test_fraction=0.25``. A spy on
+``train_fold``'s split records every training and validation image; the test split's patients must be in
+none of them, nor in any out-of-fold table (which chose epochs, thresholds and the ranking), nor in the
+served bundle's stored predictions. The test reports use the thresholds fixed out-of-fold.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import dagster as dg
+import pandas as pd
+import pytest
+
+from melanoma_assets.definitions import build_definitions
+from melanoma_assets.resources import ArtifactStorage, DataSource, PipelineSettings, TrainingHardware
+from melanoma_assets.runner import materialize_graph
+from melanoma_ml import schema
+from melanoma_ml.training import train
+
+
+@pytest.mark.slow
+def test_test_evaluation_asset_scores_the_locked_split_and_nothing_leaks(tmp_path: Path, monkeypatch) -> None:
+    from melanoma_ml.evaluation.threshold import threshold_for_sensitivity
+    from melanoma_ml.folds import locked_test_mask
+    from melanoma_ml.serving.model_card import model_card_markdown
+    from melanoma_ml.serving.registry import ModelRegistry
+    from melanoma_ml.serving.service import ModelService
+
+    seen: dict[str, set[str]] = {"train": set(), "valid": set()}
+    real_split = train.split_fold
+
+    def spy(table: pd.DataFrame, fold):
+        rows = real_split(table, fold)
+        seen["train"] |= set(rows[0][schema.IMAGE])
+        seen["valid"] |= set(rows[1][schema.IMAGE])
+        return rows
+
+    monkeypatch.setattr(train, "split_fold", spy)
+    root = tmp_path / "artifacts"
+    settings = PipelineSettings(
+        profile="tiny",
+        overrides_json=json.dumps({"data": {"test_fraction": 0.25}}),
+        storage=ArtifactStorage(root=str(root)),
+        hardware=TrainingHardware(accelerator="cpu"),
+        source=DataSource(),
+    )
+    resources = {"settings": settings, "io_manager": dg.FilesystemIOManager(base_dir=str(tmp_path / "io"))}
+    (tmp_path / "dagster_home").mkdir()
+    with dg.instance_for_test(temp_dir=str(tmp_path / "dagster_home")) as instance:
+        run = materialize_graph(build_definitions("tiny"), resources, instance, progress=lambda _: None)
+
+    assert run.success, [e for r in run.results for e in r.all_events if e.is_failure]
+    evaluations = run.check_evaluations()
+    assert all(e.passed for e in evaluations), [
+        (e.check_name, e.metadata) for e in evaluations if not e.passed
+    ]
+    assert "test_split_untouched" in {e.check_name for e in evaluations}
+
+    folds = pd.read_parquet(root / "tables" / "folds.parquet")
+    test_rows = folds[locked_test_mask(folds)]
+    test_images, test_groups = set(test_rows[schema.IMAGE]), set(test_rows[schema.GROUP])
+    assert len(test_rows) and test_rows["target"].nunique() == 2
+    by_image = folds.set_index(schema.IMAGE)[schema.GROUP]
+    assert seen["train"] and seen["valid"]
+    assert (
+        not {by_image[name] for name in seen["train"] | seen["valid"]} & test_groups
+    )  # train_fold's loaders
+    oof = pd.read_parquet(root / "reports" / "test_efficientnet" / "oof.parquet")  # OOF report, ranking
+    assert not set(oof[schema.IMAGE]) & test_images
+
+    last = run.results[-1]
+    tested = last.output_for_node("test_evaluation")
+    report = last.output_for_node("evaluation__test_efficientnet")
+    ensemble, served = (
+        tested.find("test_efficientnet", "ensemble"),
+        tested.find("test_efficientnet", "served"),
+    )
+    assert ensemble.report.n_images == served.report.n_images == len(test_rows)
+    assert ensemble.report.threshold.value == report.threshold.value  # the OOF threshold, not re-tuned
+    assert ensemble.oof_auc.value == report.metric("auc").value
+    assert ensemble.optimism_gap == pytest.approx(report.metric("auc").value - ensemble.test_auc.value)
+    materialization = next(
+        e.materialization for e in last.get_asset_materialization_events()
+        if e.materialization.asset_key == dg.AssetKey("test_evaluation")
+    )  # fmt: skip
+    assert "internal/test_efficientnet/ensemble/test_auc" in materialization.metadata
+
+    board = json.loads((root / "reports" / "leaderboard" / "leaderboard.json").read_text())
+    assert board["rows"][0]["test_auc"] == pytest.approx(ensemble.test_auc.value)
+
+    registry = ModelRegistry(root / "registry")
+    manifest = registry.manifest(registry.current())
+    assert not set(manifest.oof.image_name) & test_images
+    assert manifest.threshold == served.report.threshold.value
+    own = manifest.oof_frame()
+    assert manifest.threshold == threshold_for_sensitivity(
+        own["target"].to_numpy(), own["prob"].to_numpy(), 0.9
+    )
+    stored = manifest.test_metrics["internal"]
+    assert stored.n_images == len(test_rows)
+    assert stored.metrics["auc"].value == pytest.approx(served.test_auc.value)
+    from melanoma_ml.config import ServingConfig
+
+    card = model_card_markdown(ModelService(registry, ServingConfig()).status().model)
+    assert "ROC AUC, test" in card and "ROC AUC, out-of-fold" in card

@@ -1,0 +1,170 @@
+"""Out-of-distribution scorers: distances, the threshold rule, the file format, and the network plumbing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from melanoma_ml.config import ModelConfig, SyntheticConfig
+from melanoma_ml.features import MetadataEncoder
+from melanoma_ml.images.io import load_rgb
+from melanoma_ml.serving.inference import preprocess
+from melanoma_ml.serving.ood import (
+    EnergyScorer,
+    MahalanobisScorer,
+    energy_score,
+    load_ood,
+    network_outputs,
+    save_ood,
+)
+from melanoma_ml.spec import ModelSpec
+from melanoma_ml.synthetic import generate_synthetic_dataset
+
+DIM = 8
+
+
+def _gaussian(n: int, seed: int, shift: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Two classes of correlated Gaussian features (class 1 shifted along the first axis)."""
+    rng = np.random.default_rng(seed)
+    mix = np.random.default_rng(99).normal(size=(DIM, DIM)) / np.sqrt(DIM) + np.eye(DIM)
+    labels = (rng.random(n) < 0.3).astype(int)
+    x = rng.normal(size=(n, DIM)) @ mix
+    x[:, 0] += 3.0 * labels + shift
+    return x, labels
+
+
+@pytest.fixture(scope="module")
+def fitted() -> MahalanobisScorer:
+    x, y = _gaussian(2000, seed=0)
+    return MahalanobisScorer.fit(x, y, quantile=0.99)
+
+
+def test_far_point_scores_higher_than_near_one(fitted):
+    near = fitted.means[0] + 0.1
+    far = fitted.means[0] + 10.0
+    scores = fitted.score(np.stack([near, far]))
+    assert scores[1] > 10 * scores[0]
+    assert fitted.flags(np.stack([near, far])).tolist() == [False, True]
+    # The nearest class counts: the melanoma mean itself is in distribution.
+    assert fitted.score(fitted.means[1:2])[0] == pytest.approx(0.0, abs=1e-9)
+
+
+@pytest.mark.parametrize("quantile", [0.95, 0.99])
+def test_threshold_flags_the_stated_share_of_new_in_distribution_images(quantile):
+    x, y = _gaussian(3000, seed=1)
+    groups = np.arange(len(x)) // 3  # three images per "patient"
+    scorer = MahalanobisScorer.fit(x, y, groups=groups, quantile=quantile)
+    fresh, _ = _gaussian(20000, seed=2)
+    rate = scorer.flags(fresh).mean()
+    expected = 1 - quantile
+    assert rate == pytest.approx(expected, abs=4 * np.sqrt(expected * quantile / 3000))  # threshold noise
+    # In-sample distances are optimistic: their quantile alone would flag more new images than stated.
+    in_sample = np.quantile(scorer.score(x), quantile)
+    assert scorer.threshold > in_sample
+    shifted, _ = _gaussian(2000, seed=3, shift=6.0)
+    assert scorer.flags(shifted).mean() > 0.5
+
+
+def test_unlabelled_fit_uses_one_mean():
+    x, _ = _gaussian(500, seed=4)
+    scorer = MahalanobisScorer.fit(x)
+    assert scorer.means.shape == (1, DIM) and scorer.summary()["n_classes"] == 1
+
+
+def test_energy_is_higher_for_a_confidently_benign_logit_and_threshold_is_its_quantile():
+    logits = np.random.default_rng(0).normal(1.0, 2.0, 5000)
+    scorer = EnergyScorer.fit(logits, quantile=0.99)
+    assert scorer.flags(logits).mean() == pytest.approx(0.01, abs=0.002)
+    assert energy_score(np.array([-8.0]))[0] > energy_score(np.array([8.0]))[0]
+    assert energy_score(np.array([0.0]))[0] == pytest.approx(-np.log(2.0))
+
+
+@pytest.mark.parametrize("kind", ["mahalanobis", "energy"])
+def test_file_round_trip(tmp_path: Path, fitted, kind):
+    scorer = fitted if kind == "mahalanobis" else EnergyScorer.fit(np.linspace(-3, 3, 50), temperature=2.0)
+    path = save_ood(tmp_path / "ood.safetensors", scorer)
+    loaded = load_ood(path)
+    assert type(loaded) is type(scorer) and loaded.summary() == scorer.summary()
+    probe = np.random.default_rng(5).normal(size=(7, DIM)) if kind == "mahalanobis" else np.arange(-3.0, 4.0)
+    np.testing.assert_array_equal(loaded.score(probe), scorer.score(probe))
+    assert path.read_bytes() == save_ood(tmp_path / "again.safetensors", loaded).read_bytes(), "stable bytes"
+
+
+def test_bad_inputs_are_refused(tmp_path: Path, fitted):
+    x, y = _gaussian(100, seed=6)
+    with pytest.raises(ValueError, match="quantile"):
+        MahalanobisScorer.fit(x, y, quantile=1.0)
+    with pytest.raises(ValueError, match="per class"):
+        MahalanobisScorer.fit(x, np.r_[1, np.zeros(99, int)])
+    with pytest.raises(ValueError, match="groups"):
+        MahalanobisScorer.fit(x, y, groups=np.zeros(100), n_splits=5)
+    with pytest.raises(ValueError, match="width 3"):
+        fitted.score(np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="NaN"):
+        fitted.score(np.full((1, DIM), np.nan))
+    (tmp_path / "junk.safetensors").write_bytes(b"not a tensor file")
+    with pytest.raises(ValueError, match="not a readable OOD detector"):
+        load_ood(tmp_path / "junk.safetensors")
+    with pytest.raises(FileNotFoundError, match="rebuild the bundle"):
+        load_ood(tmp_path / "missing.safetensors")
+
+
+# --- the network plumbing -------------------------------------------------------------------------------
+
+SIZE = 32
+
+
+def _tiny_net(seed: int) -> tuple[torch.nn.Module, ModelSpec]:
+    """A random-init test_efficientnet fused network (no training)."""
+    encoder = MetadataEncoder(age_mean=50.0, age_std=15.0, sexes=("female", "male"), sites=("torso",))
+    network = ModelConfig(backbone="test_efficientnet", pretrained=False, meta_hidden=[8])
+    spec = ModelSpec(network, SIZE, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225], encoder)
+    torch.manual_seed(seed)
+    return spec.build_network().eval(), spec
+
+
+@pytest.fixture(scope="module")
+def dermoscopy(tmp_path_factory) -> list[np.ndarray]:
+    ds = generate_synthetic_dataset(
+        tmp_path_factory.mktemp("syn") / "syn", SyntheticConfig(n_patients=30, image_size=64, seed=1)
+    )
+    return [load_rgb(p) for p in sorted(ds.image_dir.iterdir())]
+
+
+def _outputs(net, spec, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    x = preprocess(images, spec)
+    metadata = torch.from_numpy(np.stack([spec.encoder.encode_one(None, None, None)] * len(images)))
+    return network_outputs(net, x, metadata, batch_size=16)
+
+
+def test_network_outputs_match_the_fused_forward(dermoscopy):
+    net, spec = _tiny_net(0)
+    features, logits = _outputs(net, spec, dermoscopy[:5])
+    assert features.shape == (5, net.backbone.num_features) and logits.shape == (5,)
+    x = preprocess(dermoscopy[:5], spec)
+    metadata = torch.from_numpy(np.stack([spec.encoder.encode_one(None, None, None)] * 5))
+    with torch.inference_mode():
+        np.testing.assert_allclose(logits, net(x, metadata).numpy(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_random_init_net_ranks_noise_above_synthetic_dermoscopy(dermoscopy, seed):
+    """Even before training, uniform-noise images sit farther from synthetic dermoscopy embeddings than
+    held-out synthetic dermoscopy does. Only the ranking is robust across init seeds (AUROC 0.98-1.0 over
+    seeds 0-5); the share flagged at the threshold is not (0-85% with 104 fit images in 256 dimensions)."""
+    net, spec = _tiny_net(seed)
+    fit_images, held_out = dermoscopy[:-20], dermoscopy[-20:]
+    scorer = MahalanobisScorer.fit(_outputs(net, spec, fit_images)[0], quantile=0.99)
+    rng = np.random.default_rng(seed)
+    noise = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(20)]
+    in_scores = scorer.score(_outputs(net, spec, held_out)[0])
+    noise_scores = scorer.score(_outputs(net, spec, noise)[0])
+    auroc = roc_auc_score(
+        np.r_[np.zeros(len(in_scores)), np.ones(len(noise_scores))], np.r_[in_scores, noise_scores]
+    )
+    assert auroc >= 0.95, auroc
+    assert (in_scores > scorer.threshold).mean() <= 0.1, "held-out dermoscopy is rarely flagged (0% seen)"
