@@ -31,7 +31,7 @@ def published_ports() -> list[tuple[str, str]]:
 def host_ip(port: str | dict) -> str | None:
     if isinstance(port, dict):
         return port.get("host_ip")
-    parts = str(port).rsplit(":", 2)
+    parts = re.split(r":(?![^{]*\})", str(port))  # colons outside ${...}: "${IP:-x}:${PORT:-3000}:3000"
     return parts[0] if len(parts) == 3 else None
 
 
