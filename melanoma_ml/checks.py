@@ -111,7 +111,8 @@ def bundle_reproduction(
     rows = own_rows.head(n)
     images = list(cache.array()[cache.rows_for(rows["image_name"])])
     tabular = bundle.spec.encoder.tabular
-    got = predict(bundle, images, [metadata_dict(r, tabular) for r in rows.itertuples(index=False)], tta=False)
+    records = [metadata_dict(r, tabular) for r in rows.itertuples(index=False)]
+    got = predict(bundle, images, records, tta=False, calibrated=False)  # the stored OOF probabilities are raw
     gap = float(np.max(np.abs(got - rows["stored_prob"].to_numpy())))
     problems = (
         []

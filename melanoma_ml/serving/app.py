@@ -144,7 +144,7 @@ def page_state(
     sexes, sites = _choices(vocabulary["sex"]), _choices(vocabulary["site"])
     return (
         status_markdown(status),
-        model_card_markdown(model),
+        model_card_markdown(model, service.config.deployment_prevalence),
         gr.update(choices=sexes, value=sex if sex in sexes else UNKNOWN),
         gr.update(choices=sites, value=site if site in sites else UNKNOWN),
         gr.update(choices=layers, value=layer if layer in layers else (layers[0] if layers else None)),
@@ -308,7 +308,7 @@ def create_app(service: ModelService) -> gr.Blocks:
                 with gr.Accordion("API answer (JSON)", open=False):
                     answer = gr.JSON(label="answer")
         with gr.Accordion("Model card", open=True):
-            card = gr.Markdown(model_card_markdown(model))
+            card = gr.Markdown(model_card_markdown(model, service.config.deployment_prevalence))
         gr.Markdown(
             "<small>API: `gradio_client.Client(url).predict(handle_file(path), age, sex, site, tta, "
             'cam_method, target_layer, tabular, api_name="/predict")`; `tabular` is optional JSON text '

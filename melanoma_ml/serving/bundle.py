@@ -91,6 +91,7 @@ def save_bundle(
     checkpoint_sha256: str | None = None,
     oof: ValidationPredictions | Mapping[str, list[Any]] | None = None,
     test_metrics: Mapping[str, Any] | None = None,
+    calibration: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``net`` and its manifest to ``out_dir`` atomically (temp folder + rename).
 
@@ -109,6 +110,7 @@ def save_bundle(
         fold, checkpoint_sha256, oof: For a bundle of a fold model: its fold, its checkpoint's weights
             sha256 and its out-of-fold predictions (see ``BundleManifest``).
         test_metrics: The model's metrics per untouched test set (``BundleManifest.test_metrics``), or None.
+        calibration: The served calibrator (``BundleManifest.calibration``), or None (raw probabilities).
 
     Returns:
         The bundle folder.
@@ -133,6 +135,7 @@ def save_bundle(
             "checkpoint_sha256": checkpoint_sha256,
             "oof": oof,
             "test_metrics": test_metrics,
+            "calibration": calibration,
         }
         manifest = _validated(fields, f"the manifest for {out_dir}")
         atomic_write_json(tmp / MANIFEST_FILE, manifest.to_json())

@@ -132,18 +132,20 @@ def register_fold_model(
     """Register ``best``'s checkpoint as a new registry version (not yet current) and return the version.
 
     Args:
-        report: ``served_model_report(config, best)``: its threshold and metrics go into the manifest.
+        report: ``served_model_report(config, best)``: its metrics go into the manifest; its threshold is
+            re-tuned on the calibrated probabilities (``fit_served_calibration``), the served scale.
     """
     import melanoma_ml
     from melanoma_ml.serving.remote_registry import open_registry
     from melanoma_ml.training.checkpoint import load_checkpoint
 
+    calibration, threshold = fit_served_calibration(config, best.oof, report.threshold.value)
     net, spec, _info = load_checkpoint(best.checkpoint_dir)
     return open_registry(config).register_bundle(
         net,
         spec,
         reason=reason,
-        threshold=report.threshold.value,
+        threshold=threshold,
         metrics=report.to_dict()["metrics"],
         data_version=data_version,
         code_version=f"melanoma_ml-{melanoma_ml.__version__}",
@@ -151,7 +153,74 @@ def register_fold_model(
         checkpoint_sha256=best.weights_sha256,
         oof=ValidationPredictions.from_frame(best.oof),
         test_metrics=test_metrics,
+        calibration=calibration,
     )
+
+
+CALIBRATION_SPLITS = 5
+"""Cross-fitting splits for choosing the calibrator (fewer when the served fold has fewer patients)."""
+
+
+def fit_served_calibration(
+    config: PipelineConfig, oof: pd.DataFrame, raw_threshold: float
+) -> tuple[dict[str, Any] | None, float]:
+    """The calibrator a bundle serves and the threshold on its scale, from the model's own out-of-fold rows.
+
+    The method is chosen by cross-fitted NLL (``choose_calibrator``, patient-grouped splits) and refitted
+    on all rows. The threshold is re-tuned on the calibrated probabilities with the report's own rule
+    (``threshold_for_sensitivity`` at ``evaluation.target_sensitivity``), so ``calibrated >= threshold``
+    is the same operating point as ``raw >= raw_threshold`` (identical flags for temperature and Platt
+    scaling; isotonic steps may tie a few benign scores to the threshold). The stored report (ECE, Brier
+    before/after with patient-bootstrap CIs) scores the cross-fitted predictions of the chosen method on
+    these rows: no untouched test set is needed, and none of its rows is scored by a calibrator that saw it.
+
+    Returns:
+        ``(BundleManifest.calibration as a dict, threshold)``, or ``(None, raw_threshold)`` when the rows
+        cannot be cross-fitted (fewer than 2 patients per split with both classes): the bundle then serves
+        raw probabilities, and its model card says so.
+    """
+    import logging
+
+    import numpy as np
+
+    from melanoma_ml import schema
+    from melanoma_ml.errors import InputValueError
+    from melanoma_ml.evaluation.calibration import (
+        calibration_report,
+        choose_calibrator,
+        cross_fitted_predictions,
+    )
+    from melanoma_ml.evaluation.threshold import threshold_for_sensitivity
+
+    evaluation = config.evaluation
+    n_groups = int(oof[schema.GROUP].nunique())
+    n_melanoma_groups = int(oof.loc[oof[schema.TARGET] == 1, schema.GROUP].nunique())
+    n_splits = min(CALIBRATION_SPLITS, n_groups, n_melanoma_groups)
+    seed = evaluation.bootstrap_seed
+    try:
+        if n_splits < 2:
+            raise InputValueError(
+                f"only {n_melanoma_groups} patients with melanoma among the out-of-fold rows"
+            )
+        choice = choose_calibrator(oof, seed=seed, n_splits=n_splits, config=evaluation)
+        method = choice.calibrator.method
+        y = oof[schema.TARGET].to_numpy()
+        raw = oof["prob"].to_numpy(dtype=np.float64)
+        crossed = cross_fitted_predictions(raw, y, oof[schema.GROUP], [method], n_splits=n_splits, seed=seed)
+        report = calibration_report(raw, crossed[method], y, oof[schema.GROUP], evaluation)
+    except InputValueError as exc:
+        logging.getLogger(__name__).warning("serving uncalibrated probabilities: %s", exc)
+        return None, raw_threshold
+    threshold = threshold_for_sensitivity(y, choice.calibrator.apply(raw), evaluation.target_sensitivity)
+    calibration = {
+        "method": method,
+        "parameters": choice.calibrator.to_dict(),
+        "prevalence": choice.prevalence,
+        "n_rows": len(oof),
+        "report": report,
+        "report_on": f"the model's {len(oof)} out-of-fold rows, cross-fitted ({n_splits} patient-grouped splits)",
+    }
+    return calibration, threshold
 
 
 def paired_difference_with_champion(

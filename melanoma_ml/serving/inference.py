@@ -20,6 +20,7 @@ from torch import nn
 from melanoma_ml.errors import InputValueError
 from melanoma_ml.images.cache import resize_centre_crop
 from melanoma_ml.images.normalization import normalize_pixels
+from melanoma_ml.serving.calibrated import served_probabilities
 from melanoma_ml.spec import ModelSpec
 
 if TYPE_CHECKING:
@@ -117,7 +118,9 @@ def encode_metadata(
                 f"metadata record {i} has unknown keys {unknown}; use only {list(METADATA_KEYS)}"
             )
         rows.append(
-            encoder.encode_one(record.get("age"), record.get("sex"), record.get("site"), record.get("tabular"))
+            encoder.encode_one(
+                record.get("age"), record.get("sex"), record.get("site"), record.get("tabular")
+            )
         )
     return torch.from_numpy(np.stack(rows)) if rows else torch.zeros((0, encoder.n_features))
 
@@ -160,6 +163,8 @@ def predict(
     *,
     tta: bool = True,
     batch_size: int = 64,
+    calibrated: bool = True,
+    deployment_prevalence: float | None = None,
 ) -> np.ndarray:
     """Melanoma probabilities for decoded images and their metadata.
 
@@ -169,6 +174,11 @@ def predict(
         metadata: One ``{"age", "sex", "site"}`` dict per image, or an encoded ``(n, k)`` array.
         tta: Average the 8 dihedral views (one forward pass per batch of ``8 * batch_size`` views).
         batch_size: Images per forward pass.
+        calibrated: Serve the bundle's calibrated (and prior-shifted) probabilities
+            (:func:`served_probabilities`); False gives the network's raw ones (what the stored out-of-fold
+            predictions are, for reproduction checks).
+        deployment_prevalence: ``serving.deployment_prevalence`` (None: no shift); compare the result with
+            :func:`decision_threshold` at the same value.
 
     Returns:
         ``(n,)`` float array of probabilities in [0, 1].
@@ -182,4 +192,5 @@ def predict(
         out.append(predict_tensor(bundle.net, x, meta[start : start + batch_size], tta=tta))
     if not out:
         return np.zeros(0, dtype=np.float32)
-    return torch.cat(out).numpy()
+    raw = torch.cat(out).numpy()
+    return served_probabilities(bundle.manifest, raw, deployment_prevalence) if calibrated else raw

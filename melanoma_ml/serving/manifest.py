@@ -101,6 +101,44 @@ class TestMetrics(BaseModel):
     n_melanoma: int = Field(ge=1)
 
 
+class StoredCalibration(BaseModel):
+    """The served model's post-hoc calibrator (``evaluation.calibration``), fitted on its own out-of-fold rows.
+
+    Attributes:
+        method: ``temperature``, ``platt`` or ``isotonic`` (chosen by cross-fitted NLL).
+        parameters: The calibrator's ``to_dict()`` (read back by :meth:`calibrator`).
+        prevalence: Melanoma rate of the rows it was fitted on (``shift_prior``'s training prevalence).
+        n_rows: How many out-of-fold rows it was fitted on.
+        report: ``calibration_report`` entries (``ece_before``, ``ece_after``, ``brier_*``, ...), each an
+            :class:`Estimate`, measured on :attr:`report_on`.
+        report_on: Which rows :attr:`report` scores (e.g. cross-fitted out-of-fold rows).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    method: str
+    parameters: dict[str, Any]
+    prevalence: Annotated[float, Field(gt=0.0, lt=1.0, allow_inf_nan=False)]
+    n_rows: int = Field(ge=2)
+    report: dict[str, StoredEstimate] = Field(default_factory=dict)
+    report_on: str = ""
+
+    @model_validator(mode="after")
+    def _readable(self) -> StoredCalibration:
+        if self.parameters.get("method") != self.method:
+            raise ValueError(
+                f"method {self.method!r} differs from the parameters' {self.parameters.get('method')!r}"
+            )
+        self.calibrator()  # InputValueError (a ValueError) names the bad field
+        return self
+
+    def calibrator(self) -> Any:
+        """The stored calibrator (``evaluation.calibration.calibrator_from_dict``)."""
+        from melanoma_ml.evaluation.calibration import calibrator_from_dict
+
+        return calibrator_from_dict(self.parameters)
+
+
 class BundleManifest(BaseModel):
     """The parsed ``manifest.json`` of a bundle.
 
@@ -120,6 +158,9 @@ class BundleManifest(BaseModel):
         test_metrics: Test set name (``internal``: the locked test split; else a ``data.test_sources``
             name) -> the model's metrics there, at :attr:`threshold` (fixed before the test). None when no
             untouched test set existed; optional, so schema 2 manifests without it stay valid.
+        calibration: The calibrator served probabilities go through (:attr:`threshold` is on its scale),
+            or None: an older bundle, served with the model's raw (uncalibrated) probabilities. Optional,
+            so schema 2 manifests without it stay valid.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -137,6 +178,7 @@ class BundleManifest(BaseModel):
     checkpoint_sha256: Sha256 | None = None
     oof: ValidationPredictions | None = None
     test_metrics: dict[str, TestMetrics] | None = None
+    calibration: StoredCalibration | None = None
 
     @model_validator(mode="after")
     def _oof_is_the_folds_own(self) -> BundleManifest:

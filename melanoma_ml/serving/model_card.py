@@ -11,10 +11,12 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
+from melanoma_ml.serving.calibrated import decision_threshold
 from melanoma_ml.serving.service import NO_MODEL_MESSAGE
 
 if TYPE_CHECKING:
     from melanoma_ml.evaluation.estimate import Estimate
+    from melanoma_ml.serving.manifest import BundleManifest
     from melanoma_ml.serving.service import ServedModel
 
 HEADLINE_METRICS = (
@@ -58,8 +60,58 @@ def readable_time(iso: str | None) -> str:
     return moment.strftime("%Y-%m-%d %H:%M UTC")
 
 
-def model_card_markdown(model: ServedModel | None) -> str:
-    """Backbone, version, promotion time, data version and headline metrics with CIs."""
+NOT_CALIBRATED = "not calibrated"
+"""What the card says of a bundle without a calibrator (older bundles serve the network's raw output)."""
+
+CALIBRATION_METRICS = (
+    ("ece_before", "ECE before calibration"),
+    ("ece_after", "ECE after calibration"),
+    ("brier_before", "Brier score before calibration"),
+    ("brier_after", "Brier score after calibration"),
+)
+"""Entries of ``manifest.calibration.report`` the card shows, as ``(key, label)``."""
+
+
+def calibration_rows(manifest: BundleManifest, deployment_prevalence: float | None) -> list[tuple[str, str]]:
+    """Card rows: how probabilities are calibrated, at which prevalence, and the threshold that goes with it."""
+    calibration = manifest.calibration
+    threshold = decision_threshold(manifest, deployment_prevalence)
+    if calibration is None:
+        return [
+            ("Probabilities", f"{NOT_CALIBRATED} (raw network output: this bundle predates calibration)"),
+            ("Deployment prevalence", "not applied (no calibrator to shift)"),
+            ("Decision threshold", f"{threshold:.3f}"),
+        ]
+    trained = f"{calibration.prevalence:.1%}"
+    rows = [
+        (
+            "Probabilities",
+            f"calibrated ({calibration.method}, fitted on the model's {calibration.n_rows} out-of-fold rows "
+            f"at {trained} melanoma)",
+        ),
+        (
+            "Deployment prevalence",
+            f"{trained} (the training prevalence: no prior shift)"
+            if deployment_prevalence is None
+            else f"{deployment_prevalence:.1%} (probabilities prior-shifted from {trained}; the threshold moves "
+            "with them, so decisions do not change)",
+        ),
+        ("Decision threshold", f"{threshold:.3f}"),
+    ]
+    for key, label in CALIBRATION_METRICS:
+        estimate = known_metric(calibration.report, key)
+        if estimate is not None:
+            rows.append((f"{label}, cross-fitted out-of-fold", estimate.text()))
+    return rows
+
+
+def model_card_markdown(model: ServedModel | None, deployment_prevalence: float | None = None) -> str:
+    """Backbone, version, promotion time, data version, calibration and headline metrics with CIs.
+
+    Args:
+        model: The served model, or None.
+        deployment_prevalence: ``serving.deployment_prevalence`` (None: the training prevalence).
+    """
     if model is None:
         return f"No model promoted yet. {NO_MODEL_MESSAGE}"
     manifest = model.manifest
@@ -71,7 +123,7 @@ def model_card_markdown(model: ServedModel | None) -> str:
         ("Training data version", f"`{manifest.data_version}`"),
         ("Code version", f"`{manifest.code_version}`"),
         ("Input size", f"{model.image_size} px"),
-        ("Decision threshold", f"{model.threshold:.3f}"),
+        *calibration_rows(manifest, deployment_prevalence),
     ]
     for test_set, tested in (manifest.test_metrics or {}).items():
         where = TEST_SET_LABEL.get(test_set, f"external test set {test_set}")

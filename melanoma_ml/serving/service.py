@@ -455,8 +455,11 @@ class ModelService:
         if model is None:
             with self._state_lock:
                 raise NoModelAvailable(self._reload_error or NO_MODEL_MESSAGE)
+        from melanoma_ml.serving.calibrated import decision_threshold
         from melanoma_ml.serving.inference import predict
 
+        prevalence = self.config.deployment_prevalence
+        threshold = decision_threshold(model.manifest, prevalence)  # moves with the prior shift
         vocabulary = model.vocabulary
         metadata = {
             "age": parse_age(request.age, self.config.min_age, self.config.max_age),
@@ -473,7 +476,9 @@ class ModelService:
         # the network sees exactly the pixels it would have seen in training (no train/serve skew).
         view = self.decode(request.image, size=model.image_size)
         with model.lock:
-            probability = float(predict(model.bundle, [view], [metadata], tta=tta)[0])
+            probability = float(
+                predict(model.bundle, [view], [metadata], tta=tta, deployment_prevalence=prevalence)[0]
+            )
             explanation = (
                 self._explain(model, view, metadata, method, layer, self.config.cam_min_map_side)
                 if method
@@ -481,8 +486,8 @@ class ModelService:
             )
         return Prediction(
             probability=probability,
-            threshold=model.threshold,
-            positive=probability >= model.threshold,
+            threshold=threshold,
+            positive=probability >= threshold,
             model_version=model.version,
             backbone=model.backbone,
             tta=tta,

@@ -156,7 +156,10 @@ def test_the_bundle_threshold_and_metrics_are_the_served_fold_models_own(tmp_pat
 
     own = results[1].oof
     y, p = own["target"].to_numpy(), own["prob"].to_numpy()
-    assert manifest.threshold == threshold_for_sensitivity(y, p, config.evaluation.target_sensitivity)
+    # The served threshold is re-tuned on the calibrated out-of-fold probabilities (same target sensitivity).
+    calibrated = manifest.calibration.calibrator().apply(p)
+    target = config.evaluation.target_sensitivity
+    assert manifest.threshold == threshold_for_sensitivity(y, calibrated, target)
     assert manifest.metrics["auc"].value == pytest.approx(roc_auc(y, p))
     assert manifest.metrics["auc"].level == config.evaluation.ci_level
     assert manifest.threshold != pooled.threshold.value  # the pooled OOF of both folds gives another one

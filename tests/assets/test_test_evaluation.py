@@ -95,11 +95,13 @@ def test_test_evaluation_asset_scores_the_locked_split_and_nothing_leaks(tmp_pat
     registry = ModelRegistry(root / "registry")
     manifest = registry.manifest(registry.current())
     assert not set(manifest.oof.image_name) & test_images
-    assert manifest.threshold == served.report.threshold.value
     own = manifest.oof_frame()
-    assert manifest.threshold == threshold_for_sensitivity(
-        own["target"].to_numpy(), own["prob"].to_numpy(), 0.9
-    )
+    target, raw = own["target"].to_numpy(), own["prob"].to_numpy()  # stored out-of-fold: raw probabilities
+    # The test report scores raw probabilities at the raw out-of-fold threshold, fixed before the test ...
+    assert served.report.threshold.value == threshold_for_sensitivity(target, raw, 0.9)
+    # ... and the bundle serves the same operating point on its calibrated scale.
+    calibrated = raw if manifest.calibration is None else manifest.calibration.calibrator().apply(raw)
+    assert manifest.threshold == threshold_for_sensitivity(target, calibrated, 0.9)
     stored = manifest.test_metrics["internal"]
     assert stored.n_images == len(test_rows)
     assert stored.metrics["auc"].value == pytest.approx(served.test_auc.value)

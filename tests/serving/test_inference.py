@@ -19,6 +19,7 @@ from melanoma_ml.serving.inference import (
     predict_tensor,
     preprocess,
 )
+from melanoma_ml.serving.manifest import BundleManifest
 from melanoma_ml.spec import ModelSpec
 
 SIZE = 32
@@ -44,7 +45,10 @@ def bundle() -> Bundle:
     torch.manual_seed(0)
     spec = tiny_spec()
     net = spec.build_network().eval().requires_grad_(False).to(memory_format=torch.channels_last)
-    return Bundle(path=Path("in-memory"), net=net, spec=spec, manifest={}, threshold=0.5, version="test")
+    manifest = BundleManifest.model_construct()  # no calibration: predict returns the network's output
+    return Bundle(
+        path=Path("in-memory"), net=net, spec=spec, manifest=manifest, threshold=0.5, version="test"
+    )
 
 
 @pytest.fixture(scope="module")
