@@ -8,9 +8,8 @@ which scores. It is not a step of the retraining run (``melanoma_ml.pipeline.STE
 by batch and runs when batches arrive, not when the model is retrained.
 """
 
-from __future__ import annotations
-
 import math
+from pathlib import Path
 
 import dagster as dg
 import pandas as pd
@@ -64,7 +63,7 @@ def batch_scores(context: dg.AssetExecutionContext, settings: PipelineSettings) 
     return dg.MaterializeResult(value=scores.table, metadata=scores_metadata(scores, out))
 
 
-def scores_metadata(scores: BatchScores, out) -> dict[str, object]:  # noqa: ANN001 - a Path
+def scores_metadata(scores: BatchScores, out: Path) -> dict[str, object]:
     """What the UI shows for a scored batch: counts, the model version, a summary and the first rows."""
     scored, failed = scores.scored, scores.failed
     positive = int((scored["decision"] == "positive").sum())

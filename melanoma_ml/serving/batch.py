@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -123,40 +123,20 @@ def load_scoring_model(registry: ModelRegistry, version: str | None = None) -> B
     return load_bundle(registry.version_path(version))
 
 
-def score_path(
-    path: str | Path,
-    bundle: Bundle,
-    *,
-    tta: bool = True,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    workers: int | None = None,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    progress: Progress | None = None,
-) -> BatchScores:
+def score_path(path: str | Path, bundle: Bundle, **options: Any) -> BatchScores:
     """Score every image at ``path`` (``batch_inputs.read_scoring_input``) with ``bundle``.
 
     Args:
         path: Folder of images, CSV, or dataset folder / metadata CSV in a known layout.
         bundle: The loaded model (``load_scoring_model``).
-        tta: Average the 8 dihedral views of each image.
-        batch_size: Images per ``inference.predict`` call.
-        workers: Decoding threads (Pillow releases the GIL); default ``min(4, cpu count)``.
-        max_pixels: Larger images (by their header) are refused, as uploads are.
-        progress: ``progress(done, total)`` after each batch.
+        **options: ``score_inputs``'s keyword options (``tta``, ``batch_size``, ``workers``, ``max_pixels``,
+            ``progress``).
 
     Raises:
         InputValueError / InputFileNotFoundError: nothing usable at ``path`` (see ``read_scoring_input``),
             or ``batch_size`` below 1. An image that fails to decode is reported in its row instead.
     """
-    return score_inputs(
-        read_scoring_input(path),
-        bundle,
-        tta=tta,
-        batch_size=batch_size,
-        workers=workers,
-        max_pixels=max_pixels,
-        progress=progress,
-    )
+    return score_inputs(read_scoring_input(path), bundle, **options)
 
 
 def score_inputs(
@@ -169,7 +149,15 @@ def score_inputs(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: Progress | None = None,
 ) -> BatchScores:
-    """``score_path`` on an already read input."""
+    """Score an already read input (``read_scoring_input``) with ``bundle``, ``batch_size`` images a call.
+
+    Args:
+        tta: Average the 8 dihedral views of each image.
+        batch_size: Images per ``inference.predict`` call.
+        workers: Decoding threads (Pillow releases the GIL); default ``min(4, cpu count)``.
+        max_pixels: Larger images (by their header) are refused, as uploads are.
+        progress: ``progress(done, total)`` after each batch.
+    """
     from melanoma_ml.serving.inference import predict
 
     if batch_size < 1:
