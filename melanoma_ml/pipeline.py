@@ -193,45 +193,12 @@ def evaluate_on_test(
     Writes ``reports/test/<test set>/<backbone>/{ensemble,fold<k>}/`` and ``reports/test/test_evaluation.json``.
     Nothing downstream chooses with these numbers: ranking and the gate read out-of-fold ones.
     """
-    from melanoma_ml.evaluation import holdout
-    from melanoma_ml.folds import TEST_FOLD, locked_test_mask
-    from melanoma_ml.images.cache import build_image_cache
-    from melanoma_ml.metadata.test_sources import load_test_sources
-    from melanoma_ml.training.predict import predict_rows
+    from melanoma_ml.evaluation.holdout import evaluate_test_sets
 
-    paths = artifact_paths(config)
-    out_root = paths.root / "reports" / "test"
-    sets: dict[str, tuple[pd.DataFrame, Any]] = {}
-    counts: dict[str, dict[str, int]] = {}
-    internal = folds_table[locked_test_mask(folds_table)].reset_index(drop=True)
-    if len(internal):
-        sets[holdout.INTERNAL_TEST] = (internal, cache)
-        counts[holdout.INTERNAL_TEST] = {
-            "rows_scored": len(internal),
-            "melanoma": int(internal["target"].sum()),
-        }
-    training = folds_table[folds_table["fold"] != TEST_FOLD]
-    size = config.data.image_size
-    for test_set in load_test_sources(config.data, training):
-        counts[test_set.name] = test_set.counts()
-        if len(test_set.rows):
-            folder = paths.root / "cache" / f"test-{test_set.name}" / f"{size}px"
-            sets[test_set.name] = (test_set.rows, build_image_cache(test_set.rows, folder, size))
-    results, notes = [], []
-    for name, (rows, set_cache) in sets.items():
-        if why := holdout.scorable(rows):
-            notes.append(f"test set {name} not scored: {why}")
-            continue
-        for backbone, folds in fold_results.items():
-            probs = {r.fold: predict_rows(r, rows, set_cache, config.training) for r in folds}
-            results += holdout.evaluate_backbone_on_test(
-                backbone, folds, reports[backbone], name, rows, probs, config.evaluation, out_root / name
-            )
-    if not sets:
-        notes.append(holdout.NO_TEST_NOTE)
-    evaluation = holdout.TestEvaluation(results, counts, notes)
-    evaluation.save(out_root)
-    return evaluation
+    root = artifact_paths(config).root
+    return evaluate_test_sets(
+        config, fold_results, reports, folds_table, cache, root / "reports" / "test", root / "cache"
+    )
 
 
 def train_tabular_baseline(config: PipelineConfig, folds_table: pd.DataFrame) -> TabularBaseline:

@@ -175,7 +175,7 @@ def generate_synthetic_dataset(out_dir: str | Path, config: SyntheticConfig) -> 
     existing = _reusable(out_dir, config)
     if existing is not None:
         return existing
-    _refuse_foreign_folder(out_dir)
+    refuse_foreign_folder(out_dir)
 
     table, artifacts, lesions, views = plan_dataset(config)
     with atomic_directory(out_dir) as tmp:
@@ -620,13 +620,13 @@ def _with_default_domain(stored: Any) -> Any:
 _OWN_ENTRIES = {CSV_NAME, ARTIFACTS_NAME, MANIFEST_NAME, IMAGE_SUBDIR.parts[0], MASK_SUBDIR.parts[0]}
 
 
-def _refuse_foreign_folder(out_dir: Path) -> None:
-    """Rebuilding replaces ``out_dir``: refuse if it holds anything a synthetic dataset would not."""
+def refuse_foreign_folder(out_dir: Path, own_entries: set[str] = _OWN_ENTRIES) -> None:
+    """Rebuilding replaces ``out_dir``: refuse if it holds anything but ``own_entries`` (a generator's files)."""
     if not out_dir.exists():
         return
     if not out_dir.is_dir():
         raise InputValueError(f"synthetic data folder {out_dir} is a file; choose a folder path")
-    foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in _OWN_ENTRIES)
+    foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in own_entries)
     if foreign:
         raise InputValueError(
             f"synthetic data folder {out_dir} contains files that are not part of a synthetic dataset "

@@ -32,6 +32,7 @@ from melanoma_ml.synthetic import (
     _patient_skin_tones,
     plan_dataset,
     read_manifest,
+    refuse_foreign_folder,
     render_view,
 )
 
@@ -95,7 +96,7 @@ def generate_isic2024_dataset(out_dir: str | Path, config: SyntheticConfig) -> S
         and (out_dir / HDF5_NAME).is_file()
     ):
         return _dataset(out_dir, manifest)
-    _refuse_foreign_folder(out_dir)
+    refuse_foreign_folder(out_dir, _OWN_ENTRIES)
     plan, _artifacts, lesions, views = plan_dataset(config)
     table = isic2024_table(plan, lesions, config.seed)
     tones = _patient_skin_tones(plan[schema.PATIENT], config.seed)
@@ -223,19 +224,6 @@ def _site_2024(site: Any, rng: np.random.Generator) -> str:
         return ""
     choices = _SITE_2024[site]
     return choices[int(rng.integers(len(choices)))]
-
-
-def _refuse_foreign_folder(out_dir: Path) -> None:
-    if not out_dir.exists():
-        return
-    if not out_dir.is_dir():
-        raise InputValueError(f"synthetic data folder {out_dir} is a file; choose a folder path")
-    foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in _OWN_ENTRIES)
-    if foreign:
-        raise InputValueError(
-            f"synthetic ISIC 2024 folder {out_dir} contains files that are not part of it "
-            f"({', '.join(foreign[:5])}); choose an empty or new folder (the generator replaces the whole folder)"
-        )
 
 
 def _dataset(root: Path, manifest: dict[str, Any]) -> SyntheticISIC2024:

@@ -158,27 +158,12 @@ def leaderboard(
     best = ranked[0]
     records = []
     for rank, name in enumerate(ranked, start=1):
-        auc, pauc = reports[name].metric("auc"), reports[name].metric("pauc")
         if name == best:
             diff = {"diff": 0.0, "lo": 0.0, "hi": 0.0, "p_value": float("nan")}
         else:
             diff = paired_auc_difference(oofs[name], oofs[best], config, names=(name, best))
         records.append(
-            {
-                "rank": rank,
-                "backbone": name,
-                "auc": auc.value,
-                "auc_lo": auc.lo,
-                "auc_hi": auc.hi,
-                "pauc": pauc.value,
-                "pauc_lo": pauc.lo,
-                "pauc_hi": pauc.hi,
-                "auc_diff_vs_best": diff["diff"],
-                "diff_lo": diff["lo"],
-                "diff_hi": diff["hi"],
-                "p_value": diff["p_value"],
-                "candidate": name == best,
-            }
+            {"rank": rank, **leaderboard_row(name, reports[name], diff), "candidate": name == best}
         )
     table = pd.DataFrame.from_records(records, columns=list(LEADERBOARD_COLUMNS))
     table.attrs["candidate"] = best
@@ -201,3 +186,22 @@ def split_by_backbone(oof: pd.DataFrame) -> dict[str, pd.DataFrame]:
             f"{BACKBONE} is missing in {describe_rows(oof.reset_index(drop=True), missing)}"
         )
     return {str(name): part.reset_index(drop=True) for name, part in oof.groupby(BACKBONE, sort=True)}
+
+
+def leaderboard_row(name: str, report: EvaluationReport, diff: Mapping[str, Any]) -> dict[str, Any]:
+    """One leaderboard row: ``name``'s AUC and pAUC with their CIs, and its paired AUC difference ``diff``
+    (``paired_auc_difference``'s dict) against the best model."""
+    auc, pauc = report.metric("auc"), report.metric("pauc")
+    return {
+        "backbone": name,
+        "auc": auc.value,
+        "auc_lo": auc.lo,
+        "auc_hi": auc.hi,
+        "pauc": pauc.value,
+        "pauc_lo": pauc.lo,
+        "pauc_hi": pauc.hi,
+        "auc_diff_vs_best": diff["diff"],
+        "diff_lo": diff["lo"],
+        "diff_hi": diff["hi"],
+        "p_value": diff["p_value"],
+    }

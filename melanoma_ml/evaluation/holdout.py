@@ -34,6 +34,8 @@ from melanoma_ml.evaluation.report import EvaluationReport, evaluate_predictions
 from melanoma_ml.evaluation.threshold import threshold_for_sensitivity
 
 if TYPE_CHECKING:
+    from melanoma_ml.config import PipelineConfig
+    from melanoma_ml.images.cache import ImageCache
     from melanoma_ml.training.train import FoldResult
 
 INTERNAL_TEST = "internal"
@@ -298,3 +300,56 @@ def untouched_problems(
         problems.append(f"threshold tuned on the test set instead of fixed beforehand: {retuned}")
     evidence = {"test_images": len(test_images), "test_groups": len(test_groups), "folds_checked": len(folds)}
     return problems, evidence
+
+
+def evaluate_test_sets(
+    config: PipelineConfig,
+    fold_results: Mapping[str, Sequence[FoldResult]],
+    reports: Mapping[str, EvaluationReport],
+    folds_table: pd.DataFrame,
+    cache: ImageCache,
+    out_root: Path,
+    cache_root: Path,
+) -> TestEvaluation:
+    """Score every backbone's fold models on the locked test split (``folds_table`` rows of fold -2) and on
+    each ``data.test_sources`` set (cached beside the training cache), at thresholds fixed out-of-fold.
+
+    Writes ``out_root/<test set>/<backbone>/{ensemble,fold<k>}/`` and ``out_root/test_evaluation.json``;
+    external sets are cached under ``cache_root/test-<name>/<size>px``. A set that cannot be scored (a single class, say) is skipped with a note saying why.
+    """
+    from melanoma_ml.folds import TEST_FOLD, locked_test_mask
+    from melanoma_ml.images.cache import build_image_cache
+    from melanoma_ml.metadata.test_sources import load_test_sources
+    from melanoma_ml.training.predict import predict_rows
+
+    sets: dict[str, tuple[pd.DataFrame, Any]] = {}
+    counts: dict[str, dict[str, int]] = {}
+    internal = folds_table[locked_test_mask(folds_table)].reset_index(drop=True)
+    if len(internal):
+        sets[INTERNAL_TEST] = (internal, cache)
+        counts[INTERNAL_TEST] = {
+            "rows_scored": len(internal),
+            "melanoma": int(internal["target"].sum()),
+        }
+    training = folds_table[folds_table["fold"] != TEST_FOLD]
+    size = config.data.image_size
+    for test_set in load_test_sources(config.data, training):
+        counts[test_set.name] = test_set.counts()
+        if len(test_set.rows):
+            folder = cache_root / f"test-{test_set.name}" / f"{size}px"
+            sets[test_set.name] = (test_set.rows, build_image_cache(test_set.rows, folder, size))
+    results, notes = [], []
+    for name, (rows, set_cache) in sets.items():
+        if why := scorable(rows):
+            notes.append(f"test set {name} not scored: {why}")
+            continue
+        for backbone, folds in fold_results.items():
+            probs = {r.fold: predict_rows(r, rows, set_cache, config.training) for r in folds}
+            results += evaluate_backbone_on_test(
+                backbone, folds, reports[backbone], name, rows, probs, config.evaluation, out_root / name
+            )
+    if not sets:
+        notes.append(NO_TEST_NOTE)
+    evaluation = TestEvaluation(results, counts, notes)
+    evaluation.save(out_root)
+    return evaluation

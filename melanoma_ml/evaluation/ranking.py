@@ -21,7 +21,7 @@ from melanoma_ml.artifacts import artifact_paths
 from melanoma_ml.atomic import atomic_write_bytes, atomic_write_json, parquet_bytes
 from melanoma_ml.config import EvaluationConfig, PipelineConfig
 from melanoma_ml.errors import InputFileNotFoundError
-from melanoma_ml.evaluation.compare import leaderboard, paired_auc_difference
+from melanoma_ml.evaluation.compare import leaderboard, leaderboard_row, paired_auc_difference
 
 if TYPE_CHECKING:
     from melanoma_ml.evaluation.holdout import TestEvaluation
@@ -164,21 +164,7 @@ def with_tabular_rows(
 
 
 def _row(name: str, kind: str, report: EvaluationReport, diff: dict[str, Any]) -> dict[str, Any]:
-    auc, pauc = report.metric("auc"), report.metric("pauc")
-    return {
-        "backbone": name,
-        KIND: kind,
-        "auc": auc.value,
-        "auc_lo": auc.lo,
-        "auc_hi": auc.hi,
-        "pauc": pauc.value,
-        "pauc_lo": pauc.lo,
-        "pauc_hi": pauc.hi,
-        "auc_diff_vs_best": diff["diff"],
-        "diff_lo": diff["lo"],
-        "diff_hi": diff["hi"],
-        "p_value": diff["p_value"],
-    }
+    return {**leaderboard_row(name, report, diff), KIND: kind}
 
 
 TEST_COLUMNS = ("test_set", "test_auc", "test_auc_lo", "test_auc_hi", "optimism_gap")

@@ -11,6 +11,7 @@ import pytest
 from tabular_helpers import TABULAR, folds_table
 
 from melanoma_ml import schema
+from melanoma_ml.cli import _leaderboard_lines
 from melanoma_ml.config import load_config
 from melanoma_ml.errors import InputValueError
 from melanoma_ml.evaluation.ranking import (
@@ -103,6 +104,9 @@ def test_the_board_shows_the_gbdt_and_the_blend_beside_the_image_model_but_never
     assert vs_image["diff"] == pytest.approx(blend["auc_diff_vs_best"])
     assert "does gbdt_tabular add" in vs_image["question"]
     assert (tmp_path / "blend" / "report.json").is_file() and (tmp_path / "blend" / "oof.parquet").is_file()
+
+    lines = _leaderboard_lines(reports, table)  # the demo summary prints every row, labelled
+    assert len(lines) == 3 and sum(TABULAR_ONLY in line or BLEND in line for line in lines) == 2
 
     board.save(tmp_path / "board")
     saved = json.loads((tmp_path / "board" / "leaderboard.json").read_text())
