@@ -100,8 +100,10 @@ def main() -> None:
             f"devices {devices[mode]}"
         )
     ratio = timings["concurrent"] / timings["sequential"]
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(
-        f"concurrent / sequential wall = {ratio:.2f} (profile {args.profile}, {os.cpu_count()} CPUs, 1 thread each)"
+        f"concurrent / sequential wall = {ratio:.2f} (profile {args.profile}, {os.cpu_count()} CPUs, "
+        f"1 thread each; load average now {load}: other work on the machine competes for the cores)"
     )
 
 

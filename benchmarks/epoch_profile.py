@@ -40,7 +40,8 @@ from torch.utils.data import DataLoader, Dataset
 from melanoma_ml import schema
 from melanoma_ml.config import PipelineConfig, SyntheticConfig, load_config
 from melanoma_ml.features import MetadataEncoder
-from melanoma_ml.images.cache import ImageCache, build_image_cache, load_resized
+from melanoma_ml.images.cache import ImageCache, build_image_cache, load_resized, resize_centre_crop
+from melanoma_ml.images.io import load_rgb
 from melanoma_ml.images.transforms import train_transform
 from melanoma_ml.metadata.layouts import load_dataset
 from melanoma_ml.model import build_model, normalization_for
@@ -96,8 +97,10 @@ def _optimizer(module: MelanomaModule) -> torch.optim.Optimizer:
     return configured["optimizer"] if isinstance(configured, dict) else configured
 
 
-def plain_epoch(setup: Setup, precision: str, channels_last: bool) -> dict[str, float]:
-    """One epoch in a plain loop; seconds per part, ``wall`` and ``images``."""
+def plain_epoch(
+    setup: Setup, precision: str, channels_last: bool, max_batches: int | None = None
+) -> dict[str, float]:
+    """One epoch (or its first ``max_batches``) in a plain loop; seconds per part, ``wall``, ``images``."""
     config = setup.with_hardware(precision, channels_last)
     module = setup.module()
     net = module.net.to(memory_format=torch.channels_last) if channels_last else module.net
@@ -112,7 +115,7 @@ def plain_epoch(setup: Setup, precision: str, channels_last: bool) -> dict[str, 
         batches = iter(loader)
         while True:
             t0 = time.perf_counter()
-            batch = next(batches, None)
+            batch = next(batches, None) if max_batches is None or max_batches > 0 else None
             if batch is None:
                 times["data"] += time.perf_counter() - t0
                 break
@@ -132,6 +135,7 @@ def plain_epoch(setup: Setup, precision: str, channels_last: bool) -> dict[str, 
             for part, seconds in zip(PARTS, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), strict=True):
                 times[part] += seconds
             images += len(target)
+            max_batches = None if max_batches is None else max_batches - 1
         module.train_metrics.compute()
         times["wall"] = time.perf_counter() - started
     times["images"] = images
@@ -183,16 +187,19 @@ def _best(runs: list[dict[str, float]]) -> dict[str, float]:
 
 
 class DecodingDataset(Dataset):
-    """The same items as ``MelanomaDataset``, but each image decoded from its original file every time."""
+    """The same items as ``MelanomaDataset``, but each image decoded from its original file every time:
+    with ``load_resized`` (reduced-scale JPEG decode, the cache's own path) or, ``full=True``, a full-size
+    decode then the same resize (what a loader without either does)."""
 
-    def __init__(self, paths: list[str], size: int, dataset: MelanomaDataset) -> None:
-        self.paths, self.size, self.dataset = paths, size, dataset
+    def __init__(self, paths: list[str], size: int, dataset: MelanomaDataset, *, full: bool = False) -> None:
+        self.paths, self.size, self.dataset, self.full = paths, size, dataset, full
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        pixels = load_resized(self.paths[self.dataset.rows[index]], self.size)
+        path = self.paths[self.dataset.rows[index]]
+        pixels = resize_centre_crop(load_rgb(path), self.size) if self.full else load_resized(path, self.size)
         image = self.dataset.transform(image=pixels)["image"]
         return (
             image,
@@ -250,6 +257,10 @@ def main() -> None:
     )
     parser.add_argument("--channels-last", action="store_true", help="variant in channels-last memory format")
     parser.add_argument("--repeat", type=int, default=2, help="best of this many epochs per side")
+    parser.add_argument(
+        "--data-dir", type=Path, help="keep/reuse the synthetic originals here (else a temp dir)"
+    )
+    parser.add_argument("--data-only", action="store_true", help="only the cache vs decode data times")
     parser.add_argument("--skip-decode", action="store_true", help="skip cache vs decode-every-epoch")
     args = parser.parse_args()
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no per-Trainer "GPU available" chatter
@@ -264,7 +275,8 @@ def main() -> None:
         synthetic = SyntheticConfig(
             n_patients=args.patients, images_per_patient=(2, 4), image_size=args.original_size
         )
-        made = _timed("synthetic data", lambda: generate_synthetic_dataset(root / "synthetic", synthetic))
+        data_dir = args.data_dir or root / "synthetic"  # generate_synthetic_dataset reuses a matching one
+        made = _timed("synthetic data", lambda: generate_synthetic_dataset(data_dir, synthetic))
         table = load_dataset(made.root, hash_images=False).clean.reset_index(drop=True)
         print(
             f"{len(table)} training images ({args.original_size} px synthetic JPEG originals), batch "
@@ -282,8 +294,8 @@ def main() -> None:
         setups = {}
         for backbone, size in models:
             setup = setups[(backbone, size)] = build_setup(backbone, size, table, root, args.batch_size)
-            for precision, channels_last in variants:
-                plain_epoch(setup, precision, channels_last)  # warm-up: oneDNN kernels, allocator
+            for precision, channels_last in [] if args.data_only else variants:
+                plain_epoch(setup, precision, channels_last, max_batches=2)  # warm-up: oneDNN kernels
                 plain, fit = [], []
                 for attempt in range(args.repeat):
                     plain.append(plain_epoch(setup, precision, channels_last))
@@ -301,7 +313,7 @@ def main() -> None:
         print(f"\nbest of {args.repeat} epochs per side (s = seconds in the epoch; % of the plain loop wall)")
         print(header)
         print("\n".join(rows))
-        if len(variants) > 1:
+        if len(variants) > 1 and not args.data_only:
             name = variants[1][0] + (" +CL" if variants[1][1] else "")
             print(f"\ntrain img/s, {name} vs 32-true (same run):")
             for backbone, size in models:
@@ -315,13 +327,12 @@ def main() -> None:
             paths = table[schema.IMAGE_PATH].astype(str).tolist()
             for (_backbone, size), setup in setups.items():
                 cached = min(data_epoch_seconds(setup.dataset, args.batch_size) for _ in range(args.repeat))
-                decoding = DecodingDataset(paths, size, setup.dataset)
-                decoded = min(data_epoch_seconds(decoding, args.batch_size) for _ in range(args.repeat))
-                print(
-                    f"  {size:>4} px: cache {cached:6.2f} s ({len(table) / cached:7.1f} img/s)   "
-                    f"decode {args.original_size} px originals {decoded:6.2f} s ({len(table) / decoded:6.1f} img/s)"
-                    f"   cache {decoded / cached:.1f}x faster"
-                )
+                line = f"  {size:>4} px: cache {cached:6.2f} s ({len(table) / cached:6.1f} img/s)"
+                for label, full in (("reduced-scale decode", False), ("full decode", True)):
+                    decoding = DecodingDataset(paths, size, setup.dataset, full=full)
+                    seconds = min(data_epoch_seconds(decoding, args.batch_size) for _ in range(args.repeat))
+                    line += f" | {label} {seconds:6.2f} s: cache {seconds / cached:4.1f}x faster"
+                print(line, flush=True)
     print("load avg at the end: " + "/".join(f"{x:.1f}" for x in os.getloadavg()))
 
 

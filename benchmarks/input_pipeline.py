@@ -73,6 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--batches", type=int, default=24, help="timed loader batches per worker count")
     parser.add_argument("--model-steps", type=int, default=5, help="timed training steps per model row")
+    parser.add_argument("--warmup-steps", type=int, default=2, help="untimed training steps before those")
     parser.add_argument("--backbone", default="efficientnet_b0")
     parser.add_argument("--no-cpu-model", action="store_true", help="skip the CPU model rows (slow)")
     parser.add_argument("--workdir", type=Path, default=None, help="keep the data here (default: a temp dir)")
@@ -133,7 +134,14 @@ def loader_images_per_second(
 
 
 def model_images_per_second(
-    backbone: str, device: str, precision: str, channels_last: bool, size: int, batch_size: int, steps: int
+    backbone: str,
+    device: str,
+    precision: str,
+    channels_last: bool,
+    size: int,
+    batch_size: int,
+    steps: int,
+    warmup_steps: int = 2,
 ) -> float:
     """Images per second of full training steps (forward, loss, backward, Adam) on random batches."""
     torch.manual_seed(0)
@@ -160,7 +168,7 @@ def model_images_per_second(
         if device == "cuda":
             torch.cuda.synchronize()
 
-    for _ in range(2):  # warm-up: allocator, cuDNN autotuning, oneDNN primitive caches
+    for _ in range(warmup_steps):  # allocator, cuDNN autotuning, oneDNN primitive caches
         step()
     sync()
     started = time.perf_counter()
@@ -180,7 +188,14 @@ def model_rows(args: argparse.Namespace) -> list[ModelRow]:
     for device, precision, channels_last in plans:
         steps = args.model_steps if device == "cpu" else max(args.model_steps, 30)
         rate = model_images_per_second(
-            args.backbone, device, precision, channels_last, args.size, args.batch_size, steps
+            args.backbone,
+            device,
+            precision,
+            channels_last,
+            args.size,
+            args.batch_size,
+            steps,
+            args.warmup_steps,
         )
         rows.append(ModelRow(device, precision, channels_last, rate))
         print(f"  model {device} {precision}: {rate:.1f} img/s", flush=True)
@@ -192,7 +207,7 @@ def report(loader_rates: dict[int, float], models: list[ModelRow]) -> str:
     header = [
         "loader workers",
         "loader img/s",
-        *(f"vs {m.label} ({m.images_per_second:.0f} img/s)" for m in models),
+        *(f"vs {m.label} ({m.images_per_second:.2g} img/s)" for m in models),
     ]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for workers, rate in loader_rates.items():

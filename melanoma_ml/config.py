@@ -531,6 +531,15 @@ class ServingConfig(_Strict):
         description="Smallest age the app accepts; an accepted 0 means unknown (ISIC's code, as in cleaning).",
     )
     max_age: float = Field(schema.MAX_VALID_AGE, gt=0, description="Largest age the app accepts.")
+    deployment_prevalence: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="Expected melanoma rate where the model is used: calibrated probabilities are moved "
+        "from the rate the bundle's calibrator was fitted at to this one (Bayes' rule on the odds), and the "
+        "threshold moves with them, so decisions do not change (melanoma_ml.serving.inference). Unset: the "
+        "training prevalence (no shift).",
+    )
 
 
 class PipelineConfig(BaseSettings):

@@ -45,6 +45,8 @@ def test_unset_fields_keep_the_profile_defaults(tmp_path: Path) -> None:
             "cpu",
         ),
         ({"hardware": TrainingHardware(precision="bf16-mixed")}, ("training", "precision"), "bf16-mixed"),
+        ({"hardware": TrainingHardware(num_workers=2)}, ("training", "num_workers"), 2),
+        ({"hardware": TrainingHardware(num_workers="auto")}, ("training", "num_workers"), "auto"),
         ({"source": DataSource(source_dir="/data/isic", layout="ham10000")}, ("data", "layout"), "ham10000"),
         ({"epochs": 3, "overrides_json": '{"training": {"epochs": 9}}'}, ("training", "epochs"), 3),
     ],
