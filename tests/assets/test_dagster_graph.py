@@ -4,31 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import dagster as dg
 import pytest
-
-from melanoma_assets.definitions import build_definitions
-from melanoma_assets.resources import ArtifactStorage, DataSource, PipelineSettings, TrainingHardware
-from melanoma_assets.runner import materialize_graph
+from graph_helpers import materialize_tiny_graph
 
 
 @pytest.mark.slow
 def test_whole_graph_materializes_and_serves_a_verified_bundle(tmp_path: Path) -> None:
     from melanoma_ml.serving.registry import ModelRegistry
 
-    root = tmp_path / "artifacts"
-    settings = PipelineSettings(
-        profile="tiny",
-        storage=ArtifactStorage(root=str(root)),
-        hardware=TrainingHardware(accelerator="cpu"),
-        source=DataSource(),
-    )
-    resources = {"settings": settings, "io_manager": dg.FilesystemIOManager(base_dir=str(tmp_path / "io"))}
-    (tmp_path / "dagster_home").mkdir()
-    with dg.instance_for_test(temp_dir=str(tmp_path / "dagster_home")) as instance:
-        run = materialize_graph(build_definitions("tiny"), resources, instance, progress=lambda _: None)
-
-    assert run.success, [e for r in run.results for e in r.all_events if e.is_failure]
+    run, root = materialize_tiny_graph(tmp_path)
     evaluations = run.check_evaluations()
     assert {e.check_name for e in evaluations} == {
         "clean_metadata_schema",

@@ -12,13 +12,10 @@ import json
 import math
 from pathlib import Path
 
-import dagster as dg
 import pandas as pd
 import pytest
+from graph_helpers import materialize_tiny_graph
 
-from melanoma_assets.definitions import build_definitions
-from melanoma_assets.resources import ArtifactStorage, DataSource, PipelineSettings, TrainingHardware
-from melanoma_assets.runner import materialize_graph
 from melanoma_ml import schema
 from melanoma_ml.config import TABULAR_PRESETS
 
@@ -41,19 +38,7 @@ def test_isic2024_hdf5_to_blend_leaderboard_to_a_served_answer_with_and_without_
     from melanoma_ml.serving.service import ModelService, PredictionRequest
     from melanoma_ml.tabular.gbdt import GBDT_NAME
 
-    root = tmp_path / "artifacts"
-    settings = PipelineSettings(
-        profile="tiny",
-        overrides_json=json.dumps(OVERRIDES),
-        storage=ArtifactStorage(root=str(root)),
-        hardware=TrainingHardware(accelerator="cpu"),
-        source=DataSource(),
-    )
-    resources = {"settings": settings, "io_manager": dg.FilesystemIOManager(base_dir=str(tmp_path / "io"))}
-    (tmp_path / "dagster_home").mkdir()
-    with dg.instance_for_test(temp_dir=str(tmp_path / "dagster_home")) as instance:
-        run = materialize_graph(build_definitions("tiny"), resources, instance, progress=lambda _: None)
-    assert run.success, [e for r in run.results for e in r.all_events if e.is_failure]
+    run, root = materialize_tiny_graph(tmp_path, OVERRIDES)
     assert all(e.passed for e in run.check_evaluations())
 
     # The images came from the HDF5 file, and the tabular columns reached the folds table.

@@ -14,10 +14,8 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 import pytest
+from graph_helpers import materialize_tiny_graph
 
-from melanoma_assets.definitions import build_definitions
-from melanoma_assets.resources import ArtifactStorage, DataSource, PipelineSettings, TrainingHardware
-from melanoma_assets.runner import materialize_graph
 from melanoma_ml import schema
 from melanoma_ml.training import train
 
@@ -40,20 +38,7 @@ def test_test_evaluation_asset_scores_the_locked_split_and_nothing_leaks(tmp_pat
         return rows
 
     monkeypatch.setattr(train, "split_fold", spy)
-    root = tmp_path / "artifacts"
-    settings = PipelineSettings(
-        profile="tiny",
-        overrides_json=json.dumps({"data": {"test_fraction": 0.25}}),
-        storage=ArtifactStorage(root=str(root)),
-        hardware=TrainingHardware(accelerator="cpu"),
-        source=DataSource(),
-    )
-    resources = {"settings": settings, "io_manager": dg.FilesystemIOManager(base_dir=str(tmp_path / "io"))}
-    (tmp_path / "dagster_home").mkdir()
-    with dg.instance_for_test(temp_dir=str(tmp_path / "dagster_home")) as instance:
-        run = materialize_graph(build_definitions("tiny"), resources, instance, progress=lambda _: None)
-
-    assert run.success, [e for r in run.results for e in r.all_events if e.is_failure]
+    run, root = materialize_tiny_graph(tmp_path, {"data": {"test_fraction": 0.25}})
     evaluations = run.check_evaluations()
     assert all(e.passed for e in evaluations), [
         (e.check_name, e.metadata) for e in evaluations if not e.passed
