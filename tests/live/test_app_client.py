@@ -301,11 +301,12 @@ def test_console_command_serves_with_flags_and_login_from_env(tmp_path: Path) ->
         "MELANOMA_APP_PASSWORD": "s3cret",
     }
     command = [sys.executable, "-m", "melanoma_ml.serving.app", "--artifact-root", str(tmp_path / "root")]
+    log = (tmp_path / "app.log").open("wb")  # a file, not a pipe nobody reads: a full pipe blocks the app
     process = subprocess.Popen(
         [*command, "--port", str(port)],
         cwd=tmp_path,
         env=env,
-        stdout=subprocess.PIPE,
+        stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
@@ -313,7 +314,7 @@ def test_console_command_serves_with_flags_and_login_from_env(tmp_path: Path) ->
     try:
         deadline = time.monotonic() + 90
         while True:
-            assert process.poll() is None, process.stdout.read().decode()
+            assert process.poll() is None, (tmp_path / "app.log").read_text(errors="replace")
             try:
                 urllib.request.urlopen(url + "config", timeout=2)
                 pytest.fail("the app answered /config without a login")
@@ -336,5 +337,9 @@ def test_console_command_serves_with_flags_and_login_from_env(tmp_path: Path) ->
             call(client, photo)
     finally:
         os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=30)
-        process.stdout.close()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # SIGTERM blocked (inherited signal mask): make sure it ends
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
+        log.close()

@@ -128,8 +128,9 @@ def test_a_lease_waits_for_a_device_to_be_released(tmp_path: Path) -> None:
     holder = _hold_in_subprocess(tmp_path, ["cpu:0"])
     try:
         started = time.monotonic()
-        releaser = subprocess.Popen(  # releases the device after ~0.5 s by ending the holder
-            [sys.executable, "-c", f"import os, signal, time; time.sleep(0.5); os.kill({holder.pid}, 15)"]
+        releaser = subprocess.Popen(  # releases the device after ~0.5 s by killing the holder (SIGKILL:
+            # a SIGTERM can be blocked in a child that inherits the test process's signal mask)
+            [sys.executable, "-c", f"import os, signal, time; time.sleep(0.5); os.kill({holder.pid}, 9)"]
         )
         with lease_devices(["cpu:0"], 1, tmp_path, holder="waiter", wait_s=30, poll_s=0.05) as got:
             assert got == ("cpu:0",) and time.monotonic() - started >= 0.4
