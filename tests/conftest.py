@@ -49,3 +49,14 @@ def isic_metadata_dir() -> Path:
     path = SHARED_DATA / "isic_metadata"
     require(path.is_dir(), f"real ISIC metadata not found at {path} (set MELANOMA_SHARED_DATA)")
     return path
+
+
+@pytest.fixture(autouse=True)
+def _default_sigterm():
+    """Children must die on SIGTERM: a library that leaves SIGTERM ignored in this process would make every
+    later subprocess (servers, lease holders) inherit the ignore and outlive its test. Restore it."""
+    import signal
+
+    yield
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_IGN:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -214,9 +214,13 @@ def _killed_mid_write(root: Path, spec, net) -> None:
 def test_a_killed_bundle_write_consumes_no_version_number_and_its_temp_is_swept(tmp_path, spec_and_net):
     spec, net = spec_and_net
     root = tmp_path / "registry"
-    child = multiprocessing.get_context("fork").Process(target=_killed_mid_write, args=(root, spec, net))
+    # spawn, not fork: a fork of this multi-threaded test process can deadlock in the child on a held lock
+    child = multiprocessing.get_context("spawn").Process(target=_killed_mid_write, args=(root, spec, net))
     child.start()
-    child.join(60)
+    child.join(120)
+    if child.is_alive():
+        child.kill()
+        child.join(10)
     assert child.exitcode == 3
     registry = ModelRegistry(root)
     assert registry.versions() == []
