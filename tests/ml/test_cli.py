@@ -64,7 +64,7 @@ def test_help_lists_the_subcommands_without_loading_torch():
     assert proc.returncode == 0, proc.stderr
     for command in ("demo", "inspect", "models", "rollback", "registry", "config"):
         assert command in proc.stdout
-    assert seconds < 10, f"--help took {seconds:.1f} s"  # ~0.3 s idle; torch alone would take ~5 s
+    assert seconds < 60, f"--help took {seconds:.1f} s"  # pathological only; "no torch" is checked by the probe below
     probe = subprocess.run(
         [
             sys.executable,

@@ -36,7 +36,7 @@ def test_isic2020_ground_truth_cleans_to_published_counts(isic_metadata_dir: Pat
     assert (
         clean.loc[clean[schema.DIAGNOSIS] == "atypical melanocytic proliferation", schema.TARGET] == 0
     ).all()
-    assert elapsed < 5.0, f"cleaning 33,126 rows took {elapsed:.1f} s"
+    assert elapsed < 60.0, f"cleaning 33,126 rows took {elapsed:.1f} s"  # pathological only (~1 s idle)
 
 
 @pytest.mark.parametrize("name", [GT_V1, GT_V2])
@@ -91,4 +91,4 @@ def test_real_2020_folds_patient_disjoint_balanced_deterministic(isic_metadata_d
     assert ((summary["prevalence"] - overall).abs() < 0.005).all(), summary
     assert fold_problems(folded) == []
     assert assign_folds(table, n_folds=5, seed=42)[schema.FOLD].tolist() == folded[schema.FOLD].tolist()
-    assert elapsed < 10.0, f"assign_folds on 33,126 rows took {elapsed:.1f} s"
+    assert elapsed < 120.0, f"assign_folds on 33,126 rows took {elapsed:.1f} s"  # pathological only (~5 s idle)
