@@ -1,35 +1,36 @@
-"""Run a trained fused network outside PyTorch eager: ONNX export, a hash-checked ONNX Runtime runner, parity.
+"""Run a trained fused network outside PyTorch eager fp32: the serving runtimes, their files and parity.
 
-Design note (how this plugs in; NOT wired yet, the bundle manifest is being rewritten):
+A ``RuntimeChoice`` (``serving.runtime`` x ``serving.precision``, the offered pairs are
+``config.RUNTIME_PRECISIONS``) is made per bundle at promotion by ``choose_runtime``:
 
-* Config: ``serving.runtime`` (``"torch"`` default | ``"onnxruntime"``) and ``serving.precision``
-  (``"fp32"`` default | ``"int8"`` once static PTQ is validated per model) in ``melanoma_ml/config.py``.
-* Export: the ``serving_model`` asset calls ``export_onnx(bundle.net, bundle.spec, <bundle>/model.onnx)``
-  inside the bundle's atomic directory, checks ``max_probability_gap`` on the gate's validation images
-  against a tolerance, and records the returned sha256 in the manifest next to ``weights.safetensors``'s
-  (``files: {"model.onnx": {"sha256": ..., "opset": ..., "runtime": "onnxruntime"}}``).
-* Load: ``load_bundle`` builds ``OnnxRunner(path, manifest_sha256)`` when ``serving.runtime`` asks for it.
-  The file is never run without that digest: the runner hashes the very bytes it hands to ONNX Runtime.
-* Inference: ``inference.predict_tensor`` keeps preprocessing and the 8 dihedral views; only the
-  ``net(x, meta)`` call is swapped for ``runner(x, meta)`` (both return logits of shape ``(batch,)``).
+* ``export_runtime`` writes the file the runtime needs into the bundle folder (torch needs none; onnxruntime
+  and openvino run ``<stem>.onnx`` or, for int8, ``<stem>.int8.onnx``) and returns its name and sha256;
+* ``load_logits_fn`` turns a choice (and the file, hashed before use) into ``logits_fn(x, meta)``;
+* parity is ``max_probability_gap`` against the eager fp32 network on a probe of real views.
 
-The export uses the ``torch.export``-based exporter (the TorchScript one is deprecated since torch 2.9)
-with a dynamic batch dimension, the weights inside the one ``.onnx`` file (so one sha256 covers all of it).
+The ONNX export uses the ``torch.export``-based exporter (the TorchScript one is deprecated since torch 2.9)
+with a dynamic batch dimension and the weights inside the one ``.onnx`` file (so one sha256 covers all of it).
+int8 is ONNX Runtime static post-training quantization: QDQ, per-channel int8 weights, uint8 activations
+with MinMax ranges from calibration images. Grad-CAM never uses any of this: it needs the torch weights.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
+import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple, get_args
 
 import numpy as np
 import torch
 from torch import nn
 
 from melanoma_ml.atomic import atomic_write_bytes
+from melanoma_ml.config import RUNTIME_PRECISIONS, ServingPrecision, ServingRuntime
 from melanoma_ml.errors import InputFileNotFoundError, InputValueError
 
 if TYPE_CHECKING:
@@ -110,6 +111,32 @@ def export_onnx(net: nn.Module, spec: ModelSpec, path: str | Path, *, opset: int
     return hashlib.sha256(data).hexdigest()
 
 
+def verified_bytes(path: Path, sha256: str) -> tuple[bytes, str]:
+    """The bytes of a model file and their digest, read once, after checking them against ``sha256``.
+
+    Raises:
+        InputFileNotFoundError: ``path`` does not exist.
+        OnnxDigestMismatch: the file's digest differs from ``sha256``.
+        OnnxModelError: ``sha256`` is not a hex digest.
+    """
+    expected = str(sha256).strip().lower()
+    if not _SHA256.fullmatch(expected):
+        raise OnnxModelError(
+            f"{sha256!r} is not a sha256 hex digest (64 hex characters); pass the digest recorded "
+            f"for {path.name} (export_onnx returns it)"
+        )
+    if not path.is_file():
+        raise InputFileNotFoundError(f"ONNX model not found: {path}; export it with export_onnx")
+    data = path.read_bytes()
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != expected:
+        raise OnnxDigestMismatch(
+            f"{path} has sha256 {actual[:12]}..., expected {expected[:12]}...: the file was "
+            "changed or is not the one recorded; re-export it and record the new digest"
+        )
+    return data, actual
+
+
 class OnnxRunner:
     """Logits from an ``.onnx`` file made by ``export_onnx``, run by ONNX Runtime's CPU provider.
 
@@ -132,21 +159,7 @@ class OnnxRunner:
         import onnxruntime as ort
 
         self.path = Path(path)
-        expected = str(sha256).strip().lower()
-        if not _SHA256.fullmatch(expected):
-            raise OnnxModelError(
-                f"{sha256!r} is not a sha256 hex digest (64 hex characters); pass the digest recorded "
-                f"for {self.path.name} (export_onnx returns it)"
-            )
-        if not self.path.is_file():
-            raise InputFileNotFoundError(f"ONNX model not found: {self.path}; export it with export_onnx")
-        data = self.path.read_bytes()
-        actual = hashlib.sha256(data).hexdigest()
-        if actual != expected:
-            raise OnnxDigestMismatch(
-                f"{self.path} has sha256 {actual[:12]}..., expected {expected[:12]}...: the file was "
-                "changed or is not the one recorded; re-export it and record the new digest"
-            )
+        data, actual = verified_bytes(self.path, sha256)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads is not None:
@@ -213,3 +226,357 @@ def max_probability_gap(
         got = torch.sigmoid(torch.as_tensor(_numpy(candidate(x, m))).double())
         gap = max(gap, float((got - expected).abs().max()))
     return gap
+
+
+# ---------------------------------------------------------------- the serving runtime of a bundle
+
+RUNTIMES: tuple[str, ...] = tuple(get_args(ServingRuntime))
+PRECISIONS: tuple[str, ...] = tuple(get_args(ServingPrecision))
+AUTO_PREFERENCE: dict[str, str] = {"fp32": "onnxruntime", "bf16": "torch", "int8": "onnxruntime"}
+"""The runtime ``serving.runtime: auto`` tries first for each precision (before falling back to torch fp32)."""
+
+log = logging.getLogger(__name__)
+
+
+class ServingRuntimeError(InputValueError):
+    """A runtime/precision that cannot serve this model as asked (not offered, not installed, no file)."""
+
+
+class RuntimeParityError(ServingRuntimeError):
+    """The requested runtime's probabilities differ from eager fp32 by more than the tolerance."""
+
+
+@dataclass(frozen=True)
+class RuntimeChoice:
+    """One ``serving.runtime`` x ``serving.precision`` pair that ``config.RUNTIME_PRECISIONS`` offers.
+
+    Raises:
+        ServingRuntimeError: the pair is not offered (e.g. onnxruntime bf16).
+    """
+
+    runtime: str
+    precision: str
+
+    def __post_init__(self) -> None:
+        offered = RUNTIME_PRECISIONS.get(self.runtime)
+        if offered is None:
+            raise ServingRuntimeError(
+                f"unknown serving runtime {self.runtime!r}; use one of {', '.join(RUNTIMES)} (or auto)"
+            )
+        if self.precision not in offered:
+            raise ServingRuntimeError(
+                f"runtime {self.runtime} does not offer precision {self.precision!r} (it offers "
+                f"{', '.join(offered)}); change serving.precision or serving.runtime"
+            )
+
+    @property
+    def needs_file(self) -> bool:
+        """Whether the runtime runs an exported file (everything but torch)."""
+        return self.runtime != "torch"
+
+    def file_name(self, stem: str) -> str:
+        """The exported file's name in the bundle folder: ``<stem>.onnx`` or ``<stem>.int8.onnx``."""
+        return f"{stem}.int8.onnx" if self.precision == "int8" else f"{stem}.onnx"
+
+    def __str__(self) -> str:
+        return f"{self.runtime} {self.precision}"
+
+
+REFERENCE = RuntimeChoice("torch", "fp32")
+"""Eager fp32 PyTorch: what every other choice is compared with, and what ``auto`` falls back to."""
+
+
+class RuntimeSelection(NamedTuple):
+    """What ``choose_runtime`` settled on, for the bundle manifest."""
+
+    choice: RuntimeChoice
+    file: tuple[str, str] | None
+    """``(name relative to the bundle folder, sha256)`` of the exported file; None for torch."""
+    parity: dict[str, float]
+    """``max_abs_prob_diff`` vs eager fp32, ``n_inputs`` (probe rows: every view counts) and ``tolerance``."""
+    note: str
+
+
+def export_runtime(
+    net: nn.Module,
+    spec: ModelSpec,
+    folder: Path,
+    stem: str,
+    choice: RuntimeChoice,
+    *,
+    calibration: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[str, str] | None:
+    """Write the file ``choice`` runs into ``folder`` (atomically).
+
+    Args:
+        net: The trained network in eval mode.
+        spec: Its model spec.
+        folder: The bundle folder (being staged).
+        stem: File name stem, e.g. ``"model"`` or ``"members/fold1"``.
+        choice: The runtime/precision.
+        calibration: Normalised views and their encoded metadata for int8's activation ranges (training
+            images, not the parity probe); required for int8, ignored otherwise.
+
+    Returns:
+        ``(file name relative to folder, sha256)``, or None when the runtime needs no file (torch).
+
+    Raises:
+        ServingRuntimeError: int8 without calibration inputs.
+    """
+    if not choice.needs_file:
+        return None
+    name = choice.file_name(stem)
+    path = Path(folder) / name
+    if choice.precision == "fp32":
+        return name, export_onnx(net, spec, path)
+    if calibration is None or calibration[0].shape[0] == 0:
+        raise ServingRuntimeError(
+            f"{choice} needs calibration images for its activation ranges; pass calibration=(views, metadata) "
+            "from training images, or set serving.precision to fp32"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".int8-") as tmp:  # stays inside the bundle
+        fp32 = Path(tmp) / "fp32.onnx"
+        export_onnx(net, spec, fp32)
+        data = _quantize_int8(fp32, calibration, Path(tmp))
+    atomic_write_bytes(path, data)
+    return name, hashlib.sha256(data).hexdigest()
+
+
+def _quantize_int8(
+    fp32_path: Path, calibration: tuple[torch.Tensor, torch.Tensor], workdir: Path, *, batch: int = 32
+) -> bytes:
+    """Static PTQ with ONNX Runtime: QDQ, per-channel int8 weights, uint8 activations with MinMax ranges."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    views, meta = (np.ascontiguousarray(_numpy(t), dtype=np.float32) for t in calibration)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter(
+                {"image": views[i : i + batch], "metadata": meta[i : i + batch]}
+                for i in range(0, views.shape[0], batch)
+            )
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.batches, None)
+
+    prepared, out = workdir / "prepared.onnx", workdir / "int8.onnx"
+    quant_pre_process(str(fp32_path), str(prepared))
+    quantize_static(
+        str(prepared),
+        str(out),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        calibrate_method=CalibrationMethod.MinMax,
+    )
+    return out.read_bytes()
+
+
+class OpenVinoRunner:
+    """Logits from an ``.onnx`` file (fp32 or int8 QDQ) compiled by OpenVINO for the CPU.
+
+    Like ``OnnxRunner`` it hashes the bytes it compiles. Inference precision is pinned to f32 (OpenVINO would
+    otherwise pick bf16 on CPUs with AMX); an int8 QDQ file still runs its quantized ops in int8.
+
+    Raises:
+        ServingRuntimeError: openvino is not installed (it is optional: ``pip install openvino``).
+        OnnxDigestMismatch, InputFileNotFoundError: as ``verified_bytes``.
+    """
+
+    def __init__(self, path: str | Path, sha256: str, *, threads: int | None = None) -> None:
+        try:
+            import openvino as ov
+        except ImportError as err:
+            raise ServingRuntimeError(
+                f"serving runtime openvino needs the optional package openvino ({err}); "
+                "`pip install openvino`, or set serving.runtime to onnxruntime or auto"
+            ) from err
+        self.path = Path(path)
+        data, self.sha256 = verified_bytes(self.path, sha256)
+        config: dict[str, object] = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+        if threads is not None:
+            config["INFERENCE_NUM_THREADS"] = threads
+        core = ov.Core()
+        self.model = core.compile_model(core.read_model(data), "CPU", config)
+        names = {name for port in self.model.inputs for name in port.get_names()}
+        if not set(INPUT_NAMES) <= names:
+            raise OnnxModelError(
+                f"{self.path} has inputs {sorted(names)}, expected {list(INPUT_NAMES)}; export it with export_onnx"
+            )
+
+    def __call__(self, images: ArrayLike, metadata: ArrayLike) -> np.ndarray:
+        """Logits ``(batch,)`` float32; one infer request per call, so concurrent callers do not share one."""
+        request = self.model.create_infer_request()
+        x = np.ascontiguousarray(_numpy(images), dtype=np.float32)
+        m = np.ascontiguousarray(_numpy(metadata), dtype=np.float32)
+        result = request.infer({"image": x, "metadata": m})
+        return np.asarray(result[self.model.output(0)], dtype=np.float32).reshape(-1)
+
+
+def load_logits_fn(
+    folder: Path,
+    choice: RuntimeChoice,
+    file: tuple[str, str] | None,
+    net: nn.Module | None,
+    *,
+    threads: int | None = None,
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``logits_fn(x, meta) -> (B,) float32 logits on the CPU`` for one bundle member.
+
+    Args:
+        folder: The bundle folder ``file`` is relative to.
+        choice: The runtime/precision the manifest records.
+        file: ``(name, sha256)`` of the exported file (None for torch); hashed before it is run.
+        net: The torch network in eval mode (used by torch; ignored by the others).
+        threads: Intra-op threads of ONNX Runtime/OpenVINO (None: their default); torch uses the process's.
+
+    Raises:
+        ServingRuntimeError: the choice needs a file and none is given, or the name leaves the folder.
+        OnnxDigestMismatch: the file differs from its recorded sha256 (the message names it).
+    """
+    if not choice.needs_file:
+        if net is None:
+            raise ValueError(f"{choice} runs the torch network: pass net")
+        return _torch_logits_fn(net, bf16=choice.precision == "bf16")
+    if file is None:
+        raise ServingRuntimeError(
+            f"{choice} needs its exported model file, but none is recorded for it in {folder}; "
+            "promote the model again (the serving_model asset exports it)"
+        )
+    name, sha256 = file
+    root = Path(folder).resolve()
+    path = (root / name).resolve()
+    if not path.is_relative_to(root):
+        raise ServingRuntimeError(
+            f"runtime file {name!r} lies outside the bundle folder {folder}; promote again"
+        )
+    runner: LogitsFn
+    if choice.runtime == "onnxruntime":
+        runner = OnnxRunner(path, sha256, threads=threads)
+    else:
+        runner = OpenVinoRunner(path, sha256, threads=threads)
+
+    def logits(x: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(runner(x, meta), dtype=np.float32)).reshape(-1)
+
+    return logits
+
+
+def _torch_logits_fn(net: nn.Module, *, bf16: bool) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    if net.training:
+        raise ValueError("the network is in training mode; call net.eval() before serving it")
+    device = next(net.parameters()).device
+
+    def logits(x: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            out = net(x, meta.to(device, dtype=torch.float32, non_blocking=True))
+        return out.float().reshape(-1).cpu()
+
+    return logits
+
+
+def choose_runtime(
+    net: nn.Module,
+    spec: ModelSpec,
+    folder: Path,
+    stem: str,
+    requested: str,
+    precision: str,
+    probe: tuple[torch.Tensor, torch.Tensor],
+    tolerance: float,
+    *,
+    calibration: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> RuntimeSelection:
+    """Export, load and check the requested runtime against eager fp32 on ``probe``; what the bundle serves.
+
+    ``requested="auto"`` tries ``AUTO_PREFERENCE[precision]`` and falls back to torch fp32 (with a warning
+    and the reason in ``note``) when its export or load raises or its gap exceeds ``tolerance``. A runtime
+    asked for by name is used or refused, never swapped.
+
+    Args:
+        net: The eager fp32 network in eval mode (the reference, and what torch choices serve).
+        spec: Its model spec.
+        folder: The bundle folder being staged; the exported file lands there.
+        stem: The exported file's stem (``export_runtime``).
+        requested: ``serving.runtime`` (``auto`` or one of ``RUNTIMES``).
+        precision: ``serving.precision``.
+        probe: Normalised views and encoded metadata of real validation images (e.g. their 8 TTA views).
+        tolerance: ``serving.runtime_parity_tolerance``: largest allowed |probability difference|.
+        calibration: int8 calibration inputs from training images (``export_runtime``).
+
+    Raises:
+        RuntimeParityError: an explicitly requested runtime misses the tolerance (names gap and setting).
+        ServingRuntimeError: the pair is not offered, or the runtime is not installed.
+    """
+    if requested != "auto":
+        choice = RuntimeChoice(requested, precision)
+        file, gap = _export_and_measure(net, spec, folder, stem, choice, probe, calibration)
+        if not gap <= tolerance:
+            _remove(folder, file)
+            raise RuntimeParityError(
+                f"serving.runtime={choice.runtime} with serving.precision={choice.precision} moves probabilities "
+                f"by up to {gap:.3g} from eager fp32 over {probe[0].shape[0]} probe views, above "
+                f"serving.runtime_parity_tolerance={tolerance:g}; raise that tolerance if the difference is "
+                "acceptable, or set serving.runtime to auto (falls back to torch fp32) or torch"
+            )
+        return RuntimeSelection(choice, file, _parity(gap, probe, tolerance), "")
+    candidate = RuntimeChoice(AUTO_PREFERENCE[precision], precision)
+    try:
+        file, gap = _export_and_measure(net, spec, folder, stem, candidate, probe, calibration)
+    except Exception as err:  # auto's contract: any failure of the candidate means serving torch fp32
+        reason = f"{candidate} failed: {type(err).__name__}: {err}"
+    else:
+        if gap <= tolerance:
+            return RuntimeSelection(candidate, file, _parity(gap, probe, tolerance), "")
+        _remove(folder, file)
+        reason = (
+            f"{candidate} moved probabilities by up to {gap:.3g} over {probe[0].shape[0]} probe views, above "
+            f"serving.runtime_parity_tolerance={tolerance:g}"
+        )
+    note = f"serving.runtime=auto fell back to torch fp32: {reason}"[:500]
+    log.warning(note)
+    _, gap = _export_and_measure(net, spec, folder, stem, REFERENCE, probe, None)
+    return RuntimeSelection(REFERENCE, None, _parity(gap, probe, tolerance), note)
+
+
+def _export_and_measure(
+    net: nn.Module,
+    spec: ModelSpec,
+    folder: Path,
+    stem: str,
+    choice: RuntimeChoice,
+    probe: tuple[torch.Tensor, torch.Tensor],
+    calibration: tuple[torch.Tensor, torch.Tensor] | None,
+) -> tuple[tuple[str, str] | None, float]:
+    file = export_runtime(net, spec, folder, stem, choice, calibration=calibration)
+    try:
+        logits_fn = load_logits_fn(folder, choice, file, net)
+        return file, max_probability_gap(net, logits_fn, *probe)
+    except BaseException:
+        _remove(folder, file)
+        raise
+
+
+def _parity(gap: float, probe: tuple[torch.Tensor, torch.Tensor], tolerance: float) -> dict[str, float]:
+    return {
+        "max_abs_prob_diff": float(gap),
+        "n_inputs": float(probe[0].shape[0]),
+        "tolerance": float(tolerance),
+    }
+
+
+def _remove(folder: Path, file: tuple[str, str] | None) -> None:
+    if file is not None:
+        (Path(folder) / file[0]).unlink(missing_ok=True)
