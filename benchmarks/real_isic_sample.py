@@ -104,7 +104,7 @@ def scaled_augmentation(strength: float) -> dict[str, Any]:
     scaled: dict[str, Any] = {}
     for name, field in AugmentationConfig.model_fields.items():
         value = getattr(defaults, name)
-        if isinstance(value, tuple):  # ranges (dropout holes/sizes) keep their defaults
+        if value is None or isinstance(value, (tuple, list, str, bool)):  # ranges, choices keep defaults
             continue
         upper = _upper_bound(field)
         new = value * strength

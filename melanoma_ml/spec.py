@@ -13,6 +13,7 @@ from typing import Any
 from melanoma_ml.config import ModelConfig
 from melanoma_ml.errors import InputValueError
 from melanoma_ml.features import MetadataEncoder
+from melanoma_ml.images.color_constancy import check_method
 
 ARCHITECTURE_FIELDS: tuple[str, ...] = tuple(
     name for name in ModelConfig.model_fields if name not in ("pretrained", "tabular_features")
@@ -34,9 +35,13 @@ class ModelSpec:
         mean: Per-channel normalization mean (0-1 scale).
         std: Per-channel normalization std (0-1 scale).
         encoder: The fitted metadata encoder.
+        color_constancy: ``data.color_constancy`` at training time (``"none"`` or ``"shades_of_gray"``),
+            applied by ``normalize_pixels`` before the mean/std wherever this spec's network sees pixels.
 
     On disk (``to_dict``) the ``ARCHITECTURE_FIELDS`` sit at the top level beside ``image_size``, ``mean``,
-    ``std`` and ``encoder``, the shape every checkpoint and bundle has used.
+    ``std`` and ``encoder``, the shape every checkpoint and bundle has used, plus ``color_constancy`` when it
+    is not ``"none"``: a spec without it (every one written before it existed) reads as ``"none"``, what its
+    network was trained with, and such specs are written back unchanged.
     """
 
     network: ModelConfig
@@ -44,8 +49,10 @@ class ModelSpec:
     mean: list[float]
     std: list[float]
     encoder: MetadataEncoder = field(repr=False)
+    color_constancy: str = "none"
 
     def __post_init__(self) -> None:
+        check_method(self.color_constancy)
         if not isinstance(self.network, ModelConfig):
             raise TypeError(
                 f"ModelSpec.network must be a melanoma_ml.config.ModelConfig, got {type(self.network).__name__}; "
@@ -68,6 +75,7 @@ class ModelSpec:
             "mean": list(self.mean),
             "std": list(self.std),
             "encoder": self.encoder.to_dict(),
+            **({"color_constancy": self.color_constancy} if self.color_constancy != "none" else {}),
         }
 
     @classmethod
@@ -89,6 +97,7 @@ class ModelSpec:
             mean=[float(m) for m in data["mean"]],
             std=[float(s) for s in data["std"]],
             encoder=MetadataEncoder.from_dict(data["encoder"]),
+            color_constancy=str(data.get("color_constancy", "none")),
         )
 
     def build_network(self):  # -> MelanomaNet (lazy import keeps this module torch-free)

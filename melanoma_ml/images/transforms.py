@@ -2,7 +2,8 @@
 
 Both take a ``(H, W, 3)`` uint8 RGB array (``transform(image=array)["image"]``) and return a ``(3, size,
 size)`` float32 tensor normalized with the backbone's mean/std (given on the 0-1 scale) by
-``normalize_pixels``, the function serving uses too.
+``normalize_pixels``, the function serving uses too, after the spec's colour constancy (``color_constancy``:
+applied last, to the augmented pixels, exactly as serving applies it to the resized upload).
 """
 
 from __future__ import annotations
@@ -17,30 +18,33 @@ from albumentations.pytorch import ToTensorV2
 
 from melanoma_ml.config import AugmentationConfig
 from melanoma_ml.errors import InputValueError
+from melanoma_ml.images.color_constancy import check_method
 from melanoma_ml.images.normalization import check_normalization, normalize_pixels
 
 
 class NormalizePixels(A.ImageOnlyTransform):
     """``normalize_pixels`` as an albumentations step (always applied; draws no random numbers)."""
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+    def __init__(self, mean: Sequence[float], std: Sequence[float], color_constancy: str = "none") -> None:
         super().__init__(p=1.0)
         check_normalization(mean, std)
+        check_method(color_constancy)
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
+        self.color_constancy = color_constancy
 
     def apply(self, img: np.ndarray, **params: Any) -> np.ndarray:
-        return normalize_pixels(img, self.mean, self.std)
+        return normalize_pixels(img, self.mean, self.std, self.color_constancy)
 
     def apply_to_images(self, images: np.ndarray, **params: Any) -> np.ndarray:
-        return normalize_pixels(images, self.mean, self.std)
+        return normalize_pixels(images, self.mean, self.std, self.color_constancy)
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
-        return ("mean", "std")
+        return ("mean", "std", "color_constancy")
 
 
-def _normalize(mean: Sequence[float], std: Sequence[float]) -> list[A.BasicTransform]:
-    return [NormalizePixels(mean, std), ToTensorV2()]
+def _normalize(mean: Sequence[float], std: Sequence[float], color_constancy: str) -> list[A.BasicTransform]:
+    return [NormalizePixels(mean, std, color_constancy), ToTensorV2()]
 
 
 def _check_size(size: int) -> None:
@@ -54,8 +58,10 @@ def train_transform(
     mean: Sequence[float],
     std: Sequence[float],
     seed: int | None = None,
+    color_constancy: str = "none",
 ) -> A.Compose:
-    """Random flips, 90-degree turns, shift/scale/rotate, colour jitter and coarse dropout.
+    """Random (resized) crop, flips, 90-degree turns, shift/scale/rotate, colour, white balance and gamma
+    jitter, coarse dropout.
 
     Args:
         size: Output side in pixels (inputs of another size are resized first).
@@ -64,14 +70,20 @@ def train_transform(
         std: Per-channel std on the 0-1 scale.
         seed: Seed of the pipeline's own random state. Albumentations ignores global seeds, so a fixed
             seed is what makes two training runs see the same augmentations.
+        color_constancy: ``ModelSpec.color_constancy``, applied to the augmented pixels.
     """
     _check_size(size)
     low_holes, high_holes = aug.dropout_holes
     low_side, high_side = aug.dropout_size
     strength = aug.jitter_strength
+    framing = (
+        A.Resize(size, size)
+        if aug.crop_scale is None
+        else A.RandomResizedCrop(size=(size, size), scale=aug.crop_scale, p=1.0)
+    )
     return A.Compose(
         [
-            A.Resize(size, size),
+            framing,
             A.HorizontalFlip(p=aug.hflip),
             A.VerticalFlip(p=aug.vflip),
             A.RandomRotate90(p=aug.rotate90),
@@ -89,6 +101,8 @@ def train_transform(
                 hue=aug.jitter_hue,
                 p=aug.color_jitter,
             ),
+            A.PlanckianJitter(mode="blackbody", p=aug.white_balance),
+            A.RandomGamma(gamma_limit=aug.gamma_limit, p=aug.gamma),
             A.CoarseDropout(
                 num_holes_range=(low_holes, high_holes),
                 hole_height_range=(low_side, high_side),
@@ -96,13 +110,16 @@ def train_transform(
                 fill=0,
                 p=aug.coarse_dropout,
             ),
-            *_normalize(mean, std),
+            *_normalize(mean, std, color_constancy),
         ],
         seed=seed,
     )
 
 
-def eval_transform(size: int, mean: Sequence[float], std: Sequence[float]) -> A.Compose:
-    """Resize to ``size`` (a no-op for cached images of that size), normalize, convert to a tensor."""
+def eval_transform(
+    size: int, mean: Sequence[float], std: Sequence[float], color_constancy: str = "none"
+) -> A.Compose:
+    """Resize to ``size`` (a no-op for cached images of that size), colour constancy (``ModelSpec``'s),
+    normalize, convert to a tensor."""
     _check_size(size)
-    return A.Compose([A.Resize(size, size), *_normalize(mean, std)])
+    return A.Compose([A.Resize(size, size), *_normalize(mean, std, color_constancy)])

@@ -42,7 +42,7 @@ def predict_rows(
         cache.rows_for(rows[schema.IMAGE]),
         spec.encoder.transform(rows),
         pd.to_numeric(rows[schema.TARGET], errors="coerce").fillna(0).to_numpy(),
-        eval_transform(spec.image_size, spec.mean, spec.std),
+        eval_transform(spec.image_size, spec.mean, spec.std, spec.color_constancy),
     )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     probs = predict_probabilities(net, make_loader(dataset, training, shuffle=False), device)

@@ -415,6 +415,7 @@ def train_fold(
         mean=norm["mean"],
         std=norm["std"],
         encoder=encoder,
+        color_constancy=config.data.color_constancy,
     )
 
     images = cache.array()
@@ -423,14 +424,21 @@ def train_fold(
         cache.rows_for(train_rows[schema.IMAGE]),
         encoder.transform(train_rows),
         train_rows[schema.TARGET].to_numpy(),
-        train_transform(spec.image_size, cfg.augmentation, spec.mean, spec.std, seed=cfg.seed),
+        train_transform(
+            spec.image_size,
+            cfg.augmentation,
+            spec.mean,
+            spec.std,
+            seed=cfg.seed,
+            color_constancy=spec.color_constancy,
+        ),
     )
     val_set = MelanomaDataset(
         images,
         cache.rows_for(val_rows[schema.IMAGE]),
         encoder.transform(val_rows),
         val_rows[schema.TARGET].to_numpy(),
-        eval_transform(spec.image_size, spec.mean, spec.std),
+        eval_transform(spec.image_size, spec.mean, spec.std, spec.color_constancy),
     )
 
     holder = f"{backbone} fold {fold} (pid {os.getpid()})"

@@ -80,3 +80,19 @@ def test_bad_network_values_are_refused_by_the_config_rules():
 def test_the_network_must_be_a_model_config():
     with pytest.raises(TypeError, match="ModelConfig"):
         ModelSpec("test_efficientnet", 32, [0.5] * 3, [0.25] * 3, ENCODER)  # type: ignore[arg-type]
+
+
+def test_colour_constancy_round_trips_and_old_specs_read_as_none():
+    assert ModelSpec.from_dict(json.loads(OLD_SPEC_JSON)).color_constancy == "none"
+    config = ModelConfig(backbone="test_efficientnet", meta_hidden=[8])
+    spec = ModelSpec(config, 32, [0.5] * 3, [0.25] * 3, ENCODER, color_constancy="shades_of_gray")
+    stored = json.loads(json.dumps(spec.to_dict()))
+    assert stored["color_constancy"] == "shades_of_gray"
+    assert ModelSpec.from_dict(stored) == spec
+    assert "color_constancy" not in ModelSpec(config, 32, [0.5] * 3, [0.25] * 3, ENCODER).to_dict()
+
+
+def test_an_unknown_colour_constancy_in_a_spec_is_refused():
+    old = json.loads(OLD_SPEC_JSON) | {"color_constancy": "retinex"}
+    with pytest.raises(MelanomaInputError, match="color_constancy"):
+        ModelSpec.from_dict(old)

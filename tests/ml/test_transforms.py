@@ -6,8 +6,10 @@ import albumentations as A
 import numpy as np
 import pytest
 import torch
+from pydantic import ValidationError
 
-from melanoma_ml.config import AugmentationConfig
+from melanoma_ml.config import AugmentationConfig, TrainingConfig
+from melanoma_ml.images.color_constancy import shades_of_gray
 from melanoma_ml.images.normalization import normalize_pixels
 from melanoma_ml.images.transforms import NormalizePixels, eval_transform, train_transform
 
@@ -103,4 +105,43 @@ def test_both_pipelines_normalize_with_the_shared_function(make) -> None:
     image = _image(32)
     torch.testing.assert_close(
         make()(image=image)["image"], torch.from_numpy(normalize_pixels(image, MEAN, STD)).permute(2, 0, 1)
+    )
+
+
+def _train_without_augmentation(size, mean, std, **kwargs) -> A.Compose:
+    return train_transform(size, NO_AUGMENTATION, mean, std, **kwargs)
+
+
+@pytest.mark.parametrize("make", [eval_transform, _train_without_augmentation], ids=["eval", "train"])
+def test_both_pipelines_apply_the_spec_colour_constancy_in_the_shared_function(make) -> None:
+    image = _image(32)
+    image[..., 2] //= 2  # a blue-poor cast
+    out = make(32, MEAN, STD, color_constancy="shades_of_gray")(image=image)["image"]
+    expected = normalize_pixels(shades_of_gray(image), MEAN, STD)
+    torch.testing.assert_close(out, torch.from_numpy(expected).permute(2, 0, 1), rtol=0, atol=0)
+    assert not torch.equal(out, make(32, MEAN, STD)(image=image)["image"])
+
+
+def test_the_strong_preset_fills_unset_fields_and_explicit_ones_win() -> None:
+    strong = AugmentationConfig(preset="strong", hflip=0.0)
+    assert strong.crop_scale == (0.5, 1.0) and strong.jitter_strength == 0.4 and strong.gamma == 0.5
+    assert strong.hflip == 0.0
+    assert TrainingConfig(augmentation="strong").augmentation == AugmentationConfig(preset="strong")
+    assert AugmentationConfig().crop_scale is None and AugmentationConfig().white_balance == 0.0
+    with pytest.raises(ValidationError, match="crop_scale"):
+        AugmentationConfig(crop_scale=(0.8, 0.5))
+
+
+@pytest.mark.parametrize("field", ["white_balance", "gamma", "crop_scale"])
+def test_the_strong_transforms_come_from_the_config(field: str) -> None:
+    image = _image(32)
+    value = (0.5, 0.5) if field == "crop_scale" else 1.0
+    aug = NO_AUGMENTATION.model_copy(update={field: value})
+    if field == "gamma":
+        aug = aug.model_copy(update={"gamma_limit": (50, 60)})
+    out = train_transform(32, aug, MEAN, STD, seed=0)(image=image)["image"]
+    assert tuple(out.shape) == (3, 32, 32)
+    assert not torch.allclose(out, _expected(image), atol=1e-3)
+    assert any(isinstance(step, A.RandomResizedCrop) for step in train_transform(32, aug, MEAN, STD)) == (
+        field == "crop_scale"
     )
