@@ -16,18 +16,22 @@ regression is only non-decreasing (it pools scores into steps), so it can tie sc
 slightly. Every threshold tuned on uncalibrated probabilities must be re-tuned (or mapped through the same
 calibrator) once calibrated probabilities are served.
 
-How it plugs in (not wired yet; owners of those files do that):
+Where it is wired:
 
-* evaluation: after ``evaluate_predictions`` on the leaderboard candidate's out-of-fold table,
-  ``choice = choose_calibrator(oof)``; ``calibration_report(oof.prob, choice.calibrator.apply(oof.prob),
-  oof.target, oof.group_id, config)`` goes into the report (each entry reads as
-  ``evaluation.estimate.Estimate.from_dict``); ``choice.table`` is the evidence for the choice. The
-  cross-fitted predictions, not the in-sample ones, are what an honest "after" number should use
-  (:func:`cross_fitted_predictions`).
-* bundle (``serving/manifest.py``): store ``choice.calibrator.to_dict()`` (plain JSON numbers) plus the
-  fitted-on prevalence (``choice.prevalence``); read back with :func:`calibrator_from_dict`.
-* serving: ``shift_prior(calibrator.apply(sigmoid(logit)), fitted_prevalence, deployment_prevalence)``
-  before the threshold, with the deployment prevalence a setting of the site, not of the model.
+* promotion (``serving.champion.fit_served_calibration``): on the served model's own out-of-fold rows,
+  ``choose_calibrator`` picks the method (patient-grouped cross-fitting), the chosen method is refitted on
+  every row, and the threshold is re-tuned on the calibrated scale (the same operating point). The
+  bundle's manifest stores ``to_dict()``, the fitted-on prevalence and a ``calibration_report`` of the
+  cross-fitted predictions (``StoredCalibration``; read back with :func:`calibrator_from_dict`).
+* serving (``serving.calibrated.served_probabilities``): every prediction path (the app, ``melanoma-ml
+  predict`` and the ``batch_scores`` asset, the Grad-CAM gallery) serves
+  ``shift_prior(calibrator.apply(raw), fitted_prevalence, serving.deployment_prevalence)``; the
+  threshold moves with the odds (``decision_threshold``), so the prevalence changes what is shown, never
+  the decision.
+* test evaluation (``evaluation.holdout``, the ``test_evaluation`` asset): each model's calibrator, fitted
+  on its out-of-fold rows as promotion fits it, is applied unchanged to the locked test split and each
+  external test set; ``calibration_report`` there gives ECE and Brier before/after on rows no calibrator
+  saw, and the bundle's test metrics carry them (``ece_calibrated``, ``brier_calibrated``).
 """
 
 from __future__ import annotations

@@ -2,14 +2,19 @@
 
 Two models per backbone, on the locked test split (``internal``) and on each external test set:
 
-* ``ensemble``: the backbone's k fold models, their test probabilities averaged (arithmetic mean in
-  probability space), at the threshold tuned on the backbone's pooled out-of-fold predictions;
+* ``ensemble``: the backbone's k fold models, their test probabilities averaged in
+  ``serving.ensemble_average`` space (as a ``folds`` bundle averages them), at the threshold tuned on the
+  backbone's pooled out-of-fold predictions;
 * ``served``: the fold model a promotion would serve (``served_fold``: best validation AUROC), at the
   threshold its bundle carries (tuned on that fold's own validation rows).
 
-Both thresholds are fixed BEFORE the test rows are seen and never re-tuned on them
-(``evaluate_predictions(threshold=...)``). Each result carries the out-of-fold AUC of the same model and
-the optimism gap ``oof AUC - test AUC``. Nothing here picks a model: ranking and the promotion gate read
+Everything a result applies is fixed on that model's own out-of-fold rows before any test row is seen
+(:class:`ModelUnderTest`): the threshold (never re-tuned on test, ``evaluate_predictions(threshold=...)``)
+and the post-hoc calibrator a bundle of it would serve (``serving.champion.fit_served_calibration``, as
+promotion fits it). The test report scores the raw probabilities; :class:`CalibrationOnTest` adds ECE
+and Brier before/after that calibrator on the same test rows (paired patient-bootstrap CIs) and the
+decision of the calibrated threshold. Each result carries the out-of-fold AUC of the same model and the
+optimism gap ``oof AUC - test AUC``. Nothing here picks a model: ranking and the promotion gate read
 out-of-fold numbers only. numpy/pandas only; the pipeline step does the predicting.
 """
 
@@ -25,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from melanoma_ml import schema
-from melanoma_ml.atomic import atomic_write_json, to_jsonable
+from melanoma_ml.atomic import atomic_write_bytes, atomic_write_json, parquet_bytes, to_jsonable
 from melanoma_ml.config import EvaluationConfig
 from melanoma_ml.evaluation.estimate import Estimate
 from melanoma_ml.evaluation.inputs import BACKBONE, PROB
@@ -46,6 +51,8 @@ NO_TEST_NOTE = (
     "is out-of-fold, measured on data that also chose the epoch, the threshold and the model."
 )
 SUMMARY_FILE = "test_evaluation.json"
+PREDICTIONS_FILE = "predictions.parquet"
+"""Each tested model's raw test probabilities, beside its report (``<set>/<backbone>/<model>/``)."""
 PREDICTION_COLUMNS = (
     schema.IMAGE,
     schema.PATIENT,
@@ -58,9 +65,15 @@ PREDICTION_COLUMNS = (
 
 TABLE_COLUMNS = (
     "test_set", "model", "kind", "test_auc", "test_auc_lo", "test_auc_hi", "test_pauc", "sensitivity",
-    "specificity", "threshold", "oof_auc", "optimism_gap", "n_images", "n_melanoma",
+    "specificity", "threshold", "oof_auc", "optimism_gap", "n_images", "n_melanoma", "calibration",
+    "ece_before", "ece_after", "ece_after_lo", "ece_after_hi", "brier_before", "brier_after",
 )  # fmt: skip
 """Columns of ``TestEvaluation.table``: ``TestResult.row`` keys."""
+
+CALIBRATED_METRICS = {"ece_calibrated": "ece_after", "brier_calibrated": "brier_after"}
+"""Entries ``served_test_metrics`` adds to a bundle's test metrics -> the ``calibration_report`` key they
+copy: ECE and Brier of the probabilities the bundle serves (its calibrator applied); ``ece``/``brier`` there
+are of the network's raw probabilities."""
 
 ModelKind = Literal["ensemble", "served"]
 
@@ -68,6 +81,175 @@ ModelKind = Literal["ensemble", "served"]
 def served_fold(fold_results: Sequence[FoldResult]) -> FoldResult:
     """The fold model a promotion serves for a backbone: the one with the best validation AUROC."""
     return max(fold_results, key=lambda r: r.best_val_auroc)
+
+
+@dataclass(frozen=True, eq=False)
+class ModelUnderTest:
+    """A model as it stands before any test row is seen: what it averages, and what was fixed out-of-fold.
+
+    Attributes:
+        backbone: The backbone.
+        kind: ``ensemble`` or ``served``.
+        fold: The served fold (None for a model of several fold models).
+        members: The fold models whose test probabilities are averaged.
+        average: The space they are averaged in (``logit`` or ``probability``; ``serving.ensemble_average``).
+        oof: The model's out-of-fold rows (each image scored by a fold model that never trained on it):
+            the pooled rows of every fold for the ensemble, the fold's own validation rows for a fold model.
+        oof_auc: The model's AUC on :attr:`oof`.
+        threshold: Tuned on :attr:`oof` for ``evaluation.target_sensitivity`` (raw scale).
+        calibration: ``fit_served_calibration``'s calibrator on :attr:`oof` (``StoredCalibration`` fields),
+            or None when those rows cannot fit one (the model then serves raw probabilities).
+        calibrated_threshold: :attr:`threshold`'s operating point on the calibrated scale.
+    """
+
+    __test__ = False  # not a pytest class
+
+    backbone: str
+    kind: ModelKind
+    fold: int | None
+    members: tuple[int, ...]
+    average: str
+    oof: pd.DataFrame
+    oof_auc: Estimate
+    threshold: float
+    calibration: dict[str, Any] | None
+    calibrated_threshold: float
+
+    @classmethod
+    def fix(
+        cls,
+        config: PipelineConfig,
+        backbone: str,
+        kind: ModelKind,
+        fold: int | None,
+        members: Sequence[int],
+        oof: pd.DataFrame,
+        oof_auc: Estimate,
+        threshold: float,
+    ) -> ModelUnderTest:
+        """Fit the calibrator on ``oof`` exactly as promotion does and keep it with the rest."""
+        from melanoma_ml.serving.champion import fit_served_calibration
+
+        calibration, calibrated_threshold = fit_served_calibration(config, oof, threshold)
+        average = config.serving.ensemble_average
+        return cls(
+            backbone, kind, fold, tuple(members), average, oof, oof_auc, threshold, calibration,
+            calibrated_threshold,
+        )  # fmt: skip
+
+    @property
+    def title(self) -> str:
+        if self.fold is None:
+            return f"{self.backbone} (mean of {len(self.members)} fold models)"
+        return f"{self.backbone} fold {self.fold} (served model)"
+
+    @property
+    def folder(self) -> str:
+        """Its report folder under ``<test set>/<backbone>/``."""
+        return "ensemble" if self.fold is None else f"fold{self.fold}"
+
+    def test_probabilities(self, fold_probs: Mapping[int, np.ndarray]) -> np.ndarray:
+        """Its members' probabilities (fold -> probabilities of the test rows, in order) averaged in
+        :attr:`average` space."""
+        probs = np.stack([np.asarray(fold_probs[f], dtype=np.float64) for f in self.members])
+        if self.average == "logit" and len(self.members) > 1:
+            from scipy import special
+
+            from melanoma_ml.evaluation.calibration import logit
+
+            return special.expit(logit(probs).mean(axis=0))
+        return probs.mean(axis=0)
+
+    def calibrate(self, probs: np.ndarray) -> np.ndarray:
+        """What a bundle of this model serves for raw ``probs`` (before any prior shift)."""
+        from melanoma_ml.evaluation.calibration import calibrator_from_dict
+
+        raw = np.asarray(probs, dtype=np.float64)
+        if self.calibration is None:
+            return raw
+        return calibrator_from_dict(self.calibration["parameters"]).apply(raw)
+
+
+def models_to_test(
+    config: PipelineConfig, backbone: str, fold_results: Sequence[FoldResult], oof_report: EvaluationReport
+) -> list[ModelUnderTest]:
+    """``backbone``'s fold-model mean and its served fold model, each fixed on its own out-of-fold rows.
+
+    Args:
+        fold_results: The backbone's k folds (their ``oof`` give the served fold's threshold and OOF AUC).
+        oof_report: The backbone's out-of-fold report (the ensemble's tuned threshold and AUC).
+    """
+    ordered = sorted(fold_results, key=lambda r: r.fold)
+    pooled = pd.concat([r.oof for r in ordered], ignore_index=True)  # as ranking.backbone_oof pools them
+    served = served_fold(fold_results)
+    target_sensitivity = config.evaluation.target_sensitivity
+    served_threshold = threshold_for_sensitivity(
+        served.oof[schema.TARGET].to_numpy(), served.oof[PROB].to_numpy(), target_sensitivity
+    )
+    return [
+        ModelUnderTest.fix(
+            config, backbone, "ensemble", None, [r.fold for r in ordered], pooled,
+            oof_report.metric("auc"), oof_report.threshold.value,
+        ),
+        ModelUnderTest.fix(
+            config, backbone, "served", served.fold, [served.fold], served.oof,
+            _served_oof_auc(served, config.evaluation), served_threshold,
+        ),
+    ]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class CalibrationOnTest:
+    """A model's out-of-fold calibrator applied to its test probabilities: how well the served ones mean
+    what they say on rows nothing was fitted on.
+
+    Attributes:
+        method: ``temperature``, ``platt`` or ``isotonic``; None when the out-of-fold rows could not fit a
+            calibrator and the model serves raw probabilities (then every ``*_after`` equals ``*_before``).
+        threshold: The operating threshold on the calibrated scale (fixed out-of-fold).
+        report: ``calibration_report`` on the test rows: ``ece_before``/``ece_after``/``ece_change``,
+            ``brier_*``, ``mean_prob_*`` and ``observed_rate`` as Estimates (patient-cluster bootstrap, the
+            same resamples for before and after, so ``*_change`` has a paired CI).
+        sensitivity: Of ``calibrated >= threshold`` on the test rows (the raw operating point's, up to the
+            ties an isotonic step can make).
+        specificity: Likewise.
+    """
+
+    method: str | None
+    threshold: float
+    report: dict[str, Estimate]
+    sensitivity: float
+    specificity: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "threshold": self.threshold,
+            "sensitivity": self.sensitivity,
+            "specificity": self.specificity,
+            "report": {name: estimate.to_dict() for name, estimate in self.report.items()},
+        }
+
+
+def calibration_on_test(
+    model: ModelUnderTest, rows: pd.DataFrame, probs: np.ndarray, config: EvaluationConfig
+) -> CalibrationOnTest:
+    """ECE and Brier before/after ``model``'s calibrator on test ``rows`` (raw ``probs``), with paired CIs."""
+    from melanoma_ml.evaluation.calibration import calibration_report
+    from melanoma_ml.evaluation.metrics import threshold_metrics
+
+    y = pd.to_numeric(rows[schema.TARGET]).to_numpy(dtype=np.int8)
+    raw = np.asarray(probs, dtype=np.float64)
+    after = model.calibrate(raw)
+    report = calibration_report(raw, after, y, rows[schema.GROUP].to_numpy(), config)
+    at = threshold_metrics(y, after, model.calibrated_threshold)
+    return CalibrationOnTest(
+        method=None if model.calibration is None else model.calibration["method"],
+        threshold=model.calibrated_threshold,
+        report={name: Estimate.from_dict(value) for name, value in report.items()},
+        sensitivity=at["sensitivity"],
+        specificity=at["specificity"],
+    )
 
 
 @dataclass(frozen=True)
@@ -81,6 +263,8 @@ class TestResult:
         test_set: ``internal`` or an external test set's name.
         report: The test report (threshold fixed beforehand; patient-cluster bootstrap CIs).
         oof_auc: The same model's out-of-fold AUC (the ensemble: the backbone's pooled out-of-fold AUC).
+        calibration: ECE and Brier before/after the model's out-of-fold calibrator on this test set.
+        predictions: The test rows with this model's raw probabilities (``prediction_table``), or None.
     """
 
     __test__ = False  # not a pytest class
@@ -91,6 +275,8 @@ class TestResult:
     test_set: str
     report: EvaluationReport
     oof_auc: Estimate
+    calibration: CalibrationOnTest | None = None
+    predictions: pd.DataFrame | None = field(default=None, repr=False, compare=False)
 
     @property
     def model(self) -> str:
@@ -125,6 +311,21 @@ class TestResult:
             "optimism_gap": self.optimism_gap,
             "n_images": self.report.n_images,
             "n_melanoma": self.report.n_melanoma,
+            **self._calibration_columns(),
+        }
+
+    def _calibration_columns(self) -> dict[str, Any]:
+        if self.calibration is None:
+            return {}
+        report = self.calibration.report
+        return {
+            "calibration": self.calibration.method or "none",
+            "ece_before": report["ece_before"].value,
+            "ece_after": report["ece_after"].value,
+            "ece_after_lo": report["ece_after"].lo,
+            "ece_after_hi": report["ece_after"].hi,
+            "brier_before": report["brier_before"].value,
+            "brier_after": report["brier_after"].value,
         }
 
 
@@ -136,6 +337,7 @@ class TestEvaluation:
         results: One ``TestResult`` per (backbone, kind, test set).
         test_sets: Per test set, its counts (rows scored, melanoma, rows excluded as training duplicates).
         notes: Why a test set was not scored (e.g. a single class), or :data:`NO_TEST_NOTE`.
+        comparisons: ``ensemble_vs_served``: the fold-model mean minus the served fold on each test set.
     """
 
     __test__ = False  # not a pytest class
@@ -143,6 +345,7 @@ class TestEvaluation:
     results: list[TestResult]
     test_sets: dict[str, dict[str, int]]
     notes: list[str] = field(default_factory=list)
+    comparisons: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def has_test(self) -> bool:
@@ -165,18 +368,32 @@ class TestEvaluation:
             return found
         return next((r for r in self.results if (r.backbone, r.kind) == (backbone, kind)), None)
 
-    def served_test_metrics(self, backbone: str) -> dict[str, dict[str, Any]] | None:
-        """What a bundle of ``backbone``'s served fold stores as ``test_metrics`` (``manifest.TestMetrics``): per
-        test set, ``metrics`` (``Estimate`` dicts), ``n_images``, ``n_melanoma``; None without a test set."""
-        out = {
-            r.test_set: {
-                "metrics": r.report.to_dict()["metrics"],
+    def served_test_metrics(
+        self, backbone: str, ensemble: str = "best_fold"
+    ) -> dict[str, dict[str, Any]] | None:
+        """What a bundle of ``backbone`` stores as ``test_metrics`` (``manifest.TestMetrics``): per test set,
+        ``metrics`` (``Estimate`` dicts), ``n_images``, ``n_melanoma``; None without a test set.
+
+        ``ensemble`` is ``serving.ensemble``: ``best_fold`` reads the ``served`` fold model's results,
+        ``folds`` the ``ensemble`` results (the mean of the backbone's fold models); ``top_k`` (members
+        of several backbones) has no result here: None.
+
+        ``metrics`` are the test report's (raw probabilities, e.g. ``ece``, ``brier``) plus
+        :data:`CALIBRATED_METRICS` (``ece_calibrated``, ``brier_calibrated``: the served, calibrated ones)."""
+        kind = {"best_fold": "served", "folds": "ensemble"}.get(ensemble)
+        out = {}
+        for r in self.results:
+            if (r.backbone, r.kind) != (backbone, kind):
+                continue
+            metrics = r.report.to_dict()["metrics"]
+            if r.calibration is not None:
+                report = r.calibration.report
+                metrics |= {name: report[key].to_dict() for name, key in CALIBRATED_METRICS.items()}
+            out[r.test_set] = {
+                "metrics": metrics,
                 "n_images": r.report.n_images,
                 "n_melanoma": r.report.n_melanoma,
             }
-            for r in self.results
-            if (r.backbone, r.kind) == (backbone, "served")
-        }
         return out or None
 
     def to_dict(self) -> dict[str, Any]:
@@ -185,7 +402,13 @@ class TestEvaluation:
                 "rows": self.table().to_dict("records"),
                 "test_sets": self.test_sets,
                 "notes": self.notes,
+                "ensemble_vs_served_fold": self.comparisons,
                 "reports": {f"{r.test_set}/{r.model}": r.report.figures for r in self.results},
+                "calibration": {
+                    f"{r.test_set}/{r.model}": r.calibration.to_dict()
+                    for r in self.results
+                    if r.calibration is not None
+                },
             },
             "test evaluation",
         )
@@ -202,50 +425,61 @@ def prediction_table(rows: pd.DataFrame, probs: np.ndarray, backbone: str) -> pd
     return frame
 
 
-def evaluate_backbone_on_test(
-    backbone: str,
-    fold_results: Sequence[FoldResult],
-    oof_report: EvaluationReport,
+def evaluate_on_test(
+    model: ModelUnderTest,
     test_set: str,
     rows: pd.DataFrame,
     fold_probs: Mapping[int, np.ndarray],
     config: EvaluationConfig,
     out_dir: Path | None = None,
-) -> list[TestResult]:
-    """The ensemble and the served fold model of ``backbone`` on one test set (see the module docstring).
+) -> TestResult:
+    """One model on one test set, at its out-of-fold threshold, with its calibrator's ECE/Brier before/after.
 
     Args:
-        fold_results: The backbone's k folds (their ``oof`` give the served fold's threshold and OOF AUC).
-        oof_report: The backbone's out-of-fold report (its tuned threshold and AUC).
+        model: The model, fixed out-of-fold (``models_to_test``).
         rows: The test rows (``group_id``, ``target``, metadata).
         fold_probs: Fold -> that fold model's probabilities for ``rows``, in order.
-        out_dir: Where the two reports (figures + ``report.json``) go: ``<out_dir>/<backbone>/{ensemble,
-            fold<k>}``; nothing is written when None.
+        out_dir: Where the report (figures + ``report.json``) goes: ``<out_dir>/<backbone>/<model.folder>``;
+            nothing is written when None.
     """
-    served = served_fold(fold_results)
-    mean = np.mean([fold_probs[r.fold] for r in fold_results], axis=0)
-    ensemble = evaluate_predictions(
-        prediction_table(rows, mean, backbone),
+    probs = model.test_probabilities(fold_probs)
+    report = evaluate_predictions(
+        prediction_table(rows, probs, model.backbone),
         config,
-        None if out_dir is None else out_dir / backbone / "ensemble",
-        name=f"{backbone} (mean of {len(fold_results)} fold models) on test set {test_set}",
-        threshold=oof_report.threshold.value,
+        None if out_dir is None else out_dir / model.backbone / model.folder,
+        name=f"{model.title} on test set {test_set}",
+        threshold=model.threshold,
     )
-    served_oof = served.oof
-    served_threshold = threshold_for_sensitivity(
-        served_oof[schema.TARGET].to_numpy(), served_oof[PROB].to_numpy(), config.target_sensitivity
+    calibration = calibration_on_test(model, rows, probs, config)
+    table = prediction_table(rows, probs, model.backbone)
+    if out_dir is not None:
+        atomic_write_bytes(out_dir / model.backbone / model.folder / PREDICTIONS_FILE, parquet_bytes(table))
+    return TestResult(
+        model.backbone, model.kind, model.fold, test_set, report, model.oof_auc, calibration, table
     )
-    served_report = evaluate_predictions(
-        prediction_table(rows, fold_probs[served.fold], backbone),
-        config,
-        None if out_dir is None else out_dir / backbone / f"fold{served.fold}",
-        name=f"{backbone} fold {served.fold} (served model) on test set {test_set}",
-        threshold=served_threshold,
-    )
-    return [
-        TestResult(backbone, "ensemble", None, test_set, ensemble, oof_report.metric("auc")),
-        TestResult(backbone, "served", served.fold, test_set, served_report, _served_oof_auc(served, config)),
-    ]
+
+
+def ensemble_vs_served(results: Sequence[TestResult], config: EvaluationConfig) -> list[dict[str, Any]]:
+    """Per backbone and test set: the fold-model mean minus the served fold model, paired AUC difference on
+    the same test images (patient-cluster bootstrap). Reported beside the decision, never used for it."""
+    from melanoma_ml.evaluation.compare import paired_auc_difference
+
+    out = []
+    for ens in (r for r in results if r.kind == "ensemble" and r.predictions is not None):
+        served = next(
+            (
+                r
+                for r in results
+                if (r.backbone, r.test_set, r.kind) == (ens.backbone, ens.test_set, "served")
+            ),
+            None,
+        )
+        if served is None or served.predictions is None:
+            continue
+        names = (ens.model, served.model)
+        diff = paired_auc_difference(ens.predictions, served.predictions, config, names=names)
+        out.append({"test_set": ens.test_set, "a": names[0], "b": names[1], **diff})
+    return out
 
 
 def _served_oof_auc(served: FoldResult, config: EvaluationConfig) -> Estimate:
@@ -314,7 +548,8 @@ def evaluate_test_sets(
     """Score every backbone's fold models on the locked test split (``folds_table`` rows of fold -2) and on
     each ``data.test_sources`` set (cached beside the training cache), at thresholds fixed out-of-fold.
 
-    Writes ``out_root/<test set>/<backbone>/{ensemble,fold<k>}/`` and ``out_root/test_evaluation.json``;
+    Each model's calibrator is fitted once on its out-of-fold rows (``models_to_test``) and applied to every
+    test set. Writes ``out_root/<test set>/<backbone>/{ensemble,fold<k>}/`` and ``out_root/test_evaluation.json``;
     external sets are cached under ``cache_root/test-<name>/<size>px``. A set that cannot be scored (a single class, say) is skipped with a note saying why.
     """
     from melanoma_ml.folds import TEST_FOLD, locked_test_mask
@@ -339,17 +574,21 @@ def evaluate_test_sets(
             folder = cache_root / f"test-{test_set.name}" / f"{size}px"
             sets[test_set.name] = (test_set.rows, build_image_cache(test_set.rows, folder, size))
     results, notes = [], []
+    models: dict[str, list[ModelUnderTest]] = {}
     for name, (rows, set_cache) in sets.items():
         if why := scorable(rows):
             notes.append(f"test set {name} not scored: {why}")
             continue
+        if not models:  # fitted once, and only when a test set is scored
+            models = {b: models_to_test(config, b, folds, reports[b]) for b, folds in fold_results.items()}
         for backbone, folds in fold_results.items():
             probs = {r.fold: predict_rows(r, rows, set_cache, config.training) for r in folds}
-            results += evaluate_backbone_on_test(
-                backbone, folds, reports[backbone], name, rows, probs, config.evaluation, out_root / name
-            )
+            results += [
+                evaluate_on_test(model, name, rows, probs, config.evaluation, out_root / name)
+                for model in models[backbone]
+            ]
     if not sets:
         notes.append(NO_TEST_NOTE)
-    evaluation = TestEvaluation(results, counts, notes)
+    evaluation = TestEvaluation(results, counts, notes, ensemble_vs_served(results, config.evaluation))
     evaluation.save(out_root)
     return evaluation

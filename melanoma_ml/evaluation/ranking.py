@@ -78,6 +78,12 @@ class Leaderboard:
             table = with_test_columns(table, test_evaluation)
         return cls(table=table, candidate=candidate, comparisons=comparisons, tabular_note=tabular_note)
 
+    def top_backbones(self, k: int) -> list[str]:
+        """The ``k`` best image backbones by out-of-fold AUC, the candidate first (fewer if fewer exist)."""
+        image_rows = self.table[self.table[KIND] == IMAGE] if KIND in self.table.columns else self.table
+        ranked = [self.candidate] + [b for b in image_rows["backbone"].astype(str) if b != self.candidate]
+        return list(dict.fromkeys(ranked))[:k]
+
     def save(self, out_dir: Path) -> None:
         """Write ``leaderboard.parquet`` and ``leaderboard.json`` (candidate + rows) into ``out_dir``."""
         atomic_write_bytes(out_dir / "leaderboard.parquet", parquet_bytes(self.table))

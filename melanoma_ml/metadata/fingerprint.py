@@ -26,6 +26,8 @@ PRIMARY_HINT = (
     "leave it unset to use the built-in synthetic demo set"
 )
 EXTERNAL_HINT = "fix the path or remove the entry (MELANOMA_DATA__EXTERNAL_SOURCES or data.external_sources)"
+TEST_SETTING = "data.test_sources"
+TEST_HINT = "fix the path or remove the entry (MELANOMA_DATA__TEST_SOURCES or data.test_sources)"
 
 
 def source_fingerprint(data: DataConfig, *, default_source_dir: str | Path | None = None) -> str:
@@ -33,8 +35,8 @@ def source_fingerprint(data: DataConfig, *, default_source_dir: str | Path | Non
 
     Covers the primary source (``data.source_dir``, else ``default_source_dir``: the synthetic demo set;
     with neither it is left out), ``data.image_dir`` when it lies outside the primary folder, and every
-    ``data.external_sources`` entry (its path and image_dir), so a change in any of them gives a new
-    fingerprint. A source may be a folder or one metadata CSV file; for a file, the file, the metadata
+    ``data.external_sources`` and ``data.test_sources`` entry (its path and image_dir), so a change in any
+    of them gives a new fingerprint (a changed test set must be scored again). A source may be a folder or one metadata CSV file; for a file, the file, the metadata
     files beside it (duplicate lists, ground truth) and its image folder(s) are hashed. Images are listed
     and stat-ed, not read: cheap enough for a sensor on ISIC 2020 (33k images). Image suffixes are the
     loader's (``metadata.image_files.IMAGE_EXTENSIONS``). An HDF5 image file (ISIC 2024 ``train-image.hdf5``,
@@ -54,13 +56,21 @@ def source_fingerprint(data: DataConfig, *, default_source_dir: str | Path | Non
 def configured_sources(
     data: DataConfig, default_source_dir: str | Path | None = None
 ) -> list[tuple[str, str | Path, str | None, str]]:
-    """``(setting, path, image_dir, hint)`` of the primary source (when there is one) and every external one."""
+    """``(setting, path, image_dir, hint)`` of the primary source (when there is one), every external one and
+    every test set (settings ``data.test_sources[i]``, :data:`TEST_SETTING`).
+
+    For checking that the paths exist and for the fingerprint only: training rows come from
+    ``metadata.sources.load_configured_data``, which reads the primary and external sources and never the
+    test sets (those are read by ``metadata.test_sources.load_test_sources``, for scoring).
+    """
     primary = data.source_dir if data.source_dir is not None else default_source_dir
     sources: list[tuple[str, str | Path, str | None, str]] = []
     if primary is not None:
         sources.append(("data.source_dir", primary, data.image_dir, PRIMARY_HINT))
     for i, entry in enumerate(data.external_sources):
         sources.append((f"data.external_sources[{i}]", entry.path, entry.image_dir, EXTERNAL_HINT))
+    for i, entry in enumerate(data.test_sources):
+        sources.append((f"{TEST_SETTING}[{i}]", entry.path, entry.image_dir, TEST_HINT))
     return sources
 
 

@@ -79,17 +79,28 @@ def test_test_evaluation_asset_scores_the_locked_split_and_nothing_leaks(tmp_pat
 
     registry = ModelRegistry(root / "registry")
     manifest = registry.manifest(registry.current())
+    bundled = served if manifest.ensemble is None else ensemble  # serving.ensemble: best_fold | folds
     assert not set(manifest.oof.image_name) & test_images
     own = manifest.oof_frame()
     target, raw = own["target"].to_numpy(), own["prob"].to_numpy()  # stored out-of-fold: raw probabilities
     # The test report scores raw probabilities at the raw out-of-fold threshold, fixed before the test ...
-    assert served.report.threshold.value == threshold_for_sensitivity(target, raw, 0.9)
+    assert bundled.report.threshold.value == threshold_for_sensitivity(target, raw, 0.9)
     # ... and the bundle serves the same operating point on its calibrated scale.
     calibrated = raw if manifest.calibration is None else manifest.calibration.calibrator().apply(raw)
     assert manifest.threshold == threshold_for_sensitivity(target, calibrated, 0.9)
     stored = manifest.test_metrics["internal"]
     assert stored.n_images == len(test_rows)
-    assert stored.metrics["auc"].value == pytest.approx(served.test_auc.value)
+    assert stored.metrics["auc"].value == pytest.approx(bundled.test_auc.value)
+    # ECE/Brier after calibration on the test split: the bundle's own calibrator and threshold, applied
+    # unchanged, keep the raw operating point; the bundle carries the calibrated numbers too.
+    assert bundled.calibration.threshold == pytest.approx(manifest.threshold, abs=1e-12)
+    assert bundled.calibration.method == (manifest.calibration and manifest.calibration.method)
+    assert bundled.calibration.sensitivity == bundled.report.metric("sensitivity").value
+    assert bundled.calibration.specificity == bundled.report.metric("specificity").value
+    after = bundled.calibration.report["ece_after"]
+    assert stored.metrics["ece_calibrated"].value == pytest.approx(after.value)
+    assert stored.metrics["ece_calibrated"].hi == pytest.approx(after.hi)
+    assert tested.table()["ece_after"].notna().all()
     from melanoma_ml.config import ServingConfig
 
     card = model_card_markdown(ModelService(registry, ServingConfig()).status().model)

@@ -141,7 +141,9 @@ def test_prior_shift_matches_the_melanoma_rate_of_a_resampled_test_set():
 
     assert p_new.mean() > 0.13  # unshifted, the mean is far off the 9% rate
     assert shifted.mean() == pytest.approx(y_new.mean(), abs=0.005)
-    assert expected_calibration_error(y_new, shifted, 10) < 0.015
+    unshifted_ece = expected_calibration_error(y_new, p_new, 10)
+    assert unshifted_ece > 0.04  # calibrated at 24%, miscalibrated at 9%
+    assert expected_calibration_error(y_new, shifted, 10) < min(0.015, unshifted_ece / 3)
 
 
 def test_calibrate_at_the_training_prevalence_then_shift_to_deployment():
@@ -157,6 +159,11 @@ def test_calibrate_at_the_training_prevalence_then_shift_to_deployment():
 
     assert reported_site.mean() > 0.2
     assert served.mean() == pytest.approx(y_site.mean(), abs=0.01)
+    calibrated_only = choice.calibrator.apply(reported_site)  # right at 24%, not at the site's 9%
+    assert (
+        expected_calibration_error(y_site, served, 10)
+        < expected_calibration_error(y_site, calibrated_only, 10) / 2
+    )
 
 
 @pytest.mark.parametrize("method", METHODS)

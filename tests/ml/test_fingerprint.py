@@ -74,6 +74,25 @@ def test_fingerprint_covers_external_sources_and_an_outside_image_dir(tmp_path: 
     assert source_fingerprint(data) != new_external_image
 
 
+def test_fingerprint_covers_test_sources(tmp_path: Path) -> None:
+    """A changed external test set changes the data version, so the sensor has it scored again."""
+    primary = dataset(tmp_path / "isic")
+    held_out = dataset(tmp_path / "other_clinic")
+    without = DataConfig(source_dir=str(primary))
+    data = DataConfig(source_dir=str(primary), test_sources=[{"path": str(held_out)}])
+    before = source_fingerprint(data)
+    assert before != source_fingerprint(without)
+
+    (held_out / "train.csv").write_text("image_name,target\nISIC_1,1\nISIC_2,1\n")
+    relabelled = source_fingerprint(data)
+    assert relabelled != before
+    (held_out / "jpeg" / "train" / "ISIC_9.jpg").write_bytes(b"new")
+    assert source_fingerprint(data) != relabelled
+    # a test set and an external training set at the same path are told apart
+    as_training = DataConfig(source_dir=str(primary), external_sources=[{"path": str(held_out)}])
+    assert source_fingerprint(as_training) != source_fingerprint(data)
+
+
 @pytest.mark.parametrize(
     ("change", "changes_fingerprint"),
     [
@@ -109,6 +128,10 @@ def test_fingerprint_of_a_metadata_file_covers_it_and_its_image_folder(
         (
             lambda t: DataConfig(source_dir=str(t / "isic"), image_dir=str(t / "pics")),
             "data.source_dir image_dir not found",
+        ),
+        (
+            lambda t: DataConfig(source_dir=str(t / "isic"), test_sources=[{"path": str(t / "gone")}]),
+            r"data.test_sources\[0\].path not found.*MELANOMA_DATA__TEST_SOURCES",
         ),
     ],
 )

@@ -1,0 +1,216 @@
+"""Test-set evaluation of fold models (``evaluation.holdout``), on synthetic predictions (no network).
+
+The point checked here: each model's calibrator is fitted on that model's own out-of-fold rows exactly as
+promotion fits it, applied unchanged to the test probabilities, and its ECE/Brier before and after reach
+the table and the bundle's test metrics; the calibrated threshold keeps the raw operating point.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from math import nan
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import special
+
+from melanoma_ml import schema
+from melanoma_ml.config import ModelConfig, PipelineConfig
+from melanoma_ml.evaluation.estimate import Estimate
+from melanoma_ml.evaluation.holdout import (
+    CALIBRATED_METRICS,
+    ModelUnderTest,
+    TestEvaluation,
+    calibration_on_test,
+    evaluate_on_test,
+    models_to_test,
+)
+from melanoma_ml.evaluation.report import evaluate_predictions
+from melanoma_ml.features import MetadataEncoder
+from melanoma_ml.serving import manifest
+from melanoma_ml.serving.champion import fit_served_calibration
+from melanoma_ml.spec import ModelSpec
+from melanoma_ml.training.train import FoldResult
+
+N_FOLDS = 3
+IMAGES_PER_PATIENT = 2
+SPEC = ModelSpec(
+    network=ModelConfig(backbone="test_efficientnet"),
+    image_size=32,
+    mean=[0.485, 0.456, 0.406],
+    std=[0.229, 0.224, 0.225],
+    encoder=MetadataEncoder(age_mean=50.0, age_std=15.0, sexes=("female", "male"), sites=("torso",)),
+)
+
+
+def _rows(n_patients: int, prefix: str, rng: np.random.Generator) -> tuple[pd.DataFrame, np.ndarray]:
+    """Rows of ``n_patients`` (two images each, ~25% melanoma patients) and a latent score per row."""
+    target = np.repeat((rng.random(n_patients) < 0.25).astype(int), IMAGES_PER_PATIENT)
+    rows = pd.DataFrame(
+        {
+            schema.IMAGE: [f"{prefix}_{i:05d}" for i in range(target.size)],
+            schema.GROUP: np.repeat([f"{prefix}P{i:04d}" for i in range(n_patients)], IMAGES_PER_PATIENT),
+            schema.TARGET: target,
+        }
+    )
+    return rows, rng.normal(size=target.size) + 1.5 * target
+
+
+def _overconfident(score: np.ndarray) -> np.ndarray:
+    """Far too confident and too high: what focal loss at 24% melanoma does to the network's output."""
+    return special.expit(3.0 * score + 1.0)
+
+
+def _fold_result(fold: int, tmp_path: Path, rng: np.random.Generator) -> FoldResult:
+    oof, score = _rows(70, f"F{fold}", rng)
+    oof["fold"] = fold
+    oof["prob"] = _overconfident(score)
+    return FoldResult(
+        backbone="test_efficientnet",
+        fold=fold,
+        checkpoint_dir=tmp_path / f"fold{fold}",
+        weights_sha256="0" * 64,
+        best_epoch=1,
+        best_val_auroc=0.7 + 0.05 * fold,  # fold 2 is served
+        epochs_run=1,
+        train_images_per_second=1.0,
+        wall_time_s=1.0,
+        n_train=10,
+        n_val=len(oof),
+        oof=oof,
+        history=pd.DataFrame(),
+        spec=SPEC,
+    )
+
+
+@pytest.fixture(scope="module")
+def tested(tmp_path_factory: pytest.TempPathFactory):
+    tmp_path = tmp_path_factory.mktemp("holdout")
+    rng = np.random.default_rng(3)
+    config = PipelineConfig(artifact_root=str(tmp_path), evaluation={"n_bootstrap": 60})
+    folds = [_fold_result(k, tmp_path, rng) for k in range(N_FOLDS)]
+    pooled = pd.concat([r.oof for r in folds], ignore_index=True)
+    oof_report = evaluate_predictions(pooled, config.evaluation)
+    rows, score = _rows(90, "T", rng)
+    fold_probs = {k: _overconfident(score + rng.normal(scale=0.3, size=score.size)) for k in range(N_FOLDS)}
+    models = models_to_test(config, "test_efficientnet", folds, oof_report)
+    results = [evaluate_on_test(m, "internal", rows, fold_probs, config.evaluation) for m in models]
+    return (
+        config,
+        folds,
+        oof_report,
+        models,
+        TestEvaluation(results, {"internal": {"rows_scored": len(rows)}}),
+    )
+
+
+def test_each_model_is_calibrated_on_its_own_out_of_fold_rows_as_promotion_does(tested) -> None:
+    config, folds, oof_report, models, _ = tested
+    ensemble, served = models
+    assert (ensemble.kind, ensemble.members, len(ensemble.oof)) == (
+        "ensemble", (0, 1, 2), sum(len(r.oof) for r in folds)
+    )  # fmt: skip
+    assert ensemble.threshold == oof_report.threshold.value
+    assert (served.kind, served.fold, served.members) == ("served", 2, (2,))
+    # the served model's calibrator and threshold are those register_fold_model puts into its bundle
+    bundle_calibration, bundle_threshold = fit_served_calibration(config, folds[2].oof, served.threshold)
+    assert served.calibration == bundle_calibration
+    assert served.calibrated_threshold == bundle_threshold
+    assert served.calibration is not None and ensemble.calibration is not None
+
+
+@pytest.mark.parametrize("kind", ["ensemble", "served"])
+def test_calibration_lowers_test_ece_and_keeps_the_operating_point(tested, kind: str) -> None:
+    *_, evaluation = tested
+    result = evaluation.find("test_efficientnet", kind)
+    calibration, report = result.calibration, result.report
+    ece_before, ece_after = calibration.report["ece_before"], calibration.report["ece_after"]
+    assert ece_before.value == pytest.approx(report.metric("ece").value)  # the report's raw ECE
+    assert calibration.report["brier_before"].value == pytest.approx(report.metric("brier").value)
+    assert ece_after.value < ece_before.value / 2
+    assert calibration.report["ece_change"].hi < 0  # paired CI: better beyond resampling noise
+    assert calibration.report["brier_after"].value < calibration.report["brier_before"].value
+    # calibrated >= calibrated threshold flags the same test rows as raw >= raw threshold
+    assert calibration.method in {"temperature", "platt"}
+    assert calibration.sensitivity == report.metric("sensitivity").value
+    assert calibration.specificity == report.metric("specificity").value
+
+
+def test_table_and_bundle_test_metrics_carry_ece_before_and_after(tested) -> None:
+    *_, evaluation = tested
+    table = evaluation.table()
+    assert {"ece_before", "ece_after", "brier_before", "brier_after", "calibration"} <= set(table.columns)
+    served = evaluation.find("test_efficientnet", "served")
+    row = table[table["kind"] == "served"].iloc[0]
+    assert row["ece_after"] == served.calibration.report["ece_after"].value
+    assert row["ece_after_lo"] <= row["ece_after"] <= row["ece_after_hi"]
+
+    stored = evaluation.served_test_metrics("test_efficientnet")
+    metrics = manifest.TestMetrics(**stored["internal"]).metrics  # what the bundle's manifest validates
+    for name, key in CALIBRATED_METRICS.items():
+        assert metrics[name] == served.calibration.report[key]
+    assert metrics["ece"].value == pytest.approx(served.calibration.report["ece_before"].value)
+    assert "calibration" in evaluation.to_dict() and len(evaluation.to_dict()["calibration"]) == 2
+
+
+def test_a_model_whose_rows_cannot_fit_a_calibrator_reports_after_equal_to_before(tested) -> None:
+    """One melanoma patient out-of-fold: promotion serves raw probabilities, and the test report says so."""
+    config, folds, *_ = tested
+    oof = folds[0].oof.assign(**{schema.TARGET: 0})
+    oof.loc[oof[schema.GROUP] == oof[schema.GROUP].iloc[0], schema.TARGET] = 1
+    model = ModelUnderTest.fix(
+        config, "test_efficientnet", "served", 0, [0], oof, Estimate(0.7, nan, nan, 0.95), 0.5
+    )
+    assert model.calibration is None and model.calibrated_threshold == 0.5
+    rows = pd.DataFrame(
+        {schema.GROUP: ["a", "a", "b", "c"], schema.TARGET: [0, 1, 0, 1], schema.IMAGE: list("wxyz")}
+    )
+    calibration = calibration_on_test(model, rows, np.array([0.2, 0.9, 0.6, 0.4]), config.evaluation)
+    assert calibration.method is None
+    assert calibration.report["ece_after"] == calibration.report["ece_before"]
+    assert (calibration.sensitivity, calibration.specificity) == (0.5, 0.5)
+
+
+def test_a_folds_bundle_stores_the_fold_model_mean_results(tested) -> None:
+    *_, evaluation = tested
+    ensemble = evaluation.find("test_efficientnet", "ensemble")
+    stored = evaluation.served_test_metrics("test_efficientnet", "folds")["internal"]["metrics"]
+    assert stored["auc"]["value"] == ensemble.test_auc.value
+    assert stored["ece_calibrated"] == ensemble.calibration.report["ece_after"].to_dict()
+
+
+@pytest.mark.parametrize("average", ["probability", "logit"])
+def test_members_are_averaged_in_the_serving_space(tested, average: str) -> None:
+    *_, models, _evaluation = tested
+    model = dataclasses.replace(models[0], average=average)
+    probs = {0: np.array([0.1, 0.5]), 1: np.array([0.9, 0.5]), 2: np.array([0.5, 0.99])}
+    mean = model.test_probabilities(probs)
+    if average == "probability":
+        np.testing.assert_allclose(mean, [0.5, (0.5 + 0.5 + 0.99) / 3])
+    else:  # logit(0.1) + logit(0.9) cancel; 0.99 pulls harder in logit space
+        np.testing.assert_allclose(mean, [0.5, special.expit(special.logit(0.99) / 3)])
+
+
+def test_the_fold_model_mean_is_compared_with_the_served_fold_on_the_same_test_patients(
+    tested, tmp_path
+) -> None:
+    from melanoma_ml.evaluation.compare import paired_auc_difference
+    from melanoma_ml.evaluation.holdout import PREDICTIONS_FILE, ensemble_vs_served
+
+    config, _folds, _report, models, evaluation = tested
+    [comparison] = ensemble_vs_served(evaluation.results, config.evaluation)
+    ensemble = evaluation.find("test_efficientnet", "ensemble")
+    served = evaluation.find("test_efficientnet", "served")
+    expected = paired_auc_difference(ensemble.predictions, served.predictions, config.evaluation)
+    assert comparison["diff"] == pytest.approx(expected["diff"])
+    assert comparison["diff"] == pytest.approx(ensemble.test_auc.value - served.test_auc.value)
+    assert comparison["lo"] <= comparison["diff"] <= comparison["hi"]
+    assert (comparison["a"], comparison["b"]) == (ensemble.model, served.model)
+
+    rows, score = _rows(40, "W", np.random.default_rng(5))
+    probs = {k: _overconfident(score) for k in range(N_FOLDS)}
+    evaluate_on_test(models[0], "internal", rows, probs, config.evaluation, tmp_path)
+    written = pd.read_parquet(tmp_path / "test_efficientnet" / models[0].folder / PREDICTIONS_FILE)
+    assert written[schema.IMAGE].tolist() == rows[schema.IMAGE].tolist() and "prob" in written
