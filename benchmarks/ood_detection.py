@@ -6,8 +6,9 @@
 For each training set (``--train-on``) it trains one tiny model with the project's own steps
 (``load_configured_data`` -> ``assign_folds`` -> ``build_image_cache`` -> ``train_fold`` on fold 0,
 ``test_efficientnet`` from random init), then fits ``melanoma_ml.serving.ood`` on the fold's TRAINING
-images (Mahalanobis: class means + shared Ledoit-Wolf covariance, threshold = 99th percentile of 5-fold
-patient-grouped cross-fitted training scores; energy: 99th percentile of the training images' energies)
+images (Mahalanobis: ``fit_bundle_ood``, the detector promotion ships: cached pixels, class means + shared
+Ledoit-Wolf covariance, threshold = 99th percentile of 5-fold patient-grouped cross-fitted training
+scores, at most ``--max-fit-images`` rows; energy: 99th percentile of the training images' energies)
 and scores:
 
 * **in distribution (held out)**: fold 0's validation images of the training set (never trained on);
@@ -17,8 +18,8 @@ and scores:
 * **out of distribution**: the sample images shipped with scikit-image, scikit-learn and matplotlib (plus 3
   random square crops of each), uniform noise, text on white (PIL ImageDraw) and flat colours.
 
-Every image goes the serving way: ``load_rgb`` -> ``preprocess`` (short side resize, centre crop,
-normalise; no TTA) with all metadata missing (an out-of-distribution image has none). Printed per set:
+Every image goes the serving way: ``load_resized`` (the app's decoder) -> ``preprocess`` (normalise; no
+TTA) with all metadata missing (an out-of-distribution image has none); generated arrays skip the decoder. Printed per set:
 detection AUROC against the held-out in-distribution images (sklearn ``roc_auc_score``; 95% CI from 1,000
 bootstrap resamples of each set independently) and the share flagged at each threshold. Caveats: one
 fold, one seed, a 64 px random-init model; the in-distribution flag rate estimates the ~1% the rule aims at.
@@ -46,9 +47,10 @@ from sklearn.metrics import roc_auc_score  # noqa: E402
 
 from melanoma_ml import schema  # noqa: E402
 from melanoma_ml.config import PipelineConfig, SyntheticConfig, load_config, synthetic_domain  # noqa: E402
+from melanoma_ml.images.cache import load_resized  # noqa: E402
 from melanoma_ml.images.io import load_rgb  # noqa: E402
 from melanoma_ml.serving.inference import preprocess  # noqa: E402
-from melanoma_ml.serving.ood import EnergyScorer, MahalanobisScorer, network_outputs  # noqa: E402
+from melanoma_ml.serving.ood import EnergyScorer, fit_bundle_ood, network_outputs  # noqa: E402
 from melanoma_ml.spec import ModelSpec  # noqa: E402
 from melanoma_ml.synthetic import generate_synthetic_dataset  # noqa: E402
 
@@ -70,6 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--quantile", type=float, default=0.99)
+    parser.add_argument("--max-fit-images", type=int, default=2000, help="serving.ood_max_fit_images")
     parser.add_argument("--n-bootstrap", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temp folder")
@@ -147,7 +150,7 @@ def flat_images(rng: np.random.Generator) -> list[np.ndarray]:
 
 
 def train_tiny(config: PipelineConfig, default_source: Path | None, workdir: Path):
-    """The project's steps, fold 0 of 3: ``(folds table, net, spec)``."""
+    """The project's steps, fold 0 of 3: ``(folds table, image cache, net, spec)``."""
     from melanoma_ml.folds import assign_folds
     from melanoma_ml.images.cache import build_image_cache
     from melanoma_ml.metadata.sources import load_configured_data
@@ -163,15 +166,19 @@ def train_tiny(config: PipelineConfig, default_source: Path | None, workdir: Pat
         f"best epoch {result.best_epoch}, val AUROC {result.best_val_auroc:.3f}"
     )
     net, spec, _ = load_checkpoint(result.checkpoint_dir)
-    return folds, net, spec
+    return folds, cache, net, spec
 
 
 def outputs(net: torch.nn.Module, spec: ModelSpec, images: list) -> tuple[np.ndarray, np.ndarray]:
-    """(embeddings, logits) the serving way; ``images`` are paths or uint8 arrays, decoded 64 at a time."""
+    """(embeddings, logits) the serving way; ``images`` are paths (decoded as the app decodes an upload)
+    or uint8 arrays, 64 at a time."""
     missing = spec.encoder.encode_one(None, None, None)
     feats, logits = [], []
     for start in range(0, len(images), 64):
-        chunk = [img if isinstance(img, np.ndarray) else load_rgb(img) for img in images[start : start + 64]]
+        chunk = [
+            img if isinstance(img, np.ndarray) else load_resized(img, spec.image_size)
+            for img in images[start : start + 64]
+        ]
         x = preprocess(chunk, spec)
         f, z = network_outputs(net, x, torch.from_numpy(np.stack([missing] * len(chunk))))
         feats.append(f)
@@ -214,21 +221,20 @@ def run_experiment(name: str, args: argparse.Namespace, workdir: Path, sets: dic
         overrides["data"] |= {"source_dir": str(args.isic_dir), "layout": "auto"}
         config, default_source = load_config("tiny", overrides), None
     print(f"\n== trained on {name} ({workdir}) ==")
-    folds, net, spec = train_tiny(config, default_source, workdir)
+    folds, cache, net, spec = train_tiny(config, default_source, workdir)
 
     train_rows = folds[(folds[schema.FOLD] != FOLD)]
     val_rows = folds[(folds[schema.FOLD] == FOLD) & ~folds[schema.IS_EXTERNAL]]
     started = time.perf_counter()
-    train_f, train_z = outputs(net, spec, list(train_rows[schema.IMAGE_PATH]))
-    maha = MahalanobisScorer.fit(
-        train_f,
-        train_rows[schema.TARGET].to_numpy(),
-        groups=train_rows[schema.GROUP].to_numpy(),
-        quantile=args.quantile,
+    maha = fit_bundle_ood(
+        net, spec, train_rows, cache, seed=args.seed, quantile=args.quantile, max_images=args.max_fit_images
     )
+    maha_seconds = time.perf_counter() - started
+    _, train_z = outputs(net, spec, list(train_rows[schema.IMAGE_PATH]))
     energy = EnergyScorer.fit(train_z, quantile=args.quantile)
     print(
-        f"  fitted on {len(train_f)} training images ({train_f.shape[1]}-d embeddings) in {time.perf_counter() - started:.1f} s"
+        f"  Mahalanobis fitted by fit_bundle_ood on {maha.n_fit} training images ({maha.dim}-d embeddings) "
+        f"in {maha_seconds:.1f} s; energy threshold on {len(train_z)}"
     )
 
     val_names = set(val_rows[schema.IMAGE])

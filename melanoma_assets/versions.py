@@ -10,11 +10,11 @@ STEP_VERSIONS = {
     "image_cache": "1",
     "fold_model": "1",
     "evaluation": "1",
-    "test_evaluation": "1",
+    "test_evaluation": "2",  # calibrated ECE/Brier on test, ensemble in serving.ensemble_average space
     "tabular_baseline": "1",
     "leaderboard": "3",  # kind column; tabular-only and blend rows
-    "serving_model": "2",  # bundle test_metrics
-    "gradcam_gallery": "1",
+    "serving_model": "3",  # ensembles, exported runtimes, OOD detector in the bundle
+    "gradcam_gallery": "2",  # ensemble bundles explain member 0 on its own validation images
     "batch_scores": "1",
 }
 

@@ -73,7 +73,7 @@ def checkpoint_problems(
         )
     net, spec, _info = load_checkpoint(result.checkpoint_dir)
     rows = folds_table[folds_table["fold"] == result.fold].head(n)
-    transform = eval_transform(spec.image_size, spec.mean, spec.std)
+    transform = eval_transform(spec.image_size, spec.mean, spec.std, spec.color_constancy)
     pixels = cache.array()[cache.rows_for(rows["image_name"])]
     x = torch.stack([transform(image=img)["image"] for img in pixels])
     meta = torch.as_tensor(spec.encoder.transform(rows))
@@ -97,11 +97,12 @@ def bundle_reproduction(
 ) -> tuple[list[str], dict[str, Any]]:
     """Does registry ``version`` load and reproduce its out-of-fold predictions on a sample of its fold?
 
-    The bundle's network is the fold model that produced those predictions, so without TTA on the same
-    cached pixels the probabilities must agree to ``atol``.
+    The bundle's network (for an ensemble: the member that did not train on each image) is the fold
+    model that produced those predictions, so without TTA on the same cached pixels the probabilities
+    must agree to ``atol``.
     """
     from melanoma_ml.serving.bundle import load_bundle
-    from melanoma_ml.serving.inference import predict
+    from melanoma_ml.serving.inference import score_out_of_fold
     from melanoma_ml.serving.remote_registry import open_registry
 
     bundle = load_bundle(open_registry(config).version_path(version))
@@ -112,7 +113,8 @@ def bundle_reproduction(
     images = list(cache.array()[cache.rows_for(rows["image_name"])])
     tabular = bundle.spec.encoder.tabular
     records = [metadata_dict(r, tabular) for r in rows.itertuples(index=False)]
-    got = predict(bundle, images, records, tta=False, calibrated=False)  # the stored OOF probabilities are raw
+    # the stored OOF probabilities are raw, each from the member(s) that did not train on the image
+    got = score_out_of_fold(bundle, images, records, rows["stored_fold"].tolist())
     gap = float(np.max(np.abs(got - rows["stored_prob"].to_numpy())))
     problems = (
         []
@@ -136,8 +138,11 @@ def bundle_validation_rows(manifest: BundleManifest, folds_table: pd.DataFrame) 
     stored = manifest.oof_frame()
     if stored.empty:
         return stored, "it stores no out-of-fold predictions (manifest oof) to tell its validation images"
-    own = stored[["image_name", "prob"]].rename(columns={"prob": "stored_prob"})
-    rows = own.merge(folds_table.drop(columns=["stored_prob"], errors="ignore"), on="image_name", how="inner")
+    own = stored[["image_name", "prob", "fold"]].rename(
+        columns={"prob": "stored_prob", "fold": "stored_fold"}
+    )
+    current = folds_table.drop(columns=["stored_prob", "stored_fold"], errors="ignore")
+    rows = own.merge(current, on="image_name", how="inner")
     if rows.empty:
         return rows, (
             "none of its validation images are in the current folds table (the data changed since it was "

@@ -259,7 +259,7 @@ def cmd_models(args: argparse.Namespace) -> int:
             test_auc = None if test is None else test.metrics.get("auc")
             test_text = "no untouched test set" if test_auc is None else test_auc.text()
             print(
-                f"  {mark:1} {version:<8} {manifest.backbone:<22} {test_text:<30} {auc_text:<30} "
+                f"  {mark:1} {version:<8} {_served(manifest):<22} {test_text:<30} {auc_text:<30} "
                 f"{manifest.threshold:>9.4f}  {manifest.created_at}"
             )
             problem = registry.check(version) if args.verify else None
@@ -338,6 +338,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             batch_size=batch_size,
             max_pixels=config.serving.max_image_pixels,
             progress=progress,
+            deployment_prevalence=config.serving.deployment_prevalence,
         )
     out = write_scores(scores, args.out)
     failed = scores.failed
@@ -436,13 +437,17 @@ def summary_text(result: Any, wall_seconds: float) -> str:
                 f"  {r.test_set:<10} {r.model:<36} test AUC {r.test_auc.text(show_level=False)}  "
                 f"out-of-fold AUC {r.oof_auc.value:.3f}  gap {r.optimism_gap:+.3f}"
             )
+        for c in tested.comparisons:
+            lines.append(
+                f"  {c['test_set']:<10} {c['a']} minus {c['b']}: AUC {c['diff']:+.3f} "
+                f"[{c['lo']:+.3f}, {c['hi']:+.3f}] (paired, same test patients; not used for promotion)"
+            )
     for note in [] if tested is None else tested.notes:
         lines.append(f"test evaluation: {note}")
     promotion = result.promotion
     verdict = "promoted" if promotion.registered else "not promoted"
-    lines.append(
-        f"candidate: {promotion.candidate} (fold {promotion.fold}) {verdict}: {promotion.decision.reason}"
-    )
+    served = promotion.served_model or f"{promotion.candidate} fold {promotion.fold}"
+    lines.append(f"candidate: {served} {verdict}: {promotion.decision.reason}")
     lines.append(
         f"served version: {promotion.champion_before or 'none'} -> {promotion.champion_after or 'none'}"
     )
@@ -632,6 +637,13 @@ def one_line(err: BaseException) -> str:
         return "invalid config: " + "; ".join(parts)
     text = str(err) if not isinstance(err, KeyError) else str(err.args[0] if err.args else err)
     return " ".join(text.split())
+
+
+def _served(manifest) -> str:
+    """The ``models`` listing's model column: the backbone, ``xN`` for an ensemble of N networks."""
+    if manifest.ensemble is None:
+        return manifest.backbone
+    return f"{manifest.backbone} x{len(manifest.ensemble.members)}"
 
 
 if __name__ == "__main__":

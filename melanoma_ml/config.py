@@ -44,10 +44,14 @@ class SyntheticDomain(_Strict):
     """
 
     colour_cast: tuple[_Gain, _Gain, _Gain] = Field(
-        (1.0, 1.0, 1.0), description="Per-channel (R, G, B) gain applied to the finished image (white balance)."
+        (1.0, 1.0, 1.0),
+        description="Per-channel (R, G, B) gain applied to the finished image (white balance).",
     )
     scale: float = Field(
-        1.0, gt=0.2, le=3.0, description="Magnification: lesion radius multiplier (a different dermoscope lens)."
+        1.0,
+        gt=0.2,
+        le=3.0,
+        description="Magnification: lesion radius multiplier (a different dermoscope lens).",
     )
     blur_sigma: float = Field(
         0.0, ge=0.0, le=0.05, description="Gaussian blur sigma as a fraction of the image side (0 = sharp)."
@@ -98,7 +102,8 @@ class SyntheticConfig(_Strict):
     image_size: int = Field(512, ge=32, description="Side of the generated originals in pixels.")
     seed: int = 0
     domain: SyntheticDomain = Field(
-        SyntheticDomain(), description="Acquisition look; SYNTHETIC_DOMAINS['second_clinic'] is a shifted one."
+        SyntheticDomain(),
+        description="Acquisition look; SYNTHETIC_DOMAINS['second_clinic'] is a shifted one.",
     )
     layout: Literal["isic2020", "isic2024"] = Field(
         "isic2020",
@@ -108,6 +113,8 @@ class SyntheticConfig(_Strict):
 
 
 DatasetLayout = Literal["auto", "isic2020", "isic2019", "ham10000", "isic_cli", "isic2024"]
+ColorConstancy = Literal["none", "shades_of_gray"]
+"""Colour constancy applied to every image right before normalisation (``melanoma_ml.images.color_constancy``)."""
 """``auto`` detects the layout from the files in the folder (``melanoma_ml.metadata.layouts``)."""
 
 
@@ -177,6 +184,13 @@ class DataConfig(_Strict):
         "more than this fraction of it (0.3: 1.76% +/- 0.53 points).",
     )
     image_size: int = Field(256, ge=16, description="Training image side; the image cache is keyed by it.")
+    color_constancy: ColorConstancy = Field(
+        "none",
+        description="Colour constancy before normalisation, in training, evaluation and serving alike (stored "
+        "in the model spec): 'shades_of_gray' (p=6, as leading ISIC 2018/2019 entries) white-balances each "
+        "image. Off by default: on synthetic data (benchmarks/domain_shift_levers.py, 64 px test_efficientnet) "
+        "it moved second-clinic AUC by +0.007 [-0.007, +0.021] and in-domain test AUC by +0.018 [+0.003, +0.035].",
+    )
     synthetic: SyntheticConfig = SyntheticConfig()
 
 
@@ -303,9 +317,38 @@ class ModelConfig(_Strict):
         return v
 
 
-class AugmentationConfig(_Strict):
-    """Training augmentation: probabilities (``p``) and magnitudes of each albumentations transform."""
+AUGMENTATION_PRESETS: dict[str, dict[str, Any]] = {
+    "standard": {},
+    # Against acquisition shift (another camera, light, lens): wider brightness/contrast/saturation/hue
+    # jitter applied more often, a random white balance (Planckian illuminant), random gamma, and
+    # random-resized crops covering 50-100% of the image (another magnification).
+    "strong": {
+        "color_jitter": 0.8,
+        "jitter_strength": 0.4,
+        "jitter_hue": 0.1,
+        "white_balance": 0.5,
+        "gamma": 0.5,
+        "crop_scale": (0.5, 1.0),
+    },
+}
+"""Named starting points of ``training.augmentation`` (``preset``); explicitly set fields win."""
 
+
+class AugmentationConfig(_Strict):
+    """Training augmentation: probabilities (``p``) and magnitudes of each albumentations transform.
+
+    ``preset`` fills every field not given explicitly from ``AUGMENTATION_PRESETS`` when the config is
+    built (``{"preset": "strong", "hflip": 0}`` is the strong preset without horizontal flips); a bare
+    preset name is accepted too (``training.augmentation: strong``).
+    """
+
+    preset: Literal["standard", "strong"] = Field(
+        "standard",
+        description="standard: the fields' defaults; strong: wider colour jitter, random white balance "
+        "and gamma, random-resized crops at 50-100% area. standard by default: on synthetic data "
+        "(benchmarks/domain_shift_levers.py, 64 px, 6 epochs) strong cost -0.052 [-0.096, -0.011] AUC on the "
+        "second clinic and -0.053 [-0.095, -0.012] in-domain.",
+    )
     hflip: float = Field(0.5, ge=0, le=1)
     vflip: float = Field(0.5, ge=0, le=1)
     rotate90: float = Field(0.5, ge=0, le=1)
@@ -325,6 +368,34 @@ class AugmentationConfig(_Strict):
     dropout_size: tuple[float, float] = Field(
         (0.05, 0.1), description="Side range of a dropped rectangle as a fraction of the image side."
     )
+    white_balance: float = Field(
+        0.0, ge=0, le=1, description="Probability of a random illuminant colour (PlanckianJitter)."
+    )
+    gamma: float = Field(0.0, ge=0, le=1, description="Probability of a random gamma in gamma_limit.")
+    gamma_limit: tuple[int, int] = Field((70, 150), description="Random gamma range in percent (100: none).")
+    crop_scale: tuple[float, float] | None = Field(
+        None,
+        description="Random-resized-crop area range as fractions of the image, e.g. (0.5, 1.0); None: no crop, "
+        "the whole image is resized.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset_values(cls, data: Any) -> Any:
+        if isinstance(data, str):
+            data = {"preset": data}
+        if isinstance(data, dict) and data.get("preset", "standard") in AUGMENTATION_PRESETS:
+            return {**AUGMENTATION_PRESETS[data.get("preset", "standard")], **data}
+        return data
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _crop_range(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and not 0 < v[0] <= v[1] <= 1:
+            raise ValueError(
+                f"crop_scale must be (low, high) with 0 < low <= high <= 1, got {v}; e.g. (0.5, 1.0)"
+            )
+        return v
 
 
 class TrainingConfig(_Strict):
@@ -456,8 +527,57 @@ class EvaluationConfig(_Strict):
     )
 
 
+ServingRuntime = Literal["torch", "onnxruntime", "openvino"]
+ServingPrecision = Literal["fp32", "bf16", "int8"]
+RUNTIME_PRECISIONS: dict[str, tuple[str, ...]] = {
+    "torch": ("fp32", "bf16"),
+    "onnxruntime": ("fp32", "int8"),
+    "openvino": ("fp32", "int8"),
+}
+"""The ``serving.precision`` values each ``serving.runtime`` offers (``melanoma_ml.serving.runtimes``)."""
+
+
 class ServingConfig(_Strict):
     """The Gradio app and the model service behind it."""
+
+    runtime: Literal["auto"] | ServingRuntime = Field(
+        "auto",
+        description="What runs the served network's forward pass, chosen per bundle at promotion "
+        "(melanoma_ml.serving.runtimes): torch (eager PyTorch), onnxruntime (an exported .onnx file in the "
+        "bundle, run only after its sha256 matches the manifest) or openvino (the same .onnx file under "
+        "OpenVINO; optional, `pip install openvino`). auto tries the fastest runtime for serving.precision "
+        "(onnxruntime for fp32/int8, torch for bf16) and falls back to torch fp32, with a note in the "
+        "manifest, when its export fails or it misses serving.runtime_parity_tolerance. The app, batch "
+        "scoring and the gallery score with it; Grad-CAM/EigenCAM always use the bundle's torch weights.",
+    )
+    precision: ServingPrecision = Field(
+        "fp32",
+        description="Arithmetic of the served forward pass: fp32; bf16 (torch autocast, CPUs with "
+        "AVX-512 BF16/AMX or GPUs); int8 (static post-training quantization of the exported ONNX model, "
+        "QDQ with per-channel weights, calibrated on training images; onnxruntime/openvino only). bf16 "
+        "and int8 move probabilities by ~1e-3-1e-2: raise serving.runtime_parity_tolerance to allow them.",
+    )
+    runtime_parity_tolerance: float = Field(
+        1e-4,
+        gt=0,
+        lt=1,
+        description="Largest |probability difference| from eager fp32 PyTorch, over every TTA view of the "
+        "gate's validation probe images, that the chosen runtime/precision may show at promotion; above "
+        "it an explicit serving.runtime is refused and auto falls back to torch fp32.",
+    )
+
+    @model_validator(mode="after")
+    def _runtime_offers_precision(self) -> ServingConfig:
+        offered = RUNTIME_PRECISIONS.get(self.runtime)
+        if offered is not None and self.precision not in offered:
+            runtimes = [
+                name for name, precisions in RUNTIME_PRECISIONS.items() if self.precision in precisions
+            ]
+            raise InputValueError(
+                f"serving.runtime={self.runtime} does not offer serving.precision={self.precision} (it offers "
+                f"{', '.join(offered)}); for {self.precision} use serving.runtime {' or '.join(runtimes)} or auto"
+            )
+        return self
 
     tta: bool = True
     cam_method: Literal["eigencam", "gradcam"] = Field(
@@ -540,6 +660,45 @@ class ServingConfig(_Strict):
         "threshold moves with them, so decisions do not change (melanoma_ml.serving.inference). Unset: the "
         "training prevalence (no shift).",
     )
+    ensemble: Literal["best_fold", "folds", "top_k"] = Field(
+        "folds",
+        description="What the promoted bundle serves: 'best_fold' (the winning backbone's fold model with "
+        "the best validation AUROC, one network), 'folds' (all k fold models of the winning backbone, "
+        "averaged) or 'top_k' (all fold models of the ensemble_top_k best backbones on the leaderboard). "
+        "An ensemble's threshold and calibrator come from out-of-fold rows (each image scored by the "
+        "member that did not train on it); its headline metrics from the locked test split.",
+    )
+    ensemble_top_k: int = Field(2, ge=2, description="Backbones averaged when ensemble is 'top_k'.")
+    runtime_probe_images: int = Field(
+        8,
+        ge=1,
+        description="Validation images (8 TTA views each) an exported runtime is checked on at promotion "
+        "(serving.runtime_parity_tolerance); int8 quantization is calibrated on them too.",
+    )
+    ensemble_average: Literal["logit", "probability"] = Field(
+        "probability",
+        description="Space the ensemble members are averaged in (each member's 8 TTA views are always "
+        "averaged as probabilities).",
+    )
+    ood_detection: bool = Field(
+        True,
+        description="Fit and ship an out-of-distribution detector at promotion (Mahalanobis distance of the "
+        "served network's pooled image features, melanoma_ml.serving.ood); the app and batch output flag "
+        "inputs unlike the training images. Off: bundles carry no detector and no flags are shown.",
+    )
+    ood_quantile: float = Field(
+        0.99,
+        gt=0,
+        lt=1,
+        description="OOD threshold: this quantile of the training images' cross-fitted scores, so about "
+        "1 - ood_quantile of new in-distribution images are flagged.",
+    )
+    ood_max_fit_images: int = Field(
+        2000,
+        ge=10,
+        description="At most this many training images (a label-stratified, seeded sample) fit the OOD "
+        "detector, so promotion stays fast on large training sets.",
+    )
 
 
 class PipelineConfig(BaseSettings):
@@ -598,6 +757,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         "model": {"pretrained": False, "meta_hidden": [16, 8]},
         "training": {"epochs": 2, "batch_size": 16, "learning_rate": 3e-3},
         "evaluation": {"n_bootstrap": 50, "promotion_auc_floor": 0.0},
+        # Exports (ONNX) take seconds per member; the runtime tests cover them, the graph tests use torch.
+        "serving": {"runtime": "torch"},
     },
     # Real ISIC 2020 on a GPU.
     "full": {

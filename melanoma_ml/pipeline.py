@@ -73,22 +73,35 @@ def validate_config(config: PipelineConfig) -> None:
     """Fail before any work on settings that would otherwise fail deep inside a later step.
 
     Checks that the artifact root is local, every backbone name against timm (imports timm, ~seconds),
-    that ``data.source_dir`` (when set) is a folder or a metadata file, and that every external source's
-    path exists. ``n_folds >= 2`` and the other ranges are already enforced by the config.
+    that ``data.source_dir`` (when set) is a folder or a metadata file, that every external source's and
+    test source's path exists, and that no test source is a training source (all its rows would be
+    excluded as training duplicates). ``n_folds >= 2`` and the other ranges are already enforced by the
+    config.
 
     Raises:
-        ValueError: remote artifact root, unknown backbone (with close matches) or a missing data path.
+        ValueError: remote artifact root, unknown backbone (with close matches), a missing data path or a
+            test source that is also trained on.
     """
+    from melanoma_ml.errors import InputValueError
     from melanoma_ml.model import validate_backbone
 
     artifact_paths(config)
     for backbone in config.backbones:
         validate_backbone(backbone)
+    trained_on: dict[Path, str] = {}
     for setting, path, _image_dir, hint in fingerprint.configured_sources(config.data):
         try:
-            fingerprint.existing_source(setting, path, hint)
+            resolved = fingerprint.existing_source(setting, path, hint)
         except FileNotFoundError as exc:
-            raise ValueError(str(exc)) from exc
+            raise InputValueError(str(exc)) from exc
+        if not setting.startswith(fingerprint.TEST_SETTING):
+            trained_on[resolved] = setting
+        elif resolved in trained_on:
+            raise InputValueError(
+                f"{setting}.path {resolved} is also {trained_on[resolved]}, which the models train on: a "
+                f"test set must be data they never saw; point {setting}.path at another dataset or remove the "
+                "entry (MELANOMA_DATA__TEST_SOURCES or data.test_sources)"
+            )
 
 
 def prepare_source(config: PipelineConfig) -> SourceInfo:
@@ -247,21 +260,26 @@ def promote_best(
     *,
     data_version: str,
     test_evaluation: TestEvaluation | None = None,
+    folds_table: pd.DataFrame | None = None,
 ) -> PromotionOutcome:
-    """Offer the leaderboard's candidate (its best fold model) to the gate against the served champion.
+    """Offer the leaderboard candidate's served model (``serving.ensemble``) to the gate against the champion.
 
     On promotion a new bundle is registered and ``current`` moves; a rejected candidate writes nothing
     (the policy: ``serving.champion.challenge_champion``). The gate reads out-of-fold numbers only; the
-    candidate's served-fold test metrics (``test_evaluation``) are stored in the bundle for the reader.
+    served model's test metrics (``test_evaluation``) are stored in the bundle for the reader.
     """
-    from melanoma_ml.serving.champion import challenge_champion
+    from melanoma_ml.serving.champion import challenge_champion, served_choice
 
     candidate = leaderboard.candidate
     if candidate not in reports:
         raise ValueError(f"leaderboard candidate {candidate!r} has no report among {sorted(reports)}")
-    test_metrics = None if test_evaluation is None else test_evaluation.served_test_metrics(candidate)
+    backbones = leaderboard.top_backbones(config.serving.ensemble_top_k)
+    choice = served_choice(config, candidate, fold_results, backbones)
+    test_metrics = None
+    if test_evaluation is not None:
+        test_metrics = test_evaluation.served_test_metrics(candidate, choice.kind)
     return challenge_champion(
-        config, candidate, fold_results[candidate], data_version=data_version, test_metrics=test_metrics
+        config, choice, data_version=data_version, test_metrics=test_metrics, folds_table=folds_table
     )
 
 
@@ -334,7 +352,12 @@ def _promote(
     inputs = (run.config, leaderboard, evaluation, fold_model)
     version = fingerprint.table_fingerprint(patient_folds)
     promotion = run.step(
-        "promote", promote_best, *inputs, data_version=version, test_evaluation=test_evaluation
+        "promote",
+        promote_best,
+        *inputs,
+        data_version=version,
+        test_evaluation=test_evaluation,
+        folds_table=patient_folds,
     )
     run.progress(f"[promote] {promotion.decision.reason}")
     if (served := promotion.champion_after) is not None:

@@ -53,7 +53,13 @@ def batch_scores(context: dg.AssetExecutionContext, settings: PipelineSettings) 
     batch = context.partition_key
     folder = drop_folder(config) / batch
     bundle = load_scoring_model(open_registry(config))
-    scores = score_path(folder, bundle, tta=config.serving.tta, max_pixels=config.serving.max_image_pixels)
+    scores = score_path(
+        folder,
+        bundle,
+        tta=config.serving.tta,
+        max_pixels=config.serving.max_image_pixels,
+        deployment_prevalence=config.serving.deployment_prevalence,
+    )
     out = write_scores(scores, artifact_paths(config).scores(batch))
     if scores.scored.empty:
         raise dg.Failure(

@@ -54,6 +54,7 @@ def build_serving_model(grid: TrainingGrid) -> dg.AssetsDefinition:
             folds_by_backbone,
             data_version=table_fingerprint(patient_folds),
             test_evaluation=test_evaluation,
+            folds_table=patient_folds,
         )
         return dg.MaterializeResult(
             value=outcome,
@@ -62,6 +63,7 @@ def build_serving_model(grid: TrainingGrid) -> dg.AssetsDefinition:
                 "reason": outcome.decision.reason,
                 "challenger": outcome.candidate,
                 "challenger_fold": outcome.fold,
+                "served_model": outcome.served_model,
                 "champion_before": outcome.champion_before or "none",
                 "champion": outcome.champion_after or "none",
                 "registered_version": outcome.registered or "none",

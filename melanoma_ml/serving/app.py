@@ -11,7 +11,9 @@ serving size limits (EXIF orientation, 16-bit, CMYK, decompression bombs).
 
 API: ``/predict`` (``gradio_client.Client(url).predict(handle_file(path), age, sex, site, tta,
 cam_method, target_layer, api_name="/predict")``) returns ``(answer_json, view_png, overlay_png,
-summary_markdown)``; ``answer_json`` holds probability, threshold, decision, model_version, backbone.
+summary_markdown)``; ``answer_json`` holds probability, threshold, decision, model_version, backbone,
+and, when the served bundle ships an out-of-distribution detector, ``ood_score``, ``ood_flag`` and
+``ood_threshold`` (the page then warns next to the probability when the image is flagged).
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ CSS = """
 #model-view img, #cam-overlay img { width: 100%; height: 100%; object-fit: contain; }
 .positive { color: #b91c1c; font-weight: 700; }
 .negative { color: #15803d; font-weight: 700; }
+.ood-warning { color: #92400e; font-weight: 700; }
 """
 
 
@@ -87,8 +90,19 @@ def status_markdown(status: ServiceStatus) -> str:
     return "\n\n".join(lines)
 
 
+def ood_warning(prediction: Prediction) -> str:
+    """The out-of-distribution warning for a flagged image; "" when not flagged or the bundle has no detector."""
+    if not prediction.ood_flag:
+        return ""
+    return (
+        '<span class="ood-warning">This does not look like a dermoscopy image the model was trained on '
+        f"(out-of-distribution score {prediction.ood_score:.1f} above threshold {prediction.ood_threshold:.1f}): "
+        "the probability is not reliable for it.</span>"
+    )
+
+
 def result_markdown(prediction: Prediction) -> str:
-    """Probability, decision and what the threshold meant in evaluation."""
+    """Probability, decision, what the threshold meant in evaluation, and the OOD warning when flagged."""
     model_metrics = prediction.model.manifest.metrics
     verdict = (
         '<span class="positive">At or above the decision threshold: suspicious for melanoma.</span>'
@@ -105,10 +119,17 @@ def result_markdown(prediction: Prediction) -> str:
     operating_text = f"In evaluation this threshold had {' and '.join(operating)}." if operating else ""
     cam = f"{prediction.cam_method} on `{prediction.target_layer}`" if prediction.cam_method else "no CAM"
     tta = "8-view TTA" if prediction.tta else "single view"
+    warning = ood_warning(prediction)
+    ood = (
+        ""
+        if prediction.ood_score is None
+        else f" · OOD score {prediction.ood_score:.1f} (threshold {prediction.ood_threshold:.1f})"
+    )
     return (
         f"## Melanoma probability: {prediction.probability:.1%}\n\n"
-        f"{verdict} Threshold {prediction.threshold:.1%}. {operating_text}\n\n"
-        f"<small>Model {prediction.model_version} · {prediction.backbone} · {tta} · {cam} · "
+        + (f"{warning}\n\n" if warning else "")
+        + f"{verdict} Threshold {prediction.threshold:.1%}. {operating_text}\n\n"
+        f"<small>Model {prediction.model_version} · {prediction.backbone} · {tta} · {cam}{ood} · "
         f"{prediction.seconds:.2f} s</small>"
     )
 

@@ -3,13 +3,17 @@
 ``score_path(path, bundle)`` reads what is at ``path`` (``batch_inputs.read_scoring_input``: a folder of
 images, a CSV, a dataset folder in any layout), decodes each image once with the training cache's decoder
 (``images.cache.load_resized``, as the app does, so there is no train/serve skew), and calls
-``inference.predict`` once per batch of ``batch_size`` images (with TTA: ``8 x batch_size`` views in one
+``inference.score`` once per batch of ``batch_size`` images (with TTA: ``8 x batch_size`` views in one
 forward pass). The next batch is decoded on worker threads while the network runs on the current one.
+Probabilities and threshold follow ``serving.deployment_prevalence`` as the app's do
+(``serving.calibrated``): the prior shift changes the probabilities written, never the decisions.
 
 A file that cannot be decoded does not stop the run: its row carries the reason in ``error`` and the other
 images are still scored. The table has the ISIC challenge submission columns (``image_name``, ``target`` =
 the melanoma probability) plus the decision at the model's threshold and the model version, so a scores
-file says which model produced it. ``melanoma-ml predict`` and the ``batch_scores`` Dagster asset are thin
+file says which model produced it, and the out-of-distribution score and flag (``ood_flag`` true: the image
+does not look like the training images, its probability is not reliable); both are empty when the bundle
+ships no detector. ``melanoma-ml predict`` and the ``batch_scores`` Dagster asset are thin
 layers over this module.
 """
 
@@ -47,16 +51,22 @@ small enough that a 256 px batch of views stays well under 1 GB."""
 PROBABILITY = "target"
 """The ISIC challenge submission calls the predicted melanoma probability ``target``."""
 
+OOD_SCORE = "ood_score"
+OOD_FLAG = "ood_flag"
+
 SCORE_COLUMNS: tuple[str, ...] = (
     schema.IMAGE,
     PROBABILITY,
     "decision",
     "threshold",
     "model_version",
+    OOD_SCORE,
+    OOD_FLAG,
     ERROR,
     schema.IMAGE_PATH,
 )
-"""Columns of a scores table, in order; ``error`` is empty for a scored row, ``target`` NaN for a failed one."""
+"""Columns of a scores table, in order; ``error`` is empty for a scored row, ``target`` NaN for a failed one
+(and ``ood_score``/``ood_flag`` missing for failed rows and for bundles without a detector)."""
 
 Progress = Callable[[int, int], object]
 """Called as ``progress(done, total)`` after each batch (images decoded or failed so far, images to do)."""
@@ -71,9 +81,11 @@ class BatchScores:
             set aside before decoding (cleaning, missing files).
         source: What was read (``kind``, ``description``).
         model_version: The registry version (or bundle folder name) that scored.
-        threshold: The model's decision threshold.
+        threshold: The decision threshold the probabilities were compared with (the bundle's, moved with
+            ``deployment_prevalence``).
         tta: Whether the 8 dihedral views were averaged.
         seconds: Wall time of decoding and scoring (reading the input not included).
+        deployment_prevalence: The prior the probabilities were shifted to, or None (training prevalence).
     """
 
     table: pd.DataFrame
@@ -82,6 +94,7 @@ class BatchScores:
     threshold: float
     tta: bool
     seconds: float
+    deployment_prevalence: float | None = None
 
     @property
     def scored(self) -> pd.DataFrame:
@@ -130,7 +143,7 @@ def score_path(path: str | Path, bundle: Bundle, **options: Any) -> BatchScores:
         path: Folder of images, CSV, or dataset folder / metadata CSV in a known layout.
         bundle: The loaded model (``load_scoring_model``).
         **options: ``score_inputs``'s keyword options (``tta``, ``batch_size``, ``workers``, ``max_pixels``,
-            ``progress``).
+            ``progress``, ``deployment_prevalence``).
 
     Raises:
         InputValueError / InputFileNotFoundError: nothing usable at ``path`` (see ``read_scoring_input``),
@@ -148,6 +161,7 @@ def score_inputs(
     workers: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: Progress | None = None,
+    deployment_prevalence: float | None = None,
 ) -> BatchScores:
     """Score an already read input (``read_scoring_input``) with ``bundle``, ``batch_size`` images a call.
 
@@ -157,8 +171,11 @@ def score_inputs(
         workers: Decoding threads (Pillow releases the GIL); default ``min(4, cpu count)``.
         max_pixels: Larger images (by their header) are refused, as uploads are.
         progress: ``progress(done, total)`` after each batch.
+        deployment_prevalence: ``serving.deployment_prevalence``: probabilities and threshold are moved to
+            this melanoma rate (None: the training prevalence, no shift).
     """
-    from melanoma_ml.serving.inference import predict
+    from melanoma_ml.serving.calibrated import decision_threshold
+    from melanoma_ml.serving.inference import score
 
     if batch_size < 1:
         raise InputValueError(f"batch size must be at least 1, got {batch_size}")
@@ -168,6 +185,8 @@ def score_inputs(
     metadata = [metadata_dict(row, tabular) for row in table.itertuples(index=False)]
     paths = table[schema.IMAGE_PATH].astype(str).tolist()
     probabilities = np.full(len(table), np.nan)
+    ood_scores = np.full(len(table), np.nan)
+    ood_flags = pd.array([pd.NA] * len(table), dtype="boolean")
     errors = [""] * len(table)
     started = time.perf_counter()
     done = 0
@@ -181,9 +200,18 @@ def score_inputs(
                 good.append(row)
                 images.append(view)
         if good:
-            probabilities[good] = predict(
-                bundle, images, [metadata[row] for row in good], tta=tta, batch_size=len(good)
+            scores = score(
+                bundle,
+                images,
+                [metadata[row] for row in good],
+                tta=tta,
+                batch_size=len(good),
+                deployment_prevalence=deployment_prevalence,
             )
+            probabilities[good] = scores.prob
+            if scores.ood_score is not None:
+                ood_scores[good] = scores.ood_score
+                ood_flags[good] = scores.ood_flag
         done += len(rows)
         if progress is not None:
             progress(done, len(table))
@@ -192,18 +220,29 @@ def score_inputs(
         {
             schema.IMAGE: table[schema.IMAGE].astype(str).to_numpy(),
             PROBABILITY: probabilities,
+            OOD_SCORE: ood_scores,
+            OOD_FLAG: ood_flags,
             ERROR: errors,
             schema.IMAGE_PATH: paths,
         }
     )
-    rejected = inputs.rejected.assign(**{PROBABILITY: np.nan})
+    rejected = inputs.rejected.assign(
+        **{
+            PROBABILITY: np.nan,
+            OOD_SCORE: np.nan,
+            OOD_FLAG: pd.array([pd.NA] * len(inputs.rejected), dtype="boolean"),
+        }
+    )
+    threshold = decision_threshold(bundle.manifest, deployment_prevalence)
+    table = pd.concat([scored, rejected], ignore_index=True)
     return BatchScores(
-        table=_with_decisions(pd.concat([scored, rejected], ignore_index=True), bundle),
+        table=_with_decisions(table, threshold, bundle.version),
         source=inputs,
         model_version=bundle.version,
-        threshold=float(bundle.threshold),
+        threshold=threshold,
         tta=tta,
         seconds=seconds,
+        deployment_prevalence=deployment_prevalence,
     )
 
 
@@ -218,12 +257,12 @@ def write_scores(scores: BatchScores, out: str | Path) -> Path:
     return atomic_write_bytes(out, scores.table.to_csv(index=False).encode("utf-8"))
 
 
-def _with_decisions(table: pd.DataFrame, bundle: Bundle) -> pd.DataFrame:
+def _with_decisions(table: pd.DataFrame, threshold: float, version: str) -> pd.DataFrame:
     scored = table[ERROR] == ""
-    positive = table[PROBABILITY] >= bundle.threshold
+    positive = table[PROBABILITY] >= threshold
     table["decision"] = np.where(scored, np.where(positive, "positive", "negative"), "")
-    table["threshold"] = float(bundle.threshold)
-    table["model_version"] = bundle.version
+    table["threshold"] = float(threshold)
+    table["model_version"] = version
     return table[list(SCORE_COLUMNS)]
 
 

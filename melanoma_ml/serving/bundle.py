@@ -12,8 +12,8 @@ torch and safetensors are imported inside the functions that need them, so ``rea
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,7 +22,12 @@ from pydantic import ValidationError
 
 from melanoma_ml.atomic import atomic_directory, atomic_write_json, sha256_file
 from melanoma_ml.errors import InputValueError
-from melanoma_ml.serving.manifest import MANIFEST_SCHEMA_VERSION, BundleManifest, stored_schema
+from melanoma_ml.serving.manifest import (
+    MANIFEST_SCHEMA_VERSION,
+    BundleFile,
+    BundleManifest,
+    stored_schema,
+)
 from melanoma_ml.spec import ModelSpec
 from melanoma_ml.weights import WEIGHTS_FILE, WeightsError, load_weights, save_weights
 
@@ -32,6 +37,9 @@ if TYPE_CHECKING:
 
     from melanoma_ml.evaluation.estimate import Estimate
     from melanoma_ml.serving.manifest import ValidationPredictions
+    from melanoma_ml.serving.ood import OODScorer
+
+LogitsFn = Callable[["torch.Tensor", "torch.Tensor"], "torch.Tensor"]
 
 MANIFEST_FILE = "manifest.json"
 
@@ -59,6 +67,9 @@ class Bundle:
         manifest: The validated ``manifest.json``.
         threshold: Probability at or above which a lesion is flagged.
         version: ``manifest.version`` when set (registry bundles), else the folder name.
+        scorers: One per served network (several for an ensemble bundle), each with the runtime the
+            manifest names; ``net`` is member 0's torch network, kept for Grad-CAM.
+        ood: The out-of-distribution detector, or None when the bundle ships none.
     """
 
     path: Path
@@ -67,6 +78,12 @@ class Bundle:
     manifest: BundleManifest
     threshold: float
     version: str
+    scorers: tuple[Scorer, ...] = field(default=())
+    ood: OODScorer | None = None
+
+    def __post_init__(self) -> None:
+        if not self.scorers:  # a bundle built by hand around one torch network
+            object.__setattr__(self, "scorers", (Scorer(self.spec, torch_logits(self.net)),))
 
     @property
     def metrics(self) -> dict[str, Estimate]:
@@ -75,6 +92,70 @@ class Bundle:
     @property
     def device(self) -> torch.device:
         return next(self.net.parameters()).device
+
+
+@dataclass(frozen=True)
+class Scorer:
+    """One served network: how to preprocess for it (``spec``) and its logits for a preprocessed batch.
+
+    ``logits(x, meta)``: ``x`` normalized ``(B, 3, S, S)`` float32 images, ``meta`` ``(B, k)`` float32 encoded
+    metadata -> ``(B,)`` float32 logits on the CPU.
+    """
+
+    spec: ModelSpec
+    logits: LogitsFn
+
+
+def torch_logits(net: nn.Module) -> LogitsFn:
+    """``net``'s logits as a :class:`Scorer` function (eager torch, the network's own device and dtype)."""
+    import torch
+
+    def logits(x: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+        device = next(net.parameters()).device
+        x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        out = net(x, meta.to(device, dtype=torch.float32, non_blocking=True))
+        return out.float().reshape(-1).cpu()
+
+    return logits
+
+
+@dataclass(frozen=True)
+class MemberNet:
+    """A network to store in an ensemble bundle, with where it came from."""
+
+    net: nn.Module
+    spec: ModelSpec
+    fold: int | None = None
+    checkpoint_sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class EnsembleToSave:
+    """``save_bundle``'s ensemble argument: member 0 must be the bundle's own ``net``."""
+
+    kind: str
+    average: str
+    members: Sequence[MemberNet]
+
+
+@dataclass(frozen=True)
+class RuntimeRequest:
+    """``save_bundle``'s runtime argument (``serving.runtime``/``serving.precision``).
+
+    Attributes:
+        runtime: ``auto``, ``torch``, ``onnxruntime``, ...
+        precision: ``fp32``, ``bf16``, ``int8``.
+        tolerance: Largest max |probability difference| to eager fp32 accepted on ``probe``.
+        probe: ``(x, meta)`` preprocessed images (views) and encoded metadata the export is checked on
+            (validation images of member 0).
+        calibration: ``(x, meta)`` of training images that calibrate int8 quantization (None: not int8).
+    """
+
+    runtime: str
+    precision: str
+    tolerance: float
+    probe: tuple[Any, Any]
+    calibration: tuple[Any, Any] | None = None
 
 
 def save_bundle(
@@ -92,6 +173,9 @@ def save_bundle(
     oof: ValidationPredictions | Mapping[str, list[Any]] | None = None,
     test_metrics: Mapping[str, Any] | None = None,
     calibration: Mapping[str, Any] | None = None,
+    ensemble: EnsembleToSave | None = None,
+    runtime: RuntimeRequest | None = None,
+    ood: OODScorer | None = None,
 ) -> Path:
     """Write ``net`` and its manifest to ``out_dir`` atomically (temp folder + rename).
 
@@ -111,6 +195,10 @@ def save_bundle(
             sha256 and its out-of-fold predictions (see ``BundleManifest``).
         test_metrics: The model's metrics per untouched test set (``BundleManifest.test_metrics``), or None.
         calibration: The served calibrator (``BundleManifest.calibration``), or None (raw probabilities).
+        ensemble: The networks to average (member 0 is ``net``), or None for a one-network bundle.
+        runtime: Export the networks for this runtime (checked against eager fp32 on its probe), or None
+            (torch fp32).
+        ood: An out-of-distribution detector to ship (``serving.ood``), or None.
 
     Returns:
         The bundle folder.
@@ -122,6 +210,8 @@ def save_bundle(
     out_dir = Path(out_dir)
     with atomic_directory(out_dir) as tmp:  # an invalid field raises in here: no out_dir is left behind
         weights = save_weights(tmp / WEIGHTS_FILE, net)
+        weights_sha256 = sha256_file(weights)
+        stored_ensemble, stored_runtime = _save_networks(tmp, net, spec, weights_sha256, ensemble, runtime)
         fields = {
             "version": version,
             "model_spec": spec,
@@ -130,16 +220,103 @@ def save_bundle(
             "data_version": str(data_version),
             "code_version": str(code_version),
             "created_at": datetime.now(UTC).isoformat(),
-            "weights_sha256": sha256_file(weights),
+            "weights_sha256": weights_sha256,
             "fold": fold,
             "checkpoint_sha256": checkpoint_sha256,
             "oof": oof,
             "test_metrics": test_metrics,
             "calibration": calibration,
+            "ensemble": stored_ensemble,
+            "runtime": stored_runtime,
+            "ood": None if ood is None else _save_ood(tmp, ood),
         }
         manifest = _validated(fields, f"the manifest for {out_dir}")
         atomic_write_json(tmp / MANIFEST_FILE, manifest.to_json())
     return out_dir
+
+
+def _save_networks(
+    folder: Path,
+    net: nn.Module,
+    spec: ModelSpec,
+    weights_sha256: str,
+    ensemble: EnsembleToSave | None,
+    runtime: RuntimeRequest | None,
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """Write the ensemble members and the runtime exports; return the manifest's ``ensemble`` and ``runtime``."""
+    if ensemble is not None and (not ensemble.members or ensemble.members[0].net is not net):
+        raise BundleError("an ensemble bundle's member 0 must be the bundle's own network (net)")
+    members = list(ensemble.members) if ensemble is not None else [MemberNet(net, spec)]
+    stored_members: list[dict[str, Any]] = []
+    for index, member in enumerate(members):
+        if index == 0:
+            weights = {"name": WEIGHTS_FILE, "sha256": weights_sha256}
+        else:
+            name = f"members/member{index}.safetensors"
+            (folder / "members").mkdir(exist_ok=True)
+            weights = {"name": name, "sha256": sha256_file(save_weights(folder / name, member.net))}
+        stored_members.append(
+            {
+                "weights": weights,
+                "model_spec": member.spec,
+                "fold": member.fold,
+                "checkpoint_sha256": member.checkpoint_sha256,
+                "runtime_file": None,
+            }
+        )
+    stored_runtime = None
+    if runtime is not None:
+        stored_runtime = _export_runtime(folder, members, stored_members, runtime)
+        if ensemble is None:  # one network: its exported file sits on the runtime entry
+            stored_runtime["file"] = stored_members[0]["runtime_file"]
+    stored_ensemble = None
+    if ensemble is not None:
+        stored_ensemble = {"kind": ensemble.kind, "average": ensemble.average, "members": stored_members}
+    return stored_ensemble, stored_runtime
+
+
+def _export_runtime(
+    folder: Path, members: Sequence[MemberNet], stored: list[dict[str, Any]], request: RuntimeRequest
+) -> dict[str, Any]:
+    """Export every member for ``request`` (member 0 decides ``auto``); fill ``runtime_file`` of each."""
+    from melanoma_ml.serving.runtimes import choose_runtime
+
+    choice, parity, note = None, {}, ""
+    for index, member in enumerate(members):
+        requested = request.runtime if choice is None else choice.runtime
+        precision = request.precision if choice is None else choice.precision
+        stem = "model" if index == 0 else f"members/member{index}"
+        member_choice, file, member_parity, member_note = choose_runtime(
+            member.net,
+            member.spec,
+            folder,
+            stem,
+            requested,
+            precision,
+            request.probe,
+            request.tolerance,
+            calibration=request.calibration,
+        )
+        if choice is None:
+            choice, note = member_choice, member_note
+        parity = {k: max(v, parity.get(k, v)) for k, v in member_parity.items()}  # the worst member
+        if file is not None:
+            stored[index]["runtime_file"] = {"name": file[0], "sha256": file[1]}
+    assert choice is not None  # members is never empty
+    return {"runtime": choice.runtime, "precision": choice.precision, "parity": parity, "note": note}
+
+
+def _save_ood(folder: Path, scorer: OODScorer) -> dict[str, Any]:
+    from melanoma_ml.serving.ood import save_ood
+
+    path = save_ood(folder / "ood.safetensors", scorer)
+    summary = scorer.summary()
+    return {
+        "file": {"name": path.name, "sha256": sha256_file(path)},
+        "method": str(summary.get("method", type(scorer).__name__)),
+        "threshold": float(scorer.threshold),
+        "summary": summary,
+    }
 
 
 def _validated(data: Mapping[str, Any], where: str) -> BundleManifest:
@@ -210,7 +387,28 @@ def verify_bundle(path: str | Path) -> BundleManifest:
             f"weights sha256 mismatch in {path}: expected {expected}, got {actual}; the bundle was modified "
             "or corrupted; re-export it or roll back"
         )
+    for extra in manifest.extra_files():
+        _verify_file(path, extra)
     return manifest
+
+
+def bundle_file_names(manifest: BundleManifest) -> list[str]:
+    """Every file of a bundle, relative to its folder: the manifest, the weights, then the hashed extras."""
+    return [MANIFEST_FILE, WEIGHTS_FILE, *(entry.name for entry in manifest.extra_files())]
+
+
+def _verify_file(bundle: Path, entry: BundleFile) -> Path:
+    """``bundle/entry.name`` after checking it exists and matches ``entry.sha256``."""
+    file = bundle / entry.name
+    if not file.is_file():
+        raise BundleError(f"{entry.name} missing in bundle {bundle}; re-export the bundle or roll back")
+    actual = sha256_file(file)
+    if actual != entry.sha256:
+        raise BundleIntegrityError(
+            f"sha256 mismatch for {file}: expected {entry.sha256}, got {actual}; the bundle was modified "
+            "or corrupted; re-export it or roll back"
+        )
+    return file
 
 
 def load_bundle(
@@ -230,7 +428,6 @@ def load_bundle(
         BundleError: missing/invalid files or weights that do not fit the spec.
         BundleIntegrityError: tampered or corrupted weights.
     """
-    import torch
 
     path = Path(path)
     manifest = verify_bundle(path)
@@ -239,10 +436,12 @@ def load_bundle(
         net = load_weights(spec, path / WEIGHTS_FILE)  # only after verify_bundle checked its sha256
     except WeightsError as exc:
         raise BundleError(f"{exc}; re-export the bundle from the matching checkpoint or roll back") from exc
-    net.requires_grad_(False)
-    net.to(device)
-    if channels_last:
-        net.to(memory_format=torch.channels_last)
+    _prepare(net, device, channels_last)
+    ood = None
+    if manifest.ood is not None:
+        from melanoma_ml.serving.ood import load_ood
+
+        ood = load_ood(path / manifest.ood.file.name)  # verify_bundle checked its sha256
     return Bundle(
         path=path,
         net=net,
@@ -250,4 +449,50 @@ def load_bundle(
         manifest=manifest,
         threshold=manifest.threshold,
         version=manifest.version or path.name,
+        scorers=_scorers(path, manifest, net, device, channels_last),
+        ood=ood,
     )
+
+
+def _prepare(net: nn.Module, device: str | torch.device, channels_last: bool) -> None:
+    import torch
+
+    net.requires_grad_(False)
+    net.to(device)
+    if channels_last:
+        net.to(memory_format=torch.channels_last)
+
+
+def _scorers(
+    path: Path, manifest: BundleManifest, net: nn.Module, device: str | torch.device, channels_last: bool
+) -> tuple[Scorer, ...]:
+    """One :class:`Scorer` per served network, each in the manifest's runtime (files verified already).
+
+    Torch networks are built only where the runtime needs them (member 0 always: Grad-CAM explains it).
+    """
+    runtime = manifest.runtime
+    exported = runtime is not None and runtime.runtime != "torch"
+    if manifest.ensemble is None:
+        members = [(manifest.model_spec, net, None if runtime is None else runtime.file)]
+    else:
+        members = []
+        for index, member in enumerate(manifest.ensemble.members):
+            member_net = net if index == 0 else None
+            if member_net is None and not exported:
+                try:
+                    member_net = load_weights(member.model_spec, path / member.weights.name)
+                except WeightsError as exc:
+                    raise BundleError(f"{exc}; re-export the bundle or roll back") from exc
+                _prepare(member_net, device, channels_last)
+            members.append((member.model_spec, member_net, member.runtime_file))
+    scorers = []
+    for spec, member_net, file in members:
+        if runtime is None or runtime.runtime == "torch" and runtime.precision == "fp32":
+            scorers.append(Scorer(spec, torch_logits(member_net)))
+            continue
+        from melanoma_ml.serving.runtimes import RuntimeChoice, load_logits_fn
+
+        choice = RuntimeChoice(runtime.runtime, runtime.precision)
+        stored = None if file is None else (file.name, file.sha256)
+        scorers.append(Scorer(spec, load_logits_fn(path, choice, stored, member_net)))
+    return tuple(scorers)

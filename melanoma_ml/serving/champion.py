@@ -1,14 +1,16 @@
-"""Champion/challenger: offer one fold model to the promotion gate and register it when it wins.
+"""Champion/challenger: offer the served model to the promotion gate and register it when it wins.
 
-The leaderboard ranks backbones on their pooled out-of-fold predictions, but one model is served: the
-candidate's best fold model (highest validation AUROC). Everything the gate and the bundle say is about
-that model: its metrics and tuned threshold come from its own validation rows (``served_model_report``)
-and its AUC lower bound is held against the floor. Against a champion, the candidate's out-of-fold
-predictions (each image predicted by a fold model that never trained on it) are compared with the
-champion's stored ones on the images both have (``paired_difference_with_champion``). The bundle stores
-the served fold's own out-of-fold rows (manifest ``oof``, columns ``OOF_KEEP``) for the next
-comparison. The gate itself (``promotion.decide_promotion``) is pure; this module reads and writes the
-registry.
+The leaderboard ranks backbones on their pooled out-of-fold predictions; ``serving.ensemble`` says what
+of the candidate is served (``served_choice``): its best fold model (``best_fold``), all its fold models
+averaged (``folds``) or the fold models of the best k backbones (``top_k``). Everything the gate and the
+bundle say is about that model and read from its out-of-fold rows (``ServedChoice.oof``: for one fold
+model its own validation rows, for an ensemble every training image scored by the member(s) that never
+trained on it): the metrics and tuned threshold (``served_model_report``), the calibrator, and the AUC
+lower bound held against the floor. Against a champion, the candidate's out-of-fold predictions are
+compared with the champion's stored ones on the images both have (``paired_difference_with_champion``).
+The bundle stores those rows (manifest ``oof``, columns ``OOF_KEEP``) for the next comparison. Test-set
+numbers go into the bundle for its readers and never into the decision. The gate itself
+(``promotion.decide_promotion``) is pure; this module reads and writes the registry.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from melanoma_ml.serving.manifest import ValidationPredictions
 
 if TYPE_CHECKING:
     from melanoma_ml.evaluation import EvaluationReport
+    from melanoma_ml.serving.manifest import BundleManifest
     from melanoma_ml.serving.promotion import GateDecision
     from melanoma_ml.training.train import FoldResult
 
@@ -41,7 +44,8 @@ class PromotionOutcome:
         champion_before: Version served before this step (None: nothing was served).
         champion_after: Version served after this step.
         registered: The new version (None when the candidate was rejected: nothing is written).
-        fold: Which of the candidate's fold models went into the bundle (the best validation AUROC).
+        fold: The candidate's best fold model (validation AUROC): the bundle's explained member 0.
+        served_model: What the bundle serves (``ServedChoice.name``), e.g. a mean of 5 fold models.
     """
 
     decision: GateDecision
@@ -50,74 +54,197 @@ class PromotionOutcome:
     champion_after: str | None
     registered: str | None
     fold: int
+    served_model: str = ""
+
+
+@dataclass(frozen=True)
+class ServedChoice:
+    """What a promotion would serve (``serving.ensemble``) and the out-of-fold rows that describe it.
+
+    Attributes:
+        kind: ``best_fold``, ``folds`` or ``top_k``.
+        members: The fold models served; member 0 (the candidate's best fold by validation AUROC) is the
+            network Grad-CAM explains and the out-of-distribution detector reads.
+        oof: The served model's out-of-fold predictions (``OOF_KEEP`` columns at least): for one fold model
+            its own validation rows; for an ensemble every training image, scored by the member(s) that
+            did not train on it (averaged across backbones for ``top_k``). The threshold, the calibrator,
+            the bundle's metrics and the gate's paired comparison all read these rows.
+        average: The space members are averaged in (``serving.ensemble_average``).
+        name: How reports and the gate name it.
+    """
+
+    kind: str
+    members: tuple[FoldResult, ...]
+    oof: pd.DataFrame
+    average: str
+    name: str
+
+    @property
+    def explained(self) -> FoldResult:
+        return self.members[0]
+
+    @property
+    def checkpoints(self) -> frozenset[str]:
+        return frozenset(m.weights_sha256 for m in self.members)
+
+
+def served_choice(
+    config: PipelineConfig,
+    candidate: str,
+    fold_results: Mapping[str, Sequence[FoldResult]],
+    backbones: Sequence[str] = (),
+) -> ServedChoice:
+    """The model ``serving.ensemble`` serves for ``candidate``.
+
+    Args:
+        fold_results: Backbone -> its fold models (at least the candidate's).
+        backbones: The leaderboard's best backbones, the candidate first (``Leaderboard.top_backbones``);
+            ``top_k`` averages the first ``serving.ensemble_top_k`` of them.
+    """
+    from melanoma_ml.evaluation.holdout import served_fold
+    from melanoma_ml.evaluation.ranking import report_oof
+
+    serving = config.serving
+    best = served_fold(fold_results[candidate])
+    others = [r for r in fold_results[candidate] if r is not best]
+    if serving.ensemble == "best_fold" or not others:
+        return ServedChoice("best_fold", (best,), best.oof, "probability", f"{candidate} fold {best.fold}")
+    if serving.ensemble == "folds" or len(backbones) < 2:
+        name = f"{candidate} ({serving.ensemble_average} mean of {len(others) + 1} fold models)"
+        return ServedChoice(
+            "folds", (best, *others), report_oof(config, candidate), serving.ensemble_average, name
+        )
+    chosen = list(backbones)[: serving.ensemble_top_k]
+    members = [best, *others] + [r for b in chosen[1:] for r in fold_results[b]]
+    oof = averaged_oof([report_oof(config, b) for b in chosen], serving.ensemble_average)
+    name = f"{'+'.join(chosen)} ({serving.ensemble_average} mean of {len(members)} fold models)"
+    return ServedChoice("top_k", tuple(members), oof, serving.ensemble_average, name)
+
+
+def averaged_oof(oofs: Sequence[pd.DataFrame], average: str) -> pd.DataFrame:
+    """Several backbones' out-of-fold tables as one: per image, their probabilities averaged in ``average``
+    space (``logit`` or ``probability``); rows are the images all of them predicted, in the first's order.
+
+    Raises:
+        InputValueError: the tables disagree on an image's fold (the backbones were trained on other folds).
+    """
+    import numpy as np
+    from scipy import special
+
+    from melanoma_ml.errors import InputValueError
+
+    first = oofs[0].reset_index(drop=True)
+    probs = [first["prob"].to_numpy(dtype=np.float64)]
+    for other in oofs[1:]:
+        merged = first[["image_name", "fold"]].merge(
+            other[["image_name", "fold", "prob"]], on="image_name", how="left", validate="one_to_one"
+        )
+        if merged["prob"].isna().any() or (merged["fold_x"] != merged["fold_y"]).any():
+            raise InputValueError(
+                "the top_k backbones were not trained on the same folds (an image is missing or in another "
+                "fold); re-train them on one folds table or set serving.ensemble to 'folds'"
+            )
+        probs.append(merged["prob"].to_numpy(dtype=np.float64))
+    stacked = np.stack(probs)
+    if average == "logit":
+        mean = special.expit(special.logit(np.clip(stacked, 1e-7, 1 - 1e-7)).mean(axis=0))
+    else:
+        mean = stacked.mean(axis=0)
+    return first.assign(prob=mean)
 
 
 def challenge_champion(
     config: PipelineConfig,
-    candidate: str,
-    fold_results: Sequence[FoldResult],
+    choice: ServedChoice,
     *,
     data_version: str,
     test_metrics: Mapping[str, Any] | None = None,
+    folds_table: pd.DataFrame | None = None,
 ) -> PromotionOutcome:
-    """Offer ``candidate``'s best fold model to the gate; on promotion register a bundle and move ``current``.
+    """Offer ``choice`` to the gate; on promotion register a bundle and move ``current``.
 
-    A rejected candidate, or one whose weights are already served, writes nothing. ``test_metrics`` (that
-    fold model on the untouched test sets) go into the bundle for its readers; the gate never sees them.
+    A rejected candidate, or one whose networks are already served, writes nothing. ``test_metrics`` (the
+    served model on the untouched test sets) go into the bundle for its readers; the gate never sees them.
+    ``folds_table`` (with the image cache under the artifact root) lets the bundle carry an exported
+    runtime checked on real images and an out-of-distribution detector fitted on training images.
     """
-    from melanoma_ml.evaluation.holdout import served_fold
-    from melanoma_ml.evaluation.ranking import report_oof
     from melanoma_ml.serving.promotion import GateDecision, decide_promotion
     from melanoma_ml.serving.remote_registry import open_registry
 
-    best = served_fold(fold_results)
+    candidate = choice.explained.backbone
+    best = choice.explained
     registry = open_registry(config)
     champion = registry.current()
     champion_metrics, paired, paired_note = None, None, ""
     if champion is not None:
         manifest = registry.manifest(champion)
-        if manifest.checkpoint_sha256 == best.weights_sha256:
+        if served_checkpoints(manifest) == choice.checkpoints:
             already = GateDecision(
-                False,
-                f"candidate {candidate} fold {best.fold} is already served as {champion} (same weights)",
+                False, f"candidate {choice.name} is already served as {champion} (same weights)"
             )
-            return PromotionOutcome(already, candidate, champion, champion, None, best.fold)
+            return PromotionOutcome(already, candidate, champion, champion, None, best.fold, choice.name)
         champion_metrics = manifest.metrics
-        paired, paired_note = paired_difference_with_champion(
-            config, report_oof(config, candidate), manifest.oof_frame()
-        )
-    served = served_model_report(config, best)
+        candidate_oof = choice.oof if choice.kind != "best_fold" else _pooled_oof(config, candidate, best)
+        paired, paired_note = paired_difference_with_champion(config, candidate_oof, manifest.oof_frame())
+    served = served_model_report(config, choice)
     decision = decide_promotion(
         served.to_dict()["metrics"],
         champion_metrics,
         paired,
         auc_floor=config.evaluation.promotion_auc_floor,
-        candidate_name=f"{candidate} fold {best.fold}",
+        candidate_name=choice.name,
         champion_name=champion or "none",
         paired_note=paired_note,
     )
     if not decision.promote:
-        return PromotionOutcome(decision, candidate, champion, champion, None, best.fold)
-    version = register_fold_model(
-        config, best, served, decision.reason, data_version=data_version, test_metrics=test_metrics
+        return PromotionOutcome(decision, candidate, champion, champion, None, best.fold, choice.name)
+    version = register_served_model(
+        config,
+        choice,
+        served,
+        decision.reason,
+        data_version=data_version,
+        test_metrics=test_metrics,
+        folds_table=folds_table,
     )
     registry.promote(version, reason=decision.reason)
-    return PromotionOutcome(decision, candidate, champion, version, version, best.fold)
+    return PromotionOutcome(decision, candidate, champion, version, version, best.fold, choice.name)
 
 
-def served_model_report(config: PipelineConfig, fold_result: FoldResult) -> EvaluationReport:
-    """Evaluation of one fold model on its own validation rows (its out-of-fold predictions).
+def _pooled_oof(config: PipelineConfig, candidate: str, best: FoldResult) -> pd.DataFrame:
+    """The candidate backbone's pooled out-of-fold rows (the gate's paired comparison), else its best fold's."""
+    from melanoma_ml.errors import InputFileNotFoundError
+    from melanoma_ml.evaluation.ranking import report_oof
 
-    This is what a bundle of that model reports: the tuned threshold (``threshold_for_sensitivity`` on
-    those rows) and the metrics with their CIs. Nothing is written.
+    try:
+        return report_oof(config, candidate)
+    except InputFileNotFoundError:
+        return best.oof
+
+
+def served_checkpoints(manifest: BundleManifest) -> frozenset[str]:
+    """The fold checkpoints (weights sha256) a registered bundle serves; empty when it does not say."""
+    if manifest.ensemble is not None:
+        return frozenset(m.checkpoint_sha256 for m in manifest.ensemble.members if m.checkpoint_sha256)
+    return frozenset({manifest.checkpoint_sha256} if manifest.checkpoint_sha256 else ())
+
+
+def served_model_report(config: PipelineConfig, choice: ServedChoice | FoldResult) -> EvaluationReport:
+    """Evaluation of the served model on its out-of-fold rows (``ServedChoice.oof``).
+
+    This is what its bundle reports: the tuned threshold (``threshold_for_sensitivity`` on those rows) and
+    the metrics with their CIs. A ``FoldResult`` is read as that one fold model. Nothing is written.
 
     Raises:
-        ValueError: the fold's validation rows hold a single class (re-make the folds).
+        ValueError: the rows hold a single class (re-make the folds).
     """
     from melanoma_ml.evaluation import evaluate_predictions
 
-    name = f"{fold_result.backbone} fold {fold_result.fold}"
-    return evaluate_predictions(fold_result.oof, config.evaluation, name=name)
+    if not isinstance(choice, ServedChoice):
+        choice = ServedChoice(
+            "best_fold", (choice,), choice.oof, "probability", f"{choice.backbone} fold {choice.fold}"
+        )
+    return evaluate_predictions(choice.oof, config.evaluation, name=choice.name)
 
 
 def register_fold_model(
@@ -129,32 +256,130 @@ def register_fold_model(
     data_version: str,
     test_metrics: Mapping[str, Any] | None = None,
 ) -> str:
-    """Register ``best``'s checkpoint as a new registry version (not yet current) and return the version.
+    """Register one fold model as a new registry version (not yet current); see :func:`register_served_model`."""
+    choice = ServedChoice("best_fold", (best,), best.oof, "probability", f"{best.backbone} fold {best.fold}")
+    return register_served_model(
+        config, choice, report, reason, data_version=data_version, test_metrics=test_metrics
+    )
+
+
+def register_served_model(
+    config: PipelineConfig,
+    choice: ServedChoice,
+    report: EvaluationReport,
+    reason: str,
+    *,
+    data_version: str,
+    test_metrics: Mapping[str, Any] | None = None,
+    folds_table: pd.DataFrame | None = None,
+) -> str:
+    """Register ``choice`` as a new registry version (not yet current) and return the version.
 
     Args:
-        report: ``served_model_report(config, best)``: its metrics go into the manifest; its threshold is
+        report: ``served_model_report(config, choice)``: its metrics go into the manifest; its threshold is
             re-tuned on the calibrated probabilities (``fit_served_calibration``), the served scale.
+        folds_table: The folds table; with it (and the image cache under the artifact root) the bundle gets
+            the ``serving.runtime`` export, checked on the explained member's own validation images, and the
+            out-of-distribution detector (``serving.ood_detection``), fitted on that member's training
+            images. Without it the bundle serves torch fp32 and flags nothing.
     """
     import melanoma_ml
+    from melanoma_ml.serving.bundle import EnsembleToSave, MemberNet
     from melanoma_ml.serving.remote_registry import open_registry
     from melanoma_ml.training.checkpoint import load_checkpoint
 
-    calibration, threshold = fit_served_calibration(config, best.oof, report.threshold.value)
-    net, spec, _info = load_checkpoint(best.checkpoint_dir)
+    calibration, threshold = fit_served_calibration(config, choice.oof, report.threshold.value)
+    members = []
+    for member in choice.members:
+        net, spec, _info = load_checkpoint(member.checkpoint_dir)
+        net.eval()
+        members.append(MemberNet(net, spec, member.fold, member.weights_sha256))
+    ensemble = None
+    if len(members) > 1:
+        ensemble = EnsembleToSave(choice.kind, choice.average, members)
+    extras = served_extras(config, choice, members[0], folds_table)
+    one = choice.kind == "best_fold"
     return open_registry(config).register_bundle(
-        net,
-        spec,
+        members[0].net,
+        members[0].spec,
         reason=reason,
         threshold=threshold,
         metrics=report.to_dict()["metrics"],
         data_version=data_version,
         code_version=f"melanoma_ml-{melanoma_ml.__version__}",
-        fold=best.fold,
-        checkpoint_sha256=best.weights_sha256,
-        oof=ValidationPredictions.from_frame(best.oof),
+        fold=choice.explained.fold if one else None,
+        checkpoint_sha256=choice.explained.weights_sha256 if one else None,
+        oof=ValidationPredictions.from_frame(choice.oof),
         test_metrics=test_metrics,
         calibration=calibration,
+        ensemble=ensemble,
+        **extras,
     )
+
+
+def served_extras(
+    config: PipelineConfig, choice: ServedChoice, explained: Any, folds_table: pd.DataFrame | None
+) -> dict[str, Any]:
+    """``save_bundle``'s ``runtime`` and ``ood`` arguments for ``choice`` (both None without a folds table).
+
+    The runtime probe is the explained member's first validation images (8 dihedral views each, as served);
+    the detector is fitted on that member's training rows (not the locked test split, not its own fold).
+    """
+    from melanoma_ml.artifacts import artifact_paths
+    from melanoma_ml.images.cache import ImageCache
+    from melanoma_ml.serving.bundle import RuntimeRequest
+
+    serving = config.serving
+    if folds_table is None:
+        return {"runtime": None, "ood": None}
+    cache_dir = artifact_paths(config).cache(config.data.image_size)
+    cache = ImageCache.open(cache_dir)
+    spec = explained.spec
+    from melanoma_ml.folds import locked_test_mask
+
+    member_fold = choice.explained.fold
+    training = folds_table[~locked_test_mask(folds_table) & (folds_table["fold"] != member_fold)]
+    training = training[training["fold"] >= 0].reset_index(drop=True)
+    runtime = None
+    if serving.runtime != "torch" or serving.precision != "fp32":
+        n = serving.runtime_probe_images
+        probe = _probe(choice.explained.oof["image_name"], folds_table, cache, spec, n)
+        calibration = None
+        if serving.precision == "int8":
+            calibration = _probe(
+                training["image_name"].sample(frac=1.0, random_state=0), folds_table, cache, spec, 4 * n
+            )
+        runtime = RuntimeRequest(
+            serving.runtime, serving.precision, serving.runtime_parity_tolerance, probe, calibration
+        )
+    ood = None
+    if serving.ood_detection:
+        from melanoma_ml.serving.ood import fit_bundle_ood
+
+        ood = fit_bundle_ood(
+            explained.net,
+            spec,
+            training,
+            cache,
+            seed=config.training.seed,
+            quantile=serving.ood_quantile,
+            max_images=serving.ood_max_fit_images,
+        )
+    return {"runtime": runtime, "ood": ood}
+
+
+def _probe(names: pd.Series, folds_table: pd.DataFrame, cache: Any, spec: Any, n: int) -> tuple[Any, Any]:
+    """``(views, metadata)`` of the first ``n`` of ``names``, 8 TTA views each: what an exported runtime is
+    checked (validation images) or int8-calibrated (training images) on."""
+    from melanoma_ml.features import metadata_dict
+    from melanoma_ml.serving.inference import N_VIEWS, dihedral_views, encode_metadata, preprocess
+
+    rows = folds_table[folds_table["image_name"].isin(names.head(n))]
+    images = list(cache.array()[cache.rows_for(rows["image_name"])])
+    records = [metadata_dict(r, spec.encoder.tabular) for r in rows.itertuples(index=False)]
+    x = dihedral_views(preprocess(images, spec))
+    meta = encode_metadata(records, spec, len(images)).repeat(N_VIEWS, 1)
+    return x, meta
 
 
 CALIBRATION_SPLITS = 5

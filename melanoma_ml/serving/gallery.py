@@ -1,7 +1,8 @@
 """A Grad-CAM gallery of the served model on a few of its own validation images.
 
 The images are those of the bundle's stored out-of-fold predictions (``checks.bundle_validation_rows``),
-so folds re-made since the promotion never slip training images in.
+so folds re-made since the promotion never slip training images in. Their probabilities are the ones the
+app would show: calibrated and moved to ``serving.deployment_prevalence``.
 """
 
 from __future__ import annotations
@@ -25,10 +26,13 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class GalleryItem:
+    """One overlay: the image's label, its served probability and OOD flag (None: no detector), the PNG."""
+
     image_name: str
     target: int
     prob: float
     path: Path
+    ood_flag: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -56,12 +60,15 @@ def render_gallery(
 ) -> Gallery:
     """CAM overlays of ``bundle`` (the served model) on its own validation images, half melanoma where possible.
 
+    For an ensemble bundle the CAM is member 0's (the network Grad-CAM explains) and the images are that
+    member's own validation images; the probability shown is the ensemble's.
+
     Writes ``<out_root>/<version>/<image_name>.png``. With no bundle, or none of its validation images in
     ``folds_table``, the gallery is empty and its ``note`` says why.
     """
     from melanoma_ml.images.cache import load_resized
     from melanoma_ml.serving.explain import default_target_layer, explain
-    from melanoma_ml.serving.inference import predict
+    from melanoma_ml.serving.inference import score
 
     method = serving.cam_method
     if bundle is None:
@@ -73,22 +80,30 @@ def render_gallery(
         return Gallery(
             bundle.version, method, "", [], note=f"no gallery for bundle {bundle.version}: {problem}"
         )
+    ensemble = bundle.manifest.ensemble
+    if ensemble is not None:  # Grad-CAM explains member 0: show images that network never trained on
+        val = val[val["stored_fold"] == ensemble.members[0].fold]
     picked = pick_gallery_rows(val, n_images, seed=seed)
     images = [load_resized(p, bundle.spec.image_size) for p in picked["image_path"]]
     metadata = [metadata_dict(row, bundle.spec.encoder.tabular) for row in picked.itertuples(index=False)]
-    probs = predict(bundle, images, metadata, tta=serving.tta)
+    scores = score(
+        bundle, images, metadata, tta=serving.tta, deployment_prevalence=serving.deployment_prevalence
+    )
+    flags = [None] * len(images) if scores.ood_flag is None else [bool(f) for f in scores.ood_flag]
     out_dir = out_root / bundle.version
     items, layer = [], ""
     min_side = serving.cam_min_map_side
     target_layer = default_target_layer(bundle.net, bundle.spec.image_size, min_side)
-    for image, meta, prob, row in zip(images, metadata, probs, picked.itertuples(index=False), strict=True):
+    for image, meta, prob, flag, row in zip(
+        images, metadata, scores.prob, flags, picked.itertuples(index=False), strict=True
+    ):
         explanation = explain(
             bundle, image, meta, method=method, target_layer=target_layer, min_side=min_side
         )
         layer = explanation.target_layer
         path = out_dir / f"{row.image_name}.png"
         atomic_write_bytes(path, png_bytes(explanation.overlay))
-        items.append(GalleryItem(str(row.image_name), int(row.target), float(prob), path))
+        items.append(GalleryItem(str(row.image_name), int(row.target), float(prob), path, flag))
     return Gallery(bundle.version, method, layer, items)
 
 

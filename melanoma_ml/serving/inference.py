@@ -10,7 +10,8 @@ the whole batch.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -59,7 +60,8 @@ def normalize(views: np.ndarray, spec: ModelSpec) -> torch.Tensor:
     The result is a channels-last view of the normalized pixels (no copy), the memory format the network
     runs in.
     """
-    return torch.from_numpy(normalize_pixels(views, spec.mean, spec.std)).permute(0, 3, 1, 2)
+    pixels = normalize_pixels(views, spec.mean, spec.std, spec.color_constancy)
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2)
 
 
 def preprocess(images: Sequence[np.ndarray], spec: ModelSpec, *, first_index: int = 0) -> torch.Tensor:
@@ -156,6 +158,133 @@ def predict_tensor(net: nn.Module, x: torch.Tensor, meta: torch.Tensor, tta: boo
     return probabilities.cpu()
 
 
+def view_logits(
+    logits_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    meta: torch.Tensor,
+    tta: bool = True,
+) -> torch.Tensor:
+    """Logits ``(V, B)`` of a preprocessed batch: ``V = 8`` dihedral views with ``tta``, else 1.
+
+    All views of the batch go through ONE call of ``logits_fn`` (a :class:`~melanoma_ml.serving.bundle.Scorer`'s
+    ``logits``: eager torch or an exported runtime).
+    """
+    if x.shape[0] != meta.shape[0]:
+        raise ValueError(f"batch has {x.shape[0]} images but {meta.shape[0]} metadata rows")
+    n = x.shape[0]
+    with torch.inference_mode():
+        meta = meta.to(dtype=torch.float32)
+        if tta:
+            x = dihedral_views(x)
+            meta = meta.repeat(N_VIEWS, 1)
+        logits = torch.as_tensor(logits_fn(x.contiguous(memory_format=torch.channels_last), meta))
+    return logits.float().reshape(-1, n)
+
+
+@dataclass(frozen=True)
+class Scores:
+    """What a bundle says about a batch of images.
+
+    Attributes:
+        prob: Served probabilities: the members' average, calibrated and prior-shifted (what the app shows).
+        raw: The average before calibration (what out-of-fold predictions were, for reproduction checks).
+        ood_score: Out-of-distribution score per image (higher = less like the training images), or None
+            when the bundle ships no detector.
+        ood_flag: ``ood_score`` above the detector's threshold, or None.
+    """
+
+    prob: np.ndarray
+    raw: np.ndarray
+    ood_score: np.ndarray | None = None
+    ood_flag: np.ndarray | None = None
+
+
+def average_members(member_logits: Sequence[torch.Tensor], average: str) -> torch.Tensor:
+    """``(B,)`` probabilities from each member's ``(V, B)`` view logits.
+
+    Views are averaged in probability space (sigmoid, then mean: what TTA has always done); members in
+    ``average`` space: ``probability`` (mean of the members' probabilities) or ``logit`` (sigmoid of the
+    mean of the members' view-averaged log-odds).
+    """
+    per_member = torch.stack([torch.sigmoid(v).mean(dim=0) for v in member_logits])  # (M, B)
+    if average == "probability" or len(member_logits) == 1:
+        return per_member.mean(dim=0)
+    if average != "logit":
+        raise InputValueError(f"unknown ensemble average {average!r}; use 'logit' or 'probability'")
+    eps = 1e-7
+    clipped = per_member.clamp(eps, 1 - eps)
+    return torch.sigmoid(torch.logit(clipped).mean(dim=0))
+
+
+def score(
+    bundle: Bundle,
+    images: Sequence[np.ndarray],
+    metadata: Sequence[Mapping[str, Any]] | np.ndarray,
+    *,
+    tta: bool = True,
+    batch_size: int = 64,
+    deployment_prevalence: float | None = None,
+) -> Scores:
+    """Score decoded images with every network of the bundle, plus the out-of-distribution check.
+
+    Each member preprocesses the batch for its own spec (shared when the specs agree), runs all views of
+    it in one call and the members are averaged in the bundle's stated space
+    (``manifest.ensemble.average``); then the bundle's calibrator and the prior shift apply
+    (:func:`served_probabilities`). The detector (if any) reads member 0's backbone features of the
+    un-augmented view.
+
+    Args:
+        bundle: A loaded serving bundle (``load_bundle``).
+        images: ``(H, W, 3)`` uint8 RGB arrays of any size.
+        metadata: One ``{"age", "sex", "site"}`` dict per image, or an encoded ``(n, k)`` array (only for
+            a one-network bundle or members sharing one encoder).
+        tta: Average the 8 dihedral views.
+        batch_size: Images per call of each network (``8 * batch_size`` views with TTA).
+        deployment_prevalence: ``serving.deployment_prevalence`` (None: no shift); compare the result with
+            :func:`decision_threshold` at the same value.
+    """
+    if batch_size < 1:
+        raise InputValueError(f"batch_size must be >= 1, got {batch_size}")
+    if len(images) == 0:
+        empty = np.zeros(0, dtype=np.float32)
+        flags = None if bundle.ood is None else np.zeros(0, dtype=bool)
+        return Scores(empty, empty, None if flags is None else empty, flags)
+    ensemble = bundle.manifest.ensemble
+    average = "probability" if ensemble is None else ensemble.average
+    encoded = [encode_metadata(metadata, scorer.spec, len(images)) for scorer in bundle.scorers]
+    raw_parts, ood_parts = [], []
+    for start in range(0, len(images), batch_size):
+        chunk = images[start : start + batch_size]
+        prepared: dict[tuple[Any, ...], torch.Tensor] = {}
+        member_logits = []
+        for scorer, meta in zip(bundle.scorers, encoded, strict=True):
+            x = _prepared(prepared, chunk, scorer.spec, start)
+            member_logits.append(view_logits(scorer.logits, x, meta[start : start + batch_size], tta))
+        raw_parts.append(average_members(member_logits, average))
+        if bundle.ood is not None:
+            from melanoma_ml.serving.ood import ood_scores_for
+
+            x0 = _prepared(prepared, chunk, bundle.spec, start)
+            ood_parts.append(ood_scores_for(bundle.net, x0, bundle.ood))
+    raw = torch.cat(raw_parts).numpy()
+    prob = served_probabilities(bundle.manifest, raw, deployment_prevalence)
+    if not ood_parts:
+        return Scores(prob, raw)
+    ood_score = np.concatenate([np.asarray(part[0], dtype=np.float64) for part in ood_parts])
+    ood_flag = np.concatenate([np.asarray(part[1], dtype=bool) for part in ood_parts])
+    return Scores(prob, raw, ood_score, ood_flag)
+
+
+def _prepared(
+    cache: dict[tuple[Any, ...], torch.Tensor], images: Sequence[np.ndarray], spec: ModelSpec, first: int
+) -> torch.Tensor:
+    """``preprocess(images, spec)``, computed once per distinct (size, mean, std) within a batch."""
+    key = (spec.image_size, tuple(spec.mean), tuple(spec.std), spec.color_constancy)
+    if key not in cache:
+        cache[key] = preprocess(images, spec, first_index=first)
+    return cache[key]
+
+
 def predict(
     bundle: Bundle,
     images: Sequence[np.ndarray],
@@ -166,7 +295,7 @@ def predict(
     calibrated: bool = True,
     deployment_prevalence: float | None = None,
 ) -> np.ndarray:
-    """Melanoma probabilities for decoded images and their metadata.
+    """Melanoma probabilities for decoded images and their metadata (:func:`score`'s ``prob``).
 
     Args:
         bundle: A loaded serving bundle (``load_bundle``).
@@ -183,14 +312,51 @@ def predict(
     Returns:
         ``(n,)`` float array of probabilities in [0, 1].
     """
-    if batch_size < 1:
-        raise InputValueError(f"batch_size must be >= 1, got {batch_size}")
-    meta = encode_metadata(metadata, bundle.spec, len(images))
-    out = []
-    for start in range(0, len(images), batch_size):
-        x = preprocess(images[start : start + batch_size], bundle.spec, first_index=start)
-        out.append(predict_tensor(bundle.net, x, meta[start : start + batch_size], tta=tta))
-    if not out:
-        return np.zeros(0, dtype=np.float32)
-    raw = torch.cat(out).numpy()
-    return served_probabilities(bundle.manifest, raw, deployment_prevalence) if calibrated else raw
+    scores = score(
+        bundle, images, metadata, tta=tta, batch_size=batch_size, deployment_prevalence=deployment_prevalence
+    )
+    return scores.prob if calibrated else scores.raw
+
+
+def score_out_of_fold(
+    bundle: Bundle,
+    images: Sequence[np.ndarray],
+    metadata: Sequence[Mapping[str, Any]],
+    folds: Sequence[int],
+    *,
+    tta: bool = False,
+) -> np.ndarray:
+    """Raw probabilities as out-of-fold predictions: each image scored only by the members that did not
+    train on it (those whose ``fold`` is the image's ``folds`` entry), averaged in the bundle's space.
+
+    This is how an ensemble bundle's stored out-of-fold predictions (manifest ``oof``) were made, so it
+    reproduces them; a one-network bundle scores every image with its network.
+
+    Raises:
+        InputValueError: an image's fold has no member (the image was in every member's training data).
+    """
+    folds = [int(f) for f in folds]
+    if len(folds) != len(images):
+        raise InputValueError(f"got {len(images)} images but {len(folds)} folds")
+    ensemble = bundle.manifest.ensemble
+    if ensemble is None:
+        return score(bundle, images, metadata, tta=tta).raw
+    out = np.full(len(images), np.nan, dtype=np.float32)
+    member_folds = [m.fold for m in ensemble.members]
+    for fold in sorted(set(folds)):
+        index = [i for i, f in enumerate(folds) if f == fold]
+        members = [i for i, f in enumerate(member_folds) if f == fold]
+        if not members:
+            raise InputValueError(
+                f"no member of the ensemble was trained without fold {fold}; its out-of-fold prediction "
+                "cannot be reproduced"
+            )
+        subset = [images[i] for i in index]
+        meta = [metadata[i] for i in index]
+        logits = []
+        for m in members:
+            scorer = bundle.scorers[m]
+            x = preprocess(subset, scorer.spec)
+            logits.append(view_logits(scorer.logits, x, encode_metadata(meta, scorer.spec, len(subset)), tta))
+        out[index] = average_members(logits, ensemble.average).numpy()
+    return out

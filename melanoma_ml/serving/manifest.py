@@ -19,11 +19,13 @@ from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidat
 
 from melanoma_ml.evaluation.estimate import Estimate
 from melanoma_ml.spec import ModelSpec
+from melanoma_ml.weights import WEIGHTS_FILE as WEIGHTS_NAME
 
 if TYPE_CHECKING:
     import pandas as pd
 
 MANIFEST_SCHEMA_VERSION = 2
+
 """Schema 1 (``format_version: 1``) kept the provenance in a free-form ``extra`` dict and CIs without a level."""
 
 
@@ -139,6 +141,82 @@ class StoredCalibration(BaseModel):
         return calibrator_from_dict(self.parameters)
 
 
+class BundleFile(BaseModel):
+    """A file of the bundle besides ``weights.safetensors``, checked against its sha256 before it is read."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")]
+    sha256: Sha256
+
+    @model_validator(mode="after")
+    def _inside_bundle(self) -> BundleFile:
+        if ".." in self.name.split("/"):
+            raise ValueError(f"file {self.name!r} points outside the bundle folder")
+        return self
+
+
+class EnsembleMember(BaseModel):
+    """One network of an ensemble bundle (member 0's weights are ``weights.safetensors``).
+
+    Attributes:
+        weights: Its safetensors file.
+        model_spec: The spec that rebuilds it (members of ``top_k`` ensembles may differ in backbone).
+        fold: The fold it was trained without (its out-of-fold rows), or None.
+        checkpoint_sha256: sha256 of the fold checkpoint's weights it was exported from.
+        runtime_file: The member exported for :attr:`BundleManifest.runtime` (None: served by torch).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    weights: BundleFile
+    model_spec: StoredSpec
+    fold: int | None = None
+    checkpoint_sha256: Sha256 | None = None
+    runtime_file: BundleFile | None = None
+
+
+class Ensemble(BaseModel):
+    """The networks a bundle averages (``serving.ensemble``) and the space it averages them in."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["folds", "top_k"]
+    average: Literal["logit", "probability"]
+    members: list[EnsembleMember] = Field(min_length=2)
+
+
+class ServingRuntime(BaseModel):
+    """How the bundle's networks run at serving time (``serving.runtime`` / ``serving.precision``).
+
+    Attributes:
+        runtime: ``torch`` or an exported runtime (``onnxruntime``, ...).
+        precision: ``fp32``, ``bf16`` or ``int8``.
+        file: The exported single model (ensembles keep one per member in ``runtime_file``).
+        parity: Measured agreement with eager fp32 at promotion (``max_abs_prob_diff``, ``n_images``).
+        note: Why this runtime was chosen (e.g. why ``auto`` fell back to torch).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    runtime: str
+    precision: str
+    file: BundleFile | None = None
+    parity: dict[str, float] = Field(default_factory=dict)
+    note: str = ""
+
+
+class StoredOOD(BaseModel):
+    """The out-of-distribution detector shipped with the bundle (``serving.ood``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    file: BundleFile
+    method: str
+    threshold: float
+    summary: dict[str, Any] = Field(default_factory=dict)
+
+
 class BundleManifest(BaseModel):
     """The parsed ``manifest.json`` of a bundle.
 
@@ -161,6 +239,11 @@ class BundleManifest(BaseModel):
         calibration: The calibrator served probabilities go through (:attr:`threshold` is on its scale),
             or None: an older bundle, served with the model's raw (uncalibrated) probabilities. Optional,
             so schema 2 manifests without it stay valid.
+        ensemble: The averaged networks when the bundle serves an ensemble (``serving.ensemble``), else
+            None (one network: ``weights.safetensors``). :attr:`model_spec` and the weights are member 0's,
+            the network Grad-CAM explains.
+        runtime: How the networks run (None: torch fp32, as older bundles).
+        ood: The out-of-distribution detector, or None (no flags).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -179,6 +262,9 @@ class BundleManifest(BaseModel):
     oof: ValidationPredictions | None = None
     test_metrics: dict[str, TestMetrics] | None = None
     calibration: StoredCalibration | None = None
+    ensemble: Ensemble | None = None
+    runtime: ServingRuntime | None = None
+    ood: StoredOOD | None = None
 
     @model_validator(mode="after")
     def _oof_is_the_folds_own(self) -> BundleManifest:
@@ -189,9 +275,49 @@ class BundleManifest(BaseModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _ensemble_member_zero_is_the_weights(self) -> BundleManifest:
+        if self.ensemble is not None:
+            first = self.ensemble.members[0].weights
+            if first.name != WEIGHTS_NAME or first.sha256 != self.weights_sha256:
+                raise ValueError(
+                    f"ensemble member 0 must be {WEIGHTS_NAME} with the manifest's weights_sha256, got "
+                    f"{first.name!r}"
+                )
+        return self
+
     @property
     def backbone(self) -> str:
+        if self.ensemble is not None:
+            backbones = list(dict.fromkeys(m.model_spec.backbone for m in self.ensemble.members))
+            if len(backbones) > 1:
+                return "+".join(backbones)
         return self.model_spec.backbone
+
+    def extra_files(self) -> list[BundleFile]:
+        """Every hashed file besides ``weights.safetensors`` (ensemble members, exported models, detector)."""
+        files: list[BundleFile] = []
+        if self.ensemble is not None:
+            for member in self.ensemble.members:
+                if member.weights.name != WEIGHTS_NAME:
+                    files.append(member.weights)
+                if member.runtime_file is not None:
+                    files.append(member.runtime_file)
+        if self.runtime is not None and self.runtime.file is not None:
+            files.append(self.runtime.file)
+        if self.ood is not None:
+            files.append(self.ood.file)
+        return files
+
+    def describe_model(self) -> str:
+        """One line: what the bundle serves (``efficientnet_b0 fold 2`` or ``mean of 5 ... fold models``)."""
+        if self.ensemble is not None:
+            n = len(self.ensemble.members)
+            what = "fold models" if self.ensemble.kind == "folds" else "models (top_k)"
+            return f"{self.backbone}: {self.ensemble.average} mean of {n} {what}"
+        return (
+            self.model_spec.backbone if self.fold is None else f"{self.model_spec.backbone} fold {self.fold}"
+        )
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object written as ``manifest.json`` (strict JSON: NaN bounds stored as null)."""

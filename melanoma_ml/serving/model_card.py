@@ -105,6 +105,33 @@ def calibration_rows(manifest: BundleManifest, deployment_prevalence: float | No
     return rows
 
 
+def oof_source(manifest: BundleManifest) -> str:
+    """Where a bundle's out-of-fold numbers come from, in words."""
+    if manifest.ensemble is None:
+        return "this model's own validation rows"
+    return "every training image scored by the fold model(s) that did not train on it"
+
+
+def runtime_text(manifest: BundleManifest) -> str:
+    """``torch fp32`` or the exported runtime with its measured parity and, if any, why it was chosen."""
+    runtime = manifest.runtime
+    if runtime is None:
+        return "torch fp32"
+    text = f"{runtime.runtime} {runtime.precision}"
+    gap = runtime.parity.get("max_abs_prob_diff")
+    if gap is not None and runtime.runtime != "torch":
+        text += f" (max probability difference to torch fp32 at promotion: {gap:.1e})"
+    return f"{text}; {runtime.note}" if runtime.note else text
+
+
+def ood_text(manifest: BundleManifest) -> str:
+    """What the out-of-distribution check is, or that there is none."""
+    ood = manifest.ood
+    if ood is None:
+        return "none (this bundle flags no unfamiliar inputs)"
+    return f"{ood.method} on the image embedding, flags scores above {ood.threshold:.4g}"
+
+
 def model_card_markdown(model: ServedModel | None, deployment_prevalence: float | None = None) -> str:
     """Backbone, version, promotion time, data version, calibration and headline metrics with CIs.
 
@@ -123,6 +150,9 @@ def model_card_markdown(model: ServedModel | None, deployment_prevalence: float 
         ("Training data version", f"`{manifest.data_version}`"),
         ("Code version", f"`{manifest.code_version}`"),
         ("Input size", f"{model.image_size} px"),
+        ("Served model", manifest.describe_model()),
+        ("Runtime", runtime_text(manifest)),
+        ("Out-of-distribution check", ood_text(manifest)),
         *calibration_rows(manifest, deployment_prevalence),
     ]
     for test_set, tested in (manifest.test_metrics or {}).items():
@@ -136,7 +166,7 @@ def model_card_markdown(model: ServedModel | None, deployment_prevalence: float 
     if manifest.test_metrics:
         note = (
             "Test metrics are measured on patients nothing was trained, tuned or chosen on, at the threshold "
-            "fixed beforehand. Out-of-fold metrics come from this model's own validation rows, which also chose "
+            f"fixed beforehand. Out-of-fold metrics come from {oof_source(manifest)}, which also chose "
             "its epoch and threshold (expect them to be optimistic). All CIs: patient-level bootstrap."
         )
     else:

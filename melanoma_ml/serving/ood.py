@@ -27,15 +27,20 @@ efficientnet_b0 is 1280 x 1280 (13 MB as float64; ~35 MB as JSON text), and a bu
 ``weights.safetensors`` with sha256, so the detector is one more hashed file with the same loader and no
 pickle. ``summary()`` is the small JSON-safe part for the manifest (method, threshold, quantile, sizes).
 
-How it plugs in (not wired yet; owners of bundle/app decide):
-1. At promotion (``serving.bundle.save_bundle``): the served fold's training rows (``split_fold``),
-   decoded and ``preprocess``-ed like a request (no TTA, missing metadata), through ``network_outputs`` -> ``MahalanobisScorer.fit(features, labels,
-   groups=patient_ids)`` -> ``save_ood(bundle_dir / "ood.safetensors", scorer)``; list the file in the
-   manifest's hashed files and put ``scorer.summary()`` under ``ood``.
-2. At serving (``serving.service``): ``load_ood`` with the bundle; the identity TTA view's (the first
-   ``B`` rows of ``dihedral_views``) backbone features give ``scorer.score`` / ``scorer.flags``; the app
-   then shows "this image does not look like the dermoscopy images the model was trained on" next to
-   (not instead of) the probability, and the API answers ``ood_score`` and ``ood_flag``.
+How it is wired:
+1. At promotion (``serving.ood_detection``, on by default): ``fit_bundle_ood`` fits the detector on the
+   served model's training rows, read from the pre-resized image cache and ``preprocess``-ed exactly like
+   a request (un-augmented view, all metadata missing), at most ``serving.ood_max_fit_images`` of them (a
+   seeded, label-stratified sample), grouped by patient for cross-fitting, threshold at
+   ``serving.ood_quantile``. ``save_ood`` writes it to the bundle's ``ood.safetensors``, which the manifest
+   lists with its sha256 (``ood``: file, method, threshold, ``summary()``), so ``verify_bundle`` refuses a
+   bundle whose detector was changed.
+2. At serving: ``Bundle.ood`` is the loaded detector (None for bundles without one);
+   ``inference.score`` calls ``ood_scores_for`` on the un-augmented batch (the same tensor TTA turns into
+   8 views) and returns ``ood_score``/``ood_flag`` per image. The app shows "this does not look like a
+   dermoscopy image the model was trained on" next to (not instead of) the probability, the API answer
+   carries ``ood_score``, ``ood_flag`` and ``ood_threshold``, and batch scoring writes ``ood_score`` and
+   ``ood_flag`` columns (empty when the bundle has no detector).
 """
 
 from __future__ import annotations
@@ -43,17 +48,26 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pandas as pd
 import torch
 from sklearn.covariance import LedoitWolf
-from sklearn.model_selection import GroupKFold, KFold
+from sklearn.model_selection import GroupKFold, KFold, train_test_split
 from torch import nn
 
+from melanoma_ml import schema
 from melanoma_ml.errors import InputFileNotFoundError, InputValueError
 
+if TYPE_CHECKING:
+    from melanoma_ml.images.cache import ImageCache
+    from melanoma_ml.spec import ModelSpec
+
+OOD_FILE = "ood.safetensors"
+"""The detector's file name inside a bundle folder."""
 DEFAULT_QUANTILE = 0.99
+DEFAULT_MAX_FIT_IMAGES = 2000
 OOD_FORMAT_VERSION = 1
 _HEADER_KEY = "ood"
 _MIN_PER_CLASS = 2
@@ -250,6 +264,121 @@ def network_outputs(
     if not features:
         return np.zeros((0, int(net.backbone.num_features)), np.float32), np.zeros(0, np.float32)
     return np.concatenate(features), np.concatenate(logits)
+
+
+def fit_bundle_ood(
+    net: nn.Module,
+    spec: ModelSpec,
+    rows: pd.DataFrame,
+    cache: ImageCache,
+    *,
+    seed: int,
+    quantile: float = DEFAULT_QUANTILE,
+    max_images: int = DEFAULT_MAX_FIT_IMAGES,
+    batch_size: int = 64,
+) -> MahalanobisScorer:
+    """Fit the served detector on the model's training images, seen exactly as the app sees a request.
+
+    The pixels come from the pre-resized image cache (built by ``images.cache.load_resized``, the app's
+    own decoder) and go through ``serving.inference.preprocess`` (a no-op resize when the cache is at the
+    model's size, then the shared normalisation): the same tensor a request's un-augmented view is.
+    Metadata does not enter (the detector reads backbone features only). Cross-fitting keeps a patient's
+    images in one split (``schema.GROUP``, else ``schema.PATIENT``, when the rows have it).
+
+    Args:
+        net: The served network (``MelanomaNet``), in eval mode.
+        spec: Its spec (input size, normalisation).
+        rows: The model's training rows (``image_name``, ``target``, group/patient ids); never its
+            validation or test rows, whose scores must stay out-of-sample.
+        cache: The image cache holding every image of ``rows``.
+        seed: Seed of the row sample and of ungrouped cross-fitting splits.
+        quantile: ``serving.ood_quantile``.
+        max_images: ``serving.ood_max_fit_images``: a label-stratified sample of this many rows fits the
+            detector when ``rows`` has more.
+        batch_size: Images per forward pass.
+
+    Raises:
+        InputValueError: no rows, a bad ``max_images``, or too few images/patients to cross-fit (the
+            message of ``MahalanobisScorer.fit`` says how many are needed).
+        KeyError: an image of ``rows`` is not in ``cache``.
+    """
+    if rows.empty:
+        raise InputValueError(
+            "no training rows to fit the OOD detector on; pass the served model's training rows"
+        )
+    if max_images < 1:
+        raise InputValueError(f"serving.ood_max_fit_images must be at least 1, got {max_images}")
+    sample = _fit_sample(rows, max_images, seed)
+    pixels = cache.array()
+    positions = cache.rows_for(sample[schema.IMAGE].astype(str))
+    features = []
+    for start in range(0, len(sample), batch_size):
+        chunk = pixels[positions[start : start + batch_size]]
+        features.append(backbone_features(net, _preprocess(list(chunk), spec)))
+    labels = pd.to_numeric(sample[schema.TARGET], errors="coerce").fillna(0).astype(int).to_numpy()
+    if np.bincount(labels, minlength=2).min() < _MIN_PER_CLASS:
+        labels = None  # a class too small for its own mean: one mean for all training images
+    group_column = next((c for c in (schema.GROUP, schema.PATIENT) if c in sample.columns), None)
+    groups = None if group_column is None else sample[group_column].astype(str).to_numpy()
+    return MahalanobisScorer.fit(
+        np.concatenate(features), labels, groups=groups, quantile=quantile, seed=seed
+    )
+
+
+def ood_scores_for(
+    net: nn.Module, x_identity_views: torch.Tensor, scorer: OODScorer, metadata: torch.Tensor | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(scores, flags)`` of a preprocessed batch: ``(B,)`` float64 and ``(B,)`` bool.
+
+    Args:
+        net: The network the scorer was fitted for (the bundle's explanation model).
+        x_identity_views: ``(B, 3, S, S)`` from ``serving.inference.preprocess``: the un-augmented views
+            (not the 8 TTA views).
+        scorer: The bundle's detector.
+        metadata: ``(B, k)`` encoded metadata; only the energy scorer needs it (it reads the head's logit).
+    """
+    if isinstance(scorer, MahalanobisScorer):
+        scores = scorer.score(backbone_features(net, x_identity_views))
+    else:
+        if metadata is None:
+            raise InputValueError("the energy OOD score reads the head's logit: pass the encoded metadata")
+        scores = scorer.score(network_outputs(net, x_identity_views, metadata)[1])
+    return scores, scores > scorer.threshold
+
+
+def backbone_features(net: nn.Module, x: torch.Tensor) -> np.ndarray:
+    """``(B, dim)`` float32 pooled embeddings ``net.backbone(x)``, run as ``predict_tensor`` runs the net.
+
+    Channels-last input and inference mode, on the network's device: the fit at promotion and the score
+    at serving go through this one function, so they see the same arithmetic.
+    """
+    if x.shape[0] == 0:
+        return np.zeros((0, int(net.backbone.num_features)), np.float32)
+    if net.training:
+        raise ValueError("the network is in training mode; call net.eval() before scoring OOD features")
+    device = next(net.parameters()).device
+    with torch.inference_mode():
+        x = x.to(device).contiguous(memory_format=torch.channels_last)
+        return net.backbone(x).float().cpu().numpy()
+
+
+def _preprocess(images: list[np.ndarray], spec: ModelSpec) -> torch.Tensor:
+    """``serving.inference.preprocess``, imported late: ``inference`` imports this module."""
+    from melanoma_ml.serving.inference import preprocess
+
+    return preprocess(images, spec)
+
+
+def _fit_sample(rows: pd.DataFrame, max_images: int, seed: int) -> pd.DataFrame:
+    """All rows, or a seeded sample of ``max_images`` stratified by label (kept in table order)."""
+    if len(rows) <= max_images:
+        return rows
+    labels = pd.to_numeric(rows[schema.TARGET], errors="coerce").fillna(0).astype(int)
+    stratify = labels if labels.value_counts().min() >= 2 else None
+    kept, _ = train_test_split(
+        np.arange(len(rows)), train_size=max_images, stratify=stratify, random_state=seed
+    )
+    return rows.iloc[np.sort(kept)]
 
 
 def save_ood(path: str | Path, scorer: OODScorer) -> Path:

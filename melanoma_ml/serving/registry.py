@@ -43,8 +43,8 @@ from melanoma_ml.atomic import atomic_directory, atomic_write_json
 from melanoma_ml.errors import InputValueError
 from melanoma_ml.serving.bundle import (
     MANIFEST_FILE,
-    WEIGHTS_FILE,
     BundleError,
+    bundle_file_names,
     save_bundle,
     verify_bundle,
 )
@@ -108,11 +108,12 @@ class ModelRegistry:
             BundleError / BundleIntegrityError: ``bundle_dir`` is not a complete, untampered bundle.
         """
         source = Path(bundle_dir)
-        verify_bundle(source)
+        manifest = verify_bundle(source)
 
         def write(folder: Path) -> None:
             with atomic_directory(folder) as tmp:
-                for name in (WEIGHTS_FILE, MANIFEST_FILE):
+                for name in bundle_file_names(manifest):
+                    (tmp / name).parent.mkdir(parents=True, exist_ok=True)
                     shutil.copy2(source / name, tmp / name)
 
         return self._register_with(write, reason=reason, source=str(source))

@@ -137,9 +137,12 @@ class S3Registry(ModelRegistry):
             bundle = Path(tmp) / "bundle"
             write(bundle)
             manifest = verify_bundle(bundle)
-            blob = self._blob_key(manifest.weights_sha256)
-            if not self.fs.exists(blob):  # content-addressed: a concurrent upload writes the same bytes
-                self.fs.put_file(str(bundle / WEIGHTS_FILE), blob)
+            files = [(WEIGHTS_FILE, manifest.weights_sha256)]
+            files += [(entry.name, entry.sha256) for entry in manifest.extra_files()]
+            for name, sha256 in files:  # members, exported models and the OOD detector travel as blobs too
+                blob = self._blob_key(sha256)
+                if not self.fs.exists(blob):  # content-addressed: a concurrent upload writes the same bytes
+                    self.fs.put_file(str(bundle / name), blob)
             for _ in range(MAX_ATTEMPTS):
                 version = f"v{self._last_number() + 1:04d}"
                 text = to_json_text(manifest.model_copy(update={"version": version}).to_json())
@@ -187,14 +190,18 @@ class S3Registry(ModelRegistry):
             return local
         with atomic_directory(local) as folder:
             (folder / MANIFEST_FILE).write_bytes(text)
-            sha256 = read_manifest(folder).weights_sha256
-            try:
-                self.fs.get_file(self._blob_key(sha256), str(folder / WEIGHTS_FILE))
-            except FileNotFoundError:
-                raise BundleError(
-                    f"weights {self._blob_key(sha256)} of {version} are missing in {self.root}; roll back "
-                    "to another version or register the model again"
-                ) from None
+            manifest = read_manifest(folder)
+            files = [(WEIGHTS_FILE, manifest.weights_sha256)]
+            files += [(entry.name, entry.sha256) for entry in manifest.extra_files()]
+            for name, sha256 in files:
+                (folder / name).parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    self.fs.get_file(self._blob_key(sha256), str(folder / name))
+                except FileNotFoundError:
+                    raise BundleError(
+                        f"{name} ({self._blob_key(sha256)}) of {version} is missing in {self.root}; roll "
+                        "back to another version or register the model again"
+                    ) from None
             verify_bundle(folder)  # a folder that fails here is never renamed into the cache
         return local
 

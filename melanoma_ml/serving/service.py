@@ -44,7 +44,7 @@ from melanoma_ml.echo import echo
 from melanoma_ml.errors import InputStateError, InputValueError
 from melanoma_ml.images.io import UPLOAD_FORMATS_TEXT, ImageDecodeError, load_rgb
 from melanoma_ml.missing import is_missing, text_key
-from melanoma_ml.serving.bundle import MANIFEST_FILE, WEIGHTS_FILE
+from melanoma_ml.serving.bundle import bundle_file_names, read_manifest
 from melanoma_ml.serving.registry import ModelRegistry
 
 if TYPE_CHECKING:
@@ -187,6 +187,10 @@ class Prediction:
         metadata: The validated metadata as encoded (None = unknown).
         seconds: Wall time spent on the request.
         model: The served model that answered (its manifest holds the evaluation metrics).
+        ood_score: Out-of-distribution score of the un-augmented view (higher = less like the training
+            images), or None when the bundle ships no detector.
+        ood_flag: ``ood_score`` above the detector's threshold: the probability is not reliable for this
+            image; None without a detector.
     """
 
     probability: float
@@ -202,14 +206,26 @@ class Prediction:
     metadata: dict[str, Any]
     seconds: float
     model: ServedModel = field(repr=False)
+    ood_score: float | None = None
+    ood_flag: bool | None = None
 
     @property
     def decision(self) -> str:
         return "positive" if self.positive else "negative"
 
+    @property
+    def ood_threshold(self) -> float | None:
+        """The served detector's threshold, or None when the bundle ships none."""
+        detector = self.model.bundle.ood
+        return None if detector is None or self.ood_score is None else float(detector.threshold)
+
     def to_json(self) -> dict[str, Any]:
-        """The API answer: plain JSON types only."""
-        return {
+        """The API answer: plain JSON types only.
+
+        ``ood_score``, ``ood_flag`` and ``ood_threshold`` are present only when the served bundle ships an
+        out-of-distribution detector (older bundles and ``serving.ood_detection: false`` have none).
+        """
+        answer = {
             "probability": self.probability,
             "threshold": self.threshold,
             "decision": self.decision,
@@ -222,6 +238,13 @@ class Prediction:
             "seconds": round(self.seconds, 4),
             "fallback": self.model.fallback,
         }
+        if self.ood_score is not None:
+            answer |= {
+                "ood_score": self.ood_score,
+                "ood_flag": self.ood_flag,
+                "ood_threshold": self.ood_threshold,
+            }
+        return answer
 
 
 @dataclass(frozen=True)
@@ -356,7 +379,7 @@ class ModelService:
             if self._served is not served:
                 return  # another thread swapped models since this request looked
             stamp = self._stamp
-        stamps = _stamp_files(served.bundle.path)
+        stamps = _stamp_files(served.bundle.path, bundle_file_names(served.manifest))
         try:
             manifest = verify_bundle(served.bundle.path)
             if manifest.weights_sha256 != served.manifest.weights_sha256:
@@ -429,7 +452,8 @@ class ModelService:
         from melanoma_ml.serving.explain import target_layer_names
 
         path = self.registry.version_path(version)
-        stamps = _stamp_files(path)  # before verifying: a change after this is seen by the next check
+        # Stamped before verifying: a change after this is seen by the next check.
+        stamps = _stamp_files(path, bundle_file_names(read_manifest(path)))
         bundle = load_bundle(path)
         return ServedModel(
             bundle=bundle,
@@ -456,7 +480,7 @@ class ModelService:
             with self._state_lock:
                 raise NoModelAvailable(self._reload_error or NO_MODEL_MESSAGE)
         from melanoma_ml.serving.calibrated import decision_threshold
-        from melanoma_ml.serving.inference import predict
+        from melanoma_ml.serving.inference import score
 
         prevalence = self.config.deployment_prevalence
         threshold = decision_threshold(model.manifest, prevalence)  # moves with the prior shift
@@ -476,14 +500,13 @@ class ModelService:
         # the network sees exactly the pixels it would have seen in training (no train/serve skew).
         view = self.decode(request.image, size=model.image_size)
         with model.lock:
-            probability = float(
-                predict(model.bundle, [view], [metadata], tta=tta, deployment_prevalence=prevalence)[0]
-            )
+            scores = score(model.bundle, [view], [metadata], tta=tta, deployment_prevalence=prevalence)
             explanation = (
                 self._explain(model, view, metadata, method, layer, self.config.cam_min_map_side)
                 if method
                 else None
             )
+        probability = float(scores.prob[0])
         return Prediction(
             probability=probability,
             threshold=threshold,
@@ -498,6 +521,8 @@ class ModelService:
             metadata=metadata,
             seconds=time.perf_counter() - started,
             model=model,
+            ood_score=None if scores.ood_score is None else float(scores.ood_score[0]),
+            ood_flag=None if scores.ood_flag is None else bool(scores.ood_flag[0]),
         )
 
     @staticmethod
@@ -557,10 +582,13 @@ class ModelService:
             raise InvalidRequest(f"could not use {name}: {exc.reason}") from exc
 
 
-def _stamp_files(folder: Path) -> tuple[tuple[str, FileStamp], ...]:
-    """Stat stamps of a bundle's two files: what the per-request integrity check compares."""
+def _stamp_files(folder: Path, names: Sequence[str]) -> tuple[tuple[str, FileStamp], ...]:
+    """Stat stamps of a bundle's files (``bundle_file_names``): what the per-request integrity check compares.
+
+    Every hashed file counts, not only the weights: the OOD detector, ensemble members, exported runtimes.
+    """
     stamps = []
-    for name in (WEIGHTS_FILE, MANIFEST_FILE):
+    for name in names:
         try:
             st = os.stat(folder / name)
         except FileNotFoundError:
@@ -571,8 +599,8 @@ def _stamp_files(folder: Path) -> tuple[tuple[str, FileStamp], ...]:
 
 
 def _changed_files(folder: Path, known: tuple[tuple[str, FileStamp], ...]) -> list[str]:
-    """Names of the files whose stat stamp differs from ``known`` (two ``stat`` calls)."""
-    now = dict(_stamp_files(folder))
+    """Names of the files whose stat stamp differs from ``known`` (one ``stat`` call per known file)."""
+    now = dict(_stamp_files(folder, [name for name, _ in known]))
     return [name for name, stamp in known if now.get(name) != stamp]
 
 

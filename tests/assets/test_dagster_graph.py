@@ -33,8 +33,17 @@ def test_whole_graph_materializes_and_serves_a_verified_bundle(tmp_path: Path) -
     assert bundle.spec.backbone == "test_efficientnet"
     promotion = run.results[-1].output_for_node("serving_model")
     assert promotion.decision.promote and promotion.champion_after == "v0001"
+    # the default served model: both fold models averaged, with an out-of-distribution detector
+    manifest = bundle.manifest
+    assert manifest.ensemble is not None and len(bundle.scorers) == 2 and bundle.ood is not None
+    assert (
+        manifest.ood is not None and (root / "registry" / "versions" / "v0001" / "ood.safetensors").is_file()
+    )
     gallery = run.results[-1].output_for_node("gradcam_gallery")
     assert gallery.version == "v0001" and gallery.items and all(i.path.is_file() for i in gallery.items)
+    own = manifest.oof_frame()
+    member0_rows = set(own.loc[own["fold"] == manifest.ensemble.members[0].fold, "image_name"])
+    assert {item.image_name for item in gallery.items} <= member0_rows  # images member 0 never trained on
     for relative in (
         "tables/folds.parquet",
         "checkpoints/test_efficientnet/fold1/weights.safetensors",

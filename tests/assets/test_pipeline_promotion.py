@@ -145,9 +145,8 @@ def test_the_bundle_threshold_and_metrics_are_the_served_fold_models_own(tmp_pat
     from melanoma_ml.evaluation.metrics import roc_auc
     from melanoma_ml.serving.registry import ModelRegistry
 
-    config = load_config(
-        "tiny", {"artifact_root": str(tmp_path / "artifacts"), "evaluation": {"n_bootstrap": 200}}
-    )
+    overrides = {"serving": {"ensemble": "best_fold"}, "evaluation": {"n_bootstrap": 200}}
+    config = load_config("tiny", {"artifact_root": str(tmp_path / "artifacts"), **overrides})
     results = fold_results(tmp_path, config, "test_efficientnet", 0.3, "served")
     pooled = pipeline.evaluate_backbone(config, "test_efficientnet", results)
     outcome = offer(tmp_path, config, "test_efficientnet", 0.3, "served", results=results)
@@ -168,6 +167,48 @@ def test_the_bundle_threshold_and_metrics_are_the_served_fold_models_own(tmp_pat
     assert (manifest.fold, manifest.checkpoint_sha256) == (1, results[1].weights_sha256)
     stored = manifest.oof_frame()
     assert stored["image_name"].tolist() == own["image_name"].tolist() and set(stored["fold"]) == {1}
+
+
+@pytest.mark.slow
+def test_a_folds_ensemble_is_served_with_its_pooled_out_of_fold_threshold_and_metrics(tmp_path: Path) -> None:
+    from melanoma_ml.evaluation import threshold_for_sensitivity
+    from melanoma_ml.evaluation.metrics import roc_auc
+    from melanoma_ml.serving.registry import ModelRegistry
+
+    config = load_config(
+        "tiny", {"artifact_root": str(tmp_path / "artifacts"), "evaluation": {"n_bootstrap": 200}}
+    )
+    assert config.serving.ensemble == "folds"
+    results = fold_results(tmp_path, config, "test_efficientnet", 0.3, "ens")
+    outcome = offer(tmp_path, config, "test_efficientnet", 0.3, "ens", results=results)
+    assert outcome.decision.promote and "mean of 2 fold models" in outcome.served_model
+    registry = ModelRegistry(tmp_path / "artifacts" / "registry")
+    manifest = registry.manifest(outcome.registered)
+    ensemble = manifest.ensemble
+    assert ensemble is not None and ensemble.kind == "folds"
+    # member 0 is the best fold (Grad-CAM explains it); every member knows its checkpoint and fold
+    assert [m.fold for m in ensemble.members] == [1, 0]
+    assert [m.checkpoint_sha256 for m in ensemble.members] == [
+        results[1].weights_sha256,
+        results[0].weights_sha256,
+    ]
+    assert (manifest.fold, manifest.checkpoint_sha256) == (None, None)
+
+    pooled = pd.concat([r.oof for r in results], ignore_index=True)
+    stored = manifest.oof_frame()
+    assert sorted(stored["image_name"]) == sorted(pooled["image_name"]) and set(stored["fold"]) == {0, 1}
+    y, p = stored["target"].to_numpy(), stored["prob"].to_numpy()
+    assert manifest.metrics["auc"].value == pytest.approx(roc_auc(y, p))
+    calibrated = manifest.calibration.calibrator().apply(p)
+    assert manifest.threshold == threshold_for_sensitivity(
+        y, calibrated, config.evaluation.target_sensitivity
+    )
+
+    bundle = registry.load_current()
+    assert len(bundle.scorers) == 2
+    # the same networks offered again are recognised as already served
+    again = offer(tmp_path, config, "test_efficientnet", 0.3, "ens", results=results)
+    assert not again.decision.promote and "already served" in again.decision.reason
 
 
 @pytest.mark.slow

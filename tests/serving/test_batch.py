@@ -1,5 +1,6 @@
 """Batch scoring (``serving.batch`` + ``serving.batch_inputs``): what is read from a folder, a CSV or a dataset
-layout; broken files reported in their row while the rest is scored; one ``predict`` call per batch; TTA."""
+layout; broken files reported in their row while the rest is scored; one ``score`` call per batch; TTA;
+out-of-distribution columns; the prior shift."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ import numpy as np
 import pandas as pd
 import pytest
 from app_helpers import register_tiny
+from ood_helpers import TRAINING_PREVALENCE, register_with_ood, smooth_images
 from PIL import Image
 
 from melanoma_ml import schema
 from melanoma_ml.errors import InputFileNotFoundError, InputStateError, InputValueError
+from melanoma_ml.evaluation.calibration import shift_prior
 from melanoma_ml.images.cache import load_resized
 from melanoma_ml.serving import inference
 from melanoma_ml.serving.batch import (
@@ -179,18 +182,18 @@ def test_broken_files_are_reported_in_their_rows_and_the_rest_is_scored(tmp_path
     assert (scores.table["model_version"] == "v0001").all()
 
 
-def test_one_predict_call_per_batch(tmp_path: Path, bundle, monkeypatch) -> None:
+def test_one_score_call_per_batch(tmp_path: Path, bundle, monkeypatch) -> None:
     for i in range(7):
         write_image(tmp_path / f"img{i}.png", i)
     (tmp_path / "broken.jpg").write_text("text")
     sizes: list[int] = []
-    real = inference.predict
+    real = inference.score
 
     def counting(bundle, images, metadata, **kwargs):
         sizes.append(len(images))
         return real(bundle, images, metadata, **kwargs)
 
-    monkeypatch.setattr(inference, "predict", counting)
+    monkeypatch.setattr(inference, "score", counting)
     progress: list[tuple[int, int]] = []
 
     scores = score_path(
@@ -256,3 +259,63 @@ def test_scores_are_written_as_one_csv_and_a_bad_batch_size_is_refused(tmp_path:
     assert [p.name for p in out.parent.iterdir()] == ["scores.csv"]  # no temp file left behind
     with pytest.raises(InputValueError, match="batch size"):
         score_inputs(read_scoring_input(tmp_path), bundle, batch_size=0)
+
+
+# ------------------------------------------------------------------- out of distribution, prior shift
+@pytest.fixture(scope="module")
+def ood_bundle(tmp_path_factory):
+    registry = ModelRegistry(tmp_path_factory.mktemp("ood") / "registry")
+    return load_scoring_model(registry, register_with_ood(registry, seed=3, size=SIZE))
+
+
+def test_a_bundle_with_a_detector_fills_the_ood_columns_and_flags_noise(tmp_path: Path, ood_bundle) -> None:
+    for i, image in enumerate(smooth_images(3, 48, seed=11)):
+        Image.fromarray(image).save(tmp_path / f"skin{i}.png")
+    for i in range(3):
+        write_image(tmp_path / f"noise{i}.png", i, (SIZE, SIZE))
+    (tmp_path / "broken.jpg").write_text("text")
+
+    scores = score_path(tmp_path, ood_bundle, batch_size=4)
+    out = pd.read_csv(write_scores(scores, tmp_path / "out" / "scores.csv"), keep_default_na=False)
+
+    table = scores.table.set_index(schema.IMAGE)
+    scored = table.drop(index="broken")
+    assert out.columns.tolist() == list(SCORE_COLUMNS)
+    assert np.isfinite(scored["ood_score"]).all()
+    np.testing.assert_array_equal(scored["ood_flag"], scored["ood_score"] > ood_bundle.ood.threshold)
+    noise, skin = scored.loc[[f"noise{i}" for i in range(3)]], scored.loc[[f"skin{i}" for i in range(3)]]
+    assert noise["ood_flag"].all() and noise["ood_score"].min() > skin["ood_score"].max()
+    assert pd.isna(table.loc["broken", "ood_score"]) and pd.isna(table.loc["broken", "ood_flag"])
+    written = out.set_index(schema.IMAGE)
+    assert written.loc["noise0", "ood_flag"] == "True" and written.loc["broken", "ood_flag"] == ""
+
+
+def test_a_bundle_without_a_detector_leaves_the_ood_columns_empty(tmp_path: Path, bundle) -> None:
+    write_image(tmp_path / "img.jpg", 1)
+
+    scores = score_path(tmp_path, bundle)
+    out = pd.read_csv(write_scores(scores, tmp_path / "scores.csv"), keep_default_na=False)
+
+    assert bundle.ood is None
+    assert scores.table["ood_score"].isna().all() and scores.table["ood_flag"].isna().all()
+    assert out.loc[0, "ood_score"] == "" and out.loc[0, "ood_flag"] == ""
+
+
+def test_the_prior_shift_moves_probabilities_and_threshold_but_not_decisions(
+    tmp_path: Path, ood_bundle
+) -> None:
+    for i in range(6):
+        write_image(tmp_path / f"img{i}.jpg", i, (60, 50))
+
+    base = score_path(tmp_path, ood_bundle, tta=False)
+    shifted = score_path(tmp_path, ood_bundle, tta=False, deployment_prevalence=0.02)
+
+    assert base.threshold == ood_bundle.threshold and base.deployment_prevalence is None
+    assert shifted.threshold < base.threshold and shifted.deployment_prevalence == 0.02
+    assert (shifted.table["target"] < base.table["target"]).all()  # 2% is below the 25% it was fitted at
+    np.testing.assert_allclose(
+        shifted.table["target"], shift_prior(base.table["target"], TRAINING_PREVALENCE, 0.02), atol=1e-12
+    )
+    assert (shifted.table["threshold"] == shifted.threshold).all()
+    assert shifted.table["decision"].tolist() == base.table["decision"].tolist()
+    np.testing.assert_array_equal(shifted.table["ood_score"], base.table["ood_score"])

@@ -93,13 +93,16 @@ def test_preprocess_normalizes_with_the_spec_and_gives_square_inputs(images):
     assert preprocess([], spec).shape == (0, 3, SIZE, SIZE)
 
 
-def test_serving_input_is_bit_identical_to_the_training_eval_transform(images):
-    """Both run ``normalize_pixels``: no second normalisation to drift from the first."""
+@pytest.mark.parametrize("color_constancy", ["none", "shades_of_gray"])
+def test_serving_input_is_bit_identical_to_the_training_eval_transform(images, color_constancy):
+    """Both run ``normalize_pixels`` with the spec's colour constancy: no second path to drift."""
+    from dataclasses import replace
+
     from melanoma_ml.images.transforms import eval_transform
 
-    spec = tiny_spec()
+    spec = replace(tiny_spec(), color_constancy=color_constancy)
     views = [resize_centre_crop(image, SIZE) for image in images]
-    transform = eval_transform(spec.image_size, spec.mean, spec.std)
+    transform = eval_transform(spec.image_size, spec.mean, spec.std, spec.color_constancy)
     trained = torch.stack([transform(image=view)["image"] for view in views])
     assert torch.equal(preprocess(images, spec), trained)
 

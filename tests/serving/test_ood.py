@@ -1,10 +1,12 @@
-"""Out-of-distribution scorers: distances, the threshold rule, the file format, and the network plumbing."""
+"""Out-of-distribution scorers: distances, the threshold rule, the file format, the network plumbing and the
+served detector fitted from the image cache."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from sklearn.metrics import roc_auc_score
@@ -16,9 +18,13 @@ from melanoma_ml.serving.inference import preprocess
 from melanoma_ml.serving.ood import (
     EnergyScorer,
     MahalanobisScorer,
+    _fit_sample,
+    backbone_features,
     energy_score,
+    fit_bundle_ood,
     load_ood,
     network_outputs,
+    ood_scores_for,
     save_ood,
 )
 from melanoma_ml.spec import ModelSpec
@@ -168,3 +174,96 @@ def test_random_init_net_ranks_noise_above_synthetic_dermoscopy(dermoscopy, seed
     )
     assert auroc >= 0.95, auroc
     assert (in_scores > scorer.threshold).mean() <= 0.1, "held-out dermoscopy is rarely flagged (0% seen)"
+
+
+# --- the served detector: fitted from the image cache, scored on the un-augmented view -------------------
+
+
+@pytest.fixture(scope="module")
+def cached_rows(tmp_path_factory):
+    """Synthetic rows with an image cache at the tiny network's size: (train rows, held-out rows, cache)."""
+    from melanoma_ml import schema
+    from melanoma_ml.images.cache import build_image_cache
+
+    root = tmp_path_factory.mktemp("ood_cache")
+    ds = generate_synthetic_dataset(root / "syn", SyntheticConfig(n_patients=30, image_size=64, seed=1))
+    table = pd.read_csv(ds.csv_path)
+    table[schema.IMAGE_PATH] = [str(ds.image_dir / f"{name}.jpg") for name in table[schema.IMAGE]]
+    table[schema.GROUP] = table[schema.PATIENT]
+    cache = build_image_cache(table, root / "cache", SIZE)
+    held_patients = sorted(table[schema.PATIENT].unique())[-6:]
+    held = table[schema.PATIENT].isin(held_patients)
+    return table[~held], table[held], cache
+
+
+def test_bundle_detector_flags_noise_and_not_held_out_dermoscopy(cached_rows):
+    from melanoma_ml import schema
+    from melanoma_ml.images.cache import load_resized
+
+    train, held_out, cache = cached_rows
+    net, spec = _tiny_net(0)
+    scorer = fit_bundle_ood(net, spec, train, cache, seed=0)
+    assert scorer.n_fit == len(train) and scorer.means.shape[0] == 2  # benign and melanoma means
+
+    # Held-out images arrive as the app decodes an upload; noise as a photo of nothing.
+    x_held = preprocess([load_resized(p, SIZE) for p in held_out[schema.IMAGE_PATH]], spec)
+    rng = np.random.default_rng(0)
+    x_noise = preprocess([rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(20)], spec)
+    held_scores, held_flags = ood_scores_for(net, x_held, scorer)
+    noise_scores, noise_flags = ood_scores_for(net, x_noise, scorer)
+
+    assert held_flags.dtype == bool and held_scores.shape == (len(held_out),)
+    auroc = roc_auc_score(
+        np.r_[np.zeros(len(held_scores)), np.ones(len(noise_scores))], np.r_[held_scores, noise_scores]
+    )
+    assert auroc >= 0.95, auroc
+    # Seed 0 of this random-init net: 0% of held-out vs 95% of noise flagged (other init seeds flag
+    # 0-95% of the noise; the ranking above is what holds across seeds).
+    assert noise_flags.mean() > held_flags.mean() + 0.5
+    assert held_flags.mean() <= 0.1
+
+
+def test_bundle_detector_sees_the_training_images_as_the_app_sees_a_request(cached_rows):
+    """Cache pixels -> preprocess gives the same features as the app's decoder on the source files."""
+    from melanoma_ml import schema
+    from melanoma_ml.images.cache import load_resized
+
+    train, _, cache = cached_rows
+    net, spec = _tiny_net(1)
+    scorer = fit_bundle_ood(net, spec, train, cache, seed=3)
+    served = preprocess([load_resized(p, SIZE) for p in train[schema.IMAGE_PATH]], spec)
+    reference = MahalanobisScorer.fit(
+        backbone_features(net, served),
+        train[schema.TARGET].to_numpy(),
+        groups=train[schema.GROUP].astype(str).to_numpy(),
+        seed=3,
+    )
+    np.testing.assert_array_equal(scorer.means, reference.means)
+    assert scorer.threshold == reference.threshold
+
+
+def test_bundle_detector_caps_its_fit_rows_with_a_stratified_seeded_sample(cached_rows):
+    from melanoma_ml import schema
+
+    train, _, cache = cached_rows
+    net, spec = _tiny_net(0)
+    a = fit_bundle_ood(net, spec, train, cache, seed=7, max_images=40)
+    b = fit_bundle_ood(net, spec, train, cache, seed=7, max_images=40)
+    assert a.n_fit == 40 and a.threshold == b.threshold
+    sample = _fit_sample(train, 40, seed=7)
+    assert sample[schema.TARGET].mean() == pytest.approx(train[schema.TARGET].mean(), abs=0.03)
+    assert not sample.index.duplicated().any() and set(sample.index) <= set(train.index)
+    with pytest.raises(ValueError, match="no training rows"):
+        fit_bundle_ood(net, spec, train.iloc[:0], cache, seed=0)
+
+
+def test_ood_scores_for_matches_the_scorer_on_network_outputs(dermoscopy):
+    net, spec = _tiny_net(2)
+    scorer = MahalanobisScorer.fit(_outputs(net, spec, dermoscopy[:-5])[0])
+    x = preprocess(dermoscopy[-5:], spec)
+    scores, flags = ood_scores_for(net, x, scorer)
+    np.testing.assert_allclose(scores, scorer.score(_outputs(net, spec, dermoscopy[-5:])[0]), rtol=1e-4)
+    np.testing.assert_array_equal(flags, scores > scorer.threshold)
+    energy = EnergyScorer.fit(np.linspace(-3, 3, 50))
+    with pytest.raises(ValueError, match="metadata"):
+        ood_scores_for(net, x, energy)
