@@ -11,13 +11,15 @@ is removed afterwards.
 Usage::
 
     .venv/bin/python benchmarks/serving_latency.py [--requests 20] [--warmup 2] [--threads N] [--client]
-        [--models test_efficientnet:64 efficientnet_b0:256]
+        [--models test_efficientnet:64 efficientnet_b0:256] [--members 1 5] [--runtimes torch onnxruntime]
+        [--no-cam]
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import math
 import os
 import socket
@@ -38,13 +40,21 @@ DEFAULT_MODELS = ("test_efficientnet:64", "efficientnet_b0:256")
 SETTINGS = [(tta, cam) for cam in ("none", "eigencam", "gradcam") for tta in (False, True)]
 
 
-def register_random_bundle(root: Path, backbone: str, size: int) -> Path:
-    """A random-weight bundle of ``backbone`` at ``size`` px, registered and promoted in ``root``."""
+def register_random_bundle(
+    root: Path, backbone: str, size: int, *, members: int = 1, runtime: str = "torch"
+) -> Path:
+    """A random-weight bundle of ``backbone`` at ``size`` px, registered and promoted in ``root``.
+
+    ``members`` > 1 makes a ``folds`` ensemble of that many networks (different seeds); ``runtime`` other
+    than ``torch`` exports every member for it at registration (checked on random probe views).
+    """
     import torch
 
     from melanoma_ml.config import ModelConfig
     from melanoma_ml.features import MetadataEncoder
     from melanoma_ml.model import create_backbone, normalization_for
+    from melanoma_ml.serving.bundle import EnsembleToSave, MemberNet, RuntimeRequest
+    from melanoma_ml.serving.inference import dihedral_views, encode_metadata
     from melanoma_ml.serving.registry import ModelRegistry
     from melanoma_ml.spec import ModelSpec
 
@@ -57,15 +67,29 @@ def register_random_bundle(root: Path, backbone: str, size: int) -> Path:
         std=norm["std"],
         encoder=MetadataEncoder(age_mean=50.0, age_std=15.0, sexes=schema.SEXES, sites=schema.SITES),
     )
+    nets = []
+    for seed in range(members):
+        torch.manual_seed(seed)
+        nets.append(spec.build_network().eval())
+    ensemble = None
+    if members > 1:
+        ensemble = EnsembleToSave("folds", "probability", [MemberNet(n, spec, k) for k, n in enumerate(nets)])
+    request = None
+    if runtime != "torch":
+        x = dihedral_views(torch.randn(2, 3, size, size))
+        meta = encode_metadata([{}] * 2, spec, 2).repeat(8, 1)
+        request = RuntimeRequest(runtime, "fp32", 1e-3, (x, meta))
     registry = ModelRegistry(root)
     metrics = {"auc": {"value": 0.5, "lo": 0.4, "hi": 0.6}}
     version = registry.register_bundle(
-        spec.build_network().eval(),
+        nets[0],
         spec,
         threshold=0.5,
         metrics=metrics,
         data_version="bench",
         code_version="bench",
+        ensemble=ensemble,
+        runtime=request,
     )
     registry.promote(version, reason="latency benchmark")
     return root
@@ -160,6 +184,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--client", action="store_true", help="also time TTA+EigenCAM through gradio_client")
+    parser.add_argument(
+        "--members", nargs="+", type=int, default=[1], help="bundle sizes to time (5: a 5-fold ensemble)"
+    )
+    parser.add_argument(
+        "--runtimes", nargs="+", default=["torch"], help="serving.runtime values to time (torch, onnxruntime)"
+    )
+    parser.add_argument("--no-cam", action="store_true", help="only the TTA off/on rows (no CAM)")
     args = parser.parse_args()
     if not 1 <= args.requests <= 1000:
         parser.error("--requests must be between 1 and 1000")
@@ -178,20 +209,27 @@ def main() -> None:
     )
     print(f"{args.requests} timed requests per row after {args.warmup} warm-up; 600x450 JPEG upload")
     print(f"load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())}\n")
-    header = f"{'backbone':<18} {'px':>4} {'path':<8} {'TTA':<4} {'CAM':<9} {'p50 ms':>8} {'p95 ms':>8} {'CPU ms':>8}"
+    header = (
+        f"{'backbone':<18} {'px':>4} {'members':>7} {'runtime':<12} {'path':<8} {'TTA':<4} {'CAM':<9} "
+        f"{'p50 ms':>8} {'p95 ms':>8} {'CPU ms':>8}"
+    )
     print(header)
     print("-" * len(header))
     with tempfile.TemporaryDirectory(prefix="serving-latency-") as tmp:
         work = Path(tmp)
         image = upload(work / "upload.jpg")
-        for model in args.models:
+        settings = [(tta, cam) for tta, cam in SETTINGS if not (args.no_cam and cam != "none")]
+        for model, members, runtime in itertools.product(args.models, args.members, args.runtimes):
             backbone, _, size = model.partition(":")
-            root = register_random_bundle(work / backbone / "registry", backbone, int(size or 256))
+            folder = work / f"{backbone}-{members}-{runtime}" / "registry"
+            root = register_random_bundle(
+                folder, backbone, int(size or 256), members=members, runtime=runtime
+            )
             service = ModelService(ModelRegistry(root), ServingConfig())
             service.status()  # load outside the clock
             rows = [
                 ("service", tta, cam, time_service(service, image, tta, cam, args.requests, args.warmup))
-                for tta, cam in SETTINGS
+                for tta, cam in settings
             ]
             if args.client:
                 timings = time_client(
@@ -202,7 +240,7 @@ def main() -> None:
                 p50, p95 = percentiles(timings.wall)
                 cpu = statistics.median(timings.cpu) * 1000
                 print(
-                    f"{backbone:<18} {size:>4} {path:<8} {'on' if tta else 'off':<4} {cam:<9} "
+                    f"{backbone:<18} {size:>4} {members:>7} {runtime:<12} {path:<8} {'on' if tta else 'off':<4} {cam:<9} "
                     f"{p50:>8.1f} {p95:>8.1f} {cpu:>8.1f}",
                     flush=True,
                 )

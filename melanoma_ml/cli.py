@@ -319,6 +319,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     """
     from melanoma_ml.serving.batch import DEFAULT_BATCH_SIZE, load_scoring_model, score_inputs, write_scores
     from melanoma_ml.serving.batch_inputs import read_scoring_input
+    from melanoma_ml.serving.calibrated import decision_threshold
 
     config = resolve_config(args)
     batch_size = args.batch_size or DEFAULT_BATCH_SIZE
@@ -326,8 +327,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     print(f"input: {inputs.description}", file=sys.stderr)
     bundle = load_scoring_model(_registry(args), args.version)
     print(
-        f"model: {bundle.version} ({bundle.manifest.backbone}, {bundle.spec.image_size} px, threshold "
-        f"{bundle.threshold:.4f}), TTA {'on (8 views)' if args.tta else 'off'}, batches of {batch_size}",
+        f"model: {bundle.version} ({bundle.manifest.describe_model()}, {bundle.spec.image_size} px, threshold "
+        f"{decision_threshold(bundle.manifest, config.serving.deployment_prevalence):.4f}), "
+        f"TTA {'on (8 views)' if args.tta else 'off'}, batches of {batch_size}",
         file=sys.stderr,
     )
     with _progress_bar() as progress:

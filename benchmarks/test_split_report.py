@@ -1,0 +1,114 @@
+"""The trust table of a finished run: out-of-fold vs locked-test numbers, best fold vs fold ensemble, calibration.
+
+Reads a finished pipeline run (``--artifact-root``, e.g. ``benchmarks/real_isic_sample.py --workdir``),
+re-scores its locked test split with every fold model (``evaluation.holdout.evaluate_test_sets``, the same
+function the ``test_evaluation`` asset runs; nothing is re-trained, nothing is tuned on the test rows) and
+prints, per backbone:
+
+* the fold-model mean (what ``serving.ensemble: folds`` serves) and the best single fold (``best_fold``):
+  out-of-fold AUC [CI] and test AUC [CI], test pAUC (ISIC 2024: area above TPR 0.8, max 0.2), sensitivity
+  and specificity on test at the threshold tuned out-of-fold for ``evaluation.target_sensitivity``;
+* ECE and Brier on test before and after each model's calibrator (fitted on its out-of-fold rows only);
+* the paired test AUC difference, fold-model mean minus best fold (patient/lesion-cluster bootstrap);
+* what the registry serves (``current``): model, runtime, detector and the test metrics in its manifest.
+
+Usage::
+
+    .venv/bin/python benchmarks/test_split_report.py --artifact-root /tmp/real_isic/accept [--image-size 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+
+from melanoma_ml.runtime import quiet_network_chatter
+
+quiet_network_chatter()
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--artifact-root", type=Path, required=True)
+    parser.add_argument("--image-size", type=int, default=128, help="data.image_size of the run")
+    args = parser.parse_args()
+
+    import pandas as pd
+
+    from melanoma_ml.artifacts import artifact_paths
+    from melanoma_ml.config import PipelineConfig
+    from melanoma_ml.evaluation import EvaluationReport, evaluate_predictions
+    from melanoma_ml.evaluation.holdout import INTERNAL_TEST, evaluate_test_sets, served_fold
+    from melanoma_ml.images.cache import ImageCache
+    from melanoma_ml.serving.model_card import ood_text, runtime_text
+    from melanoma_ml.serving.remote_registry import open_registry
+    from melanoma_ml.training.train import FoldResult
+
+    config = PipelineConfig(artifact_root=str(args.artifact_root), data={"image_size": args.image_size})
+    paths = artifact_paths(config)
+    folds_table = pd.read_parquet(paths.tables / "folds.parquet")
+    backbones = sorted(p.name for p in paths.root.joinpath("checkpoints").iterdir() if p.is_dir())
+    fold_results = {
+        b: [FoldResult.load(d) for d in sorted((paths.root / "checkpoints" / b).glob("fold*"))]
+        for b in backbones
+    }
+    reports = {b: EvaluationReport.load(paths.report(b)) for b in backbones}
+    cache = ImageCache.open(paths.cache(args.image_size))
+    with tempfile.TemporaryDirectory(prefix="test-split-report-") as tmp:
+        tested = evaluate_test_sets(config, fold_results, reports, folds_table, cache, Path(tmp), Path(tmp))
+    print(f"test sets: {tested.test_sets}")
+    for note in tested.notes:
+        print(f"note: {note}")
+    level = int(round(config.evaluation.ci_level * 100))
+    print(
+        f"\nAll CIs {level}%, patient/lesion-cluster bootstrap ({config.evaluation.n_bootstrap} resamples)."
+    )
+    header = "| model | OOF AUC | test AUC | test pAUC | sens / spec on test at OOF threshold | ECE test before -> after | Brier before -> after |"
+    print(header)
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in tested.results:
+        if r.test_set != INTERNAL_TEST:
+            continue
+        oof_auc = r.oof_auc
+        if r.kind == "served":  # its own validation rows, with a CI
+            best = served_fold(fold_results[r.backbone])
+            oof_auc = evaluate_predictions(best.oof, config.evaluation).metric("auc")
+        m = r.report.metric
+        cal = r.calibration.report if r.calibration is not None else {}
+        ece = (
+            f"{cal['ece_before'].text(show_level=False)} -> {cal['ece_after'].text(show_level=False)}"
+            if cal
+            else "-"
+        )
+        brier = f"{cal['brier_before'].value:.3f} -> {cal['brier_after'].value:.3f}" if cal else "-"
+        method = r.calibration.method if r.calibration is not None else None
+        print(
+            f"| {r.model} | {oof_auc.text(show_level=False)} | {m('auc').text(show_level=False)} | "
+            f"{m('pauc').text(show_level=False)} | {m('sensitivity').value:.3f} / {m('specificity').value:.3f} "
+            f"(threshold {r.report.threshold.value:.3f}) | {ece} ({method}) | {brier} |"
+        )
+    for c in tested.comparisons:
+        print(
+            f"\n{c['test_set']}: {c['a']} minus {c['b']}: test AUC difference {c['diff']:+.4f} "
+            f"[{c['lo']:+.4f}, {c['hi']:+.4f}] (paired on {c['n']} images, {c['n_groups']} clusters)"
+        )
+    registry = open_registry(config)
+    current = registry.current()
+    if current is None:
+        print("\nregistry: nothing served")
+        return
+    manifest = registry.manifest(current)
+    print(f"\nserved {current}: {manifest.describe_model()}; runtime: {runtime_text(manifest)}")
+    print(f"  out-of-distribution check: {ood_text(manifest)}")
+    for name, tested_set in (manifest.test_metrics or {}).items():
+        auc = tested_set.metrics["auc"].text(show_level=False)
+        extra = tested_set.metrics.get("ece_calibrated")
+        ece = "" if extra is None else f", calibrated ECE {extra.text(show_level=False)}"
+        print(f"  test set {name}: {tested_set.n_images} images, AUC {auc}{ece}")
+
+
+if __name__ == "__main__":
+    main()
