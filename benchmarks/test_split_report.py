@@ -10,6 +10,8 @@ prints, per backbone:
   and specificity on test at the threshold tuned out-of-fold for ``evaluation.target_sensitivity``;
 * ECE and Brier on test before and after each model's calibrator (fitted on its out-of-fold rows only);
 * the paired test AUC difference, fold-model mean minus best fold (patient/lesion-cluster bootstrap);
+* the fold-model mean averaged in probability vs logit space (``serving.ensemble_average``), and the ECE
+  a perfectly calibrated model would show on a test set of this size (its noise floor);
 * what the registry serves (``current``): model, runtime, detector and the test metrics in its manifest.
 
 Usage::
@@ -95,6 +97,8 @@ def main() -> None:
             f"\n{c['test_set']}: {c['a']} minus {c['b']}: test AUC difference {c['diff']:+.4f} "
             f"[{c['lo']:+.4f}, {c['hi']:+.4f}] (paired on {c['n']} images, {c['n_groups']} clusters)"
         )
+    for backbone in backbones:
+        average_spaces(config, backbone, fold_results[backbone], folds_table, cache)
     registry = open_registry(config)
     current = registry.current()
     if current is None:
@@ -108,6 +112,52 @@ def main() -> None:
         extra = tested_set.metrics.get("ece_calibrated")
         ece = "" if extra is None else f", calibrated ECE {extra.text(show_level=False)}"
         print(f"  test set {name}: {tested_set.n_images} images, AUC {auc}{ece}")
+
+
+def average_spaces(config, backbone: str, folds, folds_table, cache, n_draws: int = 1000) -> None:
+    """The fold-model mean in probability vs logit space on the locked test split, and the ECE a perfectly
+    calibrated model would show on a test set this small (labels drawn from the calibrated probabilities)."""
+    import numpy as np
+    import pandas as pd
+    from scipy import special
+
+    from melanoma_ml.evaluation import evaluate_predictions
+    from melanoma_ml.evaluation.calibration import calibrator_from_dict
+    from melanoma_ml.evaluation.holdout import prediction_table
+    from melanoma_ml.evaluation.metrics import expected_calibration_error
+    from melanoma_ml.folds import locked_test_mask
+    from melanoma_ml.serving.champion import averaged_oof, fit_served_calibration
+    from melanoma_ml.training.predict import predict_rows
+
+    rows = folds_table[locked_test_mask(folds_table)].reset_index(drop=True)
+    if rows.empty:
+        return
+    per_fold = np.stack([predict_rows(r, rows, cache, config.training) for r in folds])
+    clipped = np.clip(per_fold, 1e-7, 1 - 1e-7)
+    means = {"probability": clipped.mean(axis=0), "logit": special.expit(special.logit(clipped).mean(axis=0))}
+    pooled = pd.concat([r.oof for r in folds], ignore_index=True)
+    y = rows["target"].to_numpy()
+    bins = config.evaluation.ece_bins
+    rng = np.random.default_rng(0)
+    print(f"\n{backbone}: fold-model mean on the locked test split ({len(rows)} images), by averaging space")
+    print(
+        "| average | test AUC | ECE raw | ECE calibrated | ECE of a perfectly calibrated model here (median [95%]) |"
+    )
+    print("| --- | --- | --- | --- | --- |")
+    for space, mean in means.items():
+        oof = averaged_oof(
+            [pooled], space
+        )  # one model per out-of-fold image: the space changes nothing there
+        report = evaluate_predictions(prediction_table(rows, mean, backbone), config.evaluation)
+        calibration, _ = fit_served_calibration(config, oof, report.threshold.value)
+        served = mean if calibration is None else calibrator_from_dict(calibration["parameters"]).apply(mean)
+        floor = [expected_calibration_error(rng.binomial(1, served), served, bins) for _ in range(n_draws)]
+        lo, mid, hi = np.percentile(floor, [2.5, 50, 97.5])
+        print(
+            f"| {space} | {report.metric('auc').text(show_level=False)} | "
+            f"{expected_calibration_error(y, mean, bins):.3f} | {expected_calibration_error(y, served, bins):.3f} | "
+            f"{mid:.3f} [{lo:.3f}, {hi:.3f}] |"
+        )
 
 
 if __name__ == "__main__":

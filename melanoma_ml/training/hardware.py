@@ -9,7 +9,7 @@ setting            CUDA                                MPS                 CPU
 =================  ==================================  ==================  ========
 precision          bf16-mixed (native bf16, Ampere+),  32-true             32-true
                    else 16-mixed
-channels_last      on                                  off                 off
+channels_last      on                                  off                 on
 num_workers        min(usable CPUs - 1, 8)             same                same
 pin_memory         on                                  off                 off
 =================  ==================================  ==================  ========
@@ -93,7 +93,8 @@ def resolve_hardware(
     precision = training.precision
     if precision == "auto":
         precision = _auto_precision(device)
-    channels_last = device == "cuda" if training.channels_last == "auto" else bool(training.channels_last)
+    auto_channels_last = device in ("cuda", "cpu")  # CPU: measured 1.34x train img/s (epoch_profile.py)
+    channels_last = auto_channels_last if training.channels_last == "auto" else bool(training.channels_last)
     workers = training.num_workers
     if workers == "auto":
         workers = max(0, min((cpus if cpus is not None else usable_cpus()) - 1, MAX_AUTO_WORKERS))
