@@ -75,7 +75,7 @@ CALIBRATED_METRICS = {"ece_calibrated": "ece_after", "brier_calibrated": "brier_
 copy: ECE and Brier of the probabilities the bundle serves (its calibrator applied); ``ece``/``brier`` there
 are of the network's raw probabilities."""
 
-ModelKind = Literal["ensemble", "served"]
+ModelKind = Literal["ensemble", "served", "top_k"]
 
 
 def served_fold(fold_results: Sequence[FoldResult]) -> FoldResult:
@@ -89,9 +89,10 @@ class ModelUnderTest:
 
     Attributes:
         backbone: The backbone.
-        kind: ``ensemble`` or ``served``.
+        kind: ``ensemble``, ``served`` or ``top_k`` (the fold models of the best backbones, averaged).
         fold: The served fold (None for a model of several fold models).
-        members: The fold models whose test probabilities are averaged.
+        members: The fold models whose test probabilities are averaged: folds of :attr:`backbone`, or
+            ``(backbone, fold)`` pairs for ``top_k`` (several backbones).
         average: The space they are averaged in (``logit`` or ``probability``; ``serving.ensemble_average``).
         oof: The model's out-of-fold rows (each image scored by a fold model that never trained on it):
             the pooled rows of every fold for the ensemble, the fold's own validation rows for a fold model.
@@ -107,7 +108,7 @@ class ModelUnderTest:
     backbone: str
     kind: ModelKind
     fold: int | None
-    members: tuple[int, ...]
+    members: tuple[Any, ...]
     average: str
     oof: pd.DataFrame
     oof_auc: Estimate
@@ -139,6 +140,8 @@ class ModelUnderTest:
 
     @property
     def title(self) -> str:
+        if self.kind == "top_k":
+            return f"{self.backbone} (mean of {len(self.members)} fold models of {self.backbone.count('+') + 1} backbones)"
         if self.fold is None:
             return f"{self.backbone} (mean of {len(self.members)} fold models)"
         return f"{self.backbone} fold {self.fold} (served model)"
@@ -146,10 +149,12 @@ class ModelUnderTest:
     @property
     def folder(self) -> str:
         """Its report folder under ``<test set>/<backbone>/``."""
+        if self.kind == "top_k":
+            return "top_k"
         return "ensemble" if self.fold is None else f"fold{self.fold}"
 
-    def test_probabilities(self, fold_probs: Mapping[int, np.ndarray]) -> np.ndarray:
-        """Its members' probabilities (fold -> probabilities of the test rows, in order) averaged in
+    def test_probabilities(self, fold_probs: Mapping[Any, np.ndarray]) -> np.ndarray:
+        """Its members' probabilities (member key -> probabilities of the test rows, in order) averaged in
         :attr:`average` space."""
         probs = np.stack([np.asarray(fold_probs[f], dtype=np.float64) for f in self.members])
         if self.average == "logit" and len(self.members) > 1:
@@ -280,6 +285,8 @@ class TestResult:
 
     @property
     def model(self) -> str:
+        if self.kind == "top_k":
+            return f"{self.backbone} (top_k fold-model mean)"
         return (
             f"{self.backbone} (fold-model mean)" if self.fold is None else f"{self.backbone} fold {self.fold}"
         )
@@ -375,15 +382,16 @@ class TestEvaluation:
         ``metrics`` (``Estimate`` dicts), ``n_images``, ``n_melanoma``; None without a test set.
 
         ``ensemble`` is ``serving.ensemble``: ``best_fold`` reads the ``served`` fold model's results,
-        ``folds`` the ``ensemble`` results (the mean of the backbone's fold models); ``top_k`` (members
-        of several backbones) has no result here: None.
+        ``folds`` the ``ensemble`` results (the mean of the backbone's fold models), ``top_k`` the
+        ``top_k`` results (scored when ``serving.ensemble`` is ``top_k``; their backbone names the
+        averaged backbones, ``backbone`` first).
 
         ``metrics`` are the test report's (raw probabilities, e.g. ``ece``, ``brier``) plus
         :data:`CALIBRATED_METRICS` (``ece_calibrated``, ``brier_calibrated``: the served, calibrated ones)."""
-        kind = {"best_fold": "served", "folds": "ensemble"}.get(ensemble)
+        kind = {"best_fold": "served", "folds": "ensemble", "top_k": "top_k"}.get(ensemble)
         out = {}
         for r in self.results:
-            if (r.backbone, r.kind) != (backbone, kind):
+            if r.kind != kind or r.backbone.split("+")[0] != backbone:
                 continue
             metrics = r.report.to_dict()["metrics"]
             if r.calibration is not None:
@@ -423,6 +431,36 @@ def prediction_table(rows: pd.DataFrame, probs: np.ndarray, backbone: str) -> pd
     frame[PROB] = np.asarray(probs, dtype=np.float64)
     frame[BACKBONE] = backbone
     return frame
+
+
+def top_k_model(
+    config: PipelineConfig,
+    fold_results: Mapping[str, Sequence[FoldResult]],
+    reports: Mapping[str, EvaluationReport],
+) -> ModelUnderTest | None:
+    """The ``serving.ensemble: top_k`` model, fixed out-of-fold: every fold model of the
+    ``serving.ensemble_top_k`` backbones with the best out-of-fold AUC (the leaderboard's order), averaged.
+
+    Its out-of-fold rows average the backbones' pooled out-of-fold predictions per image
+    (``champion.averaged_oof``); threshold and calibrator come from them. None unless ``serving.ensemble`` is
+    ``top_k`` and at least two backbones were trained.
+    """
+    from melanoma_ml.evaluation.report import evaluate_predictions
+    from melanoma_ml.serving.champion import averaged_oof
+
+    if config.serving.ensemble != "top_k" or len(fold_results) < 2:
+        return None
+    ranked = sorted(reports, key=lambda b: reports[b].metric("auc").value, reverse=True)
+    chosen = [b for b in ranked if b in fold_results][: config.serving.ensemble_top_k]
+    pooled = [pd.concat([r.oof for r in sorted(fold_results[b], key=lambda r: r.fold)], ignore_index=True)
+              for b in chosen]  # fmt: skip
+    oof = averaged_oof(pooled, config.serving.ensemble_average)
+    threshold = threshold_for_sensitivity(
+        oof[schema.TARGET].to_numpy(), oof[PROB].to_numpy(), config.evaluation.target_sensitivity
+    )
+    members = [(b, r.fold) for b in chosen for r in sorted(fold_results[b], key=lambda r: r.fold)]
+    oof_auc = evaluate_predictions(oof, config.evaluation).metric("auc")
+    return ModelUnderTest.fix(config, "+".join(chosen), "top_k", None, members, oof, oof_auc, threshold)
 
 
 def evaluate_on_test(
@@ -575,18 +613,24 @@ def evaluate_test_sets(
             sets[test_set.name] = (test_set.rows, build_image_cache(test_set.rows, folder, size))
     results, notes = [], []
     models: dict[str, list[ModelUnderTest]] = {}
+    top_k: ModelUnderTest | None = None
     for name, (rows, set_cache) in sets.items():
         if why := scorable(rows):
             notes.append(f"test set {name} not scored: {why}")
             continue
         if not models:  # fitted once, and only when a test set is scored
             models = {b: models_to_test(config, b, folds, reports[b]) for b, folds in fold_results.items()}
+            top_k = top_k_model(config, fold_results, reports)
+        every: dict[Any, np.ndarray] = {}
         for backbone, folds in fold_results.items():
             probs = {r.fold: predict_rows(r, rows, set_cache, config.training) for r in folds}
+            every |= {(backbone, fold): p for fold, p in probs.items()}
             results += [
                 evaluate_on_test(model, name, rows, probs, config.evaluation, out_root / name)
                 for model in models[backbone]
             ]
+        if top_k is not None:
+            results.append(evaluate_on_test(top_k, name, rows, every, config.evaluation, out_root / name))
     if not sets:
         notes.append(NO_TEST_NOTE)
     evaluation = TestEvaluation(results, counts, notes, ensemble_vs_served(results, config.evaluation))

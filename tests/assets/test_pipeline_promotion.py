@@ -212,6 +212,36 @@ def test_a_folds_ensemble_is_served_with_its_pooled_out_of_fold_threshold_and_me
 
 
 @pytest.mark.slow
+def test_a_top_k_bundle_averages_the_best_backbones_fold_models(tmp_path: Path) -> None:
+    from melanoma_ml.serving.champion import averaged_oof
+    from melanoma_ml.serving.registry import ModelRegistry
+
+    overrides = {"serving": {"ensemble": "top_k", "ensemble_top_k": 2}, "evaluation": {"n_bootstrap": 200}}
+    config = load_config("tiny", {"artifact_root": str(tmp_path / "artifacts"), **overrides})
+    results = {
+        "test_efficientnet": fold_results(tmp_path, config, "test_efficientnet", 0.5, "effnet"),
+        "test_resnet": fold_results(tmp_path, config, "test_resnet", 0.3, "resnet"),
+    }
+    reports = {b: pipeline.evaluate_backbone(config, b, r) for b, r in results.items()}
+    board = pipeline.rank_backbones(config, reports)
+    outcome = pipeline.promote_best(config, board, reports, results, data_version="top_k")
+    assert outcome.decision.promote and "mean of 4 fold models" in outcome.served_model
+    manifest = ModelRegistry(tmp_path / "artifacts" / "registry").manifest(outcome.registered)
+    assert manifest.ensemble is not None and manifest.ensemble.kind == "top_k"
+    backbones = [m.model_spec.backbone for m in manifest.ensemble.members]
+    assert backbones[0] == board.candidate and sorted(set(backbones)) == ["test_efficientnet", "test_resnet"]
+    assert manifest.backbone == "+".join(dict.fromkeys(backbones))
+    pooled = [
+        pd.read_parquet(tmp_path / "artifacts" / "reports" / b / "oof.parquet")
+        for b in board.top_backbones(2)
+    ]
+    expected = averaged_oof(pooled, "probability")
+    stored = manifest.oof_frame().merge(expected, on="image_name", suffixes=("", "_expected"))
+    assert len(stored) == len(expected)
+    np.testing.assert_allclose(stored["prob"], stored["prob_expected"])
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("stored_fold", [0, None], ids=["folds-remade", "no-fold-in-manifest"])
 def test_gallery_shows_the_bundles_own_validation_images(tmp_path: Path, stored_fold: int | None) -> None:
     from PIL import Image

@@ -214,3 +214,53 @@ def test_the_fold_model_mean_is_compared_with_the_served_fold_on_the_same_test_p
     evaluate_on_test(models[0], "internal", rows, probs, config.evaluation, tmp_path)
     written = pd.read_parquet(tmp_path / "test_efficientnet" / models[0].folder / PREDICTIONS_FILE)
     assert written[schema.IMAGE].tolist() == rows[schema.IMAGE].tolist() and "prob" in written
+
+
+def test_a_top_k_model_averages_the_best_backbones_and_reaches_the_bundle(tmp_path) -> None:
+    from melanoma_ml.evaluation.holdout import top_k_model
+    from melanoma_ml.serving.champion import averaged_oof
+
+    rng = np.random.default_rng(11)
+    base = PipelineConfig(artifact_root=str(tmp_path), evaluation={"n_bootstrap": 60})
+    config = PipelineConfig(
+        artifact_root=str(tmp_path), evaluation={"n_bootstrap": 60}, serving={"ensemble": "top_k"}
+    )
+    folds_a = [_fold_result(k, tmp_path, rng) for k in range(N_FOLDS)]
+    # a second backbone on the same images and folds, with other (noisier) probabilities
+    folds_b = [
+        dataclasses.replace(
+            r,
+            backbone="test_resnet",
+            oof=r.oof.assign(
+                prob=np.clip(r.oof["prob"] + rng.normal(scale=0.1, size=len(r.oof)), 0.01, 0.99)
+            ),
+        )
+        for r in folds_a
+    ]
+    results = {"test_efficientnet": folds_a, "test_resnet": folds_b}
+    reports = {
+        b: evaluate_predictions(pd.concat([r.oof for r in f]), config.evaluation) for b, f in results.items()
+    }
+    model = top_k_model(config, results, reports)
+    assert model is not None and model.kind == "top_k" and len(model.members) == 2 * N_FOLDS
+    best = max(reports, key=lambda b: reports[b].metric("auc").value)
+    assert model.backbone.split("+")[0] == best
+    expected = averaged_oof(
+        [pd.concat([r.oof for r in results[b]], ignore_index=True) for b in model.backbone.split("+")],
+        "probability",
+    )
+    np.testing.assert_allclose(np.sort(model.oof["prob"]), np.sort(expected["prob"]))
+
+    rows, score = _rows(60, "K", rng)
+    probs = {
+        (b, k): _overconfident(score + rng.normal(scale=0.3, size=score.size))
+        for b in results
+        for k in range(N_FOLDS)
+    }
+    tested = evaluate_on_test(model, "internal", rows, probs, config.evaluation)
+    np.testing.assert_allclose(tested.predictions["prob"], np.mean(list(probs.values()), axis=0))
+    evaluation = TestEvaluation([tested], {"internal": {"rows_scored": len(rows)}})
+    stored = evaluation.served_test_metrics(best, "top_k")
+    assert stored is not None and stored["internal"]["n_images"] == len(rows)
+    assert evaluation.served_test_metrics(best, "folds") is None  # no fold-model mean was scored here
+    assert top_k_model(base, results, reports) is None  # only when serving.ensemble is top_k
