@@ -180,8 +180,10 @@ def test_concurrent_registrations_get_distinct_versions(tmp_path, source_bundle)
     root = tmp_path / "registry"
     with ThreadPoolExecutor(max_workers=6) as pool:
         from_threads = list(pool.map(lambda _: ModelRegistry(root).register(source_bundle), range(6)))
-    with multiprocessing.get_context("fork").Pool(4) as pool:
-        from_processes = pool.map(_register_in_child, [(root, source_bundle)] * 8)
+    # spawn, not fork: a fork of this multi-threaded test process (torch and ONNX Runtime thread pools of
+    # earlier tests) can deadlock in the child on a lock another thread held; seen once in a CI run
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        from_processes = pool.map_async(_register_in_child, [(root, source_bundle)] * 8).get(timeout=300)
     everything = from_threads + from_processes
     assert len(set(everything)) == 14
     assert ModelRegistry(root).versions() == [f"v{i:04d}" for i in range(1, 15)]
