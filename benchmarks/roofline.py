@@ -180,40 +180,12 @@ def compiled(net: torch.nn.Module, x: torch.Tensor, m: torch.Tensor) -> tuple[Lo
 
 
 def ort_int8(fp32_path: Path, calibration: tuple[torch.Tensor, torch.Tensor], workdir: Path) -> Path:
-    """Static PTQ with ONNX Runtime: QDQ, uint8 activations (MinMax), per-channel int8 weights."""
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    """Static PTQ with ONNX Runtime exactly as a bundle's int8 export does it (``runtimes._quantize_int8``:
+    QDQ, uint8 activations with MinMax ranges, per-channel int8 weights), calibrated one TTA batch at a time."""
+    from melanoma_ml.serving.runtimes import _quantize_int8
 
-    views, meta = calibration
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.batches = iter(
-                {"image": views[i : i + N_VIEWS].numpy(), "metadata": meta[i : i + N_VIEWS].numpy()}
-                for i in range(0, views.shape[0], N_VIEWS)
-            )
-
-        def get_next(self):
-            return next(self.batches, None)
-
-    prepared, out = workdir / "prepared.onnx", workdir / "int8.onnx"
-    quant_pre_process(str(fp32_path), str(prepared))
-    quantize_static(
-        str(prepared),
-        str(out),
-        Reader(),
-        quant_format=QuantFormat.QDQ,
-        per_channel=True,
-        activation_type=QuantType.QUInt8,
-        weight_type=QuantType.QInt8,
-        calibrate_method=CalibrationMethod.MinMax,
-    )
+    out = workdir / "int8.onnx"
+    out.write_bytes(_quantize_int8(fp32_path, calibration, workdir, batch=N_VIEWS))
     return out
 
 
