@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _common import machine_load
+
 BACKBONE = "test_efficientnet"
 FOLD = 0
 
@@ -50,6 +52,7 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     import torch
 
     from melanoma_ml import schema
+    from melanoma_ml.artifacts import artifact_paths
     from melanoma_ml.config import load_config
     from melanoma_ml.evaluation.localisation import cam_localisation, lesion_mask_view, paired_difference
     from melanoma_ml.features import metadata_dict
@@ -71,11 +74,12 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         },
     )
     size = config.data.image_size
-    dataset = generate_synthetic_dataset(root / "data" / "synthetic", config.data.synthetic)
+    paths = artifact_paths(config)
+    dataset = generate_synthetic_dataset(paths.synthetic, config.data.synthetic)
     cleaning = load_dataset(dataset.root, layout="auto", check_images=True, hash_images=False)
     folds = assign_folds(cleaning.clean, config.data.n_folds, config.data.fold_seed)
-    cache = build_image_cache(folds, root / "cache" / f"{size}px", size)
-    result = train_fold(config, BACKBONE, FOLD, folds, cache, root / "checkpoints" / BACKBONE / f"fold{FOLD}")
+    cache = build_image_cache(folds, paths.cache(size), size)
+    result = train_fold(config, BACKBONE, FOLD, folds, cache, paths.checkpoint(BACKBONE, FOLD))
     trained, spec, _info = load_checkpoint(result.checkpoint_dir)
     torch.manual_seed(args.seed)
     random_init = spec.build_network().eval()
@@ -121,4 +125,5 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    with machine_load():
+        main()

@@ -14,41 +14,39 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 
-import pandas as pd
+from _common import machine_load, open_run
 
 from melanoma_ml.config import EvaluationConfig
 from melanoma_ml.evaluation.compare import paired_auc_difference
 
 
-def fold_results(root: Path, backbone: str) -> list[dict]:
-    folders = sorted((root / "checkpoints" / backbone).glob("fold*"))
-    return [json.loads((f / "result.json").read_text()) for f in folders]
-
-
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--a", type=Path, required=True, help="artifact root of the baseline run")
     parser.add_argument("--b", type=Path, required=True, help="artifact root of the variant run")
     parser.add_argument("--backbone", default="efficientnet_b0")
     parser.add_argument("--names", nargs=2, default=("a", "b"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    with machine_load():
+        compare(args)
 
+
+def compare(args: argparse.Namespace) -> None:
     config = EvaluationConfig()
-    oofs = []
+    oofs, speed = [], []
     for name, root in zip(args.names, (args.a, args.b), strict=True):
-        results = fold_results(root, args.backbone)
+        run = open_run(root)
+        results = run.fold_results(args.backbone)
         for r in results:
             print(
-                f"{name} fold {r['fold']}: {r['train_images_per_second']:.1f} train img/s, best epoch "
-                f"{r['best_epoch']}/{r['epochs_run']}, val AUROC {r['best_val_auroc']:.3f}"
+                f"{name} fold {r.fold}: {r.train_images_per_second:.1f} train img/s, best epoch "
+                f"{r.best_epoch}/{r.epochs_run}, val AUROC {r.best_val_auroc:.3f}"
             )
-        oofs.append(pd.read_parquet(root / "reports" / args.backbone / "oof.parquet"))
-    speed = [statistics.median(r["train_images_per_second"] for r in fold_results(root, args.backbone))
-             for root in (args.a, args.b)]  # fmt: skip
+        oofs.append(run.oof(args.backbone))
+        speed.append(statistics.median(r.train_images_per_second for r in results))
     print(f"median train img/s: {args.names[0]} {speed[0]:.1f}, {args.names[1]} {speed[1]:.1f} "
           f"({speed[1] / speed[0]:.2f}x)")  # fmt: skip
     diff = paired_auc_difference(oofs[1], oofs[0], config, names=(args.names[1], args.names[0]))

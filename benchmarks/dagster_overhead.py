@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import machine_load
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
@@ -143,4 +145,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with machine_load():
+        main()

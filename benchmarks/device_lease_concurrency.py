@@ -14,13 +14,16 @@ code location load), as a backfill's would.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _common import machine_load, open_run
+
+from melanoma_ml.training.train import FoldResult
 
 DAGSTER = [sys.executable, "-m", "dagster"]
 BACKBONE = "test_efficientnet"
@@ -58,8 +61,8 @@ def _wait(process: subprocess.Popen) -> None:
 
 
 def _fold_results(env: dict[str, str], folds: list[str]) -> list[dict]:
-    root = Path(env["MELANOMA_ARTIFACT_ROOT"]) / "checkpoints" / BACKBONE
-    return [json.loads((root / f"fold{fold}" / "result.json").read_text()) for fold in folds]
+    run = open_run(env["MELANOMA_ARTIFACT_ROOT"])
+    return [FoldResult.load(run.paths.checkpoint(BACKBONE, int(fold))).to_dict() for fold in folds]
 
 
 def main() -> None:
@@ -108,4 +111,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with machine_load():
+        main()

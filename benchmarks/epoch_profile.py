@@ -9,19 +9,21 @@ optimizer (``MelanomaModule``'s own objects):
 * ``Trainer.fit`` for one epoch, set up as ``train_fold`` sets it up (deterministic="warn", the
   TensorBoard logger, no validation). ``gap`` = Lightning fit wall / plain loop wall - 1.
 
-With ``--precision`` / ``--channels-last`` it also runs that variant and prints its train img/s against
-fp32 measured in the same run. Last, the epoch's data time with the pre-resized uint8 cache vs decoding the
-originals (``--original-size`` px JPEGs, ISIC-like) with ``load_resized`` every epoch.
+Every ``--variants`` entry (default: fp32, bf16 autocast and fp32 channels-last) is measured in the same
+invocation, the variants' epochs interleaved (epoch 1 of each, then epoch 2 of each, ...) so load drift hits
+them alike, and each variant's train img/s is printed as a ratio against the fp32 NCHW row of this same run.
+Last, the epoch's data time with the pre-resized uint8 cache vs decoding the originals
+(``--original-size`` px JPEGs, ISIC-like) with ``load_resized`` every epoch.
 
     python benchmarks/epoch_profile.py
-    python benchmarks/epoch_profile.py --precision bf16-mixed --channels-last
+    python benchmarks/epoch_profile.py --models efficientnet_b0:128 --repeat 2 --skip-decode
+    python benchmarks/epoch_profile.py --variants 32-true 32-true+CL
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import tempfile
 import time
 import warnings
@@ -34,6 +36,7 @@ from typing import Any
 import lightning as L
 import pandas as pd
 import torch
+from _common import machine_load
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, Dataset
 
@@ -51,6 +54,20 @@ from melanoma_ml.training.module import MelanomaModule
 
 PARTS = ("data", "forward", "backward", "optimizer", "metrics")
 FP32 = ("32-true", False)
+DEFAULT_VARIANTS = ("32-true", "bf16-mixed", "32-true+CL")
+"""``precision[+CL]``: Lightning precision, ``+CL`` for channels-last model and batches."""
+
+
+def parse_variant(text: str) -> tuple[str, bool]:
+    """``"bf16-mixed+CL"`` -> ``("bf16-mixed", True)``."""
+    precision, plus, flag = text.partition("+")
+    if plus and flag != "CL":
+        raise argparse.ArgumentTypeError(f"variant {text!r}: write precision or precision+CL, e.g. 32-true+CL")
+    return precision, bool(plus)
+
+
+def variant_name(variant: tuple[str, bool]) -> str:
+    return variant[0] + (" +CL" if variant[1] else "")
 
 
 @dataclass
@@ -246,30 +263,31 @@ def _timed(label: str, fn: Callable[[], Any]) -> Any:
     return value
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="test_efficientnet:64,efficientnet_b0:128", help="name:px,...")
     parser.add_argument("--patients", type=int, default=100, help="synthetic patients, 2-4 images each")
     parser.add_argument("--original-size", type=int, default=1024, help="side of the generated originals")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument(
-        "--precision", default="32-true", help="variant to compare with fp32, e.g. bf16-mixed"
+        "--variants",
+        nargs="+",
+        type=parse_variant,
+        default=[parse_variant(v) for v in DEFAULT_VARIANTS],
+        help="precision[+CL] per variant, all measured in this run against its 32-true row "
+        f"(default: {' '.join(DEFAULT_VARIANTS)})",
     )
-    parser.add_argument("--channels-last", action="store_true", help="variant in channels-last memory format")
     parser.add_argument("--repeat", type=int, default=2, help="best of this many epochs per side")
     parser.add_argument(
         "--data-dir", type=Path, help="keep/reuse the synthetic originals here (else a temp dir)"
     )
     parser.add_argument("--data-only", action="store_true", help="only the cache vs decode data times")
     parser.add_argument("--skip-decode", action="store_true", help="skip cache vs decode-every-epoch")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no per-Trainer "GPU available" chatter
 
-    variants = [FP32]
-    if (args.precision, args.channels_last) != FP32:
-        variants.append((args.precision, args.channels_last))
+    variants = [FP32] + [v for v in dict.fromkeys(args.variants) if v != FP32]  # the baseline first, once
     models = [(name, int(px)) for name, px in (item.split(":") for item in args.models.split(","))]
-    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="epoch-profile-") as tmp:
         root = Path(tmp)
         synthetic = SyntheticConfig(
@@ -281,8 +299,7 @@ def main() -> None:
         print(
             f"{len(table)} training images ({args.original_size} px synthetic JPEG originals), batch "
             f"{args.batch_size}, torch {torch.__version__}, CPU threads {torch.get_num_threads()}, "
-            f"cpu capability {torch.backends.cpu.get_cpu_capability()}, load avg "
-            + "/".join(f"{x:.1f}" for x in load_before),
+            f"cpu capability {torch.backends.cpu.get_cpu_capability()}",
             flush=True,
         )
         header = (
@@ -294,14 +311,19 @@ def main() -> None:
         setups = {}
         for backbone, size in models:
             setup = setups[(backbone, size)] = build_setup(backbone, size, table, root, args.batch_size)
-            for precision, channels_last in [] if args.data_only else variants:
+            measured = [] if args.data_only else variants
+            for precision, channels_last in measured:
                 plain_epoch(setup, precision, channels_last, max_batches=2)  # warm-up: oneDNN kernels
-                plain, fit = [], []
-                for attempt in range(args.repeat):
-                    plain.append(plain_epoch(setup, precision, channels_last))
-                    fit.append(lightning_epoch(setup, precision, channels_last, root / f"tb-{attempt}"))
-                p, f = _best(plain), _best(fit)
-                name = precision + (" +CL" if channels_last else "")
+            plain: dict[tuple[str, bool], list] = {v: [] for v in measured}
+            fit: dict[tuple[str, bool], list] = {v: [] for v in measured}
+            for attempt in range(args.repeat):  # interleaved: each variant's k-th epoch close in time
+                for precision, channels_last in measured:
+                    log_dir = root / f"tb-{attempt}"
+                    plain[(precision, channels_last)].append(plain_epoch(setup, precision, channels_last))
+                    fit[(precision, channels_last)].append(lightning_epoch(setup, precision, channels_last, log_dir))
+            for variant in measured:
+                p, f = _best(plain[variant]), _best(fit[variant])
+                name = variant_name(variant)
                 speed[(backbone, size, name)] = (p["images"] / p["wall"], f["images"] / f["wall"])
                 rows.append(
                     f"{backbone:<18}{size:>4} {name:<18}"
@@ -313,15 +335,17 @@ def main() -> None:
         print(f"\nbest of {args.repeat} epochs per side (s = seconds in the epoch; % of the plain loop wall)")
         print(header)
         print("\n".join(rows))
-        if len(variants) > 1 and not args.data_only:
-            name = variants[1][0] + (" +CL" if variants[1][1] else "")
-            print(f"\ntrain img/s, {name} vs 32-true (same run):")
+        if not args.data_only:
+            print("\ntrain img/s of each variant / the 32-true row of this same run:")
             for backbone, size in models:
-                base, other = speed[(backbone, size, "32-true")], speed[(backbone, size, name)]
-                print(
-                    f"  {backbone:<18}{size:>4} px  plain {other[0] / base[0]:.2f}x   "
-                    f"lightning {other[1] / base[1]:.2f}x"
-                )
+                base = speed[(backbone, size, "32-true")]
+                for variant in variants:
+                    name = variant_name(variant)
+                    plain_rate, fit_rate = speed[(backbone, size, name)]
+                    print(
+                        f"  {backbone:<18}{size:>4} px  {name:<14} plain {plain_rate:6.1f} img/s "
+                        f"({plain_rate / base[0]:.2f}x)   lightning fit {fit_rate:6.1f} img/s ({fit_rate / base[1]:.2f}x)"
+                    )
         if not args.skip_decode:
             print(f"\nepoch data time (read + augment + collate), {len(table)} images, in-process:")
             paths = table[schema.IMAGE_PATH].astype(str).tolist()
@@ -333,8 +357,8 @@ def main() -> None:
                     seconds = min(data_epoch_seconds(decoding, args.batch_size) for _ in range(args.repeat))
                     line += f" | {label} {seconds:6.2f} s: cache {seconds / cached:4.1f}x faster"
                 print(line, flush=True)
-    print("load avg at the end: " + "/".join(f"{x:.1f}" for x in os.getloadavg()))
 
 
 if __name__ == "__main__":
-    main()
+    with machine_load():
+        main()

@@ -28,15 +28,10 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import math
 import os
-import shutil
-import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +41,11 @@ quiet_network_chatter()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from _common import machine_load  # noqa: E402
 
 from melanoma_ml.config import PipelineConfig, load_config  # noqa: E402
 from melanoma_ml.pipeline import build_cache, clean_source, make_folds, prepare_source  # noqa: E402
+from melanoma_ml.training.gpu_probe import UtilisationSampler, utilisation_reader, with_step_budget  # noqa: E402
 from melanoma_ml.training.hardware import resolve_hardware  # noqa: E402
 from melanoma_ml.training.train import split_fold, train_fold  # noqa: E402
 
@@ -89,6 +86,7 @@ def smoke_config(args: argparse.Namespace, artifact_root: Path) -> PipelineConfi
     else:
         source_px = 96 if args.dry_run else 512
         data.update(
+            allow_synthetic=True,  # the full profile refuses synthetic data unless asked for it
             n_folds=2 if args.dry_run else 5,
             synthetic={
                 "n_patients": args.synthetic_patients,
@@ -112,86 +110,6 @@ def smoke_config(args: argparse.Namespace, artifact_root: Path) -> PipelineConfi
             "training": training,
         },
     )
-
-
-def with_step_budget(config: PipelineConfig, n_train: int, steps: int) -> PipelineConfig:
-    """``config`` with epochs and ``limit_train_batches`` set so the fit runs about ``steps`` steps."""
-    per_epoch = max(1, n_train // config.training.batch_size)
-    epochs = max(1, math.ceil(steps / per_epoch))
-    return config.model_copy(
-        update={
-            "training": config.training.model_copy(
-                update={
-                    "epochs": epochs,
-                    "limit_train_batches": min(per_epoch, steps),
-                    "early_stopping_patience": epochs,  # a smoke run measures; it does not stop early
-                }
-            )
-        }
-    )
-
-
-class UtilisationSampler:
-    """Samples ``read()`` (GPU utilisation in %) every ``period_s`` in a daemon thread while in a ``with``."""
-
-    def __init__(self, read: Callable[[], float], period_s: float) -> None:
-        self.read, self.period_s = read, period_s
-        self.samples: list[float] = []
-        self.errors: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="gpu-utilisation", daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.period_s):
-            try:
-                self.samples.append(float(self.read()))
-            except (OSError, ValueError, subprocess.SubprocessError, RuntimeError) as exc:
-                self.errors.append(f"{type(exc).__name__}: {exc}")  # shown in the summary, not lost
-                return
-
-    def __enter__(self) -> UtilisationSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def summary(self) -> str:
-        if not self.samples:
-            return f"no samples ({'; '.join(self.errors) or 'the run was shorter than one period'})"
-        mean = sum(self.samples) / len(self.samples)
-        return f"mean {mean:.0f}%, max {max(self.samples):.0f}% ({len(self.samples)} samples)"
-
-
-def _nvml_index(torch_index: int) -> int:
-    """The NVML / nvidia-smi index of torch's CUDA device ``torch_index`` (CUDA_VISIBLE_DEVICES remaps)."""
-    visible = [part.strip() for part in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if part.strip()]
-    if visible and all(part.isdigit() for part in visible) and torch_index < len(visible):
-        return int(visible[torch_index])
-    return torch_index
-
-
-def utilisation_reader(torch_index: int) -> tuple[str, Callable[[], float]]:
-    """``(how, read)``: read GPU utilisation in % with pynvml if installed, else nvidia-smi."""
-    index = _nvml_index(torch_index)
-    try:
-        import pynvml  # type: ignore[import-not-found]
-    except ImportError:
-        pynvml = None
-    if pynvml is not None:
-        pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-        return "pynvml", lambda: float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
-    smi = shutil.which("nvidia-smi")
-    if smi is None:
-        raise RuntimeError("neither pynvml nor nvidia-smi is available")
-    command = [smi, "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-i", str(index)]
-
-    def read() -> float:
-        return float(subprocess.run(command, capture_output=True, text=True, check=True, timeout=10).stdout)
-
-    return "nvidia-smi", read
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -252,4 +170,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with machine_load():
+        code = main()
+    sys.exit(code)

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import h5py
+from _common import machine_load
 
 from melanoma_ml import schema
 from melanoma_ml.config import SyntheticConfig
@@ -67,4 +68,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with machine_load():
+        main()

@@ -6,7 +6,7 @@ distribution while models are loaded beside the served one, and which versions a
 ``ModelService`` is always measured; ``--client`` adds the same load through a live app on 127.0.0.1 via
 ``gradio_client`` (loopback only).
 
-Bundles are tiny random-weight ``test_efficientnet`` networks made by the tests' ``register_tiny`` in a
+Bundles are tiny random-weight ``test_efficientnet`` networks (``_common.random_bundle``) in a
 temporary folder that is removed afterwards. Bounded: at most ``--requests`` requests per phase and
 ``--seconds`` seconds per phase; it stops by itself.
 
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import threading
 import time
@@ -30,10 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' bundle/app helpers
 
-from app_helpers import launch_local, register_tiny  # noqa: E402
-from serving_latency import percentiles, upload  # noqa: E402
+from _common import launch_local, machine_load, percentiles, random_bundle, upload  # noqa: E402
 
 from melanoma_ml.runtime import quiet_network_chatter  # noqa: E402
 
@@ -136,8 +133,11 @@ def main(argv: list[str] | None = None) -> None:
         from melanoma_ml.serving.registry import ModelRegistry
         from melanoma_ml.serving.service import ModelService, PredictionRequest
 
-        registry = ModelRegistry(work / "registry")
-        versions = [register_tiny(registry, seed=seed) for seed in range(args.versions)]
+        registry = ModelRegistry(work / "model-registry")
+        versions = [
+            random_bundle(registry.root, "test_efficientnet", 64, seed=seed, meta_hidden=(8,))
+            for seed in range(args.versions)
+        ]
         registry.rollback(to=versions[0], reason="hot reload benchmark start")
         image = upload(work / "lesion.jpg")
         serving = ServingConfig(tta=False, concurrency_limit=args.clients)
@@ -182,4 +182,5 @@ def _torch_threads() -> int:
 
 
 if __name__ == "__main__":
-    main()
+    with machine_load():
+        main()

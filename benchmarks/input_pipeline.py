@@ -38,6 +38,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from _common import machine_load  # noqa: E402
 
 from melanoma_ml.config import AugmentationConfig, ModelConfig, TrainingConfig, load_config  # noqa: E402
 from melanoma_ml.images.cache import ImageCache  # noqa: E402
@@ -253,4 +254,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with machine_load():
+        main()

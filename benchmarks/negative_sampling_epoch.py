@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from _common import machine_load
 
 from melanoma_ml import schema
 from melanoma_ml.config import SyntheticConfig, load_config
@@ -100,4 +101,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with machine_load():
+        main()

@@ -42,6 +42,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
+from _common import machine_load  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
@@ -345,4 +346,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    with machine_load():
+        code = main()
+    raise SystemExit(code)

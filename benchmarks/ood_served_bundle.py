@@ -4,7 +4,7 @@ Loads the registry's current bundle under ``--artifact-root`` (a finished run, e
 ``benchmarks/real_isic_sample.py --workdir``) and scores, the way the app does (``inference.score``: decode,
 resize, normalise, no metadata, no TTA; the detector reads member 0's pooled embedding):
 
-* **in distribution**: the run's locked test split (``tables/folds.parquet`` rows of the test fold), images
+* **in distribution**: the run's locked test split (the folds table's rows of the test fold), images
   no member trained on and the detector was not fitted on, decoded from their original files;
 * **out of distribution**: the sample photos shipped with scikit-image / scikit-learn / matplotlib (plus
   random crops), uniform noise, text on white and flat colours (``benchmarks/ood_detection.py``'s sets).
@@ -29,28 +29,29 @@ quiet_network_chatter()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+from _common import machine_load, open_run, tta_scores  # noqa: E402
 from ood_detection import auroc_ci, flat_images, noise_images, sample_photos, text_images  # noqa: E402
 
-from melanoma_ml.config import PipelineConfig  # noqa: E402
 from melanoma_ml.folds import locked_test_mask  # noqa: E402
 from melanoma_ml.images.io import load_rgb  # noqa: E402
-from melanoma_ml.serving.inference import score  # noqa: E402
-from melanoma_ml.serving.remote_registry import open_registry  # noqa: E402
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--artifact-root", type=Path, required=True)
     parser.add_argument("--n-bootstrap", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    with machine_load():
+        measure(args)
 
-    config = PipelineConfig(artifact_root=str(args.artifact_root))
-    bundle = open_registry(config).load_current()
-    if bundle is None or bundle.ood is None:
-        raise SystemExit(f"no served bundle with an OOD detector under {args.artifact_root}")
-    folds = pd.read_parquet(args.artifact_root / "tables" / "folds.parquet")
+
+def measure(args: argparse.Namespace) -> None:
+    run = open_run(args.artifact_root)
+    bundle = run.served_bundle()
+    if bundle.ood is None:
+        raise SystemExit(f"the served bundle {bundle.version} under {args.artifact_root} has no OOD detector")
+    folds = run.folds_table()
     test = folds[locked_test_mask(folds)]
     rng = np.random.default_rng(args.seed)
     sets = {
@@ -62,7 +63,7 @@ def main() -> None:
     }
     scores = {}
     for name, images in sets.items():
-        result = score(bundle, images, [{}] * len(images), tta=False)
+        result = tta_scores(bundle, images, [{}] * len(images), tta=False)
         scores[name] = (result.ood_score, result.ood_flag)
     inside = scores["in distribution (locked test split)"][0]
     print(

@@ -36,6 +36,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _common import machine_load, open_run  # noqa: E402
+
 from melanoma_ml.runtime import quiet_network_chatter  # noqa: E402  (before dagster/albumentations load)
 
 quiet_network_chatter()
@@ -239,17 +241,11 @@ def collect_results(config: Any, backbone: str) -> dict[str, Any]:
     """Numbers from the artifacts on disk (the same for both runners)."""
     import pandas as pd
 
-    from melanoma_ml.artifacts import artifact_paths
-    from melanoma_ml.evaluation import EvaluationReport
-
-    paths = artifact_paths(config)
-    report = EvaluationReport.load(paths.report(backbone))
-    folds = [
-        json.loads((paths.checkpoint(backbone, k) / "result.json").read_text())
-        for k in range(config.data.n_folds)
-    ]
-    clean = pd.read_parquet(paths.tables / "clean.parquet")
-    quarantine = pd.read_parquet(paths.tables / "quarantine.parquet")
+    run = open_run(config.artifact_root)
+    report = run.report(backbone)
+    folds = [f.to_dict() for f in run.fold_results(backbone)]
+    clean = pd.read_parquet(run.paths.clean_table)
+    quarantine = pd.read_parquet(run.paths.quarantine_table)
     tuned = report.metrics_at_threshold[report.metrics_at_threshold["operating_point"] == "tuned"]
     return {
         "data": {
@@ -352,4 +348,5 @@ def print_summary(results: dict[str, Any], out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with machine_load():
+        main()

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import os
 import platform
 import tempfile
 import time
@@ -40,8 +39,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from _common import (
+    ISIC_SAMPLE,
+    loaded_random_bundle,
+    machine_load,
+    median_seconds,
+    seed_loop_net,
+    seed_loop_predict,
+)
 from torch.utils.flop_counter import FlopCounterMode
-from tta_batched_vs_seed import build_bundle, median_seconds, seed_predict
 
 from melanoma_ml.atomic import sha256_file
 from melanoma_ml.images.io import load_rgb
@@ -49,10 +55,7 @@ from melanoma_ml.serving.inference import N_VIEWS, dihedral_views, encode_metada
 from melanoma_ml.serving.runtimes import OnnxRunner, export_onnx, max_probability_gap
 from melanoma_ml.spec import ModelSpec
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = (
-    Path(os.environ.get("MELANOMA_SHARED_DATA", REPO_ROOT.parent / "shared" / "data")) / "isic_sample"
-)
+DEFAULT_DATA = ISIC_SAMPLE
 SIZES = {"efficientnet_b0": 256, "test_efficientnet": 64}
 LogitsFn = Callable[[torch.Tensor, torch.Tensor], object]
 
@@ -211,8 +214,8 @@ def openvino_runner(path: Path, threads: int) -> tuple[LogitsFn, str]:
 
 def measure_model(backbone: str, args: argparse.Namespace, peaks: dict[str, float]) -> None:
     size = SIZES[backbone]
-    torch.manual_seed(0)
-    bundle = build_bundle(backbone, size)
+    with tempfile.TemporaryDirectory(prefix="roofline-bundle-") as tmp:
+        bundle = loaded_random_bundle(Path(tmp), backbone, size)
     spec, net = bundle.spec, bundle.net
     originals, views, meta = real_inputs(args.data, spec, 0, args.parity_images)
     spread_logits(net, views, meta)
@@ -226,8 +229,8 @@ def measure_model(backbone: str, args: argparse.Namespace, peaks: dict[str, floa
     calibration = real_inputs(args.data, spec, args.parity_images, args.calibration_images)[1:]
     x, m = views[:N_VIEWS], meta[:N_VIEWS]  # the timed batch: the 8 views of one real image
 
-    seed_net = copy.deepcopy(reference)
-    seed_ms = 1000 * median_seconds(lambda: seed_predict(seed_net, spec, originals[0], m[:1]), args.repeats)
+    seed_net = seed_loop_net(reference)
+    seed_ms = 1000 * median_seconds(lambda: seed_loop_predict(seed_net, spec, originals[0], m[:1]), args.repeats)
     prep_ms = 1000 * median_seconds(lambda: dihedral_views(preprocess(originals[:1], spec)), args.repeats)
 
     rows: list[tuple[Row, LogitsFn | None]] = [
@@ -344,7 +347,7 @@ def print_table(
     )
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7, help="timed calls per runtime (median)")
@@ -354,24 +357,24 @@ def main() -> None:
     parser.add_argument("--skip-compile", action="store_true")
     parser.add_argument("--models", nargs="+", default=list(SIZES), choices=list(SIZES))
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the isic_sample folder (read only)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if not (args.data / "metadata.csv").is_file():
         raise SystemExit(f"real sample not found at {args.data}; pass --data or set MELANOMA_SHARED_DATA")
 
-    print(
-        f"{platform.processor() or platform.machine()}, torch {torch.__version__} (capability "
-        f"{torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} threads, load average "
-        f"{os.getloadavg()[0]:.2f} at start\nCPU flags: {cpu_flags()}"
-    )
-    peaks, sizes = {}, (2048, 4096)
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("int8", torch.int8)):
-        peaks[name], detail = gemm_peak(dtype, sizes, args.gemm_repeats)
-        unit = "GOP/s" if name == "int8" else "GFLOP/s"
-        print(f"peak {name} GEMM: {peaks[name]:.0f} {unit} (best of {args.gemm_repeats}; {detail})")
-    for backbone in args.models:
-        measure_model(backbone, args, peaks)
-    print(f"\nload average at end {os.getloadavg()[0]:.2f}")
+    with machine_load():
+        print(
+            f"{platform.processor() or platform.machine()}, torch {torch.__version__} (capability "
+            f"{torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} threads\n"
+            f"CPU flags: {cpu_flags()}"
+        )
+        peaks, sizes = {}, (2048, 4096)
+        for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("int8", torch.int8)):
+            peaks[name], detail = gemm_peak(dtype, sizes, args.gemm_repeats)
+            unit = "GOP/s" if name == "int8" else "GFLOP/s"
+            print(f"peak {name} GEMM: {peaks[name]:.0f} {unit} (best of {args.gemm_repeats}; {detail})")
+        for backbone in args.models:
+            measure_model(backbone, args, peaks)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Parity of every serving runtime/precision with eager fp32 on a finished pipeline run's out-of-fold rows.
 
 For each fold checkpoint of ``--backbone`` under ``--artifact-root`` it scores the fold's own validation
-images (from the image cache the fold was trained on; metadata from ``tables/folds.parquet``) with 8-view
-dihedral TTA (``melanoma_ml.serving.inference.dihedral_views``), once with eager fp32 PyTorch and once with
+images (from the image cache the fold was trained on; metadata from the run's folds table) with 8-view
+dihedral TTA (the library's ``inference.view_logits`` and ``average_members``, as a served bundle does), once with eager fp32 PyTorch and once with
 each offered runtime/precision (``melanoma_ml.serving.runtimes``; int8 is calibrated on
 ``--calibration-images`` of the fold's own training images). Pooled over folds it prints, per runtime:
 
@@ -19,16 +19,14 @@ cache, normalisation and metadata encoding are the ones training used).
 Usage::
 
     .venv/bin/python benchmarks/runtime_parity.py --artifact-root artifacts [--backbone efficientnet_b0]
-        [--threads 2] [--calibration-images 64] [--n-bootstrap 1000] [--max-images-per-fold N]
+        [--threads 2] [--calibration-images 64] [--n-bootstrap 1000] [--max-images-per-fold N] [--csv OUT]
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,19 +34,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from _common import machine_load, median_seconds, open_run
 
 from melanoma_ml import schema
-from melanoma_ml.artifacts import ArtifactPaths
 from melanoma_ml.config import RUNTIME_PRECISIONS, EvaluationConfig
 from melanoma_ml.evaluation.compare import paired_auc_difference
 from melanoma_ml.images.cache import ImageCache
-from melanoma_ml.serving.inference import N_VIEWS, dihedral_views, normalize
+from melanoma_ml.serving.inference import N_VIEWS, average_members, dihedral_views, normalize, view_logits
 from melanoma_ml.serving.runtimes import REFERENCE, RuntimeChoice, export_runtime, load_logits_fn
 from melanoma_ml.spec import ModelSpec
 from melanoma_ml.training.checkpoint import load_checkpoint
-from melanoma_ml.training.train import PROB, FoldResult, split_fold
+from melanoma_ml.training.train import PROB, split_fold
 
-FOLDS_TABLE = "folds.parquet"
 DEFAULT_MARGIN = 0.002
 """A runtime is offered as the default only if its AUC difference CI lies within +-this (issue 12)."""
 BATCH_IMAGES = 16
@@ -79,15 +76,6 @@ def offered_choices() -> list[RuntimeChoice]:
     return choices
 
 
-def fold_dirs(paths: ArtifactPaths, backbone: str) -> list[Path]:
-    """The finished fold folders of ``backbone`` (``checkpoints/<backbone>/fold<k>``), by fold."""
-    folder = paths.checkpoint(backbone, 0).parent
-    dirs = sorted((d for d in folder.glob("fold*") if d.name[4:].isdigit()), key=lambda d: int(d.name[4:]))
-    if not dirs:
-        raise SystemExit(f"no fold checkpoints under {folder}; run the pipeline (melanoma-ml demo) first")
-    return dirs
-
-
 def images_and_meta(
     rows: pd.DataFrame, cache: ImageCache, pixels: np.ndarray, spec: ModelSpec
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,27 +86,20 @@ def images_and_meta(
 
 
 def score(fn: LogitsFn, x: torch.Tensor, meta: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Per-view probabilities ``(8, n)`` and TTA means ``(n,)``, in batches of ``BATCH_IMAGES`` images."""
+    """Per-view probabilities ``(8, n)`` and TTA means ``(n,)``, in batches of ``BATCH_IMAGES`` images, through
+    the library's TTA path (``view_logits``: all views in one call; ``average_members``: the view mean)."""
     views, means = [], []
     for start in range(0, x.shape[0], BATCH_IMAGES):
-        xb, mb = x[start : start + BATCH_IMAGES], meta[start : start + BATCH_IMAGES]
-        n = xb.shape[0]
-        probs = torch.sigmoid(fn(dihedral_views(xb), mb.repeat(N_VIEWS, 1)).double()).view(N_VIEWS, n)
-        views.append(probs.numpy())
-        means.append(probs.mean(dim=0).numpy())
+        logits = view_logits(fn, x[start : start + BATCH_IMAGES], meta[start : start + BATCH_IMAGES])
+        views.append(torch.sigmoid(logits.double()).numpy())
+        means.append(average_members([logits], "probability").double().numpy())
     return np.concatenate(views, axis=1), np.concatenate(means)
 
 
 def ms_per_image(fn: LogitsFn, x: torch.Tensor, meta: torch.Tensor, repeats: int) -> float:
     """Median ms of one call on the 8 views of one image (after one warm-up call)."""
     views, view_meta = dihedral_views(x[:1]), meta[:1].repeat(N_VIEWS, 1)
-    fn(views, view_meta)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn(views, view_meta)
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+    return 1000 * median_seconds(lambda: fn(views, view_meta), repeats, warmup=1)
 
 
 def calibration_views(
@@ -130,20 +111,16 @@ def calibration_views(
 
 
 def run(args: argparse.Namespace) -> pd.DataFrame:
-    paths = ArtifactPaths(Path(args.artifact_root).expanduser().resolve())
-    table_path = paths.tables / FOLDS_TABLE
-    if not table_path.is_file():
-        raise SystemExit(f"{table_path} not found: is {paths.root} the artifact root of a finished run?")
-    table = pd.read_parquet(table_path)
+    finished = open_run(Path(args.artifact_root).expanduser())
+    paths, table = finished.paths, finished.folds_table()
     torch.set_num_threads(args.threads)
     choices = offered_choices()
     scores = {REFERENCE: Scores(), **{c: Scores() for c in choices}}
     oofs, reproduce_gap = [], 0.0
-    for fold_dir in fold_dirs(paths, args.backbone):
-        if args.folds is not None and int(fold_dir.name[4:]) not in args.folds:
+    for result in finished.fold_results(args.backbone):
+        if args.folds is not None and result.fold not in args.folds:
             continue
-        result = FoldResult.load(fold_dir)
-        net, spec, _ = load_checkpoint(fold_dir)
+        net, spec, _ = load_checkpoint(result.checkpoint_dir)
         net = net.eval().requires_grad_(False)
         cache = ImageCache.open(paths.cache(spec.image_size))
         pixels = cache.array()
@@ -223,12 +200,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--timing-repeats", type=int, default=7)
     parser.add_argument("--folds", type=int, nargs="+", default=None, help="only these folds (default: all)")
     parser.add_argument("--max-images-per-fold", type=int, default=None, help="first N validation rows only")
+    parser.add_argument("--csv", type=Path, default=None, help="also write the table to this CSV file")
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    print_table(run(args), args)
+    with machine_load():
+        frame = run(args)
+        print_table(frame, args)
+    if args.csv is not None:
+        frame.to_csv(args.csv, index=False)
     return 0
 
 

@@ -6,23 +6,24 @@ and, when asked, compute the CAM on the un-augmented view. ``ModelService.predic
 ``--client`` also times the same request through a live app on 127.0.0.1 via ``gradio_client``.
 
 Bundles have random weights (latency does not depend on them) and are written to a temporary folder that
-is removed afterwards.
+is removed afterwards. ``--default-bundle`` times the bundle the defaults serve (``PipelineConfig()``: the
+first default backbone at ``data.image_size``, a ``data.n_folds``-member fold ensemble, ``serving.runtime``
+``auto`` resolved as promotion resolves it, TTA on in the TTA-on rows); ``--artifact-root`` times the bundle
+a finished run's registry serves (its trained members, runtime and OOD detector). Every row names the
+bundle's backbone, size, members and runtime from its manifest.
 
 Usage::
 
     .venv/bin/python benchmarks/serving_latency.py [--requests 20] [--warmup 2] [--threads N] [--client]
         [--models test_efficientnet:64 efficientnet_b0:256] [--members 1 5] [--runtimes torch onnxruntime]
-        [--no-cam]
+        [--no-cam] [--default-bundle] [--artifact-root DIR]
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import itertools
-import math
 import os
-import socket
 import statistics
 import tempfile
 import time
@@ -30,6 +31,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from _common import launch_local, machine_load, open_run, percentiles, random_bundle, upload  # noqa: E402
 
 from melanoma_ml import schema  # noqa: E402
 from melanoma_ml.runtime import quiet_network_chatter  # noqa: E402
@@ -40,79 +43,34 @@ DEFAULT_MODELS = ("test_efficientnet:64", "efficientnet_b0:256")
 SETTINGS = [(tta, cam) for cam in ("none", "eigencam", "gradcam") for tta in (False, True)]
 
 
-def register_random_bundle(
-    root: Path, backbone: str, size: int, *, members: int = 1, runtime: str = "torch"
-) -> Path:
-    """A random-weight bundle of ``backbone`` at ``size`` px, registered and promoted in ``root``.
+def default_bundle(root: Path) -> Path:
+    """A random-weight bundle shaped like what the defaults serve (``PipelineConfig()``): the first default
+    backbone at ``data.image_size``, ``data.n_folds`` fold members when ``serving.ensemble`` is ``folds``,
+    exported for ``serving.runtime`` / ``serving.precision`` (``auto``: what promotion would choose)."""
+    from melanoma_ml.config import PipelineConfig
 
-    ``members`` > 1 makes a ``folds`` ensemble of that many networks (different seeds); ``runtime`` other
-    than ``torch`` exports every member for it at registration (checked on random probe views).
-    """
-    import torch
-
-    from melanoma_ml.config import ModelConfig
-    from melanoma_ml.features import MetadataEncoder
-    from melanoma_ml.model import create_backbone, normalization_for
-    from melanoma_ml.serving.bundle import EnsembleToSave, MemberNet, RuntimeRequest
-    from melanoma_ml.serving.inference import dihedral_views, encode_metadata
-    from melanoma_ml.serving.registry import ModelRegistry
-    from melanoma_ml.spec import ModelSpec
-
-    torch.manual_seed(0)
-    norm = normalization_for(create_backbone(backbone, pretrained=False))
-    spec = ModelSpec(
-        network=ModelConfig(backbone=backbone, meta_hidden=[128, 64], meta_dropout=0.3, head_dropout=0.3),
-        image_size=size,
-        mean=norm["mean"],
-        std=norm["std"],
-        encoder=MetadataEncoder(age_mean=50.0, age_std=15.0, sexes=schema.SEXES, sites=schema.SITES),
+    config = PipelineConfig()
+    members = config.data.n_folds if config.serving.ensemble == "folds" else 1
+    random_bundle(
+        root,
+        config.backbones[0],
+        config.data.image_size,
+        members=members,
+        runtime=config.serving.runtime,
+        precision=config.serving.precision,
+        tolerance=config.serving.runtime_parity_tolerance,
+        meta_hidden=config.model.meta_hidden,
     )
-    nets = []
-    for seed in range(members):
-        torch.manual_seed(seed)
-        nets.append(spec.build_network().eval())
-    ensemble = None
-    if members > 1:
-        ensemble = EnsembleToSave("folds", "probability", [MemberNet(n, spec, k) for k, n in enumerate(nets)])
-    request = None
-    if runtime != "torch":
-        x = dihedral_views(torch.randn(2, 3, size, size))
-        meta = encode_metadata([{}] * 2, spec, 2).repeat(8, 1)
-        request = RuntimeRequest(runtime, "fp32", 1e-3, (x, meta))
-    registry = ModelRegistry(root)
-    metrics = {"auc": {"value": 0.5, "lo": 0.4, "hi": 0.6}}
-    version = registry.register_bundle(
-        nets[0],
-        spec,
-        threshold=0.5,
-        metrics=metrics,
-        data_version="bench",
-        code_version="bench",
-        ensemble=ensemble,
-        runtime=request,
-    )
-    registry.promote(version, reason="latency benchmark")
     return root
 
 
-def upload(path: Path) -> Path:
-    """A 600x450 JPEG with some texture (decoding cost like a real photo)."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    small = rng.integers(60, 220, (45, 60, 3), dtype=np.uint8)
-    image = Image.fromarray(small).resize((600, 450), Image.Resampling.BICUBIC)
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=90)
-    path.write_bytes(buffer.getvalue())
-    return path
-
-
-def percentiles(seconds: list[float]) -> tuple[float, float]:
-    """(p50, p95) in milliseconds (p95 by nearest rank)."""
-    ms = sorted(s * 1000 for s in seconds)
-    return statistics.median(ms), ms[min(len(ms) - 1, math.ceil(0.95 * len(ms)) - 1)]
+def describe(registry) -> tuple[str, int, int, str]:
+    """(backbone, px, members, runtime) of the registry's current bundle, from its manifest."""
+    manifest = registry.manifest(registry.current())
+    spec = manifest.model_spec
+    members = 1 if manifest.ensemble is None else len(manifest.ensemble.members)
+    runtime = "torch" if manifest.runtime is None else manifest.runtime.runtime
+    return spec.network.backbone, spec.image_size, members, runtime
 
 
 class Timings:
@@ -151,16 +109,11 @@ def time_client(service, image: Path, work: Path, tta: bool, cam: str, requests:
     os.environ["GRADIO_TEMP_DIR"] = str(work / "server")
     from gradio_client import Client, handle_file
 
-    from melanoma_ml.serving.app import create_app, launch_options
+    from melanoma_ml.serving.app import create_app
 
     demo = create_app(service)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    options = launch_options(service.config)
-    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True, **options)
+    url = launch_local(demo, service.config)
     try:
-        url = f"http://127.0.0.1:{port}/"
         client = Client(url, verbose=False, download_files=str(work / "client"), analytics_enabled=False)
         site = schema.SITES[0]
 
@@ -177,7 +130,7 @@ def time_client(service, image: Path, work: Path, tta: bool, cam: str, requests:
         demo.close()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), help="backbone:size pairs")
     parser.add_argument("--requests", type=int, default=20, help="timed requests per setting (bounded loop)")
@@ -191,63 +144,87 @@ def main() -> None:
         "--runtimes", nargs="+", default=["torch"], help="serving.runtime values to time (torch, onnxruntime)"
     )
     parser.add_argument("--no-cam", action="store_true", help="only the TTA off/on rows (no CAM)")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--default-bundle",
+        action="store_true",
+        help="time the bundle the defaults serve (k-fold ensemble, serving.runtime auto) instead of --models",
+    )
+    parser.add_argument(
+        "--artifact-root", type=Path, default=None, help="time the bundle this finished run's registry serves"
+    )
+    args = parser.parse_args(argv)
     if not 1 <= args.requests <= 1000:
         parser.error("--requests must be between 1 and 1000")
 
     import torch
 
     import melanoma_ml.serving.explain  # noqa: F401  (cold imports outside the clock)
-    from melanoma_ml.config import ServingConfig
-    from melanoma_ml.serving.registry import ModelRegistry
-    from melanoma_ml.serving.service import ModelService
 
     if args.threads:
         torch.set_num_threads(args.threads)
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs visible, CPU only"
     )
-    print(f"{args.requests} timed requests per row after {args.warmup} warm-up; 600x450 JPEG upload")
-    print(f"load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())}\n")
+    print(f"{args.requests} timed requests per row after {args.warmup} warm-up; 600x450 JPEG upload\n")
+    with machine_load(), tempfile.TemporaryDirectory(prefix="serving-latency-") as tmp:
+        measure(args, Path(tmp))
+    print(
+        "p50/p95: wall clock per request; CPU ms: median CPU time of this process per request (all threads)"
+    )
+
+
+def registries(args: argparse.Namespace, work: Path):
+    """(label, registry) of every bundle to time, built as they are needed."""
+    from melanoma_ml.serving.registry import ModelRegistry
+
+    if args.artifact_root is not None:
+        yield "served by the run", open_run(args.artifact_root).registry()
+    if args.default_bundle:
+        yield "defaults", ModelRegistry(default_bundle(work / "defaults-registry"))
+    if args.artifact_root is not None or args.default_bundle:
+        return
+    for model, members, runtime in itertools.product(args.models, args.members, args.runtimes):
+        backbone, _, size = model.partition(":")
+        folder = work / f"{backbone}-{members}-{runtime}-registry"
+        random_bundle(folder, backbone, int(size or 256), members=members, runtime=runtime)
+        yield "random weights", ModelRegistry(folder)
+
+
+def measure(args: argparse.Namespace, work: Path) -> None:
+    from melanoma_ml.config import ServingConfig
+    from melanoma_ml.serving.model_card import ood_text, runtime_text
+    from melanoma_ml.serving.service import ModelService
+
     header = (
         f"{'backbone':<18} {'px':>4} {'members':>7} {'runtime':<12} {'path':<8} {'TTA':<4} {'CAM':<9} "
         f"{'p50 ms':>8} {'p95 ms':>8} {'CPU ms':>8}"
     )
-    print(header)
-    print("-" * len(header))
-    with tempfile.TemporaryDirectory(prefix="serving-latency-") as tmp:
-        work = Path(tmp)
-        image = upload(work / "upload.jpg")
-        settings = [(tta, cam) for tta, cam in SETTINGS if not (args.no_cam and cam != "none")]
-        for model, members, runtime in itertools.product(args.models, args.members, args.runtimes):
-            backbone, _, size = model.partition(":")
-            folder = work / f"{backbone}-{members}-{runtime}" / "registry"
-            root = register_random_bundle(
-                folder, backbone, int(size or 256), members=members, runtime=runtime
+    image = upload(work / "upload.jpg")
+    settings = [(tta, cam) for tta, cam in SETTINGS if not (args.no_cam and cam != "none")]
+    for label, registry in registries(args, work):
+        backbone, size, members, runtime = describe(registry)
+        manifest = registry.manifest(registry.current())
+        print(f"{label}: {registry.current()}, runtime {runtime_text(manifest)}; OOD check: {ood_text(manifest)}")
+        print(header)
+        print("-" * len(header))
+        service = ModelService(registry, ServingConfig())
+        service.status()  # load outside the clock
+        rows = [
+            ("service", tta, cam, time_service(service, image, tta, cam, args.requests, args.warmup))
+            for tta, cam in settings
+        ]
+        if args.client:
+            timings = time_client(service, image, work / backbone, True, "eigencam", args.requests, args.warmup)
+            rows.append(("client", True, "eigencam", timings))
+        for path, tta, cam, timings in rows:
+            p50, p95 = percentiles(timings.wall)
+            cpu = statistics.median(timings.cpu) * 1000
+            print(
+                f"{backbone:<18} {size:>4} {members:>7} {runtime:<12} {path:<8} {'on' if tta else 'off':<4} "
+                f"{cam:<9} {p50:>8.1f} {p95:>8.1f} {cpu:>8.1f}",
+                flush=True,
             )
-            service = ModelService(ModelRegistry(root), ServingConfig())
-            service.status()  # load outside the clock
-            rows = [
-                ("service", tta, cam, time_service(service, image, tta, cam, args.requests, args.warmup))
-                for tta, cam in settings
-            ]
-            if args.client:
-                timings = time_client(
-                    service, image, work / backbone, True, "eigencam", args.requests, args.warmup
-                )
-                rows.append(("client", True, "eigencam", timings))
-            for path, tta, cam, timings in rows:
-                p50, p95 = percentiles(timings.wall)
-                cpu = statistics.median(timings.cpu) * 1000
-                print(
-                    f"{backbone:<18} {size:>4} {members:>7} {runtime:<12} {path:<8} {'on' if tta else 'off':<4} {cam:<9} "
-                    f"{p50:>8.1f} {p95:>8.1f} {cpu:>8.1f}",
-                    flush=True,
-                )
-    print(f"\nload average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
-    print(
-        "p50/p95: wall clock per request; CPU ms: median CPU time of this process per request (all threads)"
-    )
+        print()
 
 
 if __name__ == "__main__":

@@ -1,15 +1,16 @@
 """HistGradientBoosting (the project's tabular baseline) vs LightGBM on a synthetic ISIC-2024-like table.
 
-    python benchmarks/tabular_gbdt.py --rows 50000 --folds 2      # LightGBM side only if it is installed
+    pip install -e '.[gbdt]'                                      # LightGBM (else HGB alone is measured)
+    python benchmarks/tabular_gbdt.py --rows 50000 --folds 2
+    python benchmarks/tabular_gbdt.py --lgbm-subsample 0.8 --lgbm-colsample 0.8   # LightGBM bagging on
 
 The table: ``--rows`` images of 1,000 patients, ``--prevalence`` melanoma (0.5%), 34 features (six shifted
 for melanoma, one interaction, a per-patient offset, 5% missing), patient-grouped folds. Both models get
-the same rounds, learning rate, leaves, leaf size and L2, one thread each (``OMP_NUM_THREADS=1`` is set
-here), and are fitted on the same folds in one process; AUC and pAUC (TPR >= 0.8, ISIC 2024) are on the
-validation rows of the folds run. Measured here on the same table (2 shared CPU cores, load ~11, 50k rows,
-2 folds; that run's LightGBM also subsampled 80% of rows and columns per tree): HGB AUC 0.853 pAUC 0.104
-fit 30.4 s; LightGBM 4.7.0 AUC 0.858 pAUC 0.101 fit 26.1 s. Same quality, LightGBM ~15% faster: not
-enough to add a dependency (melanoma_ml/tabular/gbdt.py).
+the same rounds, learning rate, leaves, leaf size and L2 (``TabularBaselineConfig``'s defaults), one thread
+each (``OMP_NUM_THREADS=1`` is set here), and are fitted on the same folds in one process; AUC and pAUC
+(TPR >= 0.8, ISIC 2024) are on the validation rows of the folds run. By default neither subsamples;
+``--lgbm-subsample`` / ``--lgbm-colsample`` turn on LightGBM's per-tree row / column subsampling (scikit-learn's
+HistGradientBoosting has no per-tree row subsampling). Every model's settings are printed with its numbers.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import time
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
+from _common import machine_load  # noqa: E402
 from sklearn.ensemble import HistGradientBoostingClassifier  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
@@ -42,46 +44,70 @@ def synthetic_table(rows: int, prevalence: float, seed: int = 0) -> tuple[np.nda
     return x, y, patients
 
 
-def models(params: TabularBaselineConfig) -> dict:
+def models(params: TabularBaselineConfig, subsample: float = 1.0, colsample: float = 1.0) -> dict:
+    """``{name: (settings text, factory)}`` of the models compared (LightGBM only when it is installed)."""
+    shared = (
+        f"{params.max_iter} rounds, learning rate {params.learning_rate}, {params.max_leaf_nodes} leaves, "
+        f"min leaf {params.min_samples_leaf}, L2 {params.l2_regularization}, 1 thread"
+    )
     out = {
-        "HistGradientBoosting": lambda: HistGradientBoostingClassifier(
-            learning_rate=params.learning_rate,
-            max_iter=params.max_iter,
-            max_leaf_nodes=params.max_leaf_nodes,
-            min_samples_leaf=params.min_samples_leaf,
-            l2_regularization=params.l2_regularization,
-            early_stopping=False,
-            random_state=params.seed,
+        "HistGradientBoosting": (
+            shared + ", no subsampling, no early stopping",
+            lambda: HistGradientBoostingClassifier(
+                learning_rate=params.learning_rate,
+                max_iter=params.max_iter,
+                max_leaf_nodes=params.max_leaf_nodes,
+                min_samples_leaf=params.min_samples_leaf,
+                l2_regularization=params.l2_regularization,
+                early_stopping=False,
+                random_state=params.seed,
+            ),
         )
     }
     try:
         import lightgbm as lgb
     except ImportError:
-        print("lightgbm is not installed: measuring HistGradientBoosting only")
+        print("lightgbm is not installed (pip install -e '.[gbdt]'): measuring HistGradientBoosting only")
         return out
-    out[f"LightGBM {lgb.__version__}"] = lambda: lgb.LGBMClassifier(
-        n_estimators=params.max_iter,
-        learning_rate=params.learning_rate,
-        num_leaves=params.max_leaf_nodes,
-        min_child_samples=params.min_samples_leaf,
-        reg_lambda=params.l2_regularization,
-        random_state=params.seed,
-        n_jobs=1,
-        verbose=-1,
+    sampled = f", rows subsampled {subsample:g} per tree, columns {colsample:g} per tree"
+    out[f"LightGBM {lgb.__version__}"] = (
+        shared + sampled,
+        lambda: lgb.LGBMClassifier(
+            n_estimators=params.max_iter,
+            learning_rate=params.learning_rate,
+            num_leaves=params.max_leaf_nodes,
+            min_child_samples=params.min_samples_leaf,
+            reg_lambda=params.l2_regularization,
+            random_state=params.seed,
+            subsample=subsample,
+            subsample_freq=1 if subsample < 1 else 0,  # LightGBM bags rows only with a frequency > 0
+            colsample_bytree=colsample,
+            n_jobs=1,
+            verbose=-1,
+        ),
     )
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=50_000)
     parser.add_argument("--prevalence", type=float, default=0.005)
     parser.add_argument("--folds", type=int, default=2, help="folds run, of 5")
-    args = parser.parse_args()
+    parser.add_argument("--lgbm-subsample", type=float, default=1.0, help="LightGBM rows per tree (1: all)")
+    parser.add_argument(
+        "--lgbm-colsample", type=float, default=1.0, help="LightGBM columns per tree (1: all)"
+    )
+    args = parser.parse_args(argv)
+    for name in ("lgbm_subsample", "lgbm_colsample"):
+        if not 0 < getattr(args, name) <= 1:
+            parser.error(f"--{name.replace('_', '-')} must be in (0, 1]")
+    print(f"{args.rows} rows, prevalence {args.prevalence}, {args.folds} of 5 patient-grouped folds")
     x, y, patients = synthetic_table(args.rows, args.prevalence)
     fold = patients % 5
     done = fold < args.folds
-    for name, make in models(TabularBaselineConfig()).items():
+    compared = models(TabularBaselineConfig(), args.lgbm_subsample, args.lgbm_colsample)
+    for name, (settings, make) in compared.items():
         oof, seconds = np.zeros(len(y)), 0.0
         for f in range(args.folds):
             train, val = fold != f, fold == f
@@ -94,8 +120,11 @@ def main() -> None:
         pauc = partial_auc(y[done], oof[done], 0.8)
         print(
             f"{name}: AUC {auc:.4f}  pAUC(TPR>=0.8) {pauc:.4f}  fit {seconds:.1f} s over {args.folds} folds"
+            f"  [{settings}]",
+            flush=True,
         )
 
 
 if __name__ == "__main__":
-    main()
+    with machine_load():
+        main()

@@ -31,33 +31,30 @@ from melanoma_ml.runtime import quiet_network_chatter
 quiet_network_chatter()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from _common import machine_load, open_run  # noqa: E402
 
-def main() -> None:
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--artifact-root", type=Path, required=True)
     parser.add_argument("--image-size", type=int, default=128, help="data.image_size of the run")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    with machine_load():
+        report(args)
 
-    import pandas as pd
 
-    from melanoma_ml.artifacts import artifact_paths
-    from melanoma_ml.config import PipelineConfig
-    from melanoma_ml.evaluation import EvaluationReport, evaluate_predictions
+def report(args: argparse.Namespace) -> None:
+    from melanoma_ml.evaluation import evaluate_predictions
     from melanoma_ml.evaluation.holdout import INTERNAL_TEST, evaluate_test_sets, served_fold
     from melanoma_ml.images.cache import ImageCache
     from melanoma_ml.serving.model_card import ood_text, runtime_text
-    from melanoma_ml.serving.remote_registry import open_registry
-    from melanoma_ml.training.train import FoldResult
 
-    config = PipelineConfig(artifact_root=str(args.artifact_root), data={"image_size": args.image_size})
-    paths = artifact_paths(config)
-    folds_table = pd.read_parquet(paths.tables / "folds.parquet")
-    backbones = sorted(p.name for p in paths.root.joinpath("checkpoints").iterdir() if p.is_dir())
-    fold_results = {
-        b: [FoldResult.load(d) for d in sorted((paths.root / "checkpoints" / b).glob("fold*"))]
-        for b in backbones
-    }
-    reports = {b: EvaluationReport.load(paths.report(b)) for b in backbones}
+    run = open_run(args.artifact_root, {"data": {"image_size": args.image_size}})
+    config, paths = run.config, run.paths
+    folds_table = run.folds_table()
+    backbones = run.backbones()
+    fold_results = {b: run.fold_results(b) for b in backbones}
+    reports = {b: run.report(b) for b in backbones}
     cache = ImageCache.open(paths.cache(args.image_size))
     with tempfile.TemporaryDirectory(prefix="test-split-report-") as tmp:
         tested = evaluate_test_sets(config, fold_results, reports, folds_table, cache, Path(tmp), Path(tmp))
@@ -99,7 +96,7 @@ def main() -> None:
         )
     for backbone in backbones:
         average_spaces(config, backbone, fold_results[backbone], folds_table, cache)
-    registry = open_registry(config)
+    registry = run.registry()
     current = registry.current()
     if current is None:
         print("\nregistry: nothing served")
@@ -119,7 +116,7 @@ def average_spaces(config, backbone: str, folds, folds_table, cache, n_draws: in
     calibrated model would show on a test set this small (labels drawn from the calibrated probabilities)."""
     import numpy as np
     import pandas as pd
-    from scipy import special
+    import torch
 
     from melanoma_ml.evaluation import evaluate_predictions
     from melanoma_ml.evaluation.calibration import calibrator_from_dict
@@ -127,14 +124,17 @@ def average_spaces(config, backbone: str, folds, folds_table, cache, n_draws: in
     from melanoma_ml.evaluation.metrics import expected_calibration_error
     from melanoma_ml.folds import locked_test_mask
     from melanoma_ml.serving.champion import averaged_oof, fit_served_calibration
+    from melanoma_ml.serving.inference import average_members
     from melanoma_ml.training.predict import predict_rows
 
     rows = folds_table[locked_test_mask(folds_table)].reset_index(drop=True)
     if rows.empty:
         return
-    per_fold = np.stack([predict_rows(r, rows, cache, config.training) for r in folds])
-    clipped = np.clip(per_fold, 1e-7, 1 - 1e-7)
-    means = {"probability": clipped.mean(axis=0), "logit": special.expit(special.logit(clipped).mean(axis=0))}
+    per_fold = [predict_rows(r, rows, cache, config.training) for r in folds]
+    # each fold model's (already view-averaged) probabilities as one "view" of logits, averaged across the
+    # members by the served bundle's own function (serving.ensemble_average)
+    logits = [torch.logit(torch.as_tensor(p, dtype=torch.float64).clamp(1e-7, 1 - 1e-7))[None] for p in per_fold]
+    means = {space: average_members(logits, space).numpy() for space in ("probability", "logit")}
     pooled = pd.concat([r.oof for r in folds], ignore_index=True)
     y = rows["target"].to_numpy()
     bins = config.evaluation.ece_bins
@@ -149,7 +149,7 @@ def average_spaces(config, backbone: str, folds, folds_table, cache, n_draws: in
             [pooled], space
         )  # one model per out-of-fold image: the space changes nothing there
         report = evaluate_predictions(prediction_table(rows, mean, backbone), config.evaluation)
-        calibration, _ = fit_served_calibration(config, oof, report.threshold.value)
+        calibration = fit_served_calibration(config, oof, report.threshold.value).stored
         served = mean if calibration is None else calibrator_from_dict(calibration["parameters"]).apply(mean)
         floor = [expected_calibration_error(rng.binomial(1, served), served, bins) for _ in range(n_draws)]
         lo, mid, hi = np.percentile(floor, [2.5, 50, 97.5])

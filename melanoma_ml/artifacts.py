@@ -26,11 +26,31 @@ class ArtifactPaths:
     def tables(self) -> Path:
         return self.root / "tables"
 
+    @property
+    def clean_table(self) -> Path:
+        """The cleaned metadata table (``pipeline.clean_source``)."""
+        return self.tables / "clean.parquet"
+
+    @property
+    def quarantine_table(self) -> Path:
+        """The rows cleaning set aside, each with its reason (``pipeline.clean_source``)."""
+        return self.tables / "quarantine.parquet"
+
+    @property
+    def folds_table(self) -> Path:
+        """The clean table with each row's fold (``pipeline.make_folds``)."""
+        return self.tables / "folds.parquet"
+
     def cache(self, size: int) -> Path:
         return self.root / "cache" / f"{size}px"
 
+    @property
+    def checkpoints(self) -> Path:
+        """One folder per trained backbone, holding its ``fold<k>`` checkpoint folders."""
+        return self.root / "checkpoints"
+
     def checkpoint(self, backbone: str, fold: int) -> Path:
-        return self.root / "checkpoints" / backbone / f"fold{fold}"
+        return self.checkpoints / backbone / f"fold{fold}"
 
     @property
     def locks(self) -> Path:

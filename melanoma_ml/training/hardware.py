@@ -93,7 +93,7 @@ def resolve_hardware(
     precision = training.precision
     if precision == "auto":
         precision = _auto_precision(device)
-    auto_channels_last = device in ("cuda", "cpu")  # CPU: measured 1.34x train img/s (epoch_profile.py)
+    auto_channels_last = device in ("cuda", "cpu")  # CPU speed-up: README (benchmarks/epoch_profile.py)
     channels_last = auto_channels_last if training.channels_last == "auto" else bool(training.channels_last)
     workers = training.num_workers
     if workers == "auto":

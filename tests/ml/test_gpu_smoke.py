@@ -1,28 +1,21 @@
-"""benchmarks/gpu_smoke.py: its CPU dry run trains end to end; its step budget and utilisation sampler."""
+"""benchmarks/gpu_smoke.py through its command line (CPU dry run, no-GPU exit) and the instruments it uses
+(``melanoma_ml.training.gpu_probe``: step budget, utilisation sampler)."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
 from melanoma_ml.config import load_config
+from melanoma_ml.training.gpu_probe import UtilisationSampler, nvml_index, with_step_budget
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_smoke.py"
-
-
-@pytest.fixture(scope="module")
-def smoke() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("gpu_smoke", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+NO_CUDA_EXIT = 2
 
 
 @pytest.mark.slow
@@ -45,29 +38,35 @@ def test_dry_run_trains_a_fold_on_the_cpu(tmp_path: Path) -> None:
     print(f"dry run: {seconds:.1f} s")
 
 
-def test_without_cuda_it_says_so_and_exits_2(smoke: ModuleType, monkeypatch, capsys) -> None:
-    monkeypatch.setattr(smoke.torch.cuda, "is_available", lambda: False)
-    assert smoke.main([]) == smoke.NO_CUDA_EXIT
-    assert "needs a GPU" in capsys.readouterr().err
+def test_without_cuda_it_says_so_and_exits_2() -> None:
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},  # no CUDA device, also on a GPU machine
+    )
+    assert done.returncode == NO_CUDA_EXIT, done.stderr[-3000:]
+    assert "needs a GPU" in done.stderr
 
 
 @pytest.mark.parametrize(
     ("n_train", "steps", "epochs", "batches"), [(1100, 300, 9, 34), (100, 6, 2, 3), (10, 3, 3, 1)]
 )
-def test_step_budget(smoke: ModuleType, n_train: int, steps: int, epochs: int, batches: int) -> None:
-    config = smoke.with_step_budget(load_config("full"), n_train, steps)
+def test_step_budget(n_train: int, steps: int, epochs: int, batches: int) -> None:
+    config = with_step_budget(load_config("full"), n_train, steps)
     training = config.training
     assert (training.epochs, training.limit_train_batches) == (epochs, batches)
     assert training.early_stopping_patience == epochs
 
 
-def test_sampler_collects_and_reports_a_failing_reader(smoke: ModuleType) -> None:
+def test_sampler_collects_and_reports_a_failing_reader() -> None:
     values = iter([40.0, 60.0])
 
     def read() -> float:
         return next(values, None) or float("x")  # third read: ValueError, as a garbled nvidia-smi line
 
-    with smoke.UtilisationSampler(read, period_s=0.01) as sampler:
+    with UtilisationSampler(read, period_s=0.01) as sampler:
         deadline = time.monotonic() + 5
         while not sampler.errors and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -76,8 +75,8 @@ def test_sampler_collects_and_reports_a_failing_reader(smoke: ModuleType) -> Non
     assert "ValueError" in sampler.errors[0]
 
 
-def test_cuda_visible_devices_remaps_the_nvml_index(smoke: ModuleType, monkeypatch) -> None:
+def test_cuda_visible_devices_remaps_the_nvml_index(monkeypatch) -> None:
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,1")
-    assert smoke._nvml_index(1) == 1 and smoke._nvml_index(0) == 3
+    assert nvml_index(1) == 1 and nvml_index(0) == 3
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-abc")
-    assert smoke._nvml_index(0) == 0
+    assert nvml_index(0) == 0

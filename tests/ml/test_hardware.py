@@ -77,7 +77,7 @@ def test_cpu_stays_fp32_in_channels_last(machine) -> None:
     assert plan == HardwarePlan(
         device="cpu",
         precision="32-true",
-        channels_last=True,  # 1.34x train img/s for efficientnet_b0 here (benchmarks/epoch_profile.py)
+        channels_last=True,  # faster on CPU: README (benchmarks/epoch_profile.py)
         num_workers=1,
         pin_memory=False,
         persistent_workers=True,

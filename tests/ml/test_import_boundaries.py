@@ -138,8 +138,9 @@ def _gradio_analytics_after_import(module: str | Path, preset: str | None) -> st
     if preset is not None:
         env["GRADIO_ANALYTICS_ENABLED"] = preset
     if isinstance(module, Path):
-        load = (
-            "import importlib.util as u\n"
+        load = (  # as `python script.py` runs it: the script's folder first on sys.path (benchmarks/_common)
+            "import importlib.util as u, sys\n"
+            f"sys.path.insert(0, {str(module.parent)!r})\n"
             f"spec = u.spec_from_file_location('script', {str(module)!r})\n"
             "spec.loader.exec_module(u.module_from_spec(spec))\n"
         )
