@@ -36,11 +36,18 @@ def materialize_graph(
     resources: Mapping[str, Any],
     instance: dg.DagsterInstance,
     progress: Callable[[str], Any] = print,
+    *,
+    console_log_level: str | None = None,
 ) -> GraphRun:
     """Materialize every asset of ``defs`` (all partitions) with ``resources`` on ``instance``.
 
-    Stops at the first failed stage (``GraphRun.success`` is then False).
+    Stops at the first failed stage (``GraphRun.success`` is then False). ``console_log_level`` (e.g.
+    ``"WARNING"``) is the level of the runs' console logger; None keeps Dagster's (DEBUG: every event).
+    The instance's event log records every event either way.
     """
+    run_config = None
+    if console_log_level is not None:
+        run_config = {"loggers": {"console": {"config": {"log_level": console_log_level}}}}
     assets = [*defs.assets, *(defs.asset_checks or [])]
     run = GraphRun()
     graph = defs.resolve_asset_graph()
@@ -56,6 +63,7 @@ def materialize_graph(
         result = dg.materialize(
             assets,
             selection=selection,
+            run_config=run_config,
             partition_key=partition_key,
             resources=dict(resources),
             instance=instance,

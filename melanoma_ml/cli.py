@@ -2,7 +2,7 @@
 
 Subcommands::
 
-    melanoma-ml demo [--profile demo] [--artifact-root DIR] [--set training.epochs=3 ...]
+    melanoma-ml demo [--profile demo] [--artifact-root DIR] [--set training.epochs=3 ...] [--dagster [--events]]
     melanoma-ml inspect DATA_DIR [--layout auto] [--image-dir DIR] [--no-images] [--no-hash]
     melanoma-ml models [--no-verify] [--artifact-root DIR]
     melanoma-ml rollback [--to VERSION] [--artifact-root DIR]
@@ -417,7 +417,7 @@ def _dagster_demo(args: argparse.Namespace) -> int:
             f"demo --dagster needs the Dagster layer, but {exc.name} is not importable; install the project "
             "with `pip install -e .` (./dev setup), or run the plain demo without --dagster"
         ) from exc
-    return materialize_demo(args.profile, command_overrides(args))
+    return materialize_demo(args.profile, command_overrides(args), events=args.events)
 
 
 def summary_text(result: Any, wall_seconds: float) -> str:
@@ -528,7 +528,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--dagster",
         action="store_true",
-        help="materialize the assets on the Dagster instance ($DAGSTER_HOME), so the run shows in the UI",
+        help="materialize the assets on the Dagster instance ($DAGSTER_HOME; unset: ./.dagster_home beside "
+        "the project's dagster.yaml, as ./dev uses), so the runs show in the UI",
+    )
+    demo.add_argument(
+        "--events",
+        action="store_true",
+        help="with --dagster: also print Dagster's DEBUG event stream (default: stage lines, warnings, errors)",
     )
 
     inspect = add("inspect", cmd_inspect, "detect a dataset's layout, clean its metadata, preview folds")

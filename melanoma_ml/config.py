@@ -143,7 +143,13 @@ class DataConfig(_Strict):
     source_dir: str | None = Field(
         None,
         description="Folder with an ISIC-layout dataset (ISIC 2020/2019, HAM10000 or isic-cli export). "
-        "None uses the built-in synthetic demo set generated under the artifact root.",
+        "None uses the built-in synthetic demo set generated under the artifact root (if allow_synthetic).",
+    )
+    allow_synthetic: bool = Field(
+        True,
+        description="With source_dir unset, train on the built-in synthetic set. The full profile turns it "
+        "off: a run without source_dir is then refused before any work instead of silently training on "
+        "synthetic images (set it true to train full-profile settings on synthetic data on purpose).",
     )
     image_dir: str | None = Field(
         None,
@@ -449,7 +455,7 @@ class TrainingConfig(_Strict):
     channels_last: bool | Literal["auto"] = Field(
         "auto",
         description="Model and image batches in channels-last (NHWC) memory format; 'auto': on CUDA and CPU, "
-        "off on MPS (CPU: 1.34x train img/s for efficientnet_b0 at 128 px, benchmarks/epoch_profile.py).",
+        "off on MPS (CPU speed-up: README, measured by benchmarks/epoch_profile.py).",
     )
     num_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
         0, description="DataLoader worker processes; 'auto': min(usable CPUs - 1, 8)."
@@ -723,6 +729,13 @@ class PipelineConfig(BaseSettings):
     evaluation: EvaluationConfig = EvaluationConfig()
     serving: ServingConfig = ServingConfig()
 
+    @classmethod
+    def settings_customise_sources(  # type: ignore[override]
+        cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
+    ):
+        """Read ``.env`` like the environment (see ``_declared_fields``)."""
+        return init_settings, env_settings, _declared_fields(dotenv_settings), file_secret_settings
+
     @model_validator(mode="after")
     def _backbones_present(self) -> PipelineConfig:
         if not self.backbones:
@@ -765,7 +778,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     # Real ISIC 2020 on a GPU.
     "full": {
         "backbones": ["efficientnet_b0", "densenet121", "resnet50", "convnext_tiny", "tf_efficientnetv2_s"],
-        "data": {"n_folds": 5, "image_size": 256, "layout": "isic2020"},
+        "data": {"n_folds": 5, "image_size": 256, "layout": "isic2020", "allow_synthetic": False},
         "model": {"pretrained": True},
         "training": {
             "epochs": 20,
@@ -809,6 +822,21 @@ def _environment_values() -> dict[str, Any]:
     """``MELANOMA_*`` variables and ``.env`` entries as a nested dict (env wins over ``.env``)."""
     from pydantic_settings import DotEnvSettingsSource, EnvSettingsSource
 
-    dotenv = DotEnvSettingsSource(PipelineConfig)()
+    dotenv = _declared_fields(DotEnvSettingsSource(PipelineConfig))()
     env = EnvSettingsSource(PipelineConfig)()
     return deep_merge(dotenv, env)
+
+
+def _declared_fields(source: Any) -> Any:
+    """``source`` (the ``.env`` reader) keeping only ``MELANOMA_<field>`` entries, as the environment does.
+
+    pydantic-settings passes every other ``.env`` line on as an extra input, which ``extra="forbid"`` turns
+    into a failed load: a ``.env`` shared with other tools (``DAGSTER_HOME``) or holding the project's
+    non-config variables (``MELANOMA_APP_PASSWORD``, the test suite's ``MELANOMA_TEST_SEED``) would stop
+    every run. A misspelt nested key (``MELANOMA_TRAINING__EPOCS``) still fails, as in the environment.
+    """
+
+    def read() -> dict[str, Any]:
+        return {name: value for name, value in source().items() if name in PipelineConfig.model_fields}
+
+    return read

@@ -19,6 +19,7 @@ from melanoma_ml import checks
 from melanoma_ml.artifacts import artifact_paths
 from melanoma_ml.atomic import atomic_write_bytes, parquet_bytes
 from melanoma_ml.config import PipelineConfig
+from melanoma_ml.errors import InputValueError
 from melanoma_ml.metadata import fingerprint
 from melanoma_ml.steps import Step, StepRun, one_call
 
@@ -82,7 +83,6 @@ def validate_config(config: PipelineConfig) -> None:
         ValueError: remote artifact root, unknown backbone (with close matches), a missing data path or a
             test source that is also trained on.
     """
-    from melanoma_ml.errors import InputValueError
     from melanoma_ml.model import validate_backbone
 
     artifact_paths(config)
@@ -104,11 +104,31 @@ def validate_config(config: PipelineConfig) -> None:
             )
 
 
+def require_data_source(config: PipelineConfig) -> None:
+    """Refuse a run that would fall back to synthetic data when ``data.allow_synthetic`` is off (``full``).
+
+    Raises:
+        InputValueError: ``data.source_dir`` is unset and ``data.allow_synthetic`` is false.
+    """
+    if config.data.source_dir is None and not config.data.allow_synthetic:
+        raise InputValueError(
+            "data.source_dir is not set and data.allow_synthetic is false (profile 'full' trains on real "
+            "data only): pass --set data.source_dir=PATH or set MELANOMA_DATA__SOURCE_DIR=PATH (an ISIC-layout "
+            "folder or metadata CSV); to train these settings on the built-in synthetic set on purpose, set "
+            "data.allow_synthetic=true"
+        )
+
+
 def prepare_source(config: PipelineConfig) -> SourceInfo:
     """The configured primary dataset, or the synthetic demo set generated (once) under the artifact root.
 
     The fingerprint also covers ``data.image_dir`` and every external source (see ``source_fingerprint``).
+
+    Raises:
+        InputValueError: ``data.source_dir`` is unset while ``data.allow_synthetic`` is off (the ``full``
+            profile): the message says how to name the dataset (``require_data_source``).
     """
+    require_data_source(config)
     data = config.data
     if data.source_dir is None and data.synthetic.layout == "isic2024":
         from melanoma_ml.synthetic_isic2024 import generate_isic2024_dataset

@@ -22,7 +22,10 @@ Where it is wired:
   ``choose_calibrator`` picks the method (patient-grouped cross-fitting), the chosen method is refitted on
   every row, and the threshold is re-tuned on the calibrated scale (the same operating point). The
   bundle's manifest stores ``to_dict()``, the fitted-on prevalence and a ``calibration_report`` of the
-  cross-fitted predictions (``StoredCalibration``; read back with :func:`calibrator_from_dict`).
+  cross-fitted predictions (``StoredCalibration``; read back with :func:`calibrator_from_dict`). Rows that
+  cannot be cross-fitted (fewer than 2 patients with melanoma, a split with one class: the
+  ``InputValueError`` of :func:`cross_fitted_predictions`) get no calibrator: the bundle serves raw
+  probabilities and says why in its manifest (``uncalibrated_reason``) and on its model card.
 * serving (``serving.calibrated.served_probabilities``): every prediction path (the app, ``melanoma-ml
   predict`` and the ``batch_scores`` asset, the Grad-CAM gallery) serves
   ``shift_prior(calibrator.apply(raw), fitted_prevalence, serving.deployment_prevalence)``; the

@@ -131,7 +131,7 @@ class ModelUnderTest:
         """Fit the calibrator on ``oof`` exactly as promotion does and keep it with the rest."""
         from melanoma_ml.serving.champion import fit_served_calibration
 
-        calibration, calibrated_threshold = fit_served_calibration(config, oof, threshold)
+        calibration, calibrated_threshold, _why_not = fit_served_calibration(config, oof, threshold)
         average = config.serving.ensemble_average
         return cls(
             backbone, kind, fold, tuple(members), average, oof, oof_auc, threshold, calibration,

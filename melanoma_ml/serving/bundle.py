@@ -139,23 +139,57 @@ class EnsembleToSave:
 
 
 @dataclass(frozen=True)
+class ProbeImages:
+    """Decoded images and their metadata records, made into each member's own network inputs.
+
+    Members of one ensemble may differ in metadata encoder (each fold fits its own: a site no training
+    image of a fold shows is no column of that fold's encoder) and, for ``top_k``, in backbone
+    normalization, so an export is probed and int8-calibrated on :meth:`inputs` of its own spec.
+
+    Attributes:
+        images: ``(H, W, 3)`` uint8 RGB arrays.
+        metadata: One ``{"age", "sex", "site"[, "tabular"]}`` dict per image.
+    """
+
+    images: Sequence[Any]
+    metadata: Sequence[Mapping[str, Any]]
+
+    def __post_init__(self) -> None:
+        if len(self.images) != len(self.metadata):
+            raise InputValueError(
+                f"probe has {len(self.images)} images but {len(self.metadata)} metadata records; pass one "
+                "record per image"
+            )
+
+    def inputs(self, spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(views, meta)`` for the network of ``spec``: 8 dihedral views of each image, preprocessed with
+        its size and normalization, and the metadata encoded with its encoder, repeated per view."""
+        from melanoma_ml.serving.inference import N_VIEWS, dihedral_views, encode_metadata, preprocess
+
+        views = dihedral_views(preprocess(self.images, spec))
+        return views, encode_metadata(self.metadata, spec, len(self.images)).repeat(N_VIEWS, 1)
+
+
+@dataclass(frozen=True)
 class RuntimeRequest:
     """``save_bundle``'s runtime argument (``serving.runtime``/``serving.precision``).
 
     Attributes:
-        runtime: ``auto``, ``torch``, ``onnxruntime``, ...
+        runtime: ``auto``, ``torch``, ``onnxruntime``, ...; ``auto`` chooses per member.
         precision: ``fp32``, ``bf16``, ``int8``.
         tolerance: Largest max |probability difference| to eager fp32 accepted on ``probe``.
-        probe: ``(x, meta)`` preprocessed images (views) and encoded metadata the export is checked on
-            (validation images of member 0).
-        calibration: ``(x, meta)`` of training images that calibrate int8 quantization (None: not int8).
+        probe: What each export is checked on (validation images of member 0): :class:`ProbeImages`,
+            made into each member's own inputs, or ``(x, meta)`` already preprocessed views and encoded
+            metadata, usable only when every member shares that encoding (refused otherwise).
+        calibration: Training images that calibrate int8 quantization, in the same two forms (None: not
+            int8).
     """
 
     runtime: str
     precision: str
     tolerance: float
-    probe: tuple[Any, Any]
-    calibration: tuple[Any, Any] | None = None
+    probe: ProbeImages | tuple[Any, Any]
+    calibration: ProbeImages | tuple[Any, Any] | None = None
 
 
 def save_bundle(
@@ -173,6 +207,7 @@ def save_bundle(
     oof: ValidationPredictions | Mapping[str, list[Any]] | None = None,
     test_metrics: Mapping[str, Any] | None = None,
     calibration: Mapping[str, Any] | None = None,
+    uncalibrated_reason: str | None = None,
     ensemble: EnsembleToSave | None = None,
     runtime: RuntimeRequest | None = None,
     ood: OODScorer | None = None,
@@ -195,6 +230,7 @@ def save_bundle(
             sha256 and its out-of-fold predictions (see ``BundleManifest``).
         test_metrics: The model's metrics per untouched test set (``BundleManifest.test_metrics``), or None.
         calibration: The served calibrator (``BundleManifest.calibration``), or None (raw probabilities).
+        uncalibrated_reason: Why no calibrator was fitted (``BundleManifest.uncalibrated_reason``), or None.
         ensemble: The networks to average (member 0 is ``net``), or None for a one-network bundle.
         runtime: Export the networks for this runtime (checked against eager fp32 on its probe), or None
             (torch fp32).
@@ -226,6 +262,7 @@ def save_bundle(
             "oof": oof,
             "test_metrics": test_metrics,
             "calibration": calibration,
+            "uncalibrated_reason": uncalibrated_reason,
             "ensemble": stored_ensemble,
             "runtime": stored_runtime,
             "ood": None if ood is None else _save_ood(tmp, ood),
@@ -278,32 +315,82 @@ def _save_networks(
 def _export_runtime(
     folder: Path, members: Sequence[MemberNet], stored: list[dict[str, Any]], request: RuntimeRequest
 ) -> dict[str, Any]:
-    """Export every member for ``request`` (member 0 decides ``auto``); fill ``runtime_file`` of each."""
-    from melanoma_ml.serving.runtimes import choose_runtime
+    """Export and check every member for ``request``, each on its own inputs; return the bundle's entry.
 
-    choice, parity, note = None, {}, ""
-    for index, member in enumerate(members):
-        requested = request.runtime if choice is None else choice.runtime
-        precision = request.precision if choice is None else choice.precision
+    Each member is probed (and int8-calibrated) with its own preprocessing and metadata encoder. Under
+    ``auto`` each member chooses for itself (``choose_runtime``): a member whose export fails or misses the
+    tolerance serves torch fp32 while the others keep theirs. A runtime asked for by name is used for every
+    member or refused. Fills each stored member's ``runtime_file`` and ``runtime``.
+    """
+    from melanoma_ml.serving.runtimes import REFERENCE, choose_runtime
+
+    inputs = [  # every member's, before anything is exported: an unfit probe is refused up front
+        (
+            _member_inputs(request.probe, member.spec, index, "probe"),
+            _member_inputs(request.calibration, member.spec, index, "int8 calibration set"),
+        )
+        for index, member in enumerate(members)
+    ]
+    selections = []
+    for index, (member, (probe, calibration)) in enumerate(zip(members, inputs, strict=True)):
         stem = "model" if index == 0 else f"members/member{index}"
-        member_choice, file, member_parity, member_note = choose_runtime(
+        selection = choose_runtime(
             member.net,
             member.spec,
             folder,
             stem,
-            requested,
-            precision,
-            request.probe,
+            request.runtime,
+            request.precision,
+            probe,
             request.tolerance,
-            calibration=request.calibration,
+            calibration=calibration,
         )
-        if choice is None:
-            choice, note = member_choice, member_note
-        parity = {k: max(v, parity.get(k, v)) for k, v in member_parity.items()}  # the worst member
-        if file is not None:
-            stored[index]["runtime_file"] = {"name": file[0], "sha256": file[1]}
-    assert choice is not None  # members is never empty
-    return {"runtime": choice.runtime, "precision": choice.precision, "parity": parity, "note": note}
+        selections.append(selection)
+        if selection.file is not None:
+            stored[index]["runtime_file"] = {"name": selection.file[0], "sha256": selection.file[1]}
+        stored[index]["runtime"] = {
+            "runtime": selection.choice.runtime,
+            "precision": selection.choice.precision,
+            "parity": selection.parity,
+            "note": selection.note,
+        }
+    parity: dict[str, float] = {}
+    for selection in selections:  # the worst member
+        parity = {k: max(v, parity.get(k, v)) for k, v in selection.parity.items()}
+    choices = [s.choice for s in selections]
+    served = next((c for c in choices if c != REFERENCE), choices[0])
+    if len(selections) == 1:
+        note = selections[0].note
+    else:
+        fell_back = [i for i, c in enumerate(choices) if c != served]
+        notes = [f"member {i}: {s.note}" for i, s in enumerate(selections) if s.note]
+        if fell_back:
+            notes.insert(0, f"members {', '.join(map(str, fell_back))} of {len(choices)} serve {REFERENCE}")
+        note = "; ".join(notes)
+    return {"runtime": served.runtime, "precision": served.precision, "parity": parity, "note": note}
+
+
+def _member_inputs(
+    inputs: ProbeImages | tuple[Any, Any] | None, spec: ModelSpec, index: int, what: str
+) -> tuple[Any, Any] | None:
+    """``inputs`` as member ``index``'s network takes them (``ProbeImages.inputs``), or as given when they
+    are already encoded and fit its spec.
+
+    Raises:
+        BundleError: encoded inputs whose metadata width or image size differ from the member's spec.
+    """
+    if inputs is None or isinstance(inputs, ProbeImages):
+        return None if inputs is None else inputs.inputs(spec)
+    x, meta = inputs
+    width, size = spec.encoder.n_features, spec.image_size
+    if meta.shape[-1] != width or tuple(x.shape[-2:]) != (size, size):
+        raise BundleError(
+            f"the runtime {what} holds {meta.shape[-1]} metadata columns and {tuple(x.shape[-2:])} pixel "
+            f"images, but ensemble member {index} takes {width} ({', '.join(spec.encoder.feature_names)}) "
+            f"and {size}x{size}: pass the images and records as ProbeImages so each member gets its own "
+            "encoding"
+        )
+    return inputs
 
 
 def _save_ood(folder: Path, scorer: OODScorer) -> dict[str, Any]:
@@ -471,28 +558,29 @@ def _scorers(
     Torch networks are built only where the runtime needs them (member 0 always: Grad-CAM explains it).
     """
     runtime = manifest.runtime
-    exported = runtime is not None and runtime.runtime != "torch"
+    bundle_choice = None if runtime is None else (runtime.runtime, runtime.precision)
     if manifest.ensemble is None:
-        members = [(manifest.model_spec, net, None if runtime is None else runtime.file)]
+        members = [(manifest.model_spec, net, None if runtime is None else runtime.file, bundle_choice)]
     else:
         members = []
         for index, member in enumerate(manifest.ensemble.members):
+            own = member.runtime  # chosen per member; older bundles record only the bundle's runtime
+            choice = bundle_choice if own is None else (own.runtime, own.precision)
             member_net = net if index == 0 else None
-            if member_net is None and not exported:
+            if member_net is None and (choice is None or choice[0] == "torch"):
                 try:
                     member_net = load_weights(member.model_spec, path / member.weights.name)
                 except WeightsError as exc:
                     raise BundleError(f"{exc}; re-export the bundle or roll back") from exc
                 _prepare(member_net, device, channels_last)
-            members.append((member.model_spec, member_net, member.runtime_file))
+            members.append((member.model_spec, member_net, member.runtime_file, choice))
     scorers = []
-    for spec, member_net, file in members:
-        if runtime is None or runtime.runtime == "torch" and runtime.precision == "fp32":
+    for spec, member_net, file, choice in members:
+        if choice is None or choice == ("torch", "fp32"):
             scorers.append(Scorer(spec, torch_logits(member_net)))
             continue
         from melanoma_ml.serving.runtimes import RuntimeChoice, load_logits_fn
 
-        choice = RuntimeChoice(runtime.runtime, runtime.precision)
         stored = None if file is None else (file.name, file.sha256)
-        scorers.append(Scorer(spec, load_logits_fn(path, choice, stored, member_net)))
+        scorers.append(Scorer(spec, load_logits_fn(path, RuntimeChoice(*choice), stored, member_net)))
     return tuple(scorers)

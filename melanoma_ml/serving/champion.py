@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import pandas as pd
 
@@ -26,6 +26,7 @@ from melanoma_ml.serving.manifest import ValidationPredictions
 
 if TYPE_CHECKING:
     from melanoma_ml.evaluation import EvaluationReport
+    from melanoma_ml.serving.bundle import ProbeImages
     from melanoma_ml.serving.manifest import BundleManifest
     from melanoma_ml.serving.promotion import GateDecision
     from melanoma_ml.training.train import FoldResult
@@ -288,7 +289,9 @@ def register_served_model(
     from melanoma_ml.serving.remote_registry import open_registry
     from melanoma_ml.training.checkpoint import load_checkpoint
 
-    calibration, threshold = fit_served_calibration(config, choice.oof, report.threshold.value)
+    calibration, threshold, uncalibrated_reason = fit_served_calibration(
+        config, choice.oof, report.threshold.value
+    )
     members = []
     for member in choice.members:
         net, spec, _info = load_checkpoint(member.checkpoint_dir)
@@ -312,6 +315,7 @@ def register_served_model(
         oof=ValidationPredictions.from_frame(choice.oof),
         test_metrics=test_metrics,
         calibration=calibration,
+        uncalibrated_reason=uncalibrated_reason,
         ensemble=ensemble,
         **extras,
     )
@@ -322,7 +326,8 @@ def served_extras(
 ) -> dict[str, Any]:
     """``save_bundle``'s ``runtime`` and ``ood`` arguments for ``choice`` (both None without a folds table).
 
-    The runtime probe is the explained member's first validation images (8 dihedral views each, as served);
+    The runtime probe is the explained member's first validation images (8 dihedral views each, as served,
+    made for each member with its own preprocessing and metadata encoder);
     the detector is fitted on that member's training rows (not the locked test split, not its own fold).
     """
     from melanoma_ml.artifacts import artifact_paths
@@ -343,11 +348,12 @@ def served_extras(
     runtime = None
     if serving.runtime != "torch" or serving.precision != "fp32":
         n = serving.runtime_probe_images
-        probe = _probe(choice.explained.oof["image_name"], folds_table, cache, spec, n)
+        tabular = spec.encoder.tabular
+        probe = _probe(choice.explained.oof["image_name"], folds_table, cache, tabular, n)
         calibration = None
         if serving.precision == "int8":
             calibration = _probe(
-                training["image_name"].sample(frac=1.0, random_state=0), folds_table, cache, spec, 4 * n
+                training["image_name"].sample(frac=1.0, random_state=0), folds_table, cache, tabular, 4 * n
             )
         runtime = RuntimeRequest(
             serving.runtime, serving.precision, serving.runtime_parity_tolerance, probe, calibration
@@ -368,27 +374,41 @@ def served_extras(
     return {"runtime": runtime, "ood": ood}
 
 
-def _probe(names: pd.Series, folds_table: pd.DataFrame, cache: Any, spec: Any, n: int) -> tuple[Any, Any]:
-    """``(views, metadata)`` of the first ``n`` of ``names``, 8 TTA views each: what an exported runtime is
-    checked (validation images) or int8-calibrated (training images) on."""
+def _probe(
+    names: pd.Series, folds_table: pd.DataFrame, cache: Any, tabular: Sequence[str], n: int
+) -> ProbeImages:
+    """The first ``n`` of ``names`` (cached pixels and metadata records): what an exported runtime is
+    checked (validation images) or int8-calibrated (training images) on, each member with its own encoding
+    (``ProbeImages.inputs``)."""
     from melanoma_ml.features import metadata_dict
-    from melanoma_ml.serving.inference import N_VIEWS, dihedral_views, encode_metadata, preprocess
+    from melanoma_ml.serving.bundle import ProbeImages
 
     rows = folds_table[folds_table["image_name"].isin(names.head(n))]
     images = list(cache.array()[cache.rows_for(rows["image_name"])])
-    records = [metadata_dict(r, spec.encoder.tabular) for r in rows.itertuples(index=False)]
-    x = dihedral_views(preprocess(images, spec))
-    meta = encode_metadata(records, spec, len(images)).repeat(N_VIEWS, 1)
-    return x, meta
+    return ProbeImages(images, [metadata_dict(r, tabular) for r in rows.itertuples(index=False)])
 
 
 CALIBRATION_SPLITS = 5
 """Cross-fitting splits for choosing the calibrator (fewer when the served fold has fewer patients)."""
 
 
+class ServedCalibration(NamedTuple):
+    """What :func:`fit_served_calibration` returns.
+
+    Attributes:
+        stored: ``BundleManifest.calibration`` as a dict, or None (raw probabilities are served).
+        threshold: The decision threshold on the served scale.
+        uncalibrated_reason: Why ``stored`` is None (``BundleManifest.uncalibrated_reason``), else None.
+    """
+
+    stored: dict[str, Any] | None
+    threshold: float
+    uncalibrated_reason: str | None
+
+
 def fit_served_calibration(
     config: PipelineConfig, oof: pd.DataFrame, raw_threshold: float
-) -> tuple[dict[str, Any] | None, float]:
+) -> ServedCalibration:
     """The calibrator a bundle serves and the threshold on its scale, from the model's own out-of-fold rows.
 
     The method is chosen by cross-fitted NLL (``choose_calibrator``, patient-grouped splits) and refitted
@@ -400,9 +420,9 @@ def fit_served_calibration(
     these rows: no untouched test set is needed, and none of its rows is scored by a calibrator that saw it.
 
     Returns:
-        ``(BundleManifest.calibration as a dict, threshold)``, or ``(None, raw_threshold)`` when the rows
-        cannot be cross-fitted (fewer than 2 patients per split with both classes): the bundle then serves
-        raw probabilities, and its model card says so.
+        ``(BundleManifest.calibration as a dict, threshold, None)``, or ``(None, raw_threshold, why)`` when
+        the rows cannot be cross-fitted (fewer than 2 patients per split with both classes): the bundle then
+        serves raw probabilities, its manifest's ``uncalibrated_reason`` says why and its model card says so.
     """
     import logging
 
@@ -434,8 +454,12 @@ def fit_served_calibration(
         crossed = cross_fitted_predictions(raw, y, oof[schema.GROUP], [method], n_splits=n_splits, seed=seed)
         report = calibration_report(raw, crossed[method], y, oof[schema.GROUP], evaluation)
     except InputValueError as exc:
-        logging.getLogger(__name__).warning("serving uncalibrated probabilities: %s", exc)
-        return None, raw_threshold
+        reason = (
+            f"calibration skipped on {len(oof)} out-of-fold rows of {n_groups} patients: {exc}; "
+            "raw network probabilities are served (more patients with melanoma give a calibrator)"
+        )
+        logging.getLogger(__name__).warning("serving uncalibrated probabilities: %s", reason)
+        return ServedCalibration(None, raw_threshold, reason)
     threshold = threshold_for_sensitivity(y, choice.calibrator.apply(raw), evaluation.target_sensitivity)
     calibration = {
         "method": method,
@@ -445,7 +469,7 @@ def fit_served_calibration(
         "report": report,
         "report_on": f"the model's {len(oof)} out-of-fold rows, cross-fitted ({n_splits} patient-grouped splits)",
     }
-    return calibration, threshold
+    return ServedCalibration(calibration, threshold, None)
 
 
 def paired_difference_with_champion(

@@ -156,6 +156,24 @@ class BundleFile(BaseModel):
         return self
 
 
+class MemberRuntime(BaseModel):
+    """How one ensemble member runs, chosen for it at promotion (``serving.runtime: auto`` chooses per member).
+
+    Attributes:
+        runtime: ``torch`` or an exported runtime (its file is the member's ``runtime_file``).
+        precision: ``fp32``, ``bf16`` or ``int8``.
+        parity: This member's agreement with its eager fp32 network on the probe (``max_abs_prob_diff``, ...).
+        note: Why (e.g. why ``auto`` fell back to torch fp32 for this member); empty when it got what was asked.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    runtime: str
+    precision: str
+    parity: dict[str, float] = Field(default_factory=dict)
+    note: str = ""
+
+
 class EnsembleMember(BaseModel):
     """One network of an ensemble bundle (member 0's weights are ``weights.safetensors``).
 
@@ -164,7 +182,9 @@ class EnsembleMember(BaseModel):
         model_spec: The spec that rebuilds it (members of ``top_k`` ensembles may differ in backbone).
         fold: The fold it was trained without (its out-of-fold rows), or None.
         checkpoint_sha256: sha256 of the fold checkpoint's weights it was exported from.
-        runtime_file: The member exported for :attr:`BundleManifest.runtime` (None: served by torch).
+        runtime_file: The member's exported model (None: served by torch).
+        runtime: The runtime this member serves with, or None: :attr:`BundleManifest.runtime` (bundles
+            written before the choice was made per member).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -174,6 +194,7 @@ class EnsembleMember(BaseModel):
     fold: int | None = None
     checkpoint_sha256: Sha256 | None = None
     runtime_file: BundleFile | None = None
+    runtime: MemberRuntime | None = None
 
 
 class Ensemble(BaseModel):
@@ -190,11 +211,14 @@ class ServingRuntime(BaseModel):
     """How the bundle's networks run at serving time (``serving.runtime`` / ``serving.precision``).
 
     Attributes:
-        runtime: ``torch`` or an exported runtime (``onnxruntime``, ...).
+        runtime: ``torch`` or an exported runtime (``onnxruntime``, ...); for an ensemble whose members
+            differ (``auto`` fell back for some), the exported one, and :attr:`note` names the others.
         precision: ``fp32``, ``bf16`` or ``int8``.
         file: The exported single model (ensembles keep one per member in ``runtime_file``).
-        parity: Measured agreement with eager fp32 at promotion (``max_abs_prob_diff``, ``n_images``).
-        note: Why this runtime was chosen (e.g. why ``auto`` fell back to torch).
+        parity: Measured agreement with eager fp32 at promotion (``max_abs_prob_diff``, ``n_inputs``),
+            the worst member's for an ensemble.
+        note: Why this runtime was chosen (e.g. why ``auto`` fell back to torch, per member for an
+            ensemble: each member's own choice is its ``EnsembleMember.runtime``).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -239,6 +263,9 @@ class BundleManifest(BaseModel):
         calibration: The calibrator served probabilities go through (:attr:`threshold` is on its scale),
             or None: an older bundle, served with the model's raw (uncalibrated) probabilities. Optional,
             so schema 2 manifests without it stay valid.
+        uncalibrated_reason: Why a bundle promoted with calibration on serves raw probabilities (too few
+            out-of-fold patients with melanoma to cross-fit a calibrator), else None. Set only when
+            :attr:`calibration` is None.
         ensemble: The averaged networks when the bundle serves an ensemble (``serving.ensemble``), else
             None (one network: ``weights.safetensors``). :attr:`model_spec` and the weights are member 0's,
             the network Grad-CAM explains.
@@ -262,6 +289,7 @@ class BundleManifest(BaseModel):
     oof: ValidationPredictions | None = None
     test_metrics: dict[str, TestMetrics] | None = None
     calibration: StoredCalibration | None = None
+    uncalibrated_reason: str | None = None
     ensemble: Ensemble | None = None
     runtime: ServingRuntime | None = None
     ood: StoredOOD | None = None
@@ -273,6 +301,12 @@ class BundleManifest(BaseModel):
                 f"oof holds rows of folds {sorted(set(self.oof.fold))}, but the bundle serves fold {self.fold}: "
                 "store only that fold model's own validation rows"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _uncalibrated_only_without_a_calibrator(self) -> BundleManifest:
+        if self.uncalibrated_reason is not None and self.calibration is not None:
+            raise ValueError("uncalibrated_reason is set, but the bundle has a calibration: keep one of them")
         return self
 
     @model_validator(mode="after")

@@ -77,8 +77,9 @@ def calibration_rows(manifest: BundleManifest, deployment_prevalence: float | No
     calibration = manifest.calibration
     threshold = decision_threshold(manifest, deployment_prevalence)
     if calibration is None:
+        why = manifest.uncalibrated_reason or "this bundle predates calibration"
         return [
-            ("Probabilities", f"{NOT_CALIBRATED} (raw network output: this bundle predates calibration)"),
+            ("Probabilities", f"{NOT_CALIBRATED} (raw network output: {why})"),
             ("Deployment prevalence", "not applied (no calibrator to shift)"),
             ("Decision threshold", f"{threshold:.3f}"),
         ]

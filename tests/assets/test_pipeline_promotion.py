@@ -273,3 +273,87 @@ def test_gallery_shows_the_bundles_own_validation_images(tmp_path: Path, stored_
     gallery = pipeline.explain_gallery(config, remade, n_images=4)
     assert gallery.version == version and len(gallery.items) == 4
     assert {item.image_name for item in gallery.items} <= set(own["image_name"])
+
+
+def fold_results_with_own_encoders(tmp_path: Path, config, table: pd.DataFrame) -> list:
+    """Two fold checkpoints, each with the metadata encoder fitted on its own training rows (the other fold),
+    as training makes them; OOF probabilities separate the classes a little."""
+    import torch
+
+    from melanoma_ml.features import MetadataEncoder
+    from melanoma_ml.model import build_model, normalization_for
+    from melanoma_ml.spec import ModelSpec
+    from melanoma_ml.training.checkpoint import save_checkpoint
+    from melanoma_ml.training.train import OOF_COLUMNS, FoldResult
+
+    table = table.assign(
+        prob=0.3 + 0.4 * table["target"] + 0.05 * (table.index % 3), backbone="test_efficientnet"
+    )
+    model_config = config.model_for("test_efficientnet")
+    results = []
+    for fold in (0, 1):
+        encoder = MetadataEncoder.fit(table[table["fold"] != fold])
+        torch.manual_seed(fold)
+        net = build_model(model_config, encoder.n_features).eval()
+        norm = normalization_for(net.backbone)
+        spec = ModelSpec(model_config, 32, norm["mean"], norm["std"], encoder)
+        out = save_checkpoint(tmp_path / "own" / f"fold{fold}", net, spec, {"fold": fold})
+        oof = table[table["fold"] == fold][list(OOF_COLUMNS)].reset_index(drop=True)
+        results.append(
+            FoldResult("test_efficientnet", fold, out, sha256_file(out / "weights.safetensors"), 1,
+                       0.8 + fold / 100, 1, 100.0, 1.0, 60, 60, oof, pd.DataFrame({"epoch": [1]}), spec)
+        )  # fmt: skip
+    return results
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("runtime", ["onnxruntime", "auto"])
+def test_a_fold_ensemble_whose_encoders_differ_in_width_is_exported_member_by_member(
+    tmp_path: Path, runtime: str
+) -> None:
+    """Issue 19: a fold that never saw a site has a narrower encoder; each member is exported, probed and
+    parity-checked with its own encoding (it crashed with ``mat1 and mat2 shapes cannot be multiplied``)."""
+    from PIL import Image
+
+    from melanoma_ml.artifacts import artifact_paths
+    from melanoma_ml.images.cache import build_image_cache
+    from melanoma_ml.serving.registry import ModelRegistry
+
+    overrides = {"serving": {"runtime": runtime}, "evaluation": {"n_bootstrap": 50}}
+    config = load_config("tiny", {"artifact_root": str(tmp_path / "artifacts"), **overrides})
+    table = rows()
+    table.loc[table["fold"] == 0, "anatom_site_general_challenge"] = ["torso", "head/neck"] * (
+        N_PATIENTS // 2
+    )
+    rng = np.random.default_rng(1)
+    (tmp_path / "img").mkdir()
+    for name in table["image_name"]:
+        pixels = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / "img" / f"{name}.png")
+    table["image_path"] = [str(tmp_path / "img" / f"{n}.png") for n in table["image_name"]]
+    build_image_cache(table, artifact_paths(config).cache(32), 32)
+    results = fold_results_with_own_encoders(tmp_path, config, table)
+    widths = [r.spec.encoder.n_features for r in results]
+    assert widths[0] != widths[1]  # fold 0's model trained on fold 1's rows, which lack head/neck
+
+    report = pipeline.evaluate_backbone(config, "test_efficientnet", results)
+    board = pipeline.rank_backbones(config, {"test_efficientnet": report})
+    outcome = pipeline.promote_best(
+        config, board, {"test_efficientnet": report}, {"test_efficientnet": results}, data_version="own",
+        folds_table=table,
+    )  # fmt: skip
+    assert outcome.decision.promote, outcome.decision.reason
+    registry = ModelRegistry(tmp_path / "artifacts" / "registry")
+    manifest = registry.manifest(outcome.registered)
+    members = manifest.ensemble.members
+    assert [m.model_spec.encoder.n_features for m in members] == [widths[m.fold] for m in members]
+    for member in members:
+        assert (member.runtime.runtime, member.runtime.note) == ("onnxruntime", ""), member.runtime
+        assert member.runtime.parity["max_abs_prob_diff"] <= config.serving.runtime_parity_tolerance
+    served = registry.load_current()
+    records = [{"age": 50.0, "sex": "male", "site": "head/neck"}, {"age": None, "sex": None, "site": "torso"}]
+    images = [rng.integers(0, 256, (40, 40, 3), dtype=np.uint8) for _ in records]
+    from melanoma_ml.serving.inference import predict
+
+    got = predict(served, images, records)
+    assert got.shape == (2,) and np.all((got >= 0) & (got <= 1))

@@ -310,6 +310,32 @@ def test_demo_on_the_tiny_profile(capsys, tmp_path):
     assert code == 0 and "current: v0001" in out
 
 
+def test_demo_on_the_full_profile_without_a_dataset_is_refused_with_the_fix(capsys, tmp_path):
+    """``full`` trains on real data only: no ``data.source_dir`` is refused before any synthetic image is made."""
+    root = tmp_path / "artifacts"
+    code, out, err = run(capsys, "demo", "--profile", "full", "--artifact-root", str(root))
+    assert code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert "--set data.source_dir=PATH" in err and "MELANOMA_DATA__SOURCE_DIR" in err
+    assert "data.allow_synthetic=true" in err
+    assert not list(root.rglob("*.jpg")), "synthetic images were generated before the refusal"
+
+
+def test_full_profile_settings_on_synthetic_data_need_the_explicit_opt_in(tmp_path):
+    from melanoma_ml.config import load_config
+    from melanoma_ml.pipeline import prepare_source
+
+    tiny_synthetic = {"n_patients": 4, "images_per_patient": (1, 1), "image_size": 32}
+    base = {"artifact_root": str(tmp_path / "a"), "data": {"synthetic": tiny_synthetic}}
+    assert load_config("full").data.allow_synthetic is False
+    assert load_config("demo").data.allow_synthetic is True
+    with pytest.raises(ValueError, match="data.source_dir is not set"):
+        prepare_source(load_config("full", base))
+    opted_in = load_config("full", {**base, "data": {"synthetic": tiny_synthetic, "allow_synthetic": True}})
+    source = prepare_source(opted_in)
+    assert source.synthetic and len(list(source.root.rglob("*.jpg"))) == 4
+
+
 def _numpy_reshape_bug(args) -> int:
     import numpy as np
 

@@ -104,3 +104,19 @@ def test_pretrained_other_strings_stay_weights_paths(tmp_path, monkeypatch):
     monkeypatch.setenv("MELANOMA_MODEL__PRETRAINED", "/weights/falsehood.safetensors")
     assert load_config("demo").model.pretrained == "/weights/falsehood.safetensors"
     assert ModelConfig(pretrained="weights/no.pth").pretrained == "weights/no.pth"
+
+
+def test_dotenv_lines_that_are_not_config_fields_are_left_alone(tmp_path, monkeypatch):
+    """A ``.env`` is read like the environment: other tools' lines and the project's non-config variables
+    (the test suite's seed, the app's password) do not stop a run; a misspelt nested field still does."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MELANOMA_TEST_SEED", "3")
+    (tmp_path / ".env").write_text(
+        "MELANOMA_TEST_SEED=2\nMELANOMA_APP_PASSWORD=secret\nDAGSTER_HOME=/tmp/dagster\n"
+        "MELANOMA_TRAINING__BATCH_SIZE=7\n"
+    )
+    assert load_config("tiny").training.batch_size == 7
+    assert PipelineConfig().training.batch_size == 7
+    (tmp_path / ".env").write_text("MELANOMA_TRAINING__EPOCS=3\n")
+    with pytest.raises(ValidationError, match="epocs"):
+        load_config("tiny")

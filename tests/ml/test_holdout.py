@@ -115,7 +115,7 @@ def test_each_model_is_calibrated_on_its_own_out_of_fold_rows_as_promotion_does(
     assert ensemble.threshold == oof_report.threshold.value
     assert (served.kind, served.fold, served.members) == ("served", 2, (2,))
     # the served model's calibrator and threshold are those register_fold_model puts into its bundle
-    bundle_calibration, bundle_threshold = fit_served_calibration(config, folds[2].oof, served.threshold)
+    bundle_calibration, bundle_threshold, _ = fit_served_calibration(config, folds[2].oof, served.threshold)
     assert served.calibration == bundle_calibration
     assert served.calibrated_threshold == bundle_threshold
     assert served.calibration is not None and ensemble.calibration is not None

@@ -218,3 +218,142 @@ def test_auto_falls_back_to_torch_and_says_why(tmp_path, members, monkeypatch) -
     manifest = load_bundle(out).manifest
     assert manifest.runtime.runtime == "torch" and "exporter exploded" in manifest.runtime.note
     assert manifest.runtime.file is None and not list(out.glob("*.onnx"))
+
+
+def _members_with_different_encoders() -> list[MemberNet]:
+    """Two fold networks whose metadata encoders differ in width, as folds that saw different sites do:
+    member 0 knows 2 sites (8 columns), member 1 a third one too (9 columns)."""
+    import dataclasses
+
+    from melanoma_ml.features import MetadataEncoder
+
+    narrow = tiny_spec()
+    wide = dataclasses.replace(
+        narrow,
+        encoder=MetadataEncoder(
+            age_mean=45.0, age_std=12.0, sexes=("female", "male"), sites=("head/neck", "palms/soles", "torso")
+        ),
+    )
+    assert wide.encoder.n_features == narrow.encoder.n_features + 1
+    members = []
+    for fold, spec in enumerate((narrow, wide)):
+        torch.manual_seed(fold)
+        members.append(MemberNet(spec.build_network().eval(), spec, fold, f"{fold:064x}"))
+    return members
+
+
+WIDE_RECORDS = [
+    {"age": 40.0, "sex": "male", "site": "palms/soles"},
+    {"age": 70.0, "sex": "female", "site": "torso"},
+]
+
+
+def _save_with_runtime(out, members, request):
+    from melanoma_ml.serving.bundle import EnsembleToSave
+
+    return save_bundle(
+        out, members[0].net, members[0].spec, threshold=0.4, metrics=METRICS, data_version="d", code_version="c",
+        ensemble=EnsembleToSave("folds", "probability", members), runtime=request,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "auto"])
+def test_members_with_different_encoder_widths_are_each_exported_and_probed_with_their_own(
+    tmp_path, runtime
+) -> None:
+    from melanoma_ml.serving.bundle import ProbeImages, RuntimeRequest
+
+    members = _members_with_different_encoders()
+    probe = ProbeImages(_images(4), (WIDE_RECORDS * 2)[:4])
+    out = _save_with_runtime(tmp_path / "onnx", members, RuntimeRequest(runtime, "fp32", 1e-4, probe))
+    bundle = load_bundle(out)
+    manifest = bundle.manifest
+    assert (manifest.runtime.runtime, manifest.runtime.note) == ("onnxruntime", "")
+    for member in manifest.ensemble.members:
+        assert (member.runtime.runtime, member.runtime.precision) == ("onnxruntime", "fp32")
+        assert member.runtime.parity["max_abs_prob_diff"] <= 1e-4
+        assert member.runtime.parity["n_inputs"] == 4 * 8  # every view of every probe image
+    # each exported graph takes its own member's metadata width
+    import onnx
+
+    widths = [
+        onnx.load(str(out / m.runtime_file.name)).graph.input[1].type.tensor_type.shape.dim[1].dim_value
+        for m in manifest.ensemble.members
+    ]
+    assert widths == [8, 9]
+    torch_bundle = load_bundle(_save(tmp_path / "torch", members))
+    images = _images(2)
+    np.testing.assert_allclose(
+        predict(bundle, images, WIDE_RECORDS, calibrated=False),
+        predict(torch_bundle, images, WIDE_RECORDS, calibrated=False),
+        atol=1e-5,
+    )
+
+
+def test_an_encoded_probe_that_does_not_fit_a_member_is_refused_naming_it(tmp_path) -> None:
+    from melanoma_ml.serving.bundle import RuntimeRequest
+
+    members = _members_with_different_encoders()
+    encoded = _probe()  # encoded with member 0's 8 columns
+    with pytest.raises(BundleError, match=r"ensemble member 1 takes 9 .*site=palms/soles.*ProbeImages"):
+        _save_with_runtime(tmp_path / "bad", members, RuntimeRequest("onnxruntime", "fp32", 1e-4, encoded))
+    assert not (tmp_path / "bad").exists()
+
+
+def _member1_misses_parity(monkeypatch) -> None:
+    """ONNX Runtime serves member 1's exported file with logits shifted by 3: a parity miss of that member only."""
+    from melanoma_ml.serving import runtimes
+
+    real = runtimes.load_logits_fn
+
+    def shifted(folder, choice, file, net, **kwargs):
+        logits = real(folder, choice, file, net, **kwargs)
+        if file is None or not file[0].startswith("members/member1."):
+            return logits
+        return lambda x, meta: logits(x, meta) + 3.0
+
+    monkeypatch.setattr(runtimes, "load_logits_fn", shifted)
+
+
+def test_auto_falls_back_to_torch_for_the_member_that_misses_parity_only(
+    tmp_path, members, monkeypatch
+) -> None:
+    from melanoma_ml.serving.bundle import ProbeImages, RuntimeRequest
+
+    _member1_misses_parity(monkeypatch)
+    three = members[:3]
+    probe = ProbeImages(_images(4), RECORDS[:4])
+    out = _save_with_runtime(tmp_path / "auto", three, RuntimeRequest("auto", "fp32", 1e-4, probe))
+    bundle = load_bundle(out)
+    manifest = bundle.manifest
+    chosen = [(m.runtime.runtime, m.runtime.precision) for m in manifest.ensemble.members]
+    assert chosen == [("onnxruntime", "fp32"), ("torch", "fp32"), ("onnxruntime", "fp32")]
+    missed = manifest.ensemble.members[1]
+    assert missed.runtime_file is None and not (out / "members" / "member1.onnx").exists()
+    assert (
+        "fell back to torch fp32" in missed.runtime.note and "runtime_parity_tolerance" in missed.runtime.note
+    )
+    assert [m.runtime.note for m in manifest.ensemble.members[::2]] == ["", ""]
+    assert manifest.runtime.runtime == "onnxruntime"
+    assert manifest.runtime.note.startswith("members 1 of 3 serve torch fp32; member 1: serving.runtime=auto")
+    # served: members 0 and 2 by ONNX Runtime, member 1 by its torch weights; together the torch ensemble's numbers
+    torch_bundle = load_bundle(_save(tmp_path / "torch", three))
+    images = _images()
+    np.testing.assert_allclose(
+        predict(bundle, images, RECORDS, calibrated=False),
+        predict(torch_bundle, images, RECORDS, calibrated=False),
+        atol=1e-5,
+    )
+
+
+def test_a_runtime_asked_for_by_name_is_refused_when_any_member_misses_parity(
+    tmp_path, members, monkeypatch
+) -> None:
+    from melanoma_ml.serving.bundle import ProbeImages, RuntimeRequest
+    from melanoma_ml.serving.runtimes import RuntimeParityError
+
+    _member1_misses_parity(monkeypatch)
+    request = RuntimeRequest("onnxruntime", "fp32", 1e-4, ProbeImages(_images(4), RECORDS[:4]))
+    with pytest.raises(RuntimeParityError, match="serving.runtime=onnxruntime"):
+        _save_with_runtime(tmp_path / "named", members[:2], request)
+    assert not (tmp_path / "named").exists()

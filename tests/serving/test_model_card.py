@@ -4,12 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 from app_helpers import SIZE, register_tiny
 
-from melanoma_ml.config import ServingConfig
+from melanoma_ml import schema
+from melanoma_ml.config import ServingConfig, load_config
 from melanoma_ml.evaluation.estimate import Estimate
+from melanoma_ml.serving.bundle import load_bundle, read_manifest
+from melanoma_ml.serving.champion import fit_served_calibration
+from melanoma_ml.serving.manifest import BundleManifest
 from melanoma_ml.serving.model_card import (
+    NOT_CALIBRATED,
     headline_metrics,
     known_metric,
     model_card_markdown,
@@ -84,3 +91,57 @@ def test_card_leads_with_test_numbers_and_labels_the_rest_out_of_fold(tmp_path: 
     assert "| **Test** (locked test split) | 94 images, 19 melanoma |" in card
     assert card.index(test_line) < card.index(oof_line)
     assert "No untouched test set" not in card and "nothing was trained, tuned or chosen on" in card
+
+
+def _oof(n_patients: int, melanoma_patients: int, seed: int) -> pd.DataFrame:
+    """Two images per patient; the first ``melanoma_patients`` patients have melanoma, scored higher."""
+    rng = np.random.default_rng(seed)
+    target = np.repeat((np.arange(n_patients) < melanoma_patients).astype(int), 2)
+    prob = np.clip(0.2 + 0.5 * target + rng.normal(0, 0.1, target.size), 0.01, 0.99)
+    return pd.DataFrame(
+        {
+            schema.IMAGE: [f"ISIC_{i:05d}" for i in range(target.size)],
+            schema.GROUP: np.repeat([f"P{p}" for p in range(n_patients)], 2),
+            schema.TARGET: target,
+            "prob": prob,
+        }
+    )
+
+
+def test_a_bundle_without_enough_oof_rows_to_calibrate_says_why_in_manifest_and_card(tmp_path: Path) -> None:
+    config = load_config("tiny")
+    skipped = fit_served_calibration(config, _oof(10, 1, seed=0), raw_threshold=0.37)
+    assert skipped.stored is None and skipped.threshold == 0.37
+    assert "only 1 patients with melanoma" in skipped.uncalibrated_reason
+    assert "20 out-of-fold rows of 10 patients" in skipped.uncalibrated_reason
+    fitted = fit_served_calibration(config, _oof(40, 10, seed=0), raw_threshold=0.37)
+    assert fitted.stored is not None and fitted.uncalibrated_reason is None
+
+    registry = ModelRegistry(tmp_path / "registry")
+    bundle = load_bundle(registry.version_path(register_tiny(registry, seed=6, promote=False)))
+    version = registry.register_bundle(
+        bundle.net,
+        bundle.spec,
+        threshold=skipped.threshold,
+        metrics=bundle.manifest.metrics,
+        data_version="test-6",
+        code_version="test",
+        calibration=skipped.stored,
+        uncalibrated_reason=skipped.uncalibrated_reason,
+    )
+    registry.promote(version, reason="test")
+    manifest = read_manifest(registry.version_path(version))
+    assert manifest.calibration is None and manifest.uncalibrated_reason == skipped.uncalibrated_reason
+    card = model_card_markdown(ModelService(registry, ServingConfig()).status().model)
+    assert f"| Probabilities | {NOT_CALIBRATED} (raw network output: calibration skipped on 20" in card
+    assert "only 1 patients with melanoma" in card and "predates calibration" not in card
+
+
+def test_a_manifest_cannot_carry_both_a_calibrator_and_a_reason_for_none(tmp_path: Path) -> None:
+    config = load_config("tiny")
+    stored = fit_served_calibration(config, _oof(40, 10, seed=1), raw_threshold=0.5).stored
+    registry = ModelRegistry(tmp_path / "registry")
+    manifest = read_manifest(registry.version_path(register_tiny(registry, seed=7, promote=False)))
+    fields = {**manifest.to_json(), "calibration": stored, "uncalibrated_reason": "too few patients"}
+    with pytest.raises(ValueError, match="keep one of them"):
+        BundleManifest.model_validate(fields)
