@@ -19,6 +19,27 @@ SHARED_DATA = Path(os.environ.get("MELANOMA_SHARED_DATA", REPO_ROOT.parent / "sh
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
 
+def _test_seed() -> int:
+    raw = os.environ.get("MELANOMA_TEST_SEED", "0").strip() or "0"
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(
+            f"MELANOMA_TEST_SEED={raw!r} is not an integer; set it to e.g. 1 (or unset it for the default 0)"
+        ) from None
+
+
+TEST_SEED = _test_seed()
+"""Added to the seeds of the fixtures that train or draw a tiny network (synthetic data, ``training.seed``,
+random init), so the suite can be rerun under other draws: ``MELANOMA_TEST_SEED=3 ./dev test``. The
+default 0 keeps each fixture's own seed. Tests whose assertions depend on what a tiny network learned
+carry margins measured over several seeds; this is how anyone re-checks them."""
+
+
+def pytest_report_header() -> str:
+    return f"MELANOMA_TEST_SEED={TEST_SEED} (seed offset of the tiny training fixtures)"
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that is free now (the OS picks it), for servers the tests start."""
     with socket.socket() as sock:

@@ -1,9 +1,10 @@
-"""The pure-Python path end to end on synthetic data, with Grad-CAM plumbing checked against lesion masks.
+"""The pure-Python path end to end on synthetic data, through to Grad-CAM on the served bundle.
 
 synthetic data -> load_dataset (images checked and hashed) -> assign_folds -> build_image_cache ->
-train_fold x 2 -> evaluate_predictions on the OOF -> save_bundle / load_bundle -> predict, then CAMs of
-the fold-0 network against the generator's lesion masks. Everything is trained once (module fixture);
-the tests below only read the result.
+train_fold x 2 -> evaluate_predictions on the OOF -> save_bundle / load_bundle -> predict, then Grad-CAM
+of the bundled fold-0 network. Everything is trained once (module fixture); the tests below only read
+the result. Seeds: ``MELANOMA_TEST_SEED`` (tests/conftest.py) shifts the synthetic and training seeds;
+what a trained tiny network scores is asserted only with margins measured across seeds and CPUs.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
+from conftest import TEST_SEED
 from sklearn.metrics import roc_auc_score
 
 from melanoma_ml import schema
@@ -25,18 +26,29 @@ pytestmark = pytest.mark.slow
 BACKBONE = "test_efficientnet"
 N_FOLDS = 2
 SIZE = 32
-SYNTHETIC = SyntheticConfig(n_patients=80, images_per_patient=(2, 3), image_size=128, seed=0)
-"""~200 images, ~40 melanoma: the smallest set on which a from-scratch test_efficientnet reliably
-reaches an out-of-fold AUC well above 0.8 (measured 0.86 with 10 epochs, 0.83 with 8; 40 patients
-gave 0.66)."""
+SYNTHETIC = SyntheticConfig(n_patients=80, images_per_patient=(2, 3), image_size=128, seed=TEST_SEED)
+"""~200 images, ~40 melanoma: a from-scratch test_efficientnet reaches a pooled out-of-fold AUC of
+0.69-0.86 in 10 epochs (MELANOMA_TEST_SEED 0-7, and 0-3 under ONEDNN_MAX_CPU_ISA=AVX2, AMD EPYC; 40
+patients gave 0.66 at seed 0)."""
+AUC_FLOOR = 0.6
+"""Well above chance (0.5) for ~40 melanomas in 200 images, and 0.09 below the lowest pooled OOF AUC
+measured over those 12 runs (mean 0.80): the task is learned, whatever the CPU's arithmetic or the seed."""
 OVERRIDES = {
     "data": {"n_folds": N_FOLDS, "image_size": SIZE, "synthetic": SYNTHETIC.model_dump()},
-    "training": {"epochs": 10, "early_stopping_patience": 10, "accelerator": "cpu", "devices": 1},
+    "training": {
+        "epochs": 10,
+        "early_stopping_patience": 10,
+        "accelerator": "cpu",
+        "devices": 1,
+        "seed": 42 + TEST_SEED,
+    },
     "evaluation": {"n_bootstrap": 100},
 }
 CAM_MIN_SIDE = 4
 """Smallest CAM feature map side: at 32 px test_efficientnet's last stages give 1x1 and 2x2 maps,
-which cannot tell lesion from skin; ``explain.default_target_layer`` then picks the last 4x4 layer."""
+which cannot tell lesion from skin; ``explain.default_target_layer`` then picks the last 4x4 layer.
+Layer choice, input view and lesion-following maps are checked on a known-answer network in
+``test_cam_known_answer.py``; here only what holds for any trained network is asserted."""
 
 
 @dataclass
@@ -112,7 +124,7 @@ def test_data_steps_kept_every_synthetic_image(e2e: EndToEnd):
 def test_out_of_fold_auc_shows_the_synthetic_task_is_learned(e2e: EndToEnd):
     auc = roc_auc_score(e2e.oof[schema.TARGET], e2e.oof["prob"])
     print(f"OOF AUC {auc:.3f}; per fold best val AUROC {[round(r.best_val_auroc, 3) for r in e2e.results]}")
-    assert auc > 0.80
+    assert auc > AUC_FLOOR
     assert e2e.report.metric("auc").value == pytest.approx(auc, abs=1e-9)
 
 
@@ -160,21 +172,14 @@ def test_serving_original_files_equals_oof(e2e: EndToEnd):
     np.testing.assert_allclose(served, expected, rtol=0, atol=1e-5)
 
 
-def _lesion_masks(e2e: EndToEnd, names: list[str]) -> list[np.ndarray]:
-    """The generator's lesion masks brought to the network's input view (same resize + centre crop)."""
-    from melanoma_ml.images.cache import resize_centre_crop
+def test_grad_cam_of_the_served_fold_model_gives_unit_maps_on_the_input_view(e2e: EndToEnd):
+    """Grad-CAM on the bundled fold-0 network (the served path): one finite [0, 1] map per image, at the
+    network's input size, from the size-aware default layer (which keeps a 4x4 map at 32 px).
 
-    masks = []
-    for name in names:
-        mask = np.asarray(Image.open(e2e.dataset.mask_dir / f"{name}.png").convert("RGB"))
-        masks.append(resize_centre_crop(mask, SIZE)[..., 0] >= 128)
-    return masks
-
-
-def _cam_ratios(e2e: EndToEnd) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Grad-CAM of the bundled fold-0 network on fold 0's validation images.
-
-    Returns (inside/outside ratio of mean heat per image, targets, heatmaps).
+    Where a 10-epoch tiny network looks is not asserted: it is one training trajectory. Over
+    MELANOMA_TEST_SEED 0-7 (and 0-3 with ONEDNN_MAX_CPU_ISA=AVX2) on AMD EPYC, the median inside/outside
+    lesion heat ratio was 0.52-1.47 and 71-100% of maps were not flat (the rest all zero: Grad-CAM's
+    ReLU of a negative weighted sum). The known-answer checks live in ``test_cam_known_answer.py``.
     """
     from melanoma_ml.features import metadata_dict
     from melanoma_ml.images.io import load_rgb
@@ -182,40 +187,18 @@ def _cam_ratios(e2e: EndToEnd) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     from melanoma_ml.serving.explain import default_target_layer, explain
 
     bundle = load_bundle(e2e.bundle_dir, channels_last=False)
-    rows = _validation_rows(e2e, 0)
     layer = default_target_layer(bundle.net, SIZE, min_side=CAM_MIN_SIDE)
-    ratios, heatmaps = [], []
-    masks = _lesion_masks(e2e, list(rows[schema.IMAGE]))
-    for row, mask in zip(rows.itertuples(index=False), masks, strict=True):
-        assert mask.any() and (~mask).any(), f"mask of {row.image_name} is all one value at {SIZE} px"
-        heatmap = explain(
-            bundle, load_rgb(row.image_path), metadata_dict(row), method="gradcam", target_layer=layer
-        ).heatmap
-        heatmaps.append(heatmap)
-        ratios.append(heatmap[mask].mean() / max(float(heatmap[~mask].mean()), 1e-6))
-    return np.asarray(ratios), rows[schema.TARGET].to_numpy(), np.stack(heatmaps)
-
-
-def test_grad_cam_maps_are_valid_and_line_up_with_the_input_view(e2e: EndToEnd):
-    """Grad-CAM plumbing: finite [0, 1] maps on the input view, not flat, warmer inside the lesion mask.
-
-    Measured (seed 0, 100 images): ratio median 1.35, mean 2.2, > 1 for 74% of images; melanomas median
-    2.4. What this does NOT show: that the tiny network learned where lesions are. The synthetic lesion is
-    a dark, high-contrast blob near the centre, and the same Grad-CAM on a random-init network scores
-    higher (median 2.6), as does each heatmap against another image's mask (median 1.35, own > other for
-    only 48% of images). So the assertions guard the CAM plumbing (layer choice at 32 px, input view,
-    heatmap in [0, 1]) and the direction of the map, not learned localization; trained vs random-init
-    localisation is measured by ``benchmarks/cam_localisation.py`` (``evaluation.localisation``).
-    """
-    ratios, targets, heatmaps = _cam_ratios(e2e)
-    print(
-        f"Grad-CAM inside/outside ratio over {len(ratios)} images: median {np.median(ratios):.2f}, "
-        f"mean {ratios.mean():.2f}, >1 for {np.mean(ratios > 1):.0%}; melanoma median "
-        f"{np.median(ratios[targets == 1]):.2f}"
-    )
-    assert heatmaps.shape == (len(ratios), SIZE, SIZE)
-    assert np.isfinite(heatmaps).all() and heatmaps.min() >= 0.0 and heatmaps.max() <= 1.0
-    assert np.mean(heatmaps.max(axis=(1, 2)) > heatmaps.min(axis=(1, 2))) > 0.9  # not flat maps
-    assert ratios.mean() > 1.0
-    assert np.median(ratios) > 1.0
-    assert np.median(ratios[targets == 1]) > 1.0
+    assert layer.startswith("backbone.") and layer not in (
+        "backbone.conv_head",
+        "backbone.bn2",
+    )  # 1x1 at 32 px
+    rows = _validation_rows(e2e, 0).head(24)
+    for row in rows.itertuples(index=False):
+        result = explain(
+            bundle, load_rgb(row.image_path), metadata_dict(row), method="gradcam", min_side=CAM_MIN_SIDE
+        )  # the default layer, refused below a 4x4 map
+        heatmap = result.heatmap
+        assert result.target_layer == layer
+        assert heatmap.shape == (SIZE, SIZE) and heatmap.dtype == np.float32, row.image_name
+        assert np.isfinite(heatmap).all() and heatmap.min() >= 0.0 and heatmap.max() <= 1.0, row.image_name
+        assert result.overlay.shape == (SIZE, SIZE, 3) and result.overlay.dtype == np.uint8

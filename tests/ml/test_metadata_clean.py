@@ -385,8 +385,11 @@ def test_large_table_is_vectorized_fast() -> None:
     raw["target"] = np.where(raw["diagnosis"] == "melanoma", "1", "0")
     start = time.perf_counter()
     result = clean_metadata(raw, image_dir=None, source="t", check_images=False)
-    assert time.perf_counter() - start < 5.0
+    elapsed = time.perf_counter() - start
     assert len(result.clean) == n
+    # Pathological only, like the suite's other time bounds (0.4-0.6 s here, 2 cores at load 5): a busy CI
+    # core or a slower CPU must not fail it; quadratic work over 40,000 rows would.
+    assert elapsed < 60.0, f"cleaning {n:,} rows took {elapsed:.1f} s"
 
 
 def test_typed_input_and_extension_warning() -> None:

@@ -9,11 +9,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from sklearn.metrics import roc_auc_score
+from conftest import TEST_SEED
+from torch import nn
 
 from melanoma_ml.config import ModelConfig, SyntheticConfig
 from melanoma_ml.features import MetadataEncoder
 from melanoma_ml.images.io import load_rgb
+from melanoma_ml.model import MelanomaNet
 from melanoma_ml.serving.inference import preprocess
 from melanoma_ml.serving.ood import (
     EnergyScorer,
@@ -122,21 +124,56 @@ def test_bad_inputs_are_refused(tmp_path: Path, fitted):
 # --- the network plumbing -------------------------------------------------------------------------------
 
 SIZE = 32
+NOISE_GAP = 1.0
+"""Every noise image scores above every held-out dermoscopy image on the texture network: lowest noise
+score / highest held-out score was 2.1-13 over MELANOMA_TEST_SEED 0-19 (both tests below)."""
+HELD_OUT_FLAG_RATE = {"plain": 0.35, "served": 0.2}
+"""Largest share of held-out dermoscopy flagged at the 0.99 threshold. Measured over MELANOMA_TEST_SEED 0-19:
+0-20% of 20 images for a plain fit (in-sample threshold, optimistic), 0-9% of 21-32 held-out patients'
+images for the served detector (group cross-validated threshold)."""
 
 
 def _tiny_net(seed: int) -> tuple[torch.nn.Module, ModelSpec]:
-    """A random-init test_efficientnet fused network (no training)."""
+    """A random-init test_efficientnet fused network (no training), for the plumbing checks."""
     encoder = MetadataEncoder(age_mean=50.0, age_std=15.0, sexes=("female", "male"), sites=("torso",))
     network = ModelConfig(backbone="test_efficientnet", pretrained=False, meta_hidden=[8])
     spec = ModelSpec(network, SIZE, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225], encoder)
-    torch.manual_seed(seed)
+    torch.manual_seed(seed + TEST_SEED)
     return spec.build_network().eval(), spec
+
+
+class TextureBackbone(nn.Module):
+    """Fixed weights, known answer: per channel the mean value and the mean absolute difference between
+    horizontal and between vertical neighbours (9 features). Skin and lesions are smooth; uniform noise
+    differs from its neighbours by ~85 grey levels on average, so it lies far outside any dermoscopy fit."""
+
+    num_features = 9
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dx = nn.Conv2d(3, 3, (1, 2), groups=3, bias=False)
+        self.dy = nn.Conv2d(3, 3, (2, 1), groups=3, bias=False)
+        with torch.no_grad():
+            self.dx.weight.copy_(torch.tensor([-1.0, 1.0]).view(1, 1, 1, 2).expand(3, 1, 1, 2))
+            self.dy.weight.copy_(torch.tensor([-1.0, 1.0]).view(1, 1, 2, 1).expand(3, 1, 2, 1))
+        self.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        means = x.mean(dim=(2, 3))
+        return torch.cat([means, self.dx(x).abs().mean(dim=(2, 3)), self.dy(x).abs().mean(dim=(2, 3))], 1)
+
+
+def _texture_net() -> tuple[torch.nn.Module, ModelSpec]:
+    """The fused network around ``TextureBackbone``, with the same spec as ``_tiny_net``."""
+    _net, spec = _tiny_net(0)
+    return MelanomaNet(TextureBackbone(), spec.encoder.n_features, meta_hidden=[8]).eval(), spec
 
 
 @pytest.fixture(scope="module")
 def dermoscopy(tmp_path_factory) -> list[np.ndarray]:
     ds = generate_synthetic_dataset(
-        tmp_path_factory.mktemp("syn") / "syn", SyntheticConfig(n_patients=30, image_size=64, seed=1)
+        tmp_path_factory.mktemp("syn") / "syn",
+        SyntheticConfig(n_patients=30, image_size=64, seed=1 + TEST_SEED),
     )
     return [load_rgb(p) for p in sorted(ds.image_dir.iterdir())]
 
@@ -157,23 +194,30 @@ def test_network_outputs_match_the_fused_forward(dermoscopy):
         np.testing.assert_allclose(logits, net(x, metadata).numpy(), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_random_init_net_ranks_noise_above_synthetic_dermoscopy(dermoscopy, seed):
-    """Even before training, uniform-noise images sit farther from synthetic dermoscopy embeddings than
-    held-out synthetic dermoscopy does. Only the ranking is robust across init seeds (AUROC 0.98-1.0 over
-    seeds 0-5); the share flagged at the threshold is not (0-85% with 104 fit images in 256 dimensions)."""
-    net, spec = _tiny_net(seed)
+def _noise(n: int, seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed + TEST_SEED)
+    return [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def test_noise_scores_far_above_held_out_dermoscopy_on_a_known_feature_space(dermoscopy):
+    """On the texture network (known answer: noise is rough, dermoscopy smooth) every noise image scores
+    above every held-out dermoscopy image and is flagged; held-out dermoscopy mostly is not.
+
+    Not asserted on random-init networks: a random test_efficientnet's 256-d embedding ranked 20 noise
+    images above 20 held-out dermoscopy images with AUROC 0.74-1.0 over init seeds 0-11 and flagged 0-100%
+    of the noise (104 fit images in 256 dimensions), so any margin there is one seed's luck."""
+    net, spec = _texture_net()
     fit_images, held_out = dermoscopy[:-20], dermoscopy[-20:]
     scorer = MahalanobisScorer.fit(_outputs(net, spec, fit_images)[0], quantile=0.99)
-    rng = np.random.default_rng(seed)
-    noise = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(20)]
     in_scores = scorer.score(_outputs(net, spec, held_out)[0])
-    noise_scores = scorer.score(_outputs(net, spec, noise)[0])
-    auroc = roc_auc_score(
-        np.r_[np.zeros(len(in_scores)), np.ones(len(noise_scores))], np.r_[in_scores, noise_scores]
+    noise_scores = scorer.score(_outputs(net, spec, _noise(20, seed=0))[0])
+    print(
+        f"held-out flagged {(in_scores > scorer.threshold).mean():.2f}, max {in_scores.max():.1f}, "
+        f"noise min {noise_scores.min():.1f}, threshold {scorer.threshold:.1f}"
     )
-    assert auroc >= 0.95, auroc
-    assert (in_scores > scorer.threshold).mean() <= 0.1, "held-out dermoscopy is rarely flagged (0% seen)"
+    assert noise_scores.min() > NOISE_GAP * in_scores.max(), (noise_scores.min(), in_scores.max())
+    assert (noise_scores > scorer.threshold).all()
+    assert (in_scores > scorer.threshold).mean() <= HELD_OUT_FLAG_RATE["plain"]
 
 
 # --- the served detector: fitted from the image cache, scored on the un-augmented view -------------------
@@ -186,7 +230,9 @@ def cached_rows(tmp_path_factory):
     from melanoma_ml.images.cache import build_image_cache
 
     root = tmp_path_factory.mktemp("ood_cache")
-    ds = generate_synthetic_dataset(root / "syn", SyntheticConfig(n_patients=30, image_size=64, seed=1))
+    ds = generate_synthetic_dataset(
+        root / "syn", SyntheticConfig(n_patients=30, image_size=64, seed=1 + TEST_SEED)
+    )
     table = pd.read_csv(ds.csv_path)
     table[schema.IMAGE_PATH] = [str(ds.image_dir / f"{name}.jpg") for name in table[schema.IMAGE]]
     table[schema.GROUP] = table[schema.PATIENT]
@@ -197,30 +243,29 @@ def cached_rows(tmp_path_factory):
 
 
 def test_bundle_detector_flags_noise_and_not_held_out_dermoscopy(cached_rows):
+    """The served detector, fitted from the image cache with the texture network: every noise image flagged,
+    held-out patients' images rarely (the rate the threshold rule promises, with small-sample slack)."""
     from melanoma_ml import schema
     from melanoma_ml.images.cache import load_resized
 
     train, held_out, cache = cached_rows
-    net, spec = _tiny_net(0)
+    net, spec = _texture_net()
     scorer = fit_bundle_ood(net, spec, train, cache, seed=0)
     assert scorer.n_fit == len(train) and scorer.means.shape[0] == 2  # benign and melanoma means
 
     # Held-out images arrive as the app decodes an upload; noise as a photo of nothing.
     x_held = preprocess([load_resized(p, SIZE) for p in held_out[schema.IMAGE_PATH]], spec)
-    rng = np.random.default_rng(0)
-    x_noise = preprocess([rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(20)], spec)
+    x_noise = preprocess(_noise(20, seed=0), spec)
     held_scores, held_flags = ood_scores_for(net, x_held, scorer)
     noise_scores, noise_flags = ood_scores_for(net, x_noise, scorer)
 
     assert held_flags.dtype == bool and held_scores.shape == (len(held_out),)
-    auroc = roc_auc_score(
-        np.r_[np.zeros(len(held_scores)), np.ones(len(noise_scores))], np.r_[held_scores, noise_scores]
+    np.testing.assert_array_equal(noise_flags, noise_scores > scorer.threshold)
+    print(
+        f"held-out flagged {held_flags.mean():.2f}, max {held_scores.max():.1f}, noise min {noise_scores.min():.1f}"
     )
-    assert auroc >= 0.95, auroc
-    # Seed 0 of this random-init net: 0% of held-out vs 95% of noise flagged (other init seeds flag
-    # 0-95% of the noise; the ranking above is what holds across seeds).
-    assert noise_flags.mean() > held_flags.mean() + 0.5
-    assert held_flags.mean() <= 0.1
+    assert noise_flags.all() and noise_scores.min() > NOISE_GAP * held_scores.max()
+    assert held_flags.mean() <= HELD_OUT_FLAG_RATE["served"]
 
 
 def test_bundle_detector_sees_the_training_images_as_the_app_sees_a_request(cached_rows):
