@@ -5,8 +5,9 @@ Subcommands::
     melanoma-ml demo [--profile demo] [--artifact-root DIR] [--set training.epochs=3 ...] [--dagster [--events]]
     melanoma-ml inspect DATA_DIR [--layout auto] [--image-dir DIR] [--no-images] [--no-hash]
     melanoma-ml models [--no-verify] [--artifact-root DIR]
-    melanoma-ml rollback [--to VERSION] [--artifact-root DIR]
+    melanoma-ml rollback [--to VERSION [--adopt]] [--artifact-root DIR]
     melanoma-ml registry repair [--artifact-root DIR]
+    melanoma-ml registry verify [--artifact-root DIR]
     melanoma-ml config [--profile P] [--set key=value ...]
     melanoma-ml predict PATH --out predictions.csv [--version vNNNN] [--no-tta] [--batch-size N]
 
@@ -37,6 +38,8 @@ if TYPE_CHECKING:
     from melanoma_ml.config import PipelineConfig
 
 EXIT_OK = 0
+EXIT_NOT_INTACT = 1
+"""``registry verify``: the current version does not verify, or ``current.json`` names none that exists."""
 EXIT_BAD_INPUT = 2
 
 
@@ -224,9 +227,10 @@ def cmd_models(args: argparse.Namespace) -> int:
     """List registry versions (oldest first) with backbone, AUC, threshold; mark the current one.
 
     A version this code cannot read (e.g. an older manifest schema) is listed with why, not fatal.
-    Unless ``--no-verify``, each version's weights are checked against the manifest's sha256 (one read of
-    each weights file) and a mismatch is marked CORRUPT; a version never promoted says why (from history);
-    an unreadable ``current.json`` is reported, not fatal.
+    Unless ``--no-verify``, every file of each version is checked against its sha256, the manifest included
+    (one read of each file): a mismatch is marked CORRUPT, a version registered before manifests were hashed
+    says "manifest not covered"; a version never promoted says why (from history); an unreadable
+    ``current.json``, or one naming a version that does not exist, is reported, not fatal.
     """
     from melanoma_ml.serving.bundle import BundleError, read_manifest
     from melanoma_ml.serving.registry import RegistryError
@@ -242,6 +246,8 @@ def cmd_models(args: argparse.Namespace) -> int:
     print(f"registry: {registry.root}")
     if not versions:
         print("no versions registered yet (run `melanoma-ml demo` or the Dagster pipeline)")
+        if current is not None:
+            print(f"current: {current} {_missing_current(current)}")
         return EXIT_OK
     print(f"  {'':1} {'version':<8} {'backbone':<22} {'test auc [CI]':<30} {'out-of-fold auc [CI]':<30} "
           f"{'threshold':>9}  created")  # fmt: skip
@@ -262,16 +268,20 @@ def cmd_models(args: argparse.Namespace) -> int:
                 f"  {mark:1} {version:<8} {_served(manifest):<22} {test_text:<30} {auc_text:<30} "
                 f"{manifest.threshold:>9.4f}  {manifest.created_at}"
             )
-            problem = registry.check(version) if args.verify else None
-            if problem is not None:
+            state, detail = registry.integrity(version) if args.verify else ("unchecked", "")
+            if state == "corrupt":
                 corrupt.add(version)
-                print(f"      CORRUPT: {one_line(problem)}")
+                print(f"      CORRUPT: {one_line(detail)}")
+            elif state == "legacy":
+                print(f"      manifest not covered: {detail}")
         if version in orphans:
             print(f"      not promoted: {orphans[version]}")
     if not args.verify:
-        print("(weights sha256 not verified: --no-verify)")
+        print("(sha256 of the files not verified: --no-verify)")
     if pointer_problem is not None:
         print(f"current: unreadable ({pointer_problem})")
+    elif current is not None and current not in versions:
+        print(f"current: {current} {_missing_current(current)}")
     elif current in corrupt:
         print(
             f"current: {current} (CORRUPT: the app refuses it; serve a good version with `melanoma-ml rollback` "
@@ -282,17 +292,81 @@ def cmd_models(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _missing_current(version: str) -> str:
+    return (
+        f"(WARNING: current.json names {version}, which does not exist in this registry, so nothing is "
+        "served; run `melanoma-ml registry repair` to point it at the last served version that verifies)"
+    )
+
+
 def cmd_rollback(args: argparse.Namespace) -> int:
-    """Move the registry's current pointer back (to ``--to`` or the previously served version)."""
+    """Move the registry's current pointer back (to ``--to`` or the previously served version).
+
+    A version that was never promoted is refused unless ``--adopt`` (``ModelRegistry.rollback``).
+    """
     from melanoma_ml.serving.registry import RegistryError
 
+    if args.adopt and not args.to:
+        raise UsageError("--adopt needs --to VERSION: name the never-promoted version to serve")
     registry = _registry(args)
     try:
         before = registry.current()
     except RegistryError:
         before = "(unreadable pointer)"  # rollback(to=...) still works; without --to it says what to do
-    after = registry.rollback(args.to, reason=args.reason)
-    print(f"rolled back: {before} -> {after} (registry {registry.root})")
+    after = registry.rollback(args.to, reason=args.reason, adopt=args.adopt)
+    verb = "adopted" if args.adopt and registry.history()[-1].get("adopted") else "rolled back"
+    print(f"{verb}: {before} -> {after} (registry {registry.root})")
+    return EXIT_OK
+
+
+def cmd_registry_verify(args: argparse.Namespace) -> int:
+    """Check every byte of every version (``ModelRegistry.integrity``) and say which are intact.
+
+    Each version is ``intact`` (every file, the manifest included, matches its sha256), ``legacy``
+    (registered before manifests were hashed: what its manifest lists verifies, the manifest itself is
+    not covered) or ``CORRUPT`` (why). Exits 1 when the current version is corrupt, or ``current.json``
+    names a version that does not exist or cannot be read; 0 otherwise, a legacy current version included
+    (it still serves; its line says so).
+    """
+    from melanoma_ml.serving.registry import RegistryError
+
+    registry = _registry(args)
+    versions = registry.versions()
+    try:
+        current, pointer_problem = registry.current(), None
+    except RegistryError as err:
+        current, pointer_problem = None, one_line(err)
+    print(f"registry: {registry.root}")
+    states = {}
+    for version in versions:
+        state, detail = registry.integrity(version)
+        states[version] = state
+        mark = "*" if version == current else ""
+        print(
+            f"  {mark:1} {version:<8} {state.upper() if state == 'corrupt' else state:<8} {one_line(detail)}"
+        )
+    counts = {state: list(states.values()).count(state) for state in ("intact", "legacy", "corrupt")}
+    print(f"{len(versions)} versions: " + ", ".join(f"{n} {state}" for state, n in counts.items()))
+    if pointer_problem is not None:
+        print(f"current: unreadable ({pointer_problem})")
+        return EXIT_NOT_INTACT
+    if current is None:
+        print("current: none (nothing promoted yet)")
+        return EXIT_OK
+    if current not in states:
+        print(f"current: {current} {_missing_current(current)}")
+        return EXIT_NOT_INTACT
+    state = states[current]
+    if state == "corrupt":
+        print(
+            f"current: {current} CORRUPT: the app refuses it; serve an intact version with `melanoma-ml "
+            "rollback --to VERSION` or `melanoma-ml registry repair`"
+        )
+        return EXIT_NOT_INTACT
+    print(
+        f"current: {current} {state}"
+        + (" (manifest not covered: re-run promotion to cover it)" if state == "legacy" else "")
+    )
     return EXIT_OK
 
 
@@ -315,9 +389,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
     """Score a folder of images, a CSV or a dataset folder with a registry version; write a scores CSV.
 
     Files that cannot be decoded are listed on stderr and kept in the CSV with their ``error``; the
-    others are still scored. Exits 0 when at least one image was scored, 2 when none could be.
+    others are still scored. Metadata the app would refuse (age -5, sex "alien", ...) is read as missing
+    and listed on stderr and in the ``warning`` column (``batch.score_inputs``). Exits 0 when at least one
+    image was scored, 2 when none could be.
     """
-    from melanoma_ml.serving.batch import DEFAULT_BATCH_SIZE, load_scoring_model, score_inputs, write_scores
+    from melanoma_ml.serving.batch import (
+        DEFAULT_BATCH_SIZE,
+        WARNING,
+        load_scoring_model,
+        score_inputs,
+        write_scores,
+    )
     from melanoma_ml.serving.batch_inputs import read_scoring_input
     from melanoma_ml.serving.calibrated import decision_threshold
 
@@ -341,6 +423,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
             max_pixels=config.serving.max_image_pixels,
             progress=progress,
             deployment_prevalence=config.serving.deployment_prevalence,
+            min_age=config.serving.min_age,
+            max_age=config.serving.max_age,
         )
     out = write_scores(scores, args.out)
     failed = scores.failed
@@ -349,11 +433,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if len(failed) > MAX_LISTED_FAILURES:
         print(f"... and {len(failed) - MAX_LISTED_FAILURES} more (error column of {out})", file=sys.stderr)
     scored = scores.scored
+    warned = scored[scored[WARNING] != ""]
+    for row in warned.head(MAX_LISTED_FAILURES).itertuples(index=False):
+        print(f"scored with metadata missing: {row.image_name}: {row.warning}", file=sys.stderr)
+    if len(warned) > MAX_LISTED_FAILURES:
+        print(f"... and {len(warned) - MAX_LISTED_FAILURES} more (warning column of {out})", file=sys.stderr)
     print(
         f"scored {len(scored)} of {len(scores.table)} images with {scores.model_version} in "
         f"{scores.seconds:.1f} s ({scores.images_per_second:.1f} img/s); "
-        f"{int((scored['decision'] == 'positive').sum())} above the threshold, {len(failed)} not scored; "
-        f"wrote {out}"
+        f"{int((scored['decision'] == 'positive').sum())} above the threshold, {len(failed)} not scored, "
+        f"{len(warned)} with metadata the app would refuse read as missing; wrote {out}"
     )
     if scored.empty:
         print(f"error: no image could be scored (the reasons are in {out})", file=sys.stderr)
@@ -563,9 +652,15 @@ def build_parser() -> argparse.ArgumentParser:
     rollback = add("rollback", cmd_rollback, "point the registry back at an earlier version")
     rollback.add_argument("--to", metavar="VERSION", help="version to serve (default: the previous one)")
     rollback.add_argument("--reason", default="rollback (melanoma-ml CLI)", help="recorded in history")
+    rollback.add_argument(
+        "--adopt",
+        action="store_true",
+        help="serve --to VERSION although it was never promoted (an orphan): every file is verified and a "
+        "promoted event is logged",
+    )
     settings(rollback)
 
-    registry_help = "maintain the model registry: `registry repair`"
+    registry_help = "maintain the model registry: `registry repair`, `registry verify`"
     registry = commands.add_parser("registry", help=registry_help, description=registry_help)
     registry_commands = registry.add_subparsers(dest="registry_command", required=True, metavar="ACTION")
     repair = registry_commands.add_parser(
@@ -576,6 +671,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     repair.set_defaults(handler=cmd_registry_repair)
     settings(repair)
+    verify = registry_commands.add_parser(
+        "verify",
+        help="check every byte of every version; say which are intact, legacy or corrupt",
+        description="Check every file of every version against its sha256, the manifest included, and say "
+        "which are intact, legacy (manifest not covered) or corrupt. Exits 1 when the current version is "
+        "corrupt or current.json names a version that does not exist.",
+    )
+    verify.set_defaults(handler=cmd_registry_verify)
+    settings(verify)
 
     config = add("config", cmd_config, "print the resolved config as JSON")
     settings(config, root=False)

@@ -59,6 +59,8 @@ def batch_scores(context: dg.AssetExecutionContext, settings: PipelineSettings) 
         tta=config.serving.tta,
         max_pixels=config.serving.max_image_pixels,
         deployment_prevalence=config.serving.deployment_prevalence,
+        min_age=config.serving.min_age,
+        max_age=config.serving.max_age,
     )
     out = write_scores(scores, artifact_paths(config).scores(batch))
     if scores.scored.empty:

@@ -214,6 +214,10 @@ def _open(source: ImageSource) -> Image.Image:
             )
         if stream.is_dir():
             raise ImageDecodeError(name, "a folder, not an image file", "point the row at an image file")
+        if not stream.is_file():  # a FIFO or device has st_size 0 but is not empty: never read it
+            raise ImageDecodeError(
+                name, "not a regular file (a FIFO, device or socket)", "point the row at an image file"
+            )
         if stream.stat().st_size == 0:
             raise ImageDecodeError(name, "image file is empty (0 bytes)", _FIX_FILE)
     try:

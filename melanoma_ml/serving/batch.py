@@ -9,7 +9,10 @@ Probabilities and threshold follow ``serving.deployment_prevalence`` as the app'
 (``serving.calibrated``): the prior shift changes the probabilities written, never the decisions.
 
 A file that cannot be decoded does not stop the run: its row carries the reason in ``error`` and the other
-images are still scored. The table has the ISIC challenge submission columns (``image_name``, ``target`` =
+images are still scored. Metadata is read by the app's own rules (``request_fields``): a value the app
+refuses (an age of -5, 300 or "abc", sex "alien", site "moon", a category the model was not trained with)
+is scored as missing, the way training's cleaning encodes such a value, and the app's message is in the
+row's ``warning`` column, so nothing is silently dropped and the score exists for every decodable image. The table has the ISIC challenge submission columns (``image_name``, ``target`` =
 the melanoma probability) plus the decision at the model's threshold and the model version, so a scores
 file says which model produced it, and the out-of-distribution score and flag (``ood_flag`` true: the image
 does not look like the training images, its probability is not reliable); both are empty when the bundle
@@ -38,6 +41,7 @@ from melanoma_ml.features import metadata_dict
 from melanoma_ml.images.cache import load_resized
 from melanoma_ml.images.io import DEFAULT_MAX_PIXELS, ImageDecodeError
 from melanoma_ml.serving.batch_inputs import ERROR, ScoringInput, read_scoring_input
+from melanoma_ml.serving.request_fields import parse_metadata_leniently
 
 if TYPE_CHECKING:
     from melanoma_ml.config import PipelineConfig
@@ -53,6 +57,8 @@ PROBABILITY = "target"
 
 OOD_SCORE = "ood_score"
 OOD_FLAG = "ood_flag"
+WARNING = "warning"
+"""Why some metadata of a scored row was read as missing (the app's message per refused field), or ""."""
 
 SCORE_COLUMNS: tuple[str, ...] = (
     schema.IMAGE,
@@ -63,10 +69,12 @@ SCORE_COLUMNS: tuple[str, ...] = (
     OOD_SCORE,
     OOD_FLAG,
     ERROR,
+    WARNING,
     schema.IMAGE_PATH,
 )
 """Columns of a scores table, in order; ``error`` is empty for a scored row, ``target`` NaN for a failed one
-(and ``ood_score``/``ood_flag`` missing for failed rows and for bundles without a detector)."""
+(and ``ood_score``/``ood_flag`` missing for failed rows and for bundles without a detector); ``warning``
+names the metadata values the app would refuse, which this row was scored without."""
 
 Progress = Callable[[int, int], object]
 """Called as ``progress(done, total)`` after each batch (images decoded or failed so far, images to do)."""
@@ -133,7 +141,9 @@ def load_scoring_model(registry: ModelRegistry, version: str | None = None) -> B
             f"no model promoted in registry {registry.root} yet: run `melanoma-ml demo` or materialize "
             "`serving_model`, or name a version with --version"
         )
-    return load_bundle(registry.version_path(version))
+    return load_bundle(
+        registry.version_path(version), manifest_sha256=registry.recorded_manifest_sha256(version)
+    )
 
 
 def score_path(path: str | Path, bundle: Bundle, **options: Any) -> BatchScores:
@@ -162,8 +172,13 @@ def score_inputs(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: Progress | None = None,
     deployment_prevalence: float | None = None,
+    min_age: float = schema.MIN_VALID_AGE,
+    max_age: float = schema.MAX_VALID_AGE,
 ) -> BatchScores:
     """Score an already read input (``read_scoring_input``) with ``bundle``, ``batch_size`` images a call.
+
+    Each row's age, sex and site are read by ``request_fields.parse_metadata_leniently`` (the app's
+    parser): a value the app would refuse is scored as missing and reported in the ``warning`` column.
 
     Args:
         tta: Average the 8 dihedral views of each image.
@@ -173,6 +188,7 @@ def score_inputs(
         progress: ``progress(done, total)`` after each batch.
         deployment_prevalence: ``serving.deployment_prevalence``: probabilities and threshold are moved to
             this melanoma rate (None: the training prevalence, no shift).
+        min_age, max_age: ``serving.min_age``/``serving.max_age``: the ages the app accepts.
     """
     from melanoma_ml.serving.calibrated import decision_threshold
     from melanoma_ml.serving.inference import score
@@ -181,8 +197,7 @@ def score_inputs(
         raise InputValueError(f"batch size must be at least 1, got {batch_size}")
     workers = workers or min(4, os.cpu_count() or 1)
     table = inputs.table
-    tabular = [c for c in bundle.spec.encoder.tabular if c in table.columns]
-    metadata = [metadata_dict(row, tabular) for row in table.itertuples(index=False)]
+    metadata, warnings = _read_metadata(inputs, bundle, min_age, max_age)
     paths = table[schema.IMAGE_PATH].astype(str).tolist()
     probabilities = np.full(len(table), np.nan)
     ood_scores = np.full(len(table), np.nan)
@@ -223,11 +238,13 @@ def score_inputs(
             OOD_SCORE: ood_scores,
             OOD_FLAG: ood_flags,
             ERROR: errors,
+            WARNING: [warning if not error else "" for warning, error in zip(warnings, errors, strict=True)],
             schema.IMAGE_PATH: paths,
         }
     )
     rejected = inputs.rejected.assign(
         **{
+            WARNING: "",
             PROBABILITY: np.nan,
             OOD_SCORE: np.nan,
             OOD_FLAG: pd.array([pd.NA] * len(inputs.rejected), dtype="boolean"),
@@ -244,6 +261,31 @@ def score_inputs(
         seconds=seconds,
         deployment_prevalence=deployment_prevalence,
     )
+
+
+def _read_metadata(
+    inputs: ScoringInput, bundle: Bundle, min_age: float, max_age: float
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Each row's metadata as the app reads it (refused fields missing), and its ``warning`` text."""
+    table = inputs.table
+    vocabulary = {key: list(values) for key, values in bundle.spec.encoder.vocabulary.items()}
+    tabular = [c for c in bundle.spec.encoder.tabular if c in table.columns]
+    given = inputs.metadata_as_given()
+    metadata: list[dict[str, Any]] = []
+    warnings: list[str] = []
+    for row, (age, sex, site) in zip(
+        table.itertuples(index=False),
+        given[list(schema.METADATA_FEATURES)].itertuples(index=False),
+        strict=True,
+    ):
+        parsed, problems = parse_metadata_leniently(
+            age, sex, site, vocabulary=vocabulary, min_age=min_age, max_age=max_age
+        )
+        if tabular:
+            parsed["tabular"] = metadata_dict(row, tabular)["tabular"]
+        metadata.append(parsed)
+        warnings.append("; ".join(problems))
+    return metadata, warnings
 
 
 def write_scores(scores: BatchScores, out: str | Path) -> Path:

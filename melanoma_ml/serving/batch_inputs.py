@@ -12,7 +12,12 @@
   in training (``m`` -> male, "lower limb" -> lower extremity, an age of 0 -> missing);
 * a folder without a recognized layout: the one CSV in it when that CSV names its images as above, else
   every image file directly in it, scored without metadata (every field missing, as the model was
-  trained to handle).
+  trained to handle); every other file in it (``.gif``, a text file, a FIFO or device) gets a row in
+  ``rejected`` with the reason.
+
+Each table row also keeps its age, sex and site *as given* (``ScoringInput.given``) where cleaning set a
+value it could not read missing, so ``batch.score_inputs`` reads every value with the app's own rules
+(``request_fields.parse_metadata_leniently``) and says which it could not use.
 
 Nothing is decoded here except by the layout reader's probe; ``batch.score_inputs`` decodes each image
 once, with the training cache's decoder, and reports the ones that fail.
@@ -60,13 +65,24 @@ class ScoringInput:
             ``age_approx``, ``sex`` and ``anatom_site_general_challenge`` (missing as NaN); further columns
             (a layout's tabular features, a CSV's other columns) follow.
         rejected: ``image_name``, ``image_path``, ``error``: rows that cannot be scored before any
-            decoding (set aside by the cleaner, no image file found, an image name twice).
+            decoding (set aside by the cleaner, no image file found, an image name twice, a file of a
+            folder that is no accepted image).
+        given: ``age_approx``, ``sex``, ``anatom_site_general_challenge`` of each ``table`` row as the
+            input gave them where cleaning set the value missing (unreadable, out of range, unknown),
+            else as cleaned; None: ``table``'s own columns.
     """
 
     kind: str
     description: str
     table: pd.DataFrame
     rejected: pd.DataFrame
+    given: pd.DataFrame | None = None
+
+    def metadata_as_given(self) -> pd.DataFrame:
+        """``given``, or ``table``'s metadata columns when there is none."""
+        if self.given is not None:
+            return self.given
+        return self.table[list(schema.METADATA_FEATURES)].astype(object)
 
 
 def read_scoring_input(path: str | Path) -> ScoringInput:
@@ -111,11 +127,13 @@ def _from_layout(path: Path, layout: str, reason: str) -> ScoringInput:
         f"{layout} dataset ({reason}): {len(table)} images with metadata, "
         f"{len(rejected)} set aside by cleaning"
     )
-    return ScoringInput(layout, description, table.reset_index(drop=True), rejected)
+    table = table.reset_index(drop=True)
+    return ScoringInput(layout, description, table, rejected, _as_given(table, result.warnings))
 
 
 def _from_plain_folder(folder: Path, layout_problem: str) -> ScoringInput:
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    entries = sorted(p for p in folder.iterdir() if not p.name.startswith(".") and not p.is_dir())
+    files = [p for p in entries if p.is_file()]
     images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
     tables = [p for p in files if p.suffix.lower() == ".csv"]
     if len(tables) == 1 and _image_column(read_header(tables[0])) is not None:
@@ -128,14 +146,43 @@ def _from_plain_folder(folder: Path, layout_problem: str) -> ScoringInput:
     names = pd.Series([p.stem for p in images], dtype="object")
     paths = [str(p.resolve()) for p in images]
     table = _scoring_table(names, paths, pd.DataFrame(index=names.index))
-    table, rejected = _split_repeated_names(table)
-    skipped = [p.name for p in files if p not in images]
-    note = f"; {len(skipped)} other file(s) ignored: {', '.join(skipped[:5])}" if skipped else ""
+    table, repeated = _split_repeated_names(table)
+    skipped = [p for p in entries if p not in images]
+    rejected = pd.concat(
+        [
+            repeated,
+            _rejected(
+                [p.stem for p in skipped],
+                [str(p.absolute()) for p in skipped],
+                [_not_an_image(p) for p in skipped],
+            ),
+        ],
+        ignore_index=True,
+    )
+    note = f"; {len(skipped)} other file(s) not scored (reasons in the error column)" if skipped else ""
     description = (
         f"folder of images {folder}: {len(images)} files, scored without metadata (no dataset layout, "
         f"no CSV naming the images){note}"
     )
     return ScoringInput("folder", description, table, rejected)
+
+
+def _not_an_image(path: Path) -> str:
+    """Why a file of a scored folder is not scored (as a dataset folder's quarantine says it)."""
+    if not path.is_file():
+        return (
+            f"{path.name} is not a regular file (a FIFO, device, socket or broken link): nothing to decode; "
+            "remove it from the folder"
+        )
+    if path.suffix.lower() == ".csv":
+        return (
+            f"{path.name} is a CSV that names no images (no {' or '.join(IMAGE_COLUMNS)} column) or is one of "
+            "several CSVs: only image files were scored; give the CSV itself to score its rows"
+        )
+    return (
+        f"found {path.name}, which is not an accepted extension: images must be {'/'.join(IMAGE_EXTENSIONS)}; "
+        f"convert the file (e.g. to {path.stem}.png) or remove it from the folder"
+    )
 
 
 def _from_plain_csv(csv: Path, layout_problem: str) -> ScoringInput:
@@ -205,7 +252,26 @@ def _from_plain_csv(csv: Path, layout_problem: str) -> ScoringInput:
         f"CSV {csv}: {len(table)} images by {how}, metadata {', '.join(meta) or 'none (all missing)'}; "
         f"{len(rejected)} row(s) not scorable"
     )
-    return ScoringInput("csv", description, table, rejected)
+    return ScoringInput("csv", description, table, rejected, _as_given(table, cleaned.warnings))
+
+
+def _as_given(table: pd.DataFrame, warnings: pd.DataFrame) -> pd.DataFrame:
+    """``table``'s metadata columns, with the raw value back wherever cleaning warned about a value.
+
+    Cleaning warns when it sets a value missing or changes it (an unreadable or out-of-range age, an
+    unknown sex or site, an age capped at 85); the app's parser then reads the raw value by its own rules
+    (and caps or refuses it the same way).
+    """
+    given = table[list(schema.METADATA_FEATURES)].astype(object)
+    if warnings.empty:
+        return given
+    position = {name: i for i, name in enumerate(table[schema.IMAGE].astype(str))}
+    for name, column, value in zip(
+        warnings[schema.IMAGE].astype(str), warnings["column"], warnings["value"], strict=True
+    ):
+        if column in given.columns and name in position:
+            given.iat[position[name], given.columns.get_loc(column)] = value
+    return given
 
 
 def _image_column(columns: list[str]) -> str | None:

@@ -5,12 +5,18 @@ without unpickling anything: the model spec (architecture, input size, normaliza
 encoder), the decision threshold, the evaluation metrics with their CIs, data/code versions and the sha256
 of the weights file, which is checked before the weights are read.
 
+Every byte is covered: ``manifest.sha256`` (``sha256sum`` format, written with the manifest by
+``write_manifest``) holds the sha256 of ``manifest.json`` itself, so an edited threshold or calibrator is
+refused like edited weights. A bundle written before that file existed (a *legacy* bundle in an older
+registry) still verifies what its manifest lists; ``manifest_covered`` tells the two apart.
+
 torch and safetensors are imported inside the functions that need them, so ``read_manifest`` and
 ``verify_bundle`` stay cheap for callers that only inspect a bundle (the registry, the app's poller).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from melanoma_ml.atomic import atomic_directory, atomic_write_json, sha256_file
+from melanoma_ml.atomic import atomic_directory, atomic_write_bytes, sha256_file, to_json_text
 from melanoma_ml.errors import InputValueError
 from melanoma_ml.serving.manifest import (
     MANIFEST_SCHEMA_VERSION,
@@ -42,6 +48,8 @@ if TYPE_CHECKING:
 LogitsFn = Callable[["torch.Tensor", "torch.Tensor"], "torch.Tensor"]
 
 MANIFEST_FILE = "manifest.json"
+MANIFEST_DIGEST_FILE = "manifest.sha256"
+"""The sha256 of ``manifest.json``'s bytes, as ``sha256sum`` writes it (``sha256sum -c`` checks it)."""
 
 
 class BundleError(InputValueError):
@@ -53,7 +61,7 @@ class ManifestSchemaError(BundleError):
 
 
 class BundleIntegrityError(BundleError):
-    """The weights file does not match the sha256 recorded in the manifest."""
+    """A bundle file does not match its recorded sha256 (weights, extras, or the manifest itself)."""
 
 
 @dataclass(frozen=True)
@@ -268,8 +276,32 @@ def save_bundle(
             "ood": None if ood is None else _save_ood(tmp, ood),
         }
         manifest = _validated(fields, f"the manifest for {out_dir}")
-        atomic_write_json(tmp / MANIFEST_FILE, manifest.to_json())
+        write_manifest(tmp, manifest)
     return out_dir
+
+
+def write_manifest(folder: str | Path, manifest: BundleManifest) -> str:
+    """Write ``manifest.json`` and its digest ``manifest.sha256`` into ``folder``; return the digest.
+
+    Each file is replaced atomically; call it on a folder no reader serves yet (a temp or staging folder
+    that is renamed into place afterwards), so nobody sees the new manifest with the old digest.
+    """
+    folder = Path(folder)
+    data = manifest_bytes(manifest)
+    atomic_write_bytes(folder / MANIFEST_FILE, data)
+    digest = hashlib.sha256(data).hexdigest()
+    atomic_write_bytes(folder / MANIFEST_DIGEST_FILE, digest_file_bytes(digest))
+    return digest
+
+
+def manifest_bytes(manifest: BundleManifest) -> bytes:
+    """The bytes of ``manifest.json`` for ``manifest`` (strict, sorted JSON)."""
+    return to_json_text(manifest.to_json(), where=MANIFEST_FILE).encode("utf-8")
+
+
+def digest_file_bytes(digest: str) -> bytes:
+    """The bytes of ``manifest.sha256`` for a manifest whose sha256 is ``digest``."""
+    return f"{digest}  {MANIFEST_FILE}\n".encode("ascii")
 
 
 def _save_networks(
@@ -455,14 +487,24 @@ def read_manifest(path: str | Path) -> BundleManifest:
     return _validated(manifest, str(manifest_path))
 
 
-def verify_bundle(path: str | Path) -> BundleManifest:
-    """Check that the bundle is complete and its weights match the manifest's sha256; return the manifest.
+def verify_bundle(path: str | Path, *, manifest_sha256: str | None = None) -> BundleManifest:
+    """Check that every file of the bundle matches its sha256, the manifest included; return the manifest.
+
+    The manifest's bytes are checked first (against ``manifest.sha256`` and ``manifest_sha256``), then the
+    weights and every extra file against the sha256 the manifest lists. A legacy bundle (no
+    ``manifest.sha256``, no ``manifest_sha256``) verifies what its manifest lists (see ``manifest_covered``).
+
+    Args:
+        path: The bundle folder.
+        manifest_sha256: The manifest's sha256 as recorded elsewhere (the registry's history), or None.
+            Given, a bundle whose ``manifest.sha256`` is missing is refused rather than read as legacy.
 
     Raises:
         BundleError: missing folder/files or bad manifest.
-        BundleIntegrityError: the weights' sha256 differs from the manifest.
+        BundleIntegrityError: a file's sha256 differs from the recorded one.
     """
     path = Path(path)
+    check_manifest_digest(path, manifest_sha256)
     manifest = read_manifest(path)
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
@@ -479,9 +521,72 @@ def verify_bundle(path: str | Path) -> BundleManifest:
     return manifest
 
 
+_FIX = (
+    "the bundle was modified or corrupted after it was written; roll back to an intact version "
+    "(`melanoma-ml rollback --to VERSION`, `melanoma-ml registry verify` lists them) or run "
+    "`melanoma-ml registry repair`, or re-export it"
+)
+
+
+def check_manifest_digest(path: str | Path, recorded: str | None = None) -> bool:
+    """Check ``manifest.json``'s bytes against ``manifest.sha256`` and ``recorded``; False for a legacy bundle.
+
+    Returns:
+        True when the manifest is covered by a digest (and matches it), False when the bundle has no
+        ``manifest.sha256`` and nothing was ``recorded`` (written before manifests were hashed).
+
+    Raises:
+        BundleError: ``manifest.json`` missing, or ``manifest.sha256`` unreadable.
+        BundleIntegrityError: the manifest's sha256 differs from a digest, or ``recorded`` is given but
+            ``manifest.sha256`` was removed.
+    """
+    path = Path(path)
+    manifest_path, digest_path = path / MANIFEST_FILE, path / MANIFEST_DIGEST_FILE
+    if not manifest_path.is_file():
+        read_manifest(path)  # raises the "missing manifest" error
+    expected: list[tuple[str, str]] = []
+    if digest_path.is_file():
+        expected.append((str(digest_path), _read_digest(digest_path)))
+    elif recorded is not None:
+        raise BundleIntegrityError(
+            f"{MANIFEST_DIGEST_FILE} missing in bundle {path}, whose manifest sha256 the registry recorded "
+            f"({recorded}); {_FIX}"
+        )
+    if recorded is not None:
+        expected.append(("the registry history", recorded))
+    if not expected:
+        return False
+    actual = sha256_file(manifest_path)
+    for where, digest in expected:
+        if actual != digest:
+            raise BundleIntegrityError(
+                f"sha256 mismatch for {manifest_path}: {where} records {digest}, got {actual}; {_FIX}"
+            )
+    return True
+
+
+def manifest_covered(path: str | Path) -> bool:
+    """Whether the bundle at ``path`` has a ``manifest.sha256`` (False: a legacy bundle, manifest not covered)."""
+    return (Path(path) / MANIFEST_DIGEST_FILE).is_file()
+
+
+def _read_digest(digest_path: Path) -> str:
+    """The hex sha256 in a ``manifest.sha256`` file, which must be exactly ``digest_file_bytes(digest)``."""
+    data = digest_path.read_bytes()
+    digest = data[:64].decode("ascii", errors="replace")
+    if not all(c in "0123456789abcdef" for c in digest) or data != digest_file_bytes(digest):
+        raise BundleIntegrityError(
+            f"{digest_path} must hold exactly '<sha256 in lowercase hex>  {MANIFEST_FILE}' and a newline, got "
+            f"{data[:100]!r}; {_FIX}"
+        )
+    return digest
+
+
 def bundle_file_names(manifest: BundleManifest) -> list[str]:
-    """Every file of a bundle, relative to its folder: the manifest, the weights, then the hashed extras."""
-    return [MANIFEST_FILE, WEIGHTS_FILE, *(entry.name for entry in manifest.extra_files())]
+    """Every file of a bundle, relative to its folder: the manifest, its digest, the weights, then the
+    hashed extras (a legacy bundle lacks the digest: see ``manifest_covered``)."""
+    extras = (entry.name for entry in manifest.extra_files())
+    return [MANIFEST_FILE, MANIFEST_DIGEST_FILE, WEIGHTS_FILE, *extras]
 
 
 def _verify_file(bundle: Path, entry: BundleFile) -> Path:
@@ -499,7 +604,11 @@ def _verify_file(bundle: Path, entry: BundleFile) -> Path:
 
 
 def load_bundle(
-    path: str | Path, *, device: str | torch.device = "cpu", channels_last: bool = True
+    path: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    channels_last: bool = True,
+    manifest_sha256: str | None = None,
 ) -> Bundle:
     """Verify and load a bundle: sha256 first, then safetensors weights into ``spec.build_network()``.
 
@@ -510,14 +619,15 @@ def load_bundle(
         device: Where to put the network.
         channels_last: Store conv weights NHWC (faster convolutions on CPU and GPU; measured ~20% on
             efficientnet_b0 at 256 px on 2 CPU threads).
+        manifest_sha256: The manifest's sha256 the registry recorded (``verify_bundle``), or None.
 
     Raises:
         BundleError: missing/invalid files or weights that do not fit the spec.
-        BundleIntegrityError: tampered or corrupted weights.
+        BundleIntegrityError: a tampered or corrupted file (weights, manifest, extras).
     """
 
     path = Path(path)
-    manifest = verify_bundle(path)
+    manifest = verify_bundle(path, manifest_sha256=manifest_sha256)
     spec = manifest.model_spec
     try:
         net = load_weights(spec, path / WEIGHTS_FILE)  # only after verify_bundle checked its sha256

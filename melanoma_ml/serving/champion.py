@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import pandas as pd
 
 from melanoma_ml.config import PipelineConfig
+from melanoma_ml.folds import split_masks
 from melanoma_ml.serving.manifest import ValidationPredictions
 
 if TYPE_CHECKING:
@@ -328,7 +329,7 @@ def served_extras(
 
     The runtime probe is the explained member's first validation images (8 dihedral views each, as served,
     made for each member with its own preprocessing and metadata encoder);
-    the detector is fitted on that member's training rows (not the locked test split, not its own fold).
+    the detector is fitted on every image that member trained on (``ood_fit_rows``).
     """
     from melanoma_ml.artifacts import artifact_paths
     from melanoma_ml.images.cache import ImageCache
@@ -340,11 +341,7 @@ def served_extras(
     cache_dir = artifact_paths(config).cache(config.data.image_size)
     cache = ImageCache.open(cache_dir)
     spec = explained.spec
-    from melanoma_ml.folds import locked_test_mask
-
-    member_fold = choice.explained.fold
-    training = folds_table[~locked_test_mask(folds_table) & (folds_table["fold"] != member_fold)]
-    training = training[training["fold"] >= 0].reset_index(drop=True)
+    training = ood_fit_rows(folds_table, choice.explained.fold)
     runtime = None
     if serving.runtime != "torch" or serving.precision != "fp32":
         n = serving.runtime_probe_images
@@ -372,6 +369,17 @@ def served_extras(
             max_images=serving.ood_max_fit_images,
         )
     return {"runtime": runtime, "ood": ood}
+
+
+def ood_fit_rows(folds_table: pd.DataFrame, fold: int) -> pd.DataFrame:
+    """The rows the model validated on ``fold`` trained on: what its out-of-distribution detector is fitted on.
+
+    ``folds.split_masks``' training rows: every fold but ``fold``, external training images included
+    (``data.external_sources``: ``fold`` -1, or the fold of a primary group they share), so a clinic added
+    for training is in distribution; never the locked test split, nor ``fold``'s own rows.
+    """
+    train, _ = split_masks(folds_table, fold)
+    return folds_table[train].reset_index(drop=True)
 
 
 def _probe(

@@ -2,11 +2,16 @@
 
 Layout under ``root``::
 
-    versions/v0001/          an immutable bundle (weights.safetensors + manifest.json)
+    versions/v0001/          an immutable bundle (weights.safetensors + manifest.json + manifest.sha256)
     versions/v0002/
     current.json             {"version", "path", "promoted_at", "reason"}; replaced atomically
-    history.jsonl            append-only events: registered / promoted / rolled_back / promote_refused /
-                             repaired
+    history.jsonl            append-only events: registered (with the manifest's sha256) / promoted /
+                             rolled_back / refused / repaired
+
+Every byte of a version is verified before the pointer moves to it: the manifest against its
+``manifest.sha256`` and the sha256 its ``registered`` event recorded, every other file against the
+manifest. A version from before manifests were hashed (no digest file, no recorded sha256) is *legacy*:
+what its manifest lists is verified, the manifest itself is not covered (``integrity`` says so).
     .write.lock              every writer holds a shared flock on it while it writes (see ``_writing``)
 
 A bundle is written complete into a temp folder (``versions/.stage-*.tmp``) and only then given a number:
@@ -42,11 +47,14 @@ from typing import TYPE_CHECKING, Any
 from melanoma_ml.atomic import atomic_directory, atomic_write_json
 from melanoma_ml.errors import InputValueError
 from melanoma_ml.serving.bundle import (
+    MANIFEST_DIGEST_FILE,
     MANIFEST_FILE,
     BundleError,
     bundle_file_names,
+    manifest_covered,
     save_bundle,
     verify_bundle,
+    write_manifest,
 )
 
 if TYPE_CHECKING:
@@ -113,6 +121,8 @@ class ModelRegistry:
         def write(folder: Path) -> None:
             with atomic_directory(folder) as tmp:
                 for name in bundle_file_names(manifest):
+                    if name == MANIFEST_DIGEST_FILE:
+                        continue  # written afresh with the renamed manifest (``_number``)
                     (tmp / name).parent.mkdir(parents=True, exist_ok=True)
                     shutil.copy2(source / name, tmp / name)
 
@@ -125,19 +135,28 @@ class ModelRegistry:
             try:
                 bundle = stage / "bundle"
                 write(bundle)
-                version = self._number(bundle)
+                version, digest = self._number(bundle)
             finally:
                 shutil.rmtree(stage, ignore_errors=True)
-            self._append_history({"event": "registered", "version": version, "reason": reason, **event})
+            self._append_history(
+                {
+                    "event": "registered",
+                    "version": version,
+                    "reason": reason,
+                    "manifest_sha256": digest,
+                    **event,
+                }
+            )
         return version
 
-    def _number(self, bundle: Path) -> str:
-        """Verify the complete ``bundle`` and rename it to the next free version; return that version."""
+    def _number(self, bundle: Path) -> tuple[str, str]:
+        """Verify the complete ``bundle`` and rename it to the next free version; return it and the sha256
+        of its manifest (written with that version in it, with its ``manifest.sha256``)."""
         manifest = verify_bundle(bundle)
         while True:
             version = f"v{self._last_number() + 1:04d}"
             renamed = manifest.model_copy(update={"version": version})
-            atomic_write_json(bundle / MANIFEST_FILE, renamed.to_json())
+            digest = write_manifest(bundle, renamed)
             try:
                 os.rename(bundle, self.versions_dir / version)
             except OSError as exc:
@@ -145,7 +164,7 @@ class ModelRegistry:
                     raise
                 continue  # another writer took this number since we looked: take the next
             _fsync_dir(self.versions_dir)
-            return version
+            return version, digest
 
     def _last_number(self) -> int:
         """Highest number any version folder (complete or not) or any history event names; 0 if none."""
@@ -212,8 +231,42 @@ class ModelRegistry:
         return path
 
     def manifest(self, version: str) -> BundleManifest:
-        """The verified manifest of ``version`` (sha256 of its weights checked)."""
-        return verify_bundle(self.version_path(version))
+        """The verified manifest of ``version`` (``verify``: every file's sha256 checked)."""
+        return self.verify(version)
+
+    def verify(self, version: str) -> BundleManifest:
+        """Check every byte of ``version``, the manifest against the sha256 history recorded; its manifest.
+
+        Raises:
+            RegistryError: unknown version.
+            BundleError / BundleIntegrityError: a file is missing or differs from its recorded sha256.
+        """
+        return verify_bundle(
+            self.version_path(version), manifest_sha256=self.recorded_manifest_sha256(version)
+        )
+
+    def recorded_manifest_sha256(self, version: str) -> str | None:
+        """The manifest sha256 the ``registered`` event of ``version`` recorded; None for a legacy version."""
+        for entry in reversed(self._read_history(strict=False)[0]):
+            if entry.get("event") == "registered" and entry.get("version") == version:
+                digest = entry.get("manifest_sha256")
+                return str(digest) if digest else None
+        return None
+
+    def integrity(self, version: str) -> tuple[str, str]:
+        """``(state, detail)`` of ``version``'s bytes: ``intact``, ``legacy`` (verifies, but the manifest
+        has no recorded sha256: written before manifests were hashed) or ``corrupt`` (detail: why)."""
+        try:
+            self.verify(version)
+            covered = manifest_covered(self.version_path(version))
+        except (RegistryError, BundleError) as exc:
+            return "corrupt", str(exc)
+        if not covered:
+            return "legacy", (
+                "weights and listed files verify; manifest not covered (no manifest.sha256: registered by an "
+                "older melanoma_ml)"
+            )
+        return "intact", "every file matches its sha256, the manifest included"
 
     def pointer(self) -> dict[str, Any] | None:
         """The parsed ``current.json`` or None when nothing was promoted yet."""
@@ -305,7 +358,7 @@ class ModelRegistry:
     def check(self, version: str) -> str | None:
         """Why ``version`` cannot be served (unknown, files missing, sha256 mismatch), or None if it verifies."""
         try:
-            verify_bundle(self.version_path(version))
+            self.verify(version)
         except (RegistryError, BundleError) as exc:
             return str(exc)
         return None
@@ -343,14 +396,19 @@ class ModelRegistry:
         """Point ``current`` at ``version`` (verified first) and log it."""
         self._move_pointer(version, reason, event="promoted")
 
-    def rollback(self, to: str | None = None, reason: str = "rollback") -> str:
+    def rollback(self, to: str | None = None, reason: str = "rollback", *, adopt: bool = False) -> str:
         """Point ``current`` back at ``to``, or (None) at the version served before the current one.
+
+        A rollback returns only to a version history shows as served before: an orphan (a version
+        registered but never promoted, e.g. a writer killed before its history line) is refused unless
+        ``adopt``, which verifies every byte of it and logs a ``promoted`` event (``adopted: true``).
 
         Returns:
             The version now current.
 
         Raises:
-            RegistryError: nothing promoted yet, no earlier version to return to, or ``to`` is current.
+            RegistryError: nothing promoted yet, no earlier version to return to, ``to`` is current, or
+                ``to`` was never promoted (and not ``adopt``).
         """
         try:
             current = self.current()
@@ -375,8 +433,25 @@ class ModelRegistry:
             to = stack[-2]
         if to == current:
             raise RegistryError(f"{to} is already current in {self.root}; nothing to roll back")
+        if to not in self._ever_served():
+            self.version_path(to)  # an unknown version is refused as such
+            if not adopt:
+                why = self.orphans().get(to, f"no promoted event in {HISTORY_FILE}")
+                raise RegistryError(
+                    f"{to} was never promoted in {self.root} ({why}); a rollback returns only to a version "
+                    f"that served before. Check its bytes with `melanoma-ml registry verify`, then serve it "
+                    f"with `melanoma-ml rollback --to {to} --adopt` (verifies every file and logs a promoted "
+                    "event), or re-run promotion to register a new version"
+                )
+            self._move_pointer(to, f"adopted: {reason}", event="promoted", previous=current, adopted=True)
+            return to
         self._move_pointer(to, reason, event="rolled_back", previous=current)
         return to
+
+    def _ever_served(self) -> set[str]:
+        """Versions some history event pointed ``current`` at (promoted, rolled back to, repaired to)."""
+        events = self._read_history(strict=False)[0]
+        return {str(e.get("version")) for e in events if e.get("event") in SERVED_EVENTS}
 
     def repair(self, reason: str = "repair: pointer rebuilt from history") -> RepairReport:
         """Make ``current.json`` name a servable version, using only ``history.jsonl`` and the versions.
@@ -431,7 +506,7 @@ class ModelRegistry:
         path = self.version_path(version)
         with self._writing():
             try:
-                verify_bundle(path)  # never point the app at a tampered or incomplete bundle
+                self.verify(version)  # never point the app at a tampered or incomplete bundle
             except BundleError as exc:
                 self._append_history(
                     {

@@ -8,6 +8,8 @@ Layout under ``s3://bucket/prefix``::
 
     blobs/<sha256>.safetensors       weights, content-addressed; uploaded first and never trusted alone
     versions/v0001/manifest.json     the bundle's manifest, created last: its existence is the commit
+    versions/v0001/manifest.sha256   the manifest's sha256, created right after it (also recorded in the
+                                     version's ``registered`` event); a version without it is legacy
     events/0000000001.json           one history event per object, numbered; the pointer is the newest
                                      promoted / rolled_back / repaired event
 
@@ -29,9 +31,12 @@ Why this is safe with several writers (two CI runs promoting, a person rolling b
   pointer named by list + max *without* a conditional create lets two writers both write N+1, and the
   second silently replaces the first.
 
-A reader trusts a version only after download: ``version_path`` copies the manifest and its weights into
-``cache_dir/<sha256 of the manifest>/``, checks the weights' sha256 against the manifest before the folder
-is renamed into place, and returns that local folder, which ``load_bundle`` and the app use unchanged.
+A reader trusts a version only after download: ``version_path`` copies the manifest, its digest and its
+weights into ``cache_dir/<sha256 of manifest + digest>/``, checks every file (the manifest against its digest,
+the rest against the manifest) before the folder is renamed into place, and returns that local folder,
+which ``load_bundle`` and the app use unchanged. A writer killed between the manifest and its digest
+leaves a version that looks legacy and has no ``registered`` event: never promoted, so never served by
+a rollback.
 """
 
 from __future__ import annotations
@@ -45,12 +50,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from melanoma_ml.atomic import atomic_directory, to_json_text
+from melanoma_ml.atomic import atomic_directory
 from melanoma_ml.errors import InputValueError
 from melanoma_ml.serving.bundle import (
+    MANIFEST_DIGEST_FILE,
     MANIFEST_FILE,
     WEIGHTS_FILE,
     BundleError,
+    digest_file_bytes,
+    manifest_bytes,
     read_manifest,
     verify_bundle,
 )
@@ -84,7 +92,7 @@ class S3Registry(ModelRegistry):
 
     Args:
         uri: ``s3://bucket/prefix``.
-        cache_dir: Local folder for downloaded versions (one subfolder per manifest sha256).
+        cache_dir: Local folder for downloaded versions (one subfolder per manifest and digest).
         storage_options: s3fs options (``endpoint_url``, ``key``, ``secret``, ``client_kwargs``); by
             default credentials and endpoint come from the usual AWS environment variables.
     """
@@ -119,6 +127,9 @@ class S3Registry(ModelRegistry):
     def _manifest_key(self, version: str) -> str:
         return self._key("versions", version, MANIFEST_FILE)
 
+    def _digest_key(self, version: str) -> str:
+        return self._key("versions", version, MANIFEST_DIGEST_FILE)
+
     def _blob_key(self, sha256: str) -> str:
         return self._key("blobs", f"{sha256}.safetensors")
 
@@ -145,12 +156,20 @@ class S3Registry(ModelRegistry):
                     self.fs.put_file(str(bundle / name), blob)
             for _ in range(MAX_ATTEMPTS):
                 version = f"v{self._last_number() + 1:04d}"
-                text = to_json_text(manifest.model_copy(update={"version": version}).to_json())
-                if self._create(self._manifest_key(version), text.encode("utf-8")):
+                data = manifest_bytes(manifest.model_copy(update={"version": version}))
+                if self._create(self._manifest_key(version), data):
                     break
             else:
                 raise RegistryError(f"could not take a version number in {self.root} in {MAX_ATTEMPTS} tries")
-        self._append_history({"event": "registered", "version": version, "reason": reason, **event})
+        digest = hashlib.sha256(data).hexdigest()
+        if not self._create(self._digest_key(version), digest_file_bytes(digest)):
+            raise RegistryError(
+                f"{self._digest_key(version)} already exists although this writer created {version}'s manifest; "
+                f"the registry {self.root} was written by hand: check it with `melanoma-ml registry verify`"
+            )
+        self._append_history(
+            {"event": "registered", "version": version, "reason": reason, "manifest_sha256": digest, **event}
+        )
         return version
 
     def _last_number(self) -> int:
@@ -185,11 +204,17 @@ class S3Registry(ModelRegistry):
             raise RegistryError(
                 f"unknown model version {version!r} in registry {self.root}; known versions: {self.versions()}"
             ) from None
-        local = self.cache_dir / hashlib.sha256(text).hexdigest()
+        try:
+            digest = self.fs.cat_file(self._digest_key(version))
+        except FileNotFoundError:
+            digest = None  # a legacy version (or a writer killed before the digest): manifest not covered
+        local = self.cache_dir / hashlib.sha256(text + (digest or b"")).hexdigest()
         if (local / MANIFEST_FILE).is_file():
             return local
         with atomic_directory(local) as folder:
             (folder / MANIFEST_FILE).write_bytes(text)
+            if digest is not None:
+                (folder / MANIFEST_DIGEST_FILE).write_bytes(digest)
             manifest = read_manifest(folder)
             files = [(WEIGHTS_FILE, manifest.weights_sha256)]
             files += [(entry.name, entry.sha256) for entry in manifest.extra_files()]
@@ -202,7 +227,8 @@ class S3Registry(ModelRegistry):
                         f"{name} ({self._blob_key(sha256)}) of {version} is missing in {self.root}; roll "
                         "back to another version or register the model again"
                     ) from None
-            verify_bundle(folder)  # a folder that fails here is never renamed into the cache
+            # Every file, the manifest against its digest and history's: a failing folder is never cached.
+            verify_bundle(folder, manifest_sha256=self.recorded_manifest_sha256(version))
         return local
 
     def _read_log(self) -> list[tuple[int, str, bytes]]:
@@ -263,8 +289,8 @@ class S3Registry(ModelRegistry):
     def promote(self, version: str, reason: str = "") -> None:
         self._decide(lambda: ModelRegistry.promote(self, version, reason))
 
-    def rollback(self, to: str | None = None, reason: str = "rollback") -> str:
-        return self._decide(lambda: ModelRegistry.rollback(self, to, reason))
+    def rollback(self, to: str | None = None, reason: str = "rollback", *, adopt: bool = False) -> str:
+        return self._decide(lambda: ModelRegistry.rollback(self, to, reason, adopt=adopt))
 
     def repair(self, reason: str = "repair: pointer rebuilt from history") -> RepairReport:
         return self._decide(lambda: ModelRegistry.repair(self, reason))
@@ -284,7 +310,7 @@ class S3Registry(ModelRegistry):
     def _move_pointer(self, version: str, reason: str, *, event: str, **details: Any) -> None:
         """Verify ``version`` and create the event after the snapshot's newest (``_LostRace`` if taken)."""
         try:
-            verify_bundle(self.version_path(version))  # downloads first: a bad download is refused too
+            self.verify(version)  # downloads first: a bad download is refused too
         except BundleError as exc:
             self._append_history(
                 {"event": "refused", "action": event, "version": version, "reason": reason, "error": str(exc)}

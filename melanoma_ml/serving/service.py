@@ -9,10 +9,10 @@ being served, then swaps it in under a lock; other requests keep using the model
 no request fails or waits during a swap. A bundle that fails to load (tampered weights, missing files)
 is refused, the previous model keeps serving and the status says why.
 
-Integrity of the served files: each check also stats the served bundle's files (inode, size, mtime) and
-re-verifies their sha256 at once when one changed, and every ``serving.reverify_seconds`` regardless (bit
-rot keeps the stat). A served version that no longer verifies stops serving; so does nothing at start-up
-when the current version is refused. Then, with ``serving.fallback_to_last_valid``, the newest version the
+Integrity of the served files (every byte, the manifest included: ``bundle.verify_bundle``): each check
+also stats the served bundle's files (inode, size, mtime) and re-verifies their sha256 at once when one
+changed, and every ``serving.reverify_seconds`` regardless (bit rot keeps the stat). A served version that
+no longer verifies stops serving; so does nothing at start-up when the current version is refused. Then, with ``serving.fallback_to_last_valid``, the newest version the
 history shows as served (and not rolled back from) that verifies is served instead, and the status and
 every API answer (``fallback``) say which and why; without it, requests are refused with the reason.
 
@@ -23,7 +23,6 @@ so a forward pass of another request during a CAM would corrupt that CAM's activ
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -37,27 +36,31 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from melanoma_ml import schema
-from melanoma_ml.ages import normalize_age
 from melanoma_ml.config import PipelineConfig, ServingConfig
 from melanoma_ml.echo import echo
-from melanoma_ml.errors import InputStateError, InputValueError
+from melanoma_ml.errors import InputStateError
 from melanoma_ml.images.io import UPLOAD_FORMATS_TEXT, ImageDecodeError, load_rgb
-from melanoma_ml.missing import is_missing, text_key
 from melanoma_ml.serving.bundle import bundle_file_names, read_manifest
 from melanoma_ml.serving.registry import ModelRegistry
+from melanoma_ml.serving.request_fields import (  # the app and tests import these from here too
+    CAM_METHODS,  # noqa: F401
+    NO_CAM,  # noqa: F401
+    UNKNOWN,  # noqa: F401
+    InvalidRequest,
+    age_hint,  # noqa: F401
+    parse_age,  # noqa: F401
+    parse_cam_method,
+    parse_category,  # noqa: F401
+    parse_metadata,
+    parse_tabular,
+    parse_target_layer,
+)
 
 if TYPE_CHECKING:
     from melanoma_ml.serving.bundle import Bundle
     from melanoma_ml.serving.manifest import BundleManifest
 
 log = logging.getLogger(__name__)
-
-UNKNOWN = "unknown"
-"""What the UI shows for a metadata field left empty; missing by ``melanoma_ml.missing``, as in training."""
-
-CAM_METHODS = ("eigencam", "gradcam")
-NO_CAM = "none"
 
 NO_MODEL_MESSAGE = (
     "No model has been promoted yet. Train and promote one with `melanoma-ml demo` (synthetic data, a few "
@@ -72,10 +75,6 @@ DISCLAIMER = (
 
 _NOT_CHECKED = object()
 """Pointer stamp before the first check (distinct from ``None``, which means "no pointer")."""
-
-
-class InvalidRequest(InputValueError):
-    """The request cannot be answered as given; the message says what to change."""
 
 
 class NoModelAvailable(InputStateError):
@@ -381,7 +380,8 @@ class ModelService:
             stamp = self._stamp
         stamps = _stamp_files(served.bundle.path, bundle_file_names(served.manifest))
         try:
-            manifest = verify_bundle(served.bundle.path)
+            recorded = self.registry.recorded_manifest_sha256(served.version)
+            manifest = verify_bundle(served.bundle.path, manifest_sha256=recorded)
             if manifest.weights_sha256 != served.manifest.weights_sha256:
                 raise ValueError(
                     f"its weights were replaced by others (sha256 {manifest.weights_sha256}, served "
@@ -454,7 +454,7 @@ class ModelService:
         path = self.registry.version_path(version)
         # Stamped before verifying: a change after this is seen by the next check.
         stamps = _stamp_files(path, bundle_file_names(read_manifest(path)))
-        bundle = load_bundle(path)
+        bundle = load_bundle(path, manifest_sha256=self.registry.recorded_manifest_sha256(version))
         return ServedModel(
             bundle=bundle,
             version=version,
@@ -485,11 +485,14 @@ class ModelService:
         prevalence = self.config.deployment_prevalence
         threshold = decision_threshold(model.manifest, prevalence)  # moves with the prior shift
         vocabulary = model.vocabulary
-        metadata = {
-            "age": parse_age(request.age, self.config.min_age, self.config.max_age),
-            "sex": parse_category(request.sex, vocabulary["sex"], "sex"),
-            "site": parse_category(request.site, vocabulary["site"], "anatomic site"),
-        }
+        metadata = parse_metadata(
+            request.age,
+            request.sex,
+            request.site,
+            vocabulary=vocabulary,
+            min_age=self.config.min_age,
+            max_age=self.config.max_age,
+        )
         tabular = parse_tabular(request.tabular, model.tabular_features)
         if tabular is not None:
             metadata["tabular"] = tabular
@@ -602,146 +605,3 @@ def _changed_files(folder: Path, known: tuple[tuple[str, FileStamp], ...]) -> li
     """Names of the files whose stat stamp differs from ``known`` (one ``stat`` call per known file)."""
     now = dict(_stamp_files(folder, [name for name, _ in known]))
     return [name for name, stamp in known if now.get(name) != stamp]
-
-
-# ---------------------------------------------------------------------- input validation (pure)
-def parse_age(value: Any, min_age: float, max_age: float) -> float | None:
-    """A validated age in years, or None for unknown.
-
-    After validation the cleaning rule applies (``ages.normalize_age``): 0, ISIC's code for unknown, means
-    unknown, and an age above ``schema.MAX_AGE`` is encoded as that cap, as in training.
-
-    Raises:
-        InvalidRequest: not a number, or outside ``[min_age, max_age]``.
-    """
-    if is_missing(value):
-        return None
-    if isinstance(value, bool):
-        raise InvalidRequest(
-            f"age must be a number of years, got {echo(value)}; enter e.g. 45 or leave it empty"
-        )
-    try:
-        age = float(str(value).strip()) if isinstance(value, str) else float(value)
-    except (TypeError, ValueError):
-        raise InvalidRequest(
-            f"age must be a number of years, got {echo(value)}; enter e.g. 45 or leave it empty if unknown"
-        ) from None
-    if not math.isfinite(age) or not min_age <= age <= max_age:
-        raise InvalidRequest(
-            f"age {echo(value)} is outside {min_age:g}-{max_age:g} years; enter the patient's age or leave it empty"
-        )
-    return normalize_age(age)[0]
-
-
-def age_hint(min_age: float, max_age: float) -> str:
-    """The age field's placeholder: the accepted range and what means unknown (as ``parse_age`` reads it)."""
-    unknown = "empty or 0 if unknown" if min_age <= 0 else "empty if unknown"
-    return f"{min_age:g}-{max_age:g}; {unknown}; over {schema.MAX_AGE} counts as {schema.MAX_AGE}"
-
-
-def parse_category(value: Any, choices: Sequence[str], what: str) -> str | None:
-    """A category from the model's vocabulary (case-insensitive), or None for unknown.
-
-    Raises:
-        InvalidRequest: a value the model was not trained with (the message lists the choices).
-    """
-    key = text_key(value)
-    if key is None:
-        return None
-    if key not in choices:
-        raise InvalidRequest(
-            f"unknown {what} {echo(value)}; choose one of {sorted(choices)} or leave it empty ({UNKNOWN!r})"
-        )
-    return key
-
-
-def parse_tabular(
-    value: Mapping[str, Any] | str | None, columns: Sequence[str]
-) -> dict[str, float | None] | None:
-    """A request's tabular features as ``{column: number or None}`` over every one of ``columns``.
-
-    ``value`` is a mapping or its JSON text; None, "" or ``{}`` leave every column missing, as does a
-    column left out or given as None/""/"unknown" (the encoder then applies the training rule: the
-    training median plus a missing flag). Returns None for a model without tabular features.
-
-    Raises:
-        InvalidRequest: not a JSON object, a column the model does not use, a value that is not a finite
-            number, or tabular values for a model trained without them.
-    """
-    if isinstance(value, str):
-        text = value.strip()
-        try:
-            value = json.loads(text) if text else None
-        except json.JSONDecodeError as exc:
-            raise InvalidRequest(
-                f'tabular features must be a JSON object like {{"tbp_lv_areaMM2": 3.2}}; got {echo(text)} '
-                f"({exc.msg} at character {exc.pos})"
-            ) from exc
-    if value is None:
-        value = {}
-    if not isinstance(value, Mapping):
-        raise InvalidRequest(
-            f"tabular features must be an object mapping column names to numbers, got {type(value).__name__}"
-        )
-    if not columns:
-        if value:
-            raise InvalidRequest(
-                f"this model uses no tabular features, but {sorted(map(str, value))} were given; leave them out"
-            )
-        return None
-    unknown = sorted(str(k) for k in value if k not in columns)
-    if unknown:
-        raise InvalidRequest(
-            f"unknown tabular features {[echo(k) for k in unknown]}; this model uses {list(columns)}"
-        )
-    out: dict[str, float | None] = {}
-    for column in columns:
-        raw = value.get(column)
-        if is_missing(raw):
-            out[column] = None
-            continue
-        try:
-            number = float(str(raw).strip()) if isinstance(raw, str) else float(raw)
-        except (TypeError, ValueError):
-            number = math.nan
-        if isinstance(raw, bool) or not math.isfinite(number):
-            raise InvalidRequest(
-                f"tabular feature {column} must be a finite number, got {echo(raw)}; enter a number or leave it out"
-            )
-        out[column] = number
-    return out
-
-
-def parse_cam_method(value: str | None, *, default: str) -> str | None:
-    """``"eigencam"``/``"gradcam"``, or None for no CAM (``"none"``); None/"" uses ``default``.
-
-    Raises:
-        InvalidRequest: any other value.
-    """
-    if value is None or (isinstance(value, str) and not value.strip()):
-        value = default
-    key = str(value).strip().lower().replace("-", "")
-    if key in {NO_CAM, "off"}:
-        return None
-    if key not in CAM_METHODS:
-        raise InvalidRequest(
-            f"unknown explanation method {echo(value)}; choose one of {[*CAM_METHODS, NO_CAM]}"
-        )
-    return key
-
-
-def parse_target_layer(value: str | None, choices: Sequence[str]) -> str:
-    """A CAM layer from ``choices``; None/"" picks the first (the backbone's default).
-
-    Raises:
-        InvalidRequest: a layer this backbone does not offer.
-    """
-    if value is None or not str(value).strip():
-        return choices[0]
-    name = str(value).strip()
-    if name not in choices:
-        raise InvalidRequest(
-            f"unknown CAM target layer {echo(name)} for this model (or one whose feature map is too coarse at the "
-            f"model's input size); choose one of {list(choices)} or leave it empty for the default"
-        )
-    return name

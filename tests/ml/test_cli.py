@@ -290,6 +290,74 @@ def test_a_corrupt_pointer_is_listed_rolled_back_over_and_repaired(capsys, regis
     assert code == 0 and "nothing to repair" in out
 
 
+def test_models_warns_when_the_pointer_names_a_version_that_does_not_exist(capsys, registry_root):
+    pointer = registry_root / "registry" / "current.json"
+    pointer.write_text(json.dumps({**json.loads(pointer.read_text()), "version": "v0099"}))
+    code, out, _ = run(capsys, "models", "--artifact-root", str(registry_root))
+    assert code == 0
+    last = out.splitlines()[-1]
+    assert last.startswith("current: v0099 (WARNING") and "does not exist" in last
+    assert "registry repair" in last
+    code, out, _ = run(capsys, "registry", "verify", "--artifact-root", str(registry_root))
+    assert code == 1 and "v0099 (WARNING" in out.splitlines()[-1]
+
+
+def test_registry_verify_says_which_versions_are_intact_legacy_or_corrupt(capsys, registry_root):
+    from melanoma_ml.serving.registry import ModelRegistry
+
+    registry = ModelRegistry(registry_root / "registry")
+    root = str(registry_root)
+    code, out, _ = run(capsys, "registry", "verify", "--artifact-root", root)
+    assert code == 0, out
+    assert "2 versions: 2 intact, 0 legacy, 0 corrupt" in out
+    assert out.splitlines()[-1] == "current: v0002 intact"
+    # v0001 as an older melanoma_ml registered it: no manifest digest, none in history
+    (registry.version_path("v0001") / "manifest.sha256").unlink()
+    events = [json.loads(line) for line in registry.history_file.read_text().splitlines()]
+    registry.history_file.write_text(
+        "".join(json.dumps({k: v for k, v in e.items() if k != "manifest_sha256"}) + "\n" for e in events)
+    )
+    # v0002's threshold edited after promotion: valid JSON, a valid manifest, a changed answer
+    manifest_path = registry.version_path("v0002") / "manifest.json"
+    manifest_path.write_text(manifest_path.read_text().replace('"threshold": 0.4', '"threshold": 0.9'))
+    code, out, _ = run(capsys, "registry", "verify", "--artifact-root", root)
+    assert code == 1
+    lines = out.splitlines()
+    v1 = next(line for line in lines if " v0001 " in line)
+    v2 = next(line for line in lines if " v0002 " in line)
+    assert "legacy" in v1 and "manifest not covered" in v1
+    assert v2.lstrip().startswith("*") and "CORRUPT" in v2 and "manifest.json" in v2
+    assert "1 legacy, 1 corrupt" in out and lines[-1].startswith("current: v0002 CORRUPT")
+    code, out, _ = run(capsys, "models", "--artifact-root", root)
+    assert code == 0 and "manifest not covered" in out and "CORRUPT: sha256 mismatch for" in out
+    code, out, _ = run(capsys, "rollback", "--artifact-root", root)
+    assert code == 0 and "rolled back: v0002 -> v0001" in out  # a legacy version still serves
+    code, out, _ = run(capsys, "registry", "verify", "--artifact-root", root)
+    assert code == 0 and "current: v0001 legacy (manifest not covered" in out.splitlines()[-1]
+
+
+def test_rollback_refuses_an_orphan_unless_adopted(capsys, registry_root):
+    import shutil
+
+    from melanoma_ml.serving.registry import ModelRegistry
+
+    registry = ModelRegistry(registry_root / "registry")
+    root = str(registry_root)
+    # a writer killed after renaming its bundle into place, before logging it
+    shutil.copytree(registry.version_path("v0001"), registry.versions_dir / "v0003")
+    code, out, _ = run(capsys, "models", "--artifact-root", root)
+    assert "not promoted: not in history.jsonl" in out
+    code, _, err = run(capsys, "rollback", "--to", "v0003", "--artifact-root", root)
+    assert code == 2 and "v0003 was never promoted" in err and "rollback --to v0003 --adopt" in err
+    assert registry.current() == "v0002"
+    code, _, err = run(capsys, "rollback", "--adopt", "--artifact-root", root)
+    assert code == 2 and "--adopt needs --to VERSION" in err
+    code, out, err = run(capsys, "rollback", "--to", "v0003", "--adopt", "--artifact-root", root)
+    assert code == 0, err
+    assert "adopted: v0002 -> v0003" in out and registry.current() == "v0003"
+    assert registry.history()[-1]["event"] == "promoted" and registry.history()[-1]["adopted"] is True
+
+
 def test_models_on_a_root_without_registry(capsys, tmp_path):
     code, out, _ = run(capsys, "models", "--artifact-root", str(tmp_path))
     assert code == 0

@@ -111,3 +111,21 @@ def test_no_promoted_model_and_a_bad_batch_size_are_input_errors(tmp_path: Path,
     with pytest.raises(SystemExit) as exc:
         main(["predict", str(folder), "--out", str(tmp_path / "o.csv"), "--batch-size", "0"])
     assert exc.value.code == 2
+
+
+def test_metadata_the_app_refuses_is_listed_and_in_the_warning_column(
+    tmp_path: Path, artifact_root: Path, capsys
+) -> None:
+    folder = images(tmp_path / "batch", 2)
+    (folder / "rows.csv").write_text("image_name,age_approx,sex\nISIC_0,-5,female\nISIC_1,50,female\n")
+    (folder / "odd.gif").write_bytes(b"GIF89a")  # ignored: the CSV says what to score
+    out = tmp_path / "predictions.csv"
+
+    assert predict(artifact_root, str(folder / "rows.csv"), "--out", str(out)) == EXIT_OK
+
+    table = read(out).set_index("image_name")
+    assert "age '-5' is outside 0-120 years" in table.loc["ISIC_0", "warning"]
+    assert pd.isna(table.loc["ISIC_1", "warning"]) and pd.notna(table.loc["ISIC_0", "target"])
+    captured = capsys.readouterr()
+    assert "scored with metadata missing: ISIC_0: age '-5' is outside" in captured.err
+    assert "1 with metadata the app would refuse read as missing" in captured.out

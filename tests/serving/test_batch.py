@@ -73,8 +73,11 @@ def test_a_folder_of_images_is_scored_without_metadata_and_other_files_are_named
     assert found.kind == "folder"
     assert found.table[schema.IMAGE].tolist() == ["a", "b", "c"]  # sorted by file name
     assert found.table[list(schema.METADATA_FEATURES)].isna().all().all()
-    assert "notes.txt" in found.description and ".DS_Store" not in found.description
-    assert found.rejected.empty
+    assert "1 other file(s) not scored" in found.description and ".DS_Store" not in found.description
+    [reason] = found.rejected[
+        "error"
+    ]  # every file not scored gets a row; hidden files are not files to score
+    assert "found notes.txt, which is not an accepted extension" in reason
 
 
 def test_two_files_with_one_image_name_score_the_first_and_report_the_second(tmp_path: Path) -> None:
@@ -319,3 +322,102 @@ def test_the_prior_shift_moves_probabilities_and_threshold_but_not_decisions(
     assert (shifted.table["threshold"] == shifted.threshold).all()
     assert shifted.table["decision"].tolist() == base.table["decision"].tolist()
     np.testing.assert_array_equal(shifted.table["ood_score"], base.table["ood_score"])
+
+
+# ------------------------------------------------------------------------------------------- one request path
+def test_every_file_of_a_folder_that_is_not_scored_gets_a_row_with_its_reason(tmp_path: Path, bundle) -> None:
+    import os
+
+    write_image(tmp_path / "a.jpg", 1)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "b.gif")
+    os.mkfifo(tmp_path / "pipe.jpg")  # would block a reader forever; its size is 0 but it is not empty
+    (tmp_path / "subfolder").mkdir()  # not a file: nothing to report
+
+    table = score_path(tmp_path, bundle).table.set_index(schema.IMAGE)
+
+    assert sorted(table.index) == ["a", "b", "pipe"]
+    assert table.loc["a", "error"] == "" and table.loc["a", "decision"] in ("positive", "negative")
+    assert "found b.gif, which is not an accepted extension" in table.loc["b", "error"]
+    assert "b.png" in table.loc["b", "error"]  # the fix: convert it
+    assert "not a regular file" in table.loc["pipe", "error"] and "empty" not in table.loc["pipe", "error"]
+
+
+def test_a_row_naming_a_fifo_or_a_device_is_not_a_regular_file_rather_than_empty(
+    tmp_path: Path, bundle
+) -> None:
+    import os
+
+    os.mkfifo(tmp_path / "pipe.jpg")
+    write_image(tmp_path / "ok.jpg", 2)
+    rows = [str(tmp_path / "pipe.jpg"), str(tmp_path / "ok.jpg")]
+    if Path("/dev/zero").exists():
+        rows.append("/dev/zero")
+    (tmp_path / "list.csv").write_text("image_path\n" + "\n".join(rows) + "\n")
+
+    table = score_path(tmp_path / "list.csv", bundle).table.set_index(schema.IMAGE)
+
+    assert table.loc["ok", "error"] == ""
+    for name in ["pipe", "zero"][: len(rows) - 1]:
+        assert "not a regular file" in table.loc[name, "error"], table.loc[name, "error"]
+        assert "empty" not in table.loc[name, "error"]
+
+
+APP_REFUSES = [("age_approx", "-5"), ("age_approx", "300"), ("age_approx", "abc"), ("sex", "alien"),
+               ("anatom_site_general_challenge", "moon"), ("anatom_site_general_challenge", "palms/soles")]  # fmt: skip
+"""Values the app refuses for a model whose sites are ``app_helpers.SITES`` (palms/soles is a known site,
+but not one this model was trained with)."""
+
+
+def test_metadata_the_app_refuses_is_scored_as_missing_with_the_apps_message(tmp_path: Path, bundle) -> None:
+    from melanoma_ml.serving.request_fields import InvalidRequest, parse_metadata
+
+    write_image(tmp_path / "img.jpg", 5)
+    good = {"age_approx": "55", "sex": "female", "anatom_site_general_challenge": "torso"}
+    columns = list(good)
+    rows = [("good", good)]
+    for column, value in APP_REFUSES:
+        rows.append((f"bad_{len(rows)}", {**good, column: value}))
+        rows.append((f"missing_{len(rows) - 1}", {**good, column: ""}))
+    lines = [",".join(["image_name", "image_path", *columns])]
+    lines += [",".join([name, "img.jpg", *(row[c] for c in columns)]) for name, row in rows]
+    (tmp_path / "rows.csv").write_text("\n".join(lines) + "\n")
+    vocabulary = {k: list(v) for k, v in bundle.spec.encoder.vocabulary.items()}
+
+    table = score_path(tmp_path / "rows.csv", bundle, tta=False).table.set_index(schema.IMAGE)
+
+    assert table.loc["good", "warning"] == "" and table.loc["good", "error"] == ""
+    for index, (column, value) in enumerate(APP_REFUSES):
+        bad, missing = f"bad_{2 * index + 1}", f"missing_{2 * index + 1}"
+        given = {**good, column: value}
+        with pytest.raises(InvalidRequest) as refused:  # the app's parser refuses this row ...
+            parse_metadata(
+                given["age_approx"], given["sex"], given["anatom_site_general_challenge"],
+                vocabulary=vocabulary, min_age=0, max_age=120,
+            )  # fmt: skip
+        field = {"age_approx": "age", "sex": "sex", "anatom_site_general_challenge": "site"}[column]
+        # ... and predict scores it with that field missing, saying so with the app's message
+        assert table.loc[bad, "warning"] == f"{refused.value}; scored with {field} missing", value
+        assert table.loc[bad, "error"] == "" and table.loc[missing, "warning"] == ""
+        assert table.loc[bad, "target"] == table.loc[missing, "target"], value
+    assert table.loc["bad_1", "target"] != pytest.approx(table.loc["good", "target"], abs=1e-9)
+
+
+def test_a_dataset_layout_keeps_the_values_cleaning_could_not_read_for_the_apps_rules(
+    tmp_path: Path, bundle
+) -> None:
+    (tmp_path / "images").mkdir()
+    for i in (1, 2):
+        write_image(tmp_path / "images" / f"ISIC_{i}.jpg", 1)  # one picture twice: only metadata differs
+    (tmp_path / "HAM10000_metadata.csv").write_text(
+        "lesion_id,image_id,dx,age,sex,localization\nHAM_1,ISIC_1,nv,40.0,alien,moon\nHAM_2,ISIC_2,nv,40.0,,\n"
+    )
+
+    found = read_scoring_input(tmp_path)
+    table = score_path(tmp_path, bundle, tta=False).table.set_index(schema.IMAGE)
+
+    assert found.kind == "ham10000"
+    assert found.given.set_index(found.table[schema.IMAGE]).loc["ISIC_1", schema.SEX] == "alien"
+    warning = table.loc["ISIC_1", "warning"]
+    assert "unknown sex 'alien'" in warning and "unknown anatomic site 'moon'" in warning
+    assert table.loc["ISIC_2", "warning"] == ""
+    assert table.loc["ISIC_1", "target"] == table.loc["ISIC_2", "target"]  # both scored as missing

@@ -78,7 +78,11 @@ def test_manifest_records_everything_needed_to_rebuild_and_trust(tmp_path, spec_
     )
     manifest = read_manifest(path)
     assert isinstance(manifest, BundleManifest)
-    assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "weights.safetensors"]
+    assert sorted(p.name for p in path.iterdir()) == [
+        "manifest.json",
+        "manifest.sha256",
+        "weights.safetensors",
+    ]
     assert manifest.schema_version == MANIFEST_SCHEMA_VERSION
     assert manifest.backbone == "test_efficientnet" and manifest.model_spec == spec
     assert manifest.threshold == 0.3
@@ -154,7 +158,7 @@ def test_failed_save_leaves_no_folder_and_no_temp_files(tmp_path, spec_and_net, 
 def test_failed_save_keeps_the_previous_bundle(tmp_path, spec_and_net, monkeypatch):
     path = export(tmp_path / "b", spec_and_net, threshold=0.4)
     monkeypatch.setattr(
-        bundle_module, "atomic_write_json", lambda *a, **k: (_ for _ in ()).throw(OSError("boom"))
+        bundle_module, "atomic_write_bytes", lambda *a, **k: (_ for _ in ()).throw(OSError("boom"))
     )
     with pytest.raises(OSError, match="boom"):
         export(tmp_path / "b", spec_and_net, threshold=0.9)
@@ -189,11 +193,18 @@ def _remove(name):
     return lambda path: (path / name).unlink()
 
 
+def _write_manifest_text(path: Path, text: str) -> None:
+    """Replace the manifest *and* its digest: a bundle written that way, not one edited afterwards."""
+    (path / "manifest.json").write_text(text)
+    digest = bundle_module.sha256_file(path / "manifest.json")
+    (path / "manifest.sha256").write_text(f"{digest}  manifest.json\n")
+
+
 def _edit_manifest(change):
     def damage(path: Path) -> None:
         manifest = json.loads((path / "manifest.json").read_text())
         change(manifest)
-        (path / "manifest.json").write_text(json.dumps(manifest))
+        _write_manifest_text(path, json.dumps(manifest))
 
     return damage
 
@@ -216,7 +227,7 @@ def _schema_1(manifest: dict) -> dict:
 def test_a_manifest_of_another_schema_is_refused_with_what_to_do(tmp_path, spec_and_net, change, found):
     path = export(tmp_path / "v0003", spec_and_net)
     manifest = json.loads((path / "manifest.json").read_text())
-    (path / "manifest.json").write_text(json.dumps(change(manifest)))
+    _write_manifest_text(path, json.dumps(change(manifest)))
     with pytest.raises(ManifestSchemaError) as refused:
         load_bundle(path)
     message = str(refused.value)
@@ -234,8 +245,8 @@ def test_a_manifest_of_another_schema_is_refused_with_what_to_do(tmp_path, spec_
         (lambda path: shutil.rmtree(path), "bundle folder not found"),
         (_remove("manifest.json"), "manifest.json missing in bundle"),
         (_remove("weights.safetensors"), "weights.safetensors missing in bundle"),
-        (lambda path: (path / "manifest.json").write_text("{not json"), "is not valid JSON"),
-        (lambda path: (path / "manifest.json").write_text("[1, 2]"), "must hold a JSON object"),
+        (lambda path: _write_manifest_text(path, "{not json"), "is not valid JSON"),
+        (lambda path: _write_manifest_text(path, "[1, 2]"), "must hold a JSON object"),
         (
             _edit_manifest(lambda m: m.pop("threshold")),
             r"manifest.json is invalid: threshold: Field required",
@@ -265,7 +276,7 @@ def test_weights_that_do_not_fit_the_spec_are_refused(tmp_path, spec_and_net):
     path = export(tmp_path / "b", spec_and_net)
     manifest = json.loads((path / "manifest.json").read_text())
     manifest["model_spec"]["meta_hidden"] = [16]
-    (path / "manifest.json").write_text(json.dumps(manifest))
+    _write_manifest_text(path, json.dumps(manifest))
     with pytest.raises(BundleError, match=r"(?s)does not fit the 'test_efficientnet' network.*re-export"):
         load_bundle(path)
 
@@ -275,7 +286,7 @@ def test_unreadable_weights_with_a_matching_sha256_are_refused(tmp_path, spec_an
     (path / WEIGHTS_FILE).write_bytes(b"not a safetensors file")
     manifest = json.loads((path / "manifest.json").read_text())
     manifest["weights_sha256"] = bundle_module.sha256_file(path / WEIGHTS_FILE)
-    (path / "manifest.json").write_text(json.dumps(manifest))
+    _write_manifest_text(path, json.dumps(manifest))
     with pytest.raises(BundleError, match=r"cannot read .*weights\.safetensors.*re-export"):
         load_bundle(path)
 
@@ -298,3 +309,86 @@ def test_nan_metrics_are_stored_as_null(tmp_path, spec_and_net):
     manifest = json.loads((path / "manifest.json").read_text(), parse_constant=refuse)
     assert manifest["metrics"] == {"auc": {"value": 0.7, "lo": None, "hi": None, "level": 0.95}}
     assert read_manifest(path).metrics["auc"].text() == "0.700 (no CI)"
+
+
+# ---------------------------------------------------------------------- every byte verified, the manifest too
+def _flip(file: Path, position: int) -> None:
+    data = bytearray(file.read_bytes())
+    data[position] ^= 0x01
+    file.write_bytes(bytes(data))
+
+
+@pytest.fixture(scope="module")
+def two_member_bundle(tmp_path_factory, spec_and_net) -> Path:
+    """An ensemble bundle: weights, a member file, the manifest and its digest."""
+    from melanoma_ml.serving.bundle import EnsembleToSave, MemberNet
+
+    spec, net = spec_and_net
+    torch.manual_seed(1)
+    other = spec.build_network().eval()
+    members = [MemberNet(net, spec, 0, "0" * 64), MemberNet(other, spec, 1, "1" * 64)]
+    path = tmp_path_factory.mktemp("bundle") / "b"
+    return export(path, spec_and_net, ensemble=EnsembleToSave("folds", "probability", members))
+
+
+def test_the_manifest_digest_is_the_sha256_of_the_manifest_in_sha256sum_format(two_member_bundle):
+    import hashlib
+
+    digest = hashlib.sha256((two_member_bundle / "manifest.json").read_bytes()).hexdigest()
+    assert (two_member_bundle / "manifest.sha256").read_text() == f"{digest}  manifest.json\n"
+    names = bundle_module.bundle_file_names(verify_bundle(two_member_bundle))
+    assert sorted(names) == sorted(
+        str(p.relative_to(two_member_bundle)) for p in two_member_bundle.rglob("*.*")
+    )
+    assert bundle_module.manifest_covered(two_member_bundle)
+
+
+def test_flipping_any_byte_of_any_file_is_refused(tmp_path, two_member_bundle):
+    manifest = verify_bundle(two_member_bundle)
+    names = bundle_module.bundle_file_names(manifest)
+    assert {"manifest.json", "manifest.sha256", "weights.safetensors", "members/member1.safetensors"} <= set(
+        names
+    )
+    for name in names:
+        size = (two_member_bundle / name).stat().st_size
+        for position in sorted({0, 1, size // 3, size // 2, size - 2, size - 1}):
+            copy = tmp_path / f"{name.replace('/', '_')}-{position}"
+            shutil.copytree(two_member_bundle, copy)
+            _flip(copy / name, position)
+            with pytest.raises(BundleError) as refused:
+                verify_bundle(copy)
+            message = str(refused.value)
+            assert name.rsplit("/", 1)[-1] in message or "manifest.json" in message, (name, position, message)
+            with pytest.raises(BundleError):
+                load_bundle(copy)
+            shutil.rmtree(copy)
+
+
+def test_an_edited_threshold_is_refused_with_the_fix(tmp_path, spec_and_net):
+    path = export(tmp_path / "v0004", spec_and_net, threshold=0.3)
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["threshold"] = 0.9  # valid JSON, a valid manifest: only the digest can tell
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleIntegrityError) as refused:
+        load_bundle(path)
+    message = str(refused.value)
+    assert f"sha256 mismatch for {path / 'manifest.json'}" in message and "manifest.sha256" in message
+    assert "melanoma-ml rollback --to VERSION" in message and "melanoma-ml registry repair" in message
+
+
+def test_a_legacy_bundle_without_a_digest_still_loads_unless_a_digest_was_recorded(tmp_path, spec_and_net):
+    path = export(tmp_path / "b", spec_and_net)
+    digest = (path / "manifest.sha256").read_text().split()[0]
+    (path / "manifest.sha256").unlink()  # as bundles were written before manifests were hashed
+    assert not bundle_module.manifest_covered(path)
+    assert load_bundle(path).threshold == 0.3
+    with pytest.raises(BundleIntegrityError, match=r"manifest\.sha256 missing in bundle .*registry recorded"):
+        verify_bundle(path, manifest_sha256=digest)  # a recorded digest makes a removed digest file an error
+
+
+def test_a_recorded_digest_that_differs_is_refused(tmp_path, spec_and_net):
+    path = export(tmp_path / "b", spec_and_net)
+    digest = (path / "manifest.sha256").read_text().split()[0]
+    assert verify_bundle(path, manifest_sha256=digest).threshold == 0.3
+    with pytest.raises(BundleIntegrityError, match="the registry history records 0+, got"):
+        verify_bundle(path, manifest_sha256="0" * 64)

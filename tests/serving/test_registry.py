@@ -119,8 +119,12 @@ def test_promote_moves_the_pointer_and_rollback_walks_back(tmp_path, source_bund
     assert registry.current() == "v0001"
     with pytest.raises(RegistryError, match="no earlier served version"):
         registry.rollback()
-    assert registry.rollback(to="v0002", reason="try v2") == "v0002"
+    with pytest.raises(RegistryError, match=r"v0002 was never promoted .*rollback --to v0002 --adopt"):
+        registry.rollback(to="v0002", reason="try v2")
+    assert registry.current() == "v0001"
+    assert registry.rollback(to="v0002", reason="try v2", adopt=True) == "v0002"
     assert registry.rollback() == "v0001"
+    assert registry.rollback(to="v0002") == "v0002"  # served once: an ordinary rollback now
 
     moves = [
         (e["event"], e["version"], e.get("previous"))
@@ -131,10 +135,13 @@ def test_promote_moves_the_pointer_and_rollback_walks_back(tmp_path, source_bund
         ("promoted", "v0001", None),
         ("promoted", "v0003", None),
         ("rolled_back", "v0001", "v0003"),
-        ("rolled_back", "v0002", "v0001"),
+        ("promoted", "v0002", "v0001"),
         ("rolled_back", "v0001", "v0002"),
+        ("rolled_back", "v0002", "v0001"),
     ]
     assert all("time" in e for e in registry.history())
+    adopted = [e for e in registry.history() if e.get("adopted")]
+    assert [(e["version"], e["reason"]) for e in adopted] == [("v0002", "adopted: try v2")]
 
 
 @pytest.mark.parametrize(
@@ -209,7 +216,7 @@ def _killed_mid_write(root: Path, spec, net) -> None:
     def die(*_args, **_kwargs):
         os._exit(3)
 
-    bundle_module.atomic_write_json = die  # only in the child's copy of the module
+    bundle_module.atomic_write_bytes = die  # only in the child's copy of the module
     ModelRegistry(root).register_bundle(net, spec, **BUNDLE_KWARGS)
 
 
@@ -359,3 +366,89 @@ def test_repair_without_a_valid_served_version_says_what_to_do(tmp_path, source_
     registry.current_file.write_text("[]")
     with pytest.raises(RegistryError, match=r"no promoted version in .*history.*rollback --to"):
         registry.repair()
+
+
+# ---------------------------------------------------------------------- every byte verified, orphans never served
+def test_registration_records_the_manifest_sha256_and_every_file_is_verified(tmp_path, source_bundle):
+    registry = ModelRegistry(tmp_path)
+    registry.register(source_bundle)
+    registry.promote("v0001")
+    folder = registry.version_path("v0001")
+    registered = next(e for e in registry.history() if e["event"] == "registered")
+    assert registered["manifest_sha256"] == sha256_file(folder / "manifest.json")
+    assert registry.integrity("v0001") == ("intact", "every file matches its sha256, the manifest included")
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    assert files == ["manifest.json", "manifest.sha256", "weights.safetensors"]
+    for name in files:
+        file = folder / name
+        original = file.read_bytes()
+        for position in (0, len(original) // 2, len(original) - 1):
+            data = bytearray(original)
+            data[position] ^= 0x01
+            file.write_bytes(bytes(data))
+            state, detail = registry.integrity("v0001")
+            assert state == "corrupt" and ("mismatch" in detail or "must hold exactly" in detail), (
+                name,
+                detail,
+            )
+            with pytest.raises(BundleIntegrityError):
+                registry.promote("v0001", reason="again")
+            with pytest.raises(BundleIntegrityError):
+                registry.load_current()
+            file.write_bytes(original)
+    assert registry.integrity("v0001")[0] == "intact" and registry.load_current().version == "v0001"
+
+
+def _make_legacy(registry: ModelRegistry, version: str) -> None:
+    """Turn ``version`` into one registered before manifests were hashed: no digest file, none in history."""
+    import json
+
+    (registry.version_path(version) / "manifest.sha256").unlink()
+    lines = registry.history_file.read_text().splitlines()
+    events = [json.loads(line) for line in lines]
+    for event in events:
+        if event.get("version") == version:
+            event.pop("manifest_sha256", None)
+    registry.history_file.write_text("".join(json.dumps(e) + "\n" for e in events))
+
+
+def test_a_legacy_version_still_serves_and_says_its_manifest_is_not_covered(tmp_path, source_bundle):
+    registry = ModelRegistry(tmp_path)
+    registry.register(source_bundle)
+    registry.promote("v0001")
+    _make_legacy(registry, "v0001")
+    state, detail = registry.integrity("v0001")
+    assert state == "legacy" and "manifest not covered" in detail
+    assert registry.check("v0001") is None and registry.load_current().version == "v0001"
+    registry.promote("v0001", reason="still promotable")
+    weights = registry.version_path("v0001") / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\x00")
+    assert registry.integrity("v0001")[0] == "corrupt"  # what a legacy version lists is still verified
+
+
+def test_a_removed_digest_file_is_refused_when_history_recorded_the_manifest(tmp_path, source_bundle):
+    registry = ModelRegistry(tmp_path)
+    registry.register(source_bundle)
+    (registry.version_path("v0001") / "manifest.sha256").unlink()
+    state, detail = registry.integrity("v0001")
+    assert state == "corrupt" and "manifest.sha256 missing" in detail and "registry recorded" in detail
+    with pytest.raises(BundleIntegrityError):
+        registry.promote("v0001")
+    assert registry.current() is None
+
+
+def test_an_orphan_left_by_a_killed_writer_is_never_served_by_rollback(tmp_path, source_bundle):
+    registry = ModelRegistry(tmp_path)
+    registry.register(source_bundle)
+    registry.promote("v0001")
+    # A writer killed after the rename, before its history line: a complete version folder, no event.
+    shutil.copytree(registry.version_path("v0001"), registry.versions_dir / "v0002")
+    assert "not in history.jsonl" in registry.orphans()["v0002"]
+    with pytest.raises(RegistryError) as refused:
+        registry.rollback(to="v0002")
+    message = str(refused.value)
+    assert "v0002 was never promoted" in message and "not in history.jsonl" in message
+    assert "melanoma-ml registry verify" in message and "--adopt" in message
+    assert registry.current() == "v0001" and [e["event"] for e in registry.history()][-1] == "promoted"
+    with pytest.raises(RegistryError, match="unknown model version 'v0009'"):
+        registry.rollback(to="v0009")

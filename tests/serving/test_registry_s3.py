@@ -91,7 +91,7 @@ def test_register_uploads_weights_then_the_manifest_and_downloads_a_verified_cop
     assert manifest["version"] == "v0001"
     assert registry._blob_key(manifest["weights_sha256"]) in keys
     local = registry.version_path(version)
-    assert local.parent == tmp_path / "cache" and len(local.name) == 64  # keyed by the manifest's sha256
+    assert local.parent == tmp_path / "cache" and len(local.name) == 64  # keyed by manifest + digest sha256
     assert verify_bundle(local).version == "v0001"
     assert [e["event"] for e in registry.history()] == ["registered"]
 
@@ -127,6 +127,31 @@ def test_a_version_whose_weights_do_not_verify_is_refused_and_not_cached(registr
     assert registry.check(v2) is not None and registry.check(v1) is None
     cached = [p for p in (tmp_path / "cache").iterdir() if (p / MANIFEST_FILE).is_file()]
     assert len(cached) == 1  # only v1: a copy that failed verification is never renamed into the cache
+
+
+def test_an_edited_manifest_in_the_bucket_is_refused_and_not_cached(registry, tmp_path):
+    import hashlib
+
+    v1 = register_tiny(registry, seed=1)
+    v2 = register_tiny(registry, seed=2, promote=False)
+    text = registry.fs.cat_file(registry._manifest_key(v2))
+    recorded = next(e for e in registry.history() if e["event"] == "registered" and e["version"] == v2)
+    assert recorded["manifest_sha256"] == hashlib.sha256(text).hexdigest()
+    digest_file = registry.fs.cat_file(registry._digest_key(v2))
+    assert digest_file == f"{recorded['manifest_sha256']}  manifest.json\n".encode()
+    assert registry.integrity(v2)[0] == "intact"
+    cached_before = sorted((tmp_path / "cache").iterdir())
+    edited = json.loads(text)
+    edited["threshold"] = 0.01  # a valid manifest: only its sha256 can tell
+    registry.fs.pipe_file(registry._manifest_key(v2), json.dumps(edited).encode())
+    with pytest.raises(BundleIntegrityError, match=r"sha256 mismatch for .*manifest\.json"):
+        registry.promote(v2)
+    assert registry.current() == v1 and registry.integrity(v2)[0] == "corrupt"
+    assert sorted((tmp_path / "cache").iterdir()) == cached_before  # the edited copy was never cached
+    registry.fs.rm_file(registry._digest_key(v2))  # removing the digest too: history still has the sha256
+    with pytest.raises(BundleIntegrityError, match="manifest.sha256 missing .*registry recorded"):
+        registry.promote(v2)
+    assert sorted((tmp_path / "cache").iterdir()) == cached_before
 
 
 def test_weights_without_a_manifest_are_no_version_and_a_manifest_without_weights_is_refused(registry):

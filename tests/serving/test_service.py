@@ -543,3 +543,47 @@ def test_a_corruption_that_keeps_the_file_stat_is_found_by_the_periodic_rehash(r
     now[0] = 61.0
     with pytest.raises(NoModelAvailable, match=f"{version} stopped serving.*sha256 mismatch"):
         service.predict(request)
+
+
+# ---------------------------------------------------------------------- every byte of the bundle, the manifest too
+def flip_byte(registry: ModelRegistry, version: str, name: str) -> None:
+    """Flip one bit in the middle of ``name`` of ``version`` (in place: same inode)."""
+    file = registry.version_path(version) / name
+    data = bytearray(file.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    with open(file, "r+b") as fh:
+        fh.write(bytes(data))
+
+
+@pytest.mark.parametrize("name", ["manifest.json", "manifest.sha256", "weights.safetensors"])
+def test_a_flipped_byte_in_any_file_of_a_new_promotion_keeps_the_previous_model(
+    registry, samples, name
+) -> None:
+    first = register_tiny(registry, seed=30)
+    service = ModelService(registry, ServingConfig(tta=False))
+    request = PredictionRequest(image=samples["rgb.jpg"], cam_method="none")
+    assert service.predict(request).model_version == first
+    second = register_tiny(registry, seed=31)  # promoted (verified), then changed before the app reloads
+    flip_byte(registry, second, name)
+    assert service.predict(request).model_version == first
+    error = service.status().reload_error
+    assert f"{second} was refused" in error and f"still serving {first}" in error.lower()
+    assert "mismatch" in error or "must hold exactly" in error
+
+
+def test_an_edited_threshold_in_the_served_manifest_stops_that_version(registry, samples) -> None:
+    import json
+
+    first = register_tiny(registry, seed=32)
+    second = register_tiny(registry, seed=33, threshold=0.5)
+    service = ModelService(registry, ServingConfig(tta=False, fallback_to_last_valid=True))
+    request = PredictionRequest(image=samples["rgb.jpg"], cam_method="none")
+    assert service.predict(request).model_version == second
+    manifest_path = registry.version_path(second) / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["threshold"] = 0.01  # still a valid manifest: only its sha256 tells
+    manifest_path.write_text(json.dumps(manifest))
+    answer = service.predict(request)
+    assert answer.model_version == first  # the fallback rule: the last valid version serves
+    assert f"{second} stopped serving" in answer.to_json()["fallback"]
+    assert "manifest.json" in answer.to_json()["fallback"]
