@@ -54,12 +54,13 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     from melanoma_ml import schema
     from melanoma_ml.artifacts import artifact_paths
     from melanoma_ml.config import load_config
-    from melanoma_ml.evaluation.localisation import cam_localisation, lesion_mask_view, paired_difference
+    from melanoma_ml.evaluation.localisation import lesion_mask_view, paired_difference
     from melanoma_ml.features import metadata_dict
     from melanoma_ml.folds import assign_folds
     from melanoma_ml.images.cache import build_image_cache
     from melanoma_ml.images.io import load_rgb
     from melanoma_ml.metadata import load_dataset
+    from melanoma_ml.serving.explain import cam_localisation
     from melanoma_ml.synthetic import generate_synthetic_dataset
     from melanoma_ml.training.checkpoint import load_checkpoint
     from melanoma_ml.training.train import train_fold

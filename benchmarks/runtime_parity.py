@@ -40,7 +40,8 @@ from melanoma_ml import schema
 from melanoma_ml.config import RUNTIME_PRECISIONS, EvaluationConfig
 from melanoma_ml.evaluation.compare import paired_auc_difference
 from melanoma_ml.images.cache import ImageCache
-from melanoma_ml.serving.inference import N_VIEWS, average_members, dihedral_views, normalize, view_logits
+from melanoma_ml.serving.inference import N_VIEWS, average_members, dihedral_views, view_logits
+from melanoma_ml.serving.network_inputs import normalize
 from melanoma_ml.serving.runtimes import REFERENCE, RuntimeChoice, export_runtime, load_logits_fn
 from melanoma_ml.spec import ModelSpec
 from melanoma_ml.training.checkpoint import load_checkpoint

@@ -116,25 +116,22 @@ def average_spaces(config, backbone: str, folds, folds_table, cache, n_draws: in
     calibrated model would show on a test set this small (labels drawn from the calibrated probabilities)."""
     import numpy as np
     import pandas as pd
-    import torch
 
     from melanoma_ml.evaluation import evaluate_predictions
-    from melanoma_ml.evaluation.calibration import calibrator_from_dict
+    from melanoma_ml.evaluation.calibration import calibrator_from_dict, fit_served_calibration
+    from melanoma_ml.evaluation.ensemble import average_probabilities, averaged_oof
     from melanoma_ml.evaluation.holdout import prediction_table
     from melanoma_ml.evaluation.metrics import expected_calibration_error
     from melanoma_ml.folds import locked_test_mask
-    from melanoma_ml.serving.champion import averaged_oof, fit_served_calibration
-    from melanoma_ml.serving.inference import average_members
     from melanoma_ml.training.predict import predict_rows
 
     rows = folds_table[locked_test_mask(folds_table)].reset_index(drop=True)
     if rows.empty:
         return
     per_fold = [predict_rows(r, rows, cache, config.training) for r in folds]
-    # each fold model's (already view-averaged) probabilities as one "view" of logits, averaged across the
-    # members by the served bundle's own function (serving.ensemble_average)
-    logits = [torch.logit(torch.as_tensor(p, dtype=torch.float64).clamp(1e-7, 1 - 1e-7))[None] for p in per_fold]
-    means = {space: average_members(logits, space).numpy() for space in ("probability", "logit")}
+    # each fold model's (already view-averaged) probabilities, averaged across the members by the one
+    # ensemble average the served bundle uses (serving.ensemble_average)
+    means = {space: average_probabilities(per_fold, space) for space in ("probability", "logit")}
     pooled = pd.concat([r.oof for r in folds], ignore_index=True)
     y = rows["target"].to_numpy()
     bins = config.evaluation.ece_bins

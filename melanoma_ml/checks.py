@@ -19,7 +19,6 @@ from melanoma_ml.features import metadata_dict
 
 if TYPE_CHECKING:
     from melanoma_ml.images.cache import ImageCache
-    from melanoma_ml.serving.manifest import BundleManifest
     from melanoma_ml.training.train import FoldResult
 
 
@@ -103,6 +102,7 @@ def bundle_reproduction(
     """
     from melanoma_ml.serving.bundle import load_bundle
     from melanoma_ml.serving.inference import score_out_of_fold
+    from melanoma_ml.serving.manifest import bundle_validation_rows
     from melanoma_ml.serving.remote_registry import open_registry
 
     bundle = load_bundle(open_registry(config).version_path(version))
@@ -122,30 +122,3 @@ def bundle_reproduction(
         else [f"bundle {version} predictions differ from the report by up to {gap:.2e} (> {atol})"]
     )
     return problems, {"version": version, "images_checked": len(rows), "max_abs_difference": gap}
-
-
-def bundle_validation_rows(manifest: BundleManifest, folds_table: pd.DataFrame) -> tuple[pd.DataFrame, str]:
-    """The served model's own validation images, as rows of the current ``folds_table``.
-
-    They are the images of the out-of-fold predictions stored in the bundle (``manifest.oof``, only the
-    served fold's rows), not the table's current fold ``manifest.fold``: folds re-made since the promotion
-    may put training images there.
-
-    Returns:
-        ``(rows, "")``: the folds-table rows in stored order, plus ``stored_prob`` (the stored
-        prediction); or an empty frame and why there are none.
-    """
-    stored = manifest.oof_frame()
-    if stored.empty:
-        return stored, "it stores no out-of-fold predictions (manifest oof) to tell its validation images"
-    own = stored[["image_name", "prob", "fold"]].rename(
-        columns={"prob": "stored_prob", "fold": "stored_fold"}
-    )
-    current = folds_table.drop(columns=["stored_prob", "stored_fold"], errors="ignore")
-    rows = own.merge(current, on="image_name", how="inner")
-    if rows.empty:
-        return rows, (
-            "none of its validation images are in the current folds table (the data changed since it was "
-            "promoted); re-run training and promotion"
-        )
-    return rows, ""

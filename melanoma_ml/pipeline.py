@@ -257,8 +257,8 @@ def rank_backbones(
     ``tabular_baseline`` adds its row and the blend's (candidate + GBDT, report in ``reports/blend/``);
     the candidate is always an image backbone.
     """
+    from melanoma_ml.evaluation.blend import BLEND_NAME
     from melanoma_ml.evaluation.ranking import Leaderboard, TabularRows, report_oof
-    from melanoma_ml.tabular.blend import BLEND_NAME
 
     paths = artifact_paths(config)
     oofs = {b: report_oof(config, b) for b in reports}

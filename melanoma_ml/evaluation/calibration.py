@@ -18,7 +18,7 @@ calibrator) once calibrated probabilities are served.
 
 Where it is wired:
 
-* promotion (``serving.champion.fit_served_calibration``): on the served model's own out-of-fold rows,
+* promotion (:func:`fit_served_calibration`, called by ``serving.champion``): on the served model's own out-of-fold rows,
   ``choose_calibrator`` picks the method (patient-grouped cross-fitting), the chosen method is refitted on
   every row, and the threshold is re-tuned on the calibrated scale (the same operating point). The
   bundle's manifest stores ``to_dict()``, the fitted-on prevalence and a ``calibration_report`` of the
@@ -39,6 +39,7 @@ Where it is wired:
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -52,13 +53,14 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedGroupKFold
 
 from melanoma_ml import schema
-from melanoma_ml.config import EvaluationConfig
+from melanoma_ml.config import EvaluationConfig, PipelineConfig
 from melanoma_ml.errors import InputValueError
 from melanoma_ml.evaluation.bootstrap import batch_size, percentile_interval
 from melanoma_ml.evaluation.estimate import Estimate
 from melanoma_ml.evaluation.inputs import PROB, group_codes, validate_predictions
 from melanoma_ml.evaluation.metrics import brier_score, expected_calibration_error
 from melanoma_ml.evaluation.resample import draw_group_resamples
+from melanoma_ml.evaluation.threshold import threshold_for_sensitivity
 from melanoma_ml.evaluation.weighted import WeightedRows
 
 METHODS: tuple[str, ...] = ("temperature", "platt", "isotonic")
@@ -475,3 +477,74 @@ def calibration_report(
         lo, hi = percentile_interval(values[name], config.ci_level)
         report[name] = Estimate(value, lo, hi, config.ci_level).to_dict()
     return report
+
+
+CALIBRATION_SPLITS = 5
+"""Cross-fitting splits for choosing the calibrator (fewer when the served fold has fewer patients)."""
+
+
+class ServedCalibration(NamedTuple):
+    """What :func:`fit_served_calibration` returns.
+
+    Attributes:
+        stored: ``BundleManifest.calibration`` as a dict, or None (raw probabilities are served).
+        threshold: The decision threshold on the served scale.
+        uncalibrated_reason: Why ``stored`` is None (``BundleManifest.uncalibrated_reason``), else None.
+    """
+
+    stored: dict[str, Any] | None
+    threshold: float
+    uncalibrated_reason: str | None
+
+
+def fit_served_calibration(
+    config: PipelineConfig, oof: pd.DataFrame, raw_threshold: float
+) -> ServedCalibration:
+    """The calibrator a bundle serves and the threshold on its scale, from the model's own out-of-fold rows.
+
+    The method is chosen by cross-fitted NLL (``choose_calibrator``, patient-grouped splits) and refitted
+    on all rows. The threshold is re-tuned on the calibrated probabilities with the report's own rule
+    (``threshold_for_sensitivity`` at ``evaluation.target_sensitivity``), so ``calibrated >= threshold``
+    is the same operating point as ``raw >= raw_threshold`` (identical flags for temperature and Platt
+    scaling; isotonic steps may tie a few benign scores to the threshold). The stored report (ECE, Brier
+    before/after with patient-bootstrap CIs) scores the cross-fitted predictions of the chosen method on
+    these rows: no untouched test set is needed, and none of its rows is scored by a calibrator that saw it.
+
+    Returns:
+        ``(BundleManifest.calibration as a dict, threshold, None)``, or ``(None, raw_threshold, why)`` when
+        the rows cannot be cross-fitted (fewer than 2 patients per split with both classes): the bundle then
+        serves raw probabilities, its manifest's ``uncalibrated_reason`` says why and its model card says so.
+    """
+    evaluation = config.evaluation
+    n_groups = int(oof[schema.GROUP].nunique())
+    n_melanoma_groups = int(oof.loc[oof[schema.TARGET] == 1, schema.GROUP].nunique())
+    n_splits = min(CALIBRATION_SPLITS, n_groups, n_melanoma_groups)
+    seed = evaluation.bootstrap_seed
+    try:
+        if n_splits < 2:
+            raise InputValueError(
+                f"only {n_melanoma_groups} patients with melanoma among the out-of-fold rows"
+            )
+        choice = choose_calibrator(oof, seed=seed, n_splits=n_splits, config=evaluation)
+        method = choice.calibrator.method
+        y = oof[schema.TARGET].to_numpy()
+        raw = oof["prob"].to_numpy(dtype=np.float64)
+        crossed = cross_fitted_predictions(raw, y, oof[schema.GROUP], [method], n_splits=n_splits, seed=seed)
+        report = calibration_report(raw, crossed[method], y, oof[schema.GROUP], evaluation)
+    except InputValueError as exc:
+        reason = (
+            f"calibration skipped on {len(oof)} out-of-fold rows of {n_groups} patients: {exc}; "
+            "raw network probabilities are served (more patients with melanoma give a calibrator)"
+        )
+        logging.getLogger(__name__).warning("serving uncalibrated probabilities: %s", reason)
+        return ServedCalibration(None, raw_threshold, reason)
+    threshold = threshold_for_sensitivity(y, choice.calibrator.apply(raw), evaluation.target_sensitivity)
+    calibration = {
+        "method": method,
+        "parameters": choice.calibrator.to_dict(),
+        "prevalence": choice.prevalence,
+        "n_rows": len(oof),
+        "report": report,
+        "report_on": f"the model's {len(oof)} out-of-fold rows, cross-fitted ({n_splits} patient-grouped splits)",
+    }
+    return ServedCalibration(calibration, threshold, None)

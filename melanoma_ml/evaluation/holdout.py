@@ -10,7 +10,7 @@ Two models per backbone, on the locked test split (``internal``) and on each ext
 
 Everything a result applies is fixed on that model's own out-of-fold rows before any test row is seen
 (:class:`ModelUnderTest`): the threshold (never re-tuned on test, ``evaluate_predictions(threshold=...)``)
-and the post-hoc calibrator a bundle of it would serve (``serving.champion.fit_served_calibration``, as
+and the post-hoc calibrator a bundle of it would serve (``evaluation.calibration.fit_served_calibration``, as
 promotion fits it). The test report scores the raw probabilities; :class:`CalibrationOnTest` adds ECE
 and Brier before/after that calibrator on the same test rows (paired patient-bootstrap CIs) and the
 decision of the calibrated threshold. Each result carries the out-of-fold AUC of the same model and the
@@ -32,6 +32,8 @@ import pandas as pd
 from melanoma_ml import schema
 from melanoma_ml.atomic import atomic_write_bytes, atomic_write_json, parquet_bytes, to_jsonable
 from melanoma_ml.config import EvaluationConfig
+from melanoma_ml.evaluation.calibration import fit_served_calibration
+from melanoma_ml.evaluation.ensemble import average_probabilities, averaged_oof
 from melanoma_ml.evaluation.estimate import Estimate
 from melanoma_ml.evaluation.inputs import BACKBONE, PROB
 from melanoma_ml.evaluation.report import FIXED_THRESHOLD_SETTING as _FIXED
@@ -129,8 +131,6 @@ class ModelUnderTest:
         threshold: float,
     ) -> ModelUnderTest:
         """Fit the calibrator on ``oof`` exactly as promotion does and keep it with the rest."""
-        from melanoma_ml.serving.champion import fit_served_calibration
-
         calibration, calibrated_threshold, _why_not = fit_served_calibration(config, oof, threshold)
         average = config.serving.ensemble_average
         return cls(
@@ -156,14 +156,7 @@ class ModelUnderTest:
     def test_probabilities(self, fold_probs: Mapping[Any, np.ndarray]) -> np.ndarray:
         """Its members' probabilities (member key -> probabilities of the test rows, in order) averaged in
         :attr:`average` space."""
-        probs = np.stack([np.asarray(fold_probs[f], dtype=np.float64) for f in self.members])
-        if self.average == "logit" and len(self.members) > 1:
-            from scipy import special
-
-            from melanoma_ml.evaluation.calibration import logit
-
-            return special.expit(logit(probs).mean(axis=0))
-        return probs.mean(axis=0)
+        return average_probabilities([fold_probs[f] for f in self.members], self.average)
 
     def calibrate(self, probs: np.ndarray) -> np.ndarray:
         """What a bundle of this model serves for raw ``probs`` (before any prior shift)."""
@@ -442,11 +435,10 @@ def top_k_model(
     ``serving.ensemble_top_k`` backbones with the best out-of-fold AUC (the leaderboard's order), averaged.
 
     Its out-of-fold rows average the backbones' pooled out-of-fold predictions per image
-    (``champion.averaged_oof``); threshold and calibrator come from them. None unless ``serving.ensemble`` is
+    (``ensemble.averaged_oof``); threshold and calibrator come from them. None unless ``serving.ensemble`` is
     ``top_k`` and at least two backbones were trained.
     """
     from melanoma_ml.evaluation.report import evaluate_predictions
-    from melanoma_ml.serving.champion import averaged_oof
 
     if config.serving.ensemble != "top_k" or len(fold_results) < 2:
         return None

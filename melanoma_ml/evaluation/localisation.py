@@ -13,22 +13,15 @@ independent, so on real data (several images per lesion) the CI over images is o
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from melanoma_ml.errors import InputValueError
 from melanoma_ml.evaluation.bootstrap import percentile_interval
 from melanoma_ml.evaluation.estimate import Estimate
-
-if TYPE_CHECKING:
-    from torch import nn
-
-    from melanoma_ml.serving.explain import CamMethod
-    from melanoma_ml.spec import ModelSpec
 
 
 def _check_pair(heatmap: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -101,12 +94,12 @@ def paired_difference(
 def lesion_mask_view(mask: np.ndarray | str | Path, size: int) -> np.ndarray:
     """A 0/255 lesion mask (array or PNG path) on the network's square input view: ``(size, size)`` bool.
 
-    Uses the image path's own resize + centre crop (``serving.inference.square_view``), so mask and
-    heatmap pixels line up.
+    Uses the image path's own resize + centre crop (``images.cache.resize_centre_crop``, what
+    ``serving.network_inputs.square_view`` runs), so mask and heatmap pixels line up.
     """
     from PIL import Image
 
-    from melanoma_ml.serving.inference import square_view
+    from melanoma_ml.images.cache import resize_centre_crop
 
     if isinstance(mask, str | Path):
         with Image.open(mask) as image:
@@ -114,7 +107,7 @@ def lesion_mask_view(mask: np.ndarray | str | Path, size: int) -> np.ndarray:
     gray = np.asarray(mask, dtype=np.uint8)
     if gray.ndim == 3:
         gray = gray[..., 0]
-    view = square_view(np.repeat(gray[..., None], 3, axis=2), size)
+    view = resize_centre_crop(np.repeat(gray[..., None], 3, axis=2), size)
     return view[..., 0] >= 128
 
 
@@ -137,51 +130,37 @@ class CamLocalisation:
     target_layer: str
 
 
-def cam_localisation(
-    net: nn.Module,
-    spec: ModelSpec,
-    images: Sequence[np.ndarray],
-    metadata: Sequence[Mapping[str, Any]],
+def localisation_of(
+    heatmaps: Sequence[np.ndarray],
     masks: Sequence[np.ndarray],
+    target_layer: str,
     *,
-    method: CamMethod = "gradcam",
-    target_layer: str | None = None,
     n_bootstrap: int = 2000,
     seed: int = 0,
     level: float = 0.95,
 ) -> CamLocalisation:
-    """CAM mass inside the lesion mask of each image for ``net``, and the mean with a bootstrap CI.
+    """CAM mass inside the lesion mask of each image, and the mean with a bootstrap CI over images.
 
     Args:
-        net: The network (eval mode); ``spec`` describes it (image size, normalisation, encoder).
-        images: ``(H, W, 3)`` uint8 RGB originals (the CAM is computed on their input view).
-        metadata: One ``{"age", "sex", "site"}`` dict per image.
-        masks: One mask per image already on the input view (:func:`lesion_mask_view`).
-        method: ``"gradcam"`` or ``"eigencam"`` (``serving.explain``).
-        target_layer: CAM layer; None picks ``explain.default_target_layer`` at the spec's size.
+        heatmaps: One CAM heatmap per image, on the network's input view (``serving.explain.cam_localisation``
+            computes them for a network).
+        masks: One mask per image on the same view (:func:`lesion_mask_view`).
+        target_layer: The CAM layer the heatmaps come from (recorded in the result).
         n_bootstrap, seed, level: The bootstrap over images.
 
     Raises:
-        InputValueError: images, metadata and masks differ in number, or a mask is not on the input view.
+        InputValueError: heatmaps and masks differ in number or shape, or there are none.
     """
-    from melanoma_ml.serving.explain import default_target_layer, explain
-
-    if not len(images) == len(metadata) == len(masks) or not len(images):
+    if len(heatmaps) != len(masks) or not len(heatmaps):
         raise InputValueError(
-            f"need one metadata dict and one mask per image and at least one image; got {len(images)} "
-            f"images, {len(metadata)} metadata dicts, {len(masks)} masks"
+            f"need one mask per heatmap and at least one image; got {len(heatmaps)} heatmaps, {len(masks)} masks"
         )
-    layer = target_layer or default_target_layer(net, spec.image_size)
-    inside, area = [], []
-    for image, meta, mask in zip(images, metadata, masks, strict=True):
-        heatmap = explain(net, image, meta, spec=spec, method=method, target_layer=layer).heatmap
-        inside.append(mass_inside(heatmap, mask))
-        area.append(mask_area(mask))
-    inside_arr, area_arr = np.asarray(inside), np.asarray(area)
+    inside = np.asarray([mass_inside(h, m) for h, m in zip(heatmaps, masks, strict=True)])
+    area = np.asarray([mask_area(m) for m in masks])
     return CamLocalisation(
-        inside=inside_arr,
-        area=area_arr,
-        mean_inside=bootstrap_mean(inside_arr, n_bootstrap, seed, level),
-        mean_area=bootstrap_mean(area_arr, n_bootstrap, seed, level),
-        target_layer=layer,
+        inside=inside,
+        area=area,
+        mean_inside=bootstrap_mean(inside, n_bootstrap, seed, level),
+        mean_area=bootstrap_mean(area, n_bootstrap, seed, level),
+        target_layer=target_layer,
     )

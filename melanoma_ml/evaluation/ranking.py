@@ -125,7 +125,7 @@ def with_tabular_rows(
 ) -> tuple[pd.DataFrame, tuple[dict[str, Any], ...]]:
     """``table`` with the GBDT's row and the blend's row, all rows re-ranked by out-of-fold AUC.
 
-    The blend is ``tabular.blend.rank_blend`` of the candidate's and the GBDT's out-of-fold predictions
+    The blend is ``evaluation.blend.rank_blend`` of the candidate's and the GBDT's out-of-fold predictions
     (equal weights, no fitted parameters), evaluated with ``evaluate_predictions`` on those same rows, so
     its AUC/pAUC carry the same patient-bootstrap CIs. Every row's ``auc_diff_vs_best`` is its paired AUC
     difference to the candidate (positive: better than the best image model); ``candidate`` stays on the
@@ -138,8 +138,8 @@ def with_tabular_rows(
     Raises:
         InputValueError: the tables do not cover the same images (models trained on different folds tables).
     """
+    from melanoma_ml.evaluation.blend import rank_blend
     from melanoma_ml.evaluation.report import evaluate_predictions
-    from melanoma_ml.tabular.blend import rank_blend
 
     candidate = str(table.attrs["candidate"])
     gbdt = tabular.report.name

@@ -172,7 +172,7 @@ class ProbeImages:
     def inputs(self, spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor]:
         """``(views, meta)`` for the network of ``spec``: 8 dihedral views of each image, preprocessed with
         its size and normalization, and the metadata encoded with its encoder, repeated per view."""
-        from melanoma_ml.serving.inference import N_VIEWS, dihedral_views, encode_metadata, preprocess
+        from melanoma_ml.serving.network_inputs import N_VIEWS, dihedral_views, encode_metadata, preprocess
 
         views = dihedral_views(preprocess(self.images, spec))
         return views, encode_metadata(self.metadata, spec, len(self.images)).repeat(N_VIEWS, 1)

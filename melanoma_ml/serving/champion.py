@@ -17,11 +17,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from melanoma_ml.config import PipelineConfig
+from melanoma_ml.evaluation.calibration import fit_served_calibration
+from melanoma_ml.evaluation.ensemble import averaged_oof
+from melanoma_ml.evaluation.holdout import served_fold
+from melanoma_ml.evaluation.ranking import report_oof
 from melanoma_ml.folds import split_masks
 from melanoma_ml.serving.manifest import ValidationPredictions
 
@@ -103,9 +107,6 @@ def served_choice(
         backbones: The leaderboard's best backbones, the candidate first (``Leaderboard.top_backbones``);
             ``top_k`` averages the first ``serving.ensemble_top_k`` of them.
     """
-    from melanoma_ml.evaluation.holdout import served_fold
-    from melanoma_ml.evaluation.ranking import report_oof
-
     serving = config.serving
     best = served_fold(fold_results[candidate])
     others = [r for r in fold_results[candidate] if r is not best]
@@ -121,38 +122,6 @@ def served_choice(
     oof = averaged_oof([report_oof(config, b) for b in chosen], serving.ensemble_average)
     name = f"{'+'.join(chosen)} ({serving.ensemble_average} mean of {len(members)} fold models)"
     return ServedChoice("top_k", tuple(members), oof, serving.ensemble_average, name)
-
-
-def averaged_oof(oofs: Sequence[pd.DataFrame], average: str) -> pd.DataFrame:
-    """Several backbones' out-of-fold tables as one: per image, their probabilities averaged in ``average``
-    space (``logit`` or ``probability``); rows are the images all of them predicted, in the first's order.
-
-    Raises:
-        InputValueError: the tables disagree on an image's fold (the backbones were trained on other folds).
-    """
-    import numpy as np
-    from scipy import special
-
-    from melanoma_ml.errors import InputValueError
-
-    first = oofs[0].reset_index(drop=True)
-    probs = [first["prob"].to_numpy(dtype=np.float64)]
-    for other in oofs[1:]:
-        merged = first[["image_name", "fold"]].merge(
-            other[["image_name", "fold", "prob"]], on="image_name", how="left", validate="one_to_one"
-        )
-        if merged["prob"].isna().any() or (merged["fold_x"] != merged["fold_y"]).any():
-            raise InputValueError(
-                "the top_k backbones were not trained on the same folds (an image is missing or in another "
-                "fold); re-train them on one folds table or set serving.ensemble to 'folds'"
-            )
-        probs.append(merged["prob"].to_numpy(dtype=np.float64))
-    stacked = np.stack(probs)
-    if average == "logit":
-        mean = special.expit(special.logit(np.clip(stacked, 1e-7, 1 - 1e-7)).mean(axis=0))
-    else:
-        mean = stacked.mean(axis=0)
-    return first.assign(prob=mean)
 
 
 def challenge_champion(
@@ -216,7 +185,6 @@ def challenge_champion(
 def _pooled_oof(config: PipelineConfig, candidate: str, best: FoldResult) -> pd.DataFrame:
     """The candidate backbone's pooled out-of-fold rows (the gate's paired comparison), else its best fold's."""
     from melanoma_ml.errors import InputFileNotFoundError
-    from melanoma_ml.evaluation.ranking import report_oof
 
     try:
         return report_oof(config, candidate)
@@ -394,90 +362,6 @@ def _probe(
     rows = folds_table[folds_table["image_name"].isin(names.head(n))]
     images = list(cache.array()[cache.rows_for(rows["image_name"])])
     return ProbeImages(images, [metadata_dict(r, tabular) for r in rows.itertuples(index=False)])
-
-
-CALIBRATION_SPLITS = 5
-"""Cross-fitting splits for choosing the calibrator (fewer when the served fold has fewer patients)."""
-
-
-class ServedCalibration(NamedTuple):
-    """What :func:`fit_served_calibration` returns.
-
-    Attributes:
-        stored: ``BundleManifest.calibration`` as a dict, or None (raw probabilities are served).
-        threshold: The decision threshold on the served scale.
-        uncalibrated_reason: Why ``stored`` is None (``BundleManifest.uncalibrated_reason``), else None.
-    """
-
-    stored: dict[str, Any] | None
-    threshold: float
-    uncalibrated_reason: str | None
-
-
-def fit_served_calibration(
-    config: PipelineConfig, oof: pd.DataFrame, raw_threshold: float
-) -> ServedCalibration:
-    """The calibrator a bundle serves and the threshold on its scale, from the model's own out-of-fold rows.
-
-    The method is chosen by cross-fitted NLL (``choose_calibrator``, patient-grouped splits) and refitted
-    on all rows. The threshold is re-tuned on the calibrated probabilities with the report's own rule
-    (``threshold_for_sensitivity`` at ``evaluation.target_sensitivity``), so ``calibrated >= threshold``
-    is the same operating point as ``raw >= raw_threshold`` (identical flags for temperature and Platt
-    scaling; isotonic steps may tie a few benign scores to the threshold). The stored report (ECE, Brier
-    before/after with patient-bootstrap CIs) scores the cross-fitted predictions of the chosen method on
-    these rows: no untouched test set is needed, and none of its rows is scored by a calibrator that saw it.
-
-    Returns:
-        ``(BundleManifest.calibration as a dict, threshold, None)``, or ``(None, raw_threshold, why)`` when
-        the rows cannot be cross-fitted (fewer than 2 patients per split with both classes): the bundle then
-        serves raw probabilities, its manifest's ``uncalibrated_reason`` says why and its model card says so.
-    """
-    import logging
-
-    import numpy as np
-
-    from melanoma_ml import schema
-    from melanoma_ml.errors import InputValueError
-    from melanoma_ml.evaluation.calibration import (
-        calibration_report,
-        choose_calibrator,
-        cross_fitted_predictions,
-    )
-    from melanoma_ml.evaluation.threshold import threshold_for_sensitivity
-
-    evaluation = config.evaluation
-    n_groups = int(oof[schema.GROUP].nunique())
-    n_melanoma_groups = int(oof.loc[oof[schema.TARGET] == 1, schema.GROUP].nunique())
-    n_splits = min(CALIBRATION_SPLITS, n_groups, n_melanoma_groups)
-    seed = evaluation.bootstrap_seed
-    try:
-        if n_splits < 2:
-            raise InputValueError(
-                f"only {n_melanoma_groups} patients with melanoma among the out-of-fold rows"
-            )
-        choice = choose_calibrator(oof, seed=seed, n_splits=n_splits, config=evaluation)
-        method = choice.calibrator.method
-        y = oof[schema.TARGET].to_numpy()
-        raw = oof["prob"].to_numpy(dtype=np.float64)
-        crossed = cross_fitted_predictions(raw, y, oof[schema.GROUP], [method], n_splits=n_splits, seed=seed)
-        report = calibration_report(raw, crossed[method], y, oof[schema.GROUP], evaluation)
-    except InputValueError as exc:
-        reason = (
-            f"calibration skipped on {len(oof)} out-of-fold rows of {n_groups} patients: {exc}; "
-            "raw network probabilities are served (more patients with melanoma give a calibrator)"
-        )
-        logging.getLogger(__name__).warning("serving uncalibrated probabilities: %s", reason)
-        return ServedCalibration(None, raw_threshold, reason)
-    threshold = threshold_for_sensitivity(y, choice.calibrator.apply(raw), evaluation.target_sensitivity)
-    calibration = {
-        "method": method,
-        "parameters": choice.calibrator.to_dict(),
-        "prevalence": choice.prevalence,
-        "n_rows": len(oof),
-        "report": report,
-        "report_on": f"the model's {len(oof)} out-of-fold rows, cross-fitted ({n_splits} patient-grouped splits)",
-    }
-    return ServedCalibration(calibration, threshold, None)
 
 
 def paired_difference_with_champion(

@@ -8,7 +8,7 @@ by making the *input* require grad, so no parameter gradient is ever computed or
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -20,7 +20,8 @@ from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget
 from torch import nn
 
 from melanoma_ml.errors import InputValueError
-from melanoma_ml.serving.inference import encode_metadata, normalize, square_view
+from melanoma_ml.evaluation.localisation import CamLocalisation, localisation_of
+from melanoma_ml.serving.network_inputs import encode_metadata, normalize, square_view
 from melanoma_ml.spec import ModelSpec
 
 if TYPE_CHECKING:
@@ -250,6 +251,47 @@ def explain(
     heatmap = _cam(net, layer, layer_name, normalize(view[None], spec), meta, method, min_side)
     overlay = show_cam_on_image(view.astype(np.float32) / 255.0, heatmap, use_rgb=True)
     return Explanation(heatmap=heatmap, overlay=overlay, target_layer=layer_name, method=method)
+
+
+def cam_localisation(
+    net: nn.Module,
+    spec: ModelSpec,
+    images: Sequence[np.ndarray],
+    metadata: Sequence[Mapping[str, Any]],
+    masks: Sequence[np.ndarray],
+    *,
+    method: CamMethod = "gradcam",
+    target_layer: str | None = None,
+    n_bootstrap: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> CamLocalisation:
+    """Does ``net``'s CAM point at the lesion? Its :func:`explain` heatmap of each image scored against the
+    image's lesion mask (``evaluation.localisation.localisation_of``: mass inside, bootstrap CI over images).
+
+    Args:
+        net: The network (eval mode); ``spec`` describes it (image size, normalisation, encoder).
+        images: ``(H, W, 3)`` uint8 RGB originals (the CAM is computed on their input view).
+        metadata: One ``{"age", "sex", "site"}`` dict per image.
+        masks: One mask per image already on the input view (``evaluation.localisation.lesion_mask_view``).
+        method: ``"gradcam"`` or ``"eigencam"``.
+        target_layer: CAM layer; None picks :func:`default_target_layer` at the spec's size.
+        n_bootstrap, seed, level: The bootstrap over images.
+
+    Raises:
+        InputValueError: images, metadata and masks differ in number, or a mask is not on the input view.
+    """
+    if not len(images) == len(metadata) == len(masks) or not len(images):
+        raise InputValueError(
+            f"need one metadata dict and one mask per image and at least one image; got {len(images)} "
+            f"images, {len(metadata)} metadata dicts, {len(masks)} masks"
+        )
+    layer = target_layer or default_target_layer(net, spec.image_size)
+    heatmaps = [
+        explain(net, image, meta, spec=spec, method=method, target_layer=layer).heatmap
+        for image, meta in zip(images, metadata, strict=True)
+    ]
+    return localisation_of(heatmaps, masks, layer, n_bootstrap=n_bootstrap, seed=seed, level=level)
 
 
 def _cam(

@@ -1,6 +1,6 @@
 """A Grad-CAM gallery of the served model on a few of its own validation images.
 
-The images are those of the bundle's stored out-of-fold predictions (``checks.bundle_validation_rows``),
+The images are those of the bundle's stored out-of-fold predictions (``manifest.bundle_validation_rows``),
 so folds re-made since the promotion never slip training images in. Their probabilities are the ones the
 app would show: calibrated and moved to ``serving.deployment_prevalence``.
 """
@@ -16,9 +16,9 @@ import numpy as np
 import pandas as pd
 
 from melanoma_ml.atomic import atomic_write_bytes
-from melanoma_ml.checks import bundle_validation_rows
 from melanoma_ml.config import ServingConfig
 from melanoma_ml.features import metadata_dict
+from melanoma_ml.serving.manifest import bundle_validation_rows
 
 if TYPE_CHECKING:
     from melanoma_ml.serving.bundle import Bundle

@@ -2,10 +2,8 @@
 
 The 8 views (identity, 90/180/270 degree turns and their horizontal flips) of a whole batch are made
 with tensor ops and go through ONE forward pass; the 8 sigmoid probabilities per image are averaged.
-The geometry matches training: the image cache resizes the short side and centre-crops to the spec's
-size, and this module reuses that very function. So does the pixel scaling: ``normalize`` runs
-``melanoma_ml.images.normalization.normalize_pixels``, the function the training transforms use, once on
-the whole batch.
+The inputs (square view, normalisation, views, encoded metadata) are built by ``serving.network_inputs``,
+with the geometry and pixel scaling of training.
 """
 
 from __future__ import annotations
@@ -19,112 +17,13 @@ import torch
 from torch import nn
 
 from melanoma_ml.errors import InputValueError
-from melanoma_ml.images.cache import resize_centre_crop
-from melanoma_ml.images.normalization import normalize_pixels
+from melanoma_ml.evaluation.ensemble import average_probabilities
 from melanoma_ml.serving.calibrated import served_probabilities
+from melanoma_ml.serving.network_inputs import N_VIEWS, dihedral_views, encode_metadata, preprocess
 from melanoma_ml.spec import ModelSpec
 
 if TYPE_CHECKING:
     from melanoma_ml.serving.bundle import Bundle
-
-N_VIEWS = 8
-METADATA_KEYS = ("age", "sex", "site", "tabular")
-"""Keys of a request's metadata dict; ``tabular`` (``{column: value}``) is optional, for models with
-``model.tabular_features``."""
-
-
-def square_view(image: np.ndarray, size: int, *, index: int = 0) -> np.ndarray:
-    """Check one decoded image and bring it to the network's square input (uint8, ``size x size x 3``).
-
-    Args:
-        image: ``(H, W, 3)`` uint8 RGB array (``melanoma_ml.images.io.load_rgb`` decodes files).
-        size: Side in pixels (``spec.image_size``).
-        index: Position in the request, for error messages.
-    """
-    if not isinstance(image, np.ndarray):
-        raise TypeError(
-            f"image {index} is a {type(image).__name__}; pass (H, W, 3) uint8 RGB numpy arrays "
-            "(melanoma_ml.images.io.load_rgb decodes files and bytes)"
-        )
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or min(image.shape[:2]) < 1:
-        raise InputValueError(
-            f"image {index} has shape {image.shape} and dtype {image.dtype}; pass (H, W, 3) uint8 RGB "
-            "arrays (melanoma_ml.images.io.load_rgb converts grayscale/RGBA/16-bit files)"
-        )
-    return resize_centre_crop(image, size)
-
-
-def normalize(views: np.ndarray, spec: ModelSpec) -> torch.Tensor:
-    """``(B, S, S, 3)`` uint8 -> ``(B, 3, S, S)`` float32 normalized with the spec's mean/std (0-1 scale).
-
-    The result is a channels-last view of the normalized pixels (no copy), the memory format the network
-    runs in.
-    """
-    pixels = normalize_pixels(views, spec.mean, spec.std, spec.color_constancy)
-    return torch.from_numpy(pixels).permute(0, 3, 1, 2)
-
-
-def preprocess(images: Sequence[np.ndarray], spec: ModelSpec, *, first_index: int = 0) -> torch.Tensor:
-    """Resize (short side) + centre-crop to ``spec.image_size`` and normalize: ``(B, 3, S, S)`` float32.
-
-    ``first_index`` is the position of ``images[0]`` in the whole request (for error messages).
-    """
-    size = spec.image_size
-    if len(images) == 0:
-        return torch.zeros((0, 3, size, size), dtype=torch.float32)
-    views = np.stack([square_view(image, size, index=first_index + i) for i, image in enumerate(images)])
-    return normalize(views, spec)
-
-
-def dihedral_views(x: torch.Tensor) -> torch.Tensor:
-    """The 8 dihedral views of a square batch, view-major: ``out[v * B + b]`` is view ``v`` of image ``b``.
-
-    Views 0-3 are turns by 0/90/180/270 degrees, views 4-7 the same turns flipped horizontally.
-    """
-    if x.ndim != 4 or x.shape[-1] != x.shape[-2]:
-        raise ValueError(f"dihedral views need a square (B, C, S, S) batch, got shape {tuple(x.shape)}")
-    turns = [torch.rot90(x, k, dims=(2, 3)) for k in range(4)]
-    return torch.cat(turns + [torch.flip(t, dims=(3,)) for t in turns], dim=0)
-
-
-def encode_metadata(
-    metadata: Sequence[Mapping[str, Any]] | np.ndarray, spec: ModelSpec, n: int
-) -> torch.Tensor:
-    """Encode per-image metadata with the bundle's encoder: ``(n, k)`` float32.
-
-    Args:
-        metadata: One ``{"age", "sex", "site"}`` dict per image (missing keys or None count as missing),
-            or an already encoded ``(n, k)`` array.
-        spec: Holds the fitted encoder.
-        n: Number of images (the lengths must match).
-    """
-    encoder = spec.encoder
-    if isinstance(metadata, np.ndarray):
-        if metadata.shape != (n, encoder.n_features):
-            raise InputValueError(
-                f"encoded metadata has shape {metadata.shape}, expected ({n}, {encoder.n_features}) "
-                f"(features {encoder.feature_names}); or pass one {{'age', 'sex', 'site'}} dict per image"
-            )
-        return torch.from_numpy(np.ascontiguousarray(metadata, dtype=np.float32))
-    if len(metadata) != n:
-        raise InputValueError(f"got {n} images but {len(metadata)} metadata records; pass one dict per image")
-    rows = []
-    for i, record in enumerate(metadata):
-        if not isinstance(record, Mapping):
-            raise TypeError(
-                f"metadata record {i} is a {type(record).__name__}; pass a dict with {METADATA_KEYS}"
-            )
-        unknown = sorted(set(record) - set(METADATA_KEYS))
-        if unknown:
-            raise InputValueError(
-                f"metadata record {i} has unknown keys {unknown}; use only {list(METADATA_KEYS)}"
-            )
-        rows.append(
-            encoder.encode_one(
-                record.get("age"), record.get("sex"), record.get("site"), record.get("tabular")
-            )
-        )
-    return torch.from_numpy(np.stack(rows)) if rows else torch.zeros((0, encoder.n_features))
 
 
 def predict_tensor(net: nn.Module, x: torch.Tensor, meta: torch.Tensor, tta: bool = True) -> torch.Tensor:
@@ -200,20 +99,15 @@ class Scores:
 
 
 def average_members(member_logits: Sequence[torch.Tensor], average: str) -> torch.Tensor:
-    """``(B,)`` probabilities from each member's ``(V, B)`` view logits.
+    """``(B,)`` float32 probabilities from each member's ``(V, B)`` view logits.
 
-    Views are averaged in probability space (sigmoid, then mean: what TTA has always done); members in
-    ``average`` space: ``probability`` (mean of the members' probabilities) or ``logit`` (sigmoid of the
-    mean of the members' view-averaged log-odds).
+    Views are averaged in probability space (sigmoid, then mean: what TTA has always done); members by the
+    one ensemble average, ``evaluation.ensemble.average_probabilities`` in ``average`` space
+    (``serving.ensemble_average``), the function the test evaluation averages fold models with.
     """
-    per_member = torch.stack([torch.sigmoid(v).mean(dim=0) for v in member_logits])  # (M, B)
-    if average == "probability" or len(member_logits) == 1:
-        return per_member.mean(dim=0)
-    if average != "logit":
-        raise InputValueError(f"unknown ensemble average {average!r}; use 'logit' or 'probability'")
-    eps = 1e-7
-    clipped = per_member.clamp(eps, 1 - eps)
-    return torch.sigmoid(torch.logit(clipped).mean(dim=0))
+    per_member = torch.stack([torch.sigmoid(v.float()).mean(dim=0) for v in member_logits])  # (M, B)
+    averaged = average_probabilities(per_member.cpu().numpy(), average)
+    return torch.from_numpy(averaged.astype(np.float32))
 
 
 def score(

@@ -364,3 +364,30 @@ class BundleManifest(BaseModel):
 
             return pd.DataFrame(columns=list(ValidationPredictions.columns()))
         return self.oof.to_frame()
+
+
+def bundle_validation_rows(manifest: BundleManifest, folds_table: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """The served model's own validation images, as rows of the current ``folds_table``.
+
+    They are the images of the out-of-fold predictions stored in the bundle (``manifest.oof``, only the
+    served fold's rows), not the table's current fold ``manifest.fold``: folds re-made since the promotion
+    may put training images there.
+
+    Returns:
+        ``(rows, "")``: the folds-table rows in stored order, plus ``stored_prob`` (the stored
+        prediction); or an empty frame and why there are none.
+    """
+    stored = manifest.oof_frame()
+    if stored.empty:
+        return stored, "it stores no out-of-fold predictions (manifest oof) to tell its validation images"
+    own = stored[["image_name", "prob", "fold"]].rename(
+        columns={"prob": "stored_prob", "fold": "stored_fold"}
+    )
+    current = folds_table.drop(columns=["stored_prob", "stored_fold"], errors="ignore")
+    rows = own.merge(current, on="image_name", how="inner")
+    if rows.empty:
+        return rows, (
+            "none of its validation images are in the current folds table (the data changed since it was "
+            "promoted); re-run training and promotion"
+        )
+    return rows, ""

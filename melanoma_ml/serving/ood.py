@@ -59,6 +59,7 @@ from torch import nn
 
 from melanoma_ml import schema
 from melanoma_ml.errors import InputFileNotFoundError, InputValueError
+from melanoma_ml.serving.network_inputs import preprocess
 
 if TYPE_CHECKING:
     from melanoma_ml.images.cache import ImageCache
@@ -245,8 +246,8 @@ def network_outputs(
 
     Args:
         net: The fused network (``melanoma_ml.model.MelanomaNet``): ``backbone``, ``meta`` and ``head``.
-        images: ``(n, 3, S, S)`` normalized images (``serving.inference.preprocess``), no TTA.
-        metadata: ``(n, k)`` encoded metadata (``serving.inference.encode_metadata``).
+        images: ``(n, 3, S, S)`` normalized images (``serving.network_inputs.preprocess``), no TTA.
+        metadata: ``(n, k)`` encoded metadata (``serving.network_inputs.encode_metadata``).
     """
     if len(images) != len(metadata):
         raise InputValueError(f"got {len(images)} images but {len(metadata)} metadata rows")
@@ -280,7 +281,7 @@ def fit_bundle_ood(
     """Fit the served detector on the model's training images, seen exactly as the app sees a request.
 
     The pixels come from the pre-resized image cache (built by ``images.cache.load_resized``, the app's
-    own decoder) and go through ``serving.inference.preprocess`` (a no-op resize when the cache is at the
+    own decoder) and go through ``serving.network_inputs.preprocess`` (a no-op resize when the cache is at the
     model's size, then the shared normalisation): the same tensor a request's un-augmented view is.
     Metadata does not enter (the detector reads backbone features only). Cross-fitting keeps a patient's
     images in one split (``schema.GROUP``, else ``schema.PATIENT``, when the rows have it).
@@ -314,7 +315,7 @@ def fit_bundle_ood(
     features = []
     for start in range(0, len(sample), batch_size):
         chunk = pixels[positions[start : start + batch_size]]
-        features.append(backbone_features(net, _preprocess(list(chunk), spec)))
+        features.append(backbone_features(net, preprocess(list(chunk), spec)))
     labels = pd.to_numeric(sample[schema.TARGET], errors="coerce").fillna(0).astype(int).to_numpy()
     if np.bincount(labels, minlength=2).min() < _MIN_PER_CLASS:
         labels = None  # a class too small for its own mean: one mean for all training images
@@ -332,7 +333,7 @@ def ood_scores_for(
 
     Args:
         net: The network the scorer was fitted for (the bundle's explanation model).
-        x_identity_views: ``(B, 3, S, S)`` from ``serving.inference.preprocess``: the un-augmented views
+        x_identity_views: ``(B, 3, S, S)`` from ``serving.network_inputs.preprocess``: the un-augmented views
             (not the 8 TTA views).
         scorer: The bundle's detector.
         metadata: ``(B, k)`` encoded metadata; only the energy scorer needs it (it reads the head's logit).
@@ -360,13 +361,6 @@ def backbone_features(net: nn.Module, x: torch.Tensor) -> np.ndarray:
     with torch.inference_mode():
         x = x.to(device).contiguous(memory_format=torch.channels_last)
         return net.backbone(x).float().cpu().numpy()
-
-
-def _preprocess(images: list[np.ndarray], spec: ModelSpec) -> torch.Tensor:
-    """``serving.inference.preprocess``, imported late: ``inference`` imports this module."""
-    from melanoma_ml.serving.inference import preprocess
-
-    return preprocess(images, spec)
 
 
 def _fit_sample(rows: pd.DataFrame, max_images: int, seed: int) -> pd.DataFrame:

@@ -72,7 +72,7 @@ class _ExportRoot(nn.Module):
 def export_onnx(net: nn.Module, spec: ModelSpec, path: str | Path, *, opset: int = OPSET) -> str:
     """Export the fused network to one self-contained ``.onnx`` file with a dynamic batch size.
 
-    Inputs are ``image`` (``(batch, 3, S, S)`` float32, normalised like ``inference.normalize``) and
+    Inputs are ``image`` (``(batch, 3, S, S)`` float32, normalised like ``network_inputs.normalize``) and
     ``metadata`` (``(batch, k)`` float32, the spec's encoder); the output ``logit`` is ``(batch,)``.
     The file is written atomically.
 
@@ -182,7 +182,7 @@ class OnnxRunner:
         if x.ndim != 4 or tuple(x.shape[1:]) != self.image_shape:
             raise OnnxModelError(
                 f"images have shape {x.shape}; {self.path.name} takes (batch, *{self.image_shape}) "
-                "(inference.preprocess makes them)"
+                "(network_inputs.preprocess makes them)"
             )
         if m.shape != (x.shape[0], self.n_meta_features):
             raise OnnxModelError(
@@ -210,7 +210,7 @@ def max_probability_gap(
         reference: The fp32 eager network (eval mode) the candidate must match.
         candidate: Anything that maps ``(images, metadata)`` to logits: an ``OnnxRunner``, a compiled or
             autocast wrapper of the network.
-        images: Normalised ``(n, 3, S, S)`` float32 images (e.g. ``inference.dihedral_views`` output).
+        images: Normalised ``(n, 3, S, S)`` float32 images (e.g. ``network_inputs.dihedral_views`` output).
         metadata: ``(n, k)`` float32 encoded metadata.
         batch_size: Rows per call.
     """

@@ -213,7 +213,7 @@ def test_a_folds_ensemble_is_served_with_its_pooled_out_of_fold_threshold_and_me
 
 @pytest.mark.slow
 def test_a_top_k_bundle_averages_the_best_backbones_fold_models(tmp_path: Path) -> None:
-    from melanoma_ml.serving.champion import averaged_oof
+    from melanoma_ml.evaluation.ensemble import averaged_oof
     from melanoma_ml.serving.registry import ModelRegistry
 
     overrides = {"serving": {"ensemble": "top_k", "ensemble_top_k": 2}, "evaluation": {"n_bootstrap": 200}}

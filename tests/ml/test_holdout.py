@@ -18,6 +18,7 @@ from scipy import special
 
 from melanoma_ml import schema
 from melanoma_ml.config import ModelConfig, PipelineConfig
+from melanoma_ml.evaluation.calibration import fit_served_calibration
 from melanoma_ml.evaluation.estimate import Estimate
 from melanoma_ml.evaluation.holdout import (
     CALIBRATED_METRICS,
@@ -30,7 +31,6 @@ from melanoma_ml.evaluation.holdout import (
 from melanoma_ml.evaluation.report import evaluate_predictions
 from melanoma_ml.features import MetadataEncoder
 from melanoma_ml.serving import manifest
-from melanoma_ml.serving.champion import fit_served_calibration
 from melanoma_ml.spec import ModelSpec
 from melanoma_ml.training.train import FoldResult
 
@@ -217,8 +217,8 @@ def test_the_fold_model_mean_is_compared_with_the_served_fold_on_the_same_test_p
 
 
 def test_a_top_k_model_averages_the_best_backbones_and_reaches_the_bundle(tmp_path) -> None:
+    from melanoma_ml.evaluation.ensemble import averaged_oof
     from melanoma_ml.evaluation.holdout import top_k_model
-    from melanoma_ml.serving.champion import averaged_oof
 
     rng = np.random.default_rng(11)
     base = PipelineConfig(artifact_root=str(tmp_path), evaluation={"n_bootstrap": 60})

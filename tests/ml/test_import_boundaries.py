@@ -1,5 +1,5 @@
 """Layering rules: melanoma_ml never imports dagster; only the Gradio app module imports gradio; only the CLI
-imports the pipeline."""
+imports the pipeline; the import-linter contracts in pyproject.toml (layers, no cycles) hold."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import ast
 import json
 import os
 import pkgutil
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -156,3 +157,52 @@ def test_the_app_and_the_latency_benchmark_keep_the_users_gradio_analytics_choic
     for module in (APP_MODULE, LATENCY_BENCHMARK):
         assert _gradio_analytics_after_import(module, "True") == "True", module
         assert _gradio_analytics_after_import(module, None) == "False", module  # off by default
+
+
+LINT_IMPORTS = Path(sys.executable).parent / "lint-imports"
+"""import-linter's command in this environment (the dev extra installs it)."""
+
+
+def _lint_imports(cwd: Path, pythonpath: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """``lint-imports`` on the contracts of ``cwd``'s pyproject.toml (no cache: nothing written outside tmp)."""
+    env = dict(os.environ)
+    if pythonpath is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(pythonpath), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    assert LINT_IMPORTS.is_file(), f"{LINT_IMPORTS} not found; install the dev extra: pip install -e '.[dev]'"
+    return subprocess.run(
+        [str(LINT_IMPORTS), "--no-cache"], capture_output=True, text=True, cwd=cwd, env=env, timeout=300
+    )
+
+
+def test_the_import_linter_contracts_hold():
+    """Layers, no cycles (imports inside functions count; only `if TYPE_CHECKING:` ones are left out), and
+    no dagster in melanoma_ml: see [tool.importlinter] in pyproject.toml."""
+    out = _lint_imports(REPO_ROOT)
+    assert out.returncode == 0, (
+        f"lint-imports found broken contracts:\n{out.stdout[-6000:]}{out.stderr[-2000:]}"
+    )
+    assert "0 broken" in out.stdout, out.stdout[-3000:]
+
+
+def test_the_contracts_catch_an_upward_import_hidden_in_a_function(tmp_path):
+    """The check above can fail: a copy of the library with evaluation importing serving inside a function
+    breaks the layers contract and the no-cycle contract."""
+    copy = tmp_path / "project"
+    shutil.copytree(PACKAGE_DIR, copy / "melanoma_ml", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        REPO_ROOT / "melanoma_assets", copy / "melanoma_assets", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    shutil.copy(REPO_ROOT / "pyproject.toml", copy / "pyproject.toml")
+    metrics = copy / "melanoma_ml" / "evaluation" / "metrics.py"
+    metrics.write_text(
+        metrics.read_text() + "\n\ndef _upward():\n    from melanoma_ml.serving import champion\n\n"
+        "    return champion\n"
+    )
+    out = _lint_imports(copy, pythonpath=copy)
+    assert out.returncode != 0, out.stdout[-3000:]
+    for broken in (
+        "melanoma_ml.evaluation is not allowed to import melanoma_ml.serving",
+        "melanoma_ml.evaluation.metrics -> melanoma_ml.serving.champion",
+        "No cycles are allowed in melanoma_ml.",
+    ):
+        assert broken in out.stdout, out.stdout[-3000:]

@@ -10,9 +10,9 @@ from sklearn.metrics import roc_auc_score
 from melanoma_ml import schema
 from melanoma_ml.config import load_config
 from melanoma_ml.errors import MelanomaInputError
+from melanoma_ml.evaluation.blend import BLEND_NAME, rank_blend
 from melanoma_ml.evaluation.report import evaluate_predictions
 from melanoma_ml.folds import EXTERNAL_FOLD
-from melanoma_ml.tabular.blend import BLEND_NAME, rank_blend
 from melanoma_ml.tabular.gbdt import GBDT_NAME, feature_frame, train_gbdt_folds, validation_folds
 from melanoma_ml.training.train import OOF_COLUMNS, split_fold
 

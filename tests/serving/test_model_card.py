@@ -11,9 +11,9 @@ from app_helpers import SIZE, register_tiny
 
 from melanoma_ml import schema
 from melanoma_ml.config import ServingConfig, load_config
+from melanoma_ml.evaluation.calibration import fit_served_calibration
 from melanoma_ml.evaluation.estimate import Estimate
 from melanoma_ml.serving.bundle import load_bundle, read_manifest
-from melanoma_ml.serving.champion import fit_served_calibration
 from melanoma_ml.serving.manifest import BundleManifest
 from melanoma_ml.serving.model_card import (
     NOT_CALIBRATED,
