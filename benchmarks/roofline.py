@@ -193,20 +193,16 @@ def ort_int8(fp32_path: Path, calibration: tuple[torch.Tensor, torch.Tensor], wo
 
 
 def openvino_runner(path: Path, threads: int) -> tuple[LogitsFn, str]:
+    """The library's own OpenVINO runner (``runtimes.OpenVinoRunner``: inference precision pinned to f32, so
+    a CPU with native bf16 does not silently run the "fp32" row in bf16)."""
     import openvino as ov
 
-    core = ov.Core()
-    model = core.compile_model(
-        str(path), "CPU", {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
-    )
-    request = model.create_infer_request()
+    from melanoma_ml.atomic import sha256_file
+    from melanoma_ml.serving.runtimes import OpenVinoRunner
 
-    def run(x: torch.Tensor, m: torch.Tensor) -> np.ndarray:
-        result = request.infer({"image": x.numpy(), "metadata": m.numpy()})
-        return result[model.output(0)].copy()
-
-    precision = model.get_property("INFERENCE_PRECISION_HINT").get_type_name()
-    return run, f"openvino {ov.__version__.split('-')[0]}, inference precision {precision}"
+    runner = OpenVinoRunner(path, sha256_file(path), threads=threads)
+    precision = runner.model.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+    return runner, f"openvino {ov.__version__.split('-')[0]}, inference precision {precision}"
 
 
 # ---------------------------------------------------------------- one model

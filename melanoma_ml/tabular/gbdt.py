@@ -9,9 +9,9 @@ they read an image model's.
 Inputs: ``model.tabular_features`` as numbers (missing and non-finite values stay NaN: the trees learn
 where missing rows go), age as a number, and sex and site as categories whose codes come from the training
 fold (a category unseen there is missing). Why HistGradientBoosting and not LightGBM: on a synthetic
-ISIC-2024-like table (50k rows, 0.5% positives, 34 features, 5% missing) both reached the same AUC and
-pAUC within noise (0.853 vs 0.858, 0.104 vs 0.101) and LightGBM fitted only ~15% faster, which does not
-pay for a new dependency (``benchmarks/tabular_gbdt.py``).
+ISIC-2024-like table both reached the same AUC and pAUC within noise at the same settings and fitted in
+about the same time, which does not pay for a new dependency (numbers: README, ISIC 2024 table, printed by
+``benchmarks/tabular_gbdt.py``).
 """
 
 from __future__ import annotations
