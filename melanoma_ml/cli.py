@@ -223,6 +223,18 @@ def _print_counts(title: str, counts: dict[str, int]) -> None:
         print(f"  {count:>6}  {name}")
 
 
+def _registry_state(args: argparse.Namespace) -> tuple[Any, list[str], str | None, str | None]:
+    """(registry, its versions, the current version or None, why ``current.json`` could not be read or None)."""
+    from melanoma_ml.serving.registry import RegistryError
+
+    registry = _registry(args)
+    try:
+        current, pointer_problem = registry.current(), None
+    except RegistryError as err:
+        current, pointer_problem = None, one_line(err)
+    return registry, registry.versions(), current, pointer_problem
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     """List registry versions (oldest first) with backbone, AUC, threshold; mark the current one.
 
@@ -233,14 +245,8 @@ def cmd_models(args: argparse.Namespace) -> int:
     ``current.json``, or one naming a version that does not exist, is reported, not fatal.
     """
     from melanoma_ml.serving.bundle import BundleError, read_manifest
-    from melanoma_ml.serving.registry import RegistryError
 
-    registry = _registry(args)
-    versions = registry.versions()
-    try:
-        current, pointer_problem = registry.current(), None
-    except RegistryError as err:
-        current, pointer_problem = None, one_line(err)
+    registry, versions, current, pointer_problem = _registry_state(args)
     orphans = registry.orphans()
     corrupt = set()
     print(f"registry: {registry.root}")
@@ -328,14 +334,8 @@ def cmd_registry_verify(args: argparse.Namespace) -> int:
     names a version that does not exist or cannot be read; 0 otherwise, a legacy current version included
     (it still serves; its line says so).
     """
-    from melanoma_ml.serving.registry import RegistryError
 
-    registry = _registry(args)
-    versions = registry.versions()
-    try:
-        current, pointer_problem = registry.current(), None
-    except RegistryError as err:
-        current, pointer_problem = None, one_line(err)
+    registry, versions, current, pointer_problem = _registry_state(args)
     print(f"registry: {registry.root}")
     states = {}
     for version in versions:
