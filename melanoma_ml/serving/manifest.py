@@ -247,7 +247,9 @@ class BundleManifest(BaseModel):
     Attributes:
         schema_version: :data:`MANIFEST_SCHEMA_VERSION`.
         version: The registry version (``v0003``) once registered, else None.
-        model_spec: Architecture, input size, normalization and the fitted metadata encoder.
+        model_spec: Architecture, input size, normalization and the fitted metadata encoder; its optional
+            ``pretrained`` holds the backbone's initial weights' origin and sha256 (see
+            :meth:`pretrained_lineages`; manifests without it stay valid).
         threshold: Probability at or above which a lesion is flagged.
         metrics: Evaluation metrics of the served model, each an :class:`Estimate` with its CI level.
         data_version: Identifier of the training data (e.g. the folds table hash).
@@ -327,6 +329,13 @@ class BundleManifest(BaseModel):
             if len(backbones) > 1:
                 return "+".join(backbones)
         return self.model_spec.backbone
+
+    def pretrained_lineages(self) -> list[Any]:
+        """Where the served networks' backbones were initialised from (``ModelSpec.pretrained``, stored in
+        ``model_spec`` and each ensemble member's spec), distinct, in member order; empty: random init or a
+        bundle written before lineage was recorded."""
+        specs = [m.model_spec for m in self.ensemble.members] if self.ensemble is not None else [self.model_spec]
+        return list(dict.fromkeys(s.pretrained for s in specs if s.pretrained is not None))
 
     def extra_files(self) -> list[BundleFile]:
         """Every hashed file besides ``weights.safetensors`` (ensemble members, exported models, detector)."""

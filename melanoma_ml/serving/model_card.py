@@ -125,6 +125,14 @@ def runtime_text(manifest: BundleManifest) -> str:
     return f"{text}; {runtime.note}" if runtime.note else text
 
 
+def pretrained_text(manifest: BundleManifest) -> str:
+    """Where the backbone's first weights came from, with their sha256, or random initialisation."""
+    lineages = manifest.pretrained_lineages()
+    if not lineages:
+        return "random initialisation (or not recorded: bundle older than weight lineage)"
+    return "; ".join(lineage.text() for lineage in lineages)
+
+
 def ood_text(manifest: BundleManifest) -> str:
     """What the out-of-distribution check is, or that there is none."""
     ood = manifest.ood
@@ -150,6 +158,7 @@ def model_card_markdown(model: ServedModel | None, deployment_prevalence: float 
         ("Bundle created", readable_time(manifest.created_at)),
         ("Training data version", f"`{manifest.data_version}`"),
         ("Code version", f"`{manifest.code_version}`"),
+        ("Backbone initialised from", pretrained_text(manifest)),
         ("Input size", f"{model.image_size} px"),
         ("Served model", manifest.describe_model()),
         ("Runtime", runtime_text(manifest)),

@@ -54,6 +54,7 @@ from melanoma_ml.training.data import MelanomaDataset, make_loader
 from melanoma_ml.training.hardware import resolve_hardware
 from melanoma_ml.training.module import MONITOR, MelanomaModule
 from melanoma_ml.weights import weights_bytes
+from melanoma_ml.weights_import import pretrained_lineage
 
 OOF_FILE = "oof.parquet"
 HISTORY_FILE = "history.csv"
@@ -416,6 +417,7 @@ def train_fold(
         std=norm["std"],
         encoder=encoder,
         color_constancy=config.data.color_constancy,
+        pretrained=pretrained_lineage(model_config.pretrained, backbone),
     )
 
     images = cache.array()
