@@ -106,8 +106,8 @@ def report(args: argparse.Namespace) -> None:
     print(f"  out-of-distribution check: {ood_text(manifest)}")
     for name, tested_set in (manifest.test_metrics or {}).items():
         auc = tested_set.metrics["auc"].text(show_level=False)
-        extra = tested_set.metrics.get("ece_calibrated")
-        ece = "" if extra is None else f", calibrated ECE {extra.text(show_level=False)}"
+        extra = tested_set.metrics.get("ece")  # of the served (calibrated, TTA) probabilities
+        ece = "" if extra is None else f", served ECE {extra.text(show_level=False)}"
         print(f"  test set {name}: {tested_set.n_images} images, AUC {auc}{ece}")
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -279,15 +280,16 @@ def promote_best(
     fold_results: Mapping[str, Sequence[FoldResult]],
     *,
     data_version: str,
-    test_evaluation: TestEvaluation | None = None,
     folds_table: pd.DataFrame | None = None,
 ) -> PromotionOutcome:
     """Offer the leaderboard candidate's served model (``serving.ensemble``) to the gate against the champion.
 
     On promotion a new bundle is registered and ``current`` moves; a rejected candidate writes nothing
-    (the policy: ``serving.champion.challenge_champion``). The gate reads out-of-fold numbers only; the
-    served model's test metrics (``test_evaluation``) are stored in the bundle for the reader.
+    (the policy: ``serving.champion.challenge_champion``). The gate reads out-of-fold numbers only. With
+    ``folds_table`` the bundle's test metrics are its own: the staged bundle scores the untouched test sets
+    through ``predict``'s path (``batch.served_test_metrics``), not the test evaluation's fold models.
     """
+    from melanoma_ml.serving.batch import served_test_metrics
     from melanoma_ml.serving.champion import challenge_champion, served_choice
 
     candidate = leaderboard.candidate
@@ -295,11 +297,11 @@ def promote_best(
         raise ValueError(f"leaderboard candidate {candidate!r} has no report among {sorted(reports)}")
     backbones = leaderboard.top_backbones(config.serving.ensemble_top_k)
     choice = served_choice(config, candidate, fold_results, backbones)
-    test_metrics = None
-    if test_evaluation is not None:
-        test_metrics = test_evaluation.served_test_metrics(candidate, choice.kind)
+    measure = None
+    if folds_table is not None:
+        measure = partial(served_test_metrics, config, folds_table=folds_table, name=choice.name)
     return challenge_champion(
-        config, choice, data_version=data_version, test_metrics=test_metrics, folds_table=folds_table
+        config, choice, data_version=data_version, folds_table=folds_table, test_metrics=measure
     )
 
 
@@ -369,16 +371,10 @@ def _test(run: StepRun, fold_model, evaluation, patient_folds, image_cache) -> T
 def _promote(
     run: StepRun, leaderboard, evaluation, fold_model, patient_folds, test_evaluation, image_cache
 ) -> PromotionOutcome:
+    del test_evaluation  # read for the order only: promotion after the test split is checked untouched
     inputs = (run.config, leaderboard, evaluation, fold_model)
     version = fingerprint.table_fingerprint(patient_folds)
-    promotion = run.step(
-        "promote",
-        promote_best,
-        *inputs,
-        data_version=version,
-        test_evaluation=test_evaluation,
-        folds_table=patient_folds,
-    )
+    promotion = run.step("promote", promote_best, *inputs, data_version=version, folds_table=patient_folds)
     run.progress(f"[promote] {promotion.decision.reason}")
     if (served := promotion.champion_after) is not None:
         verify = (checks.bundle_reproduction, run.config, served, patient_folds, image_cache)

@@ -43,6 +43,7 @@ def build_serving_model(grid: TrainingGrid) -> dg.AssetsDefinition:
         test_evaluation,
         **reports,
     ) -> dg.MaterializeResult:
+        del test_evaluation  # an input for the order only: the bundle scores the test sets itself
         by_backbone = {r.name: r for r in reports.values()}
         folds_by_backbone: dict[str, list] = {}
         for result in fold_model.values():
@@ -53,7 +54,6 @@ def build_serving_model(grid: TrainingGrid) -> dg.AssetsDefinition:
             by_backbone,
             folds_by_backbone,
             data_version=table_fingerprint(patient_folds),
-            test_evaluation=test_evaluation,
             folds_table=patient_folds,
         )
         return dg.MaterializeResult(

@@ -34,7 +34,8 @@ Where it is wired:
 * test evaluation (``evaluation.holdout``, the ``test_evaluation`` asset): each model's calibrator, fitted
   on its out-of-fold rows as promotion fits it, is applied unchanged to the locked test split and each
   external test set; ``calibration_report`` there gives ECE and Brier before/after on rows no calibrator
-  saw, and the bundle's test metrics carry them (``ece_calibrated``, ``brier_calibrated``).
+  saw. The bundle's own test metrics are of its served (calibrated) probabilities
+  (``holdout.bundle_test_metrics``, scored by the bundle at promotion).
 """
 
 from __future__ import annotations

@@ -16,6 +16,11 @@ and Brier before/after that calibrator on the same test rows (paired patient-boo
 decision of the calibrated threshold. Each result carries the out-of-fold AUC of the same model and the
 optimism gap ``oof AUC - test AUC``. Nothing here picks a model: ranking and the promotion gate read
 out-of-fold numbers only. numpy/pandas only; the pipeline step does the predicting.
+
+These rows compare candidates. The served model's own test numbers (a bundle's ``test_metrics``, the
+model card) are not taken from them: promotion scores the same test rows with the staged bundle through
+``melanoma-ml predict``'s path (8-view TTA, the bundle's calibrator) and :func:`bundle_test_metrics`
+turns those served probabilities into the card's numbers (``serving.batch.served_test_metrics``).
 """
 
 from __future__ import annotations
@@ -71,11 +76,6 @@ TABLE_COLUMNS = (
     "ece_before", "ece_after", "ece_after_lo", "ece_after_hi", "brier_before", "brier_after",
 )  # fmt: skip
 """Columns of ``TestEvaluation.table``: ``TestResult.row`` keys."""
-
-CALIBRATED_METRICS = {"ece_calibrated": "ece_after", "brier_calibrated": "brier_after"}
-"""Entries ``served_test_metrics`` adds to a bundle's test metrics -> the ``calibration_report`` key they
-copy: ECE and Brier of the probabilities the bundle serves (its calibrator applied); ``ece``/``brier`` there
-are of the network's raw probabilities."""
 
 ModelKind = Literal["ensemble", "served", "top_k"]
 
@@ -368,35 +368,6 @@ class TestEvaluation:
             return found
         return next((r for r in self.results if (r.backbone, r.kind) == (backbone, kind)), None)
 
-    def served_test_metrics(
-        self, backbone: str, ensemble: str = "best_fold"
-    ) -> dict[str, dict[str, Any]] | None:
-        """What a bundle of ``backbone`` stores as ``test_metrics`` (``manifest.TestMetrics``): per test set,
-        ``metrics`` (``Estimate`` dicts), ``n_images``, ``n_melanoma``; None without a test set.
-
-        ``ensemble`` is ``serving.ensemble``: ``best_fold`` reads the ``served`` fold model's results,
-        ``folds`` the ``ensemble`` results (the mean of the backbone's fold models), ``top_k`` the
-        ``top_k`` results (scored when ``serving.ensemble`` is ``top_k``; their backbone names the
-        averaged backbones, ``backbone`` first).
-
-        ``metrics`` are the test report's (raw probabilities, e.g. ``ece``, ``brier``) plus
-        :data:`CALIBRATED_METRICS` (``ece_calibrated``, ``brier_calibrated``: the served, calibrated ones)."""
-        kind = {"best_fold": "served", "folds": "ensemble", "top_k": "top_k"}.get(ensemble)
-        out = {}
-        for r in self.results:
-            if r.kind != kind or r.backbone.split("+")[0] != backbone:
-                continue
-            metrics = r.report.to_dict()["metrics"]
-            if r.calibration is not None:
-                report = r.calibration.report
-                metrics |= {name: report[key].to_dict() for name, key in CALIBRATED_METRICS.items()}
-            out[r.test_set] = {
-                "metrics": metrics,
-                "n_images": r.report.n_images,
-                "n_melanoma": r.report.n_melanoma,
-            }
-        return out or None
-
     def to_dict(self) -> dict[str, Any]:
         return to_jsonable(
             {
@@ -582,27 +553,18 @@ def evaluate_test_sets(
     test set. Writes ``out_root/<test set>/<backbone>/{ensemble,fold<k>}/`` and ``out_root/test_evaluation.json``;
     external sets are cached under ``cache_root/test-<name>/<size>px``. A set that cannot be scored (a single class, say) is skipped with a note saying why.
     """
-    from melanoma_ml.folds import TEST_FOLD, locked_test_mask
     from melanoma_ml.images.cache import build_image_cache
-    from melanoma_ml.metadata.test_sources import load_test_sources
     from melanoma_ml.training.predict import predict_rows
 
-    sets: dict[str, tuple[pd.DataFrame, Any]] = {}
-    counts: dict[str, dict[str, int]] = {}
-    internal = folds_table[locked_test_mask(folds_table)].reset_index(drop=True)
-    if len(internal):
-        sets[INTERNAL_TEST] = (internal, cache)
-        counts[INTERNAL_TEST] = {
-            "rows_scored": len(internal),
-            "melanoma": int(internal["target"].sum()),
-        }
-    training = folds_table[folds_table["fold"] != TEST_FOLD]
+    rows_by_set, counts = untouched_test_sets(config, folds_table)
     size = config.data.image_size
-    for test_set in load_test_sources(config.data, training):
-        counts[test_set.name] = test_set.counts()
-        if len(test_set.rows):
-            folder = cache_root / f"test-{test_set.name}" / f"{size}px"
-            sets[test_set.name] = (test_set.rows, build_image_cache(test_set.rows, folder, size))
+    sets: dict[str, tuple[pd.DataFrame, Any]] = {}
+    for name, rows in rows_by_set.items():
+        if name == INTERNAL_TEST:
+            sets[name] = (rows, cache)
+        else:
+            folder = cache_root / f"test-{name}" / f"{size}px"
+            sets[name] = (rows, build_image_cache(rows, folder, size))
     results, notes = [], []
     models: dict[str, list[ModelUnderTest]] = {}
     top_k: ModelUnderTest | None = None
@@ -628,3 +590,51 @@ def evaluate_test_sets(
     evaluation = TestEvaluation(results, counts, notes, ensemble_vs_served(results, config.evaluation))
     evaluation.save(out_root)
     return evaluation
+
+
+def untouched_test_sets(
+    config: PipelineConfig, folds_table: pd.DataFrame
+) -> tuple[dict[str, pd.DataFrame], dict[str, dict[str, int]]]:
+    """The test sets nothing was trained, tuned or chosen on, and what each held.
+
+    Returns:
+        ``(rows, counts)``: test set name -> its rows (``image_path``, metadata, ``target``,
+        ``group_id``): the locked test split of ``folds_table`` (``internal``, when it has rows) and each
+        ``data.test_sources`` set with rows left after dropping training duplicates; and name -> its counts
+        (every configured set, empty ones included).
+    """
+    from melanoma_ml.folds import TEST_FOLD, locked_test_mask
+    from melanoma_ml.metadata.test_sources import load_test_sources
+
+    rows: dict[str, pd.DataFrame] = {}
+    counts: dict[str, dict[str, int]] = {}
+    internal = folds_table[locked_test_mask(folds_table)].reset_index(drop=True)
+    if len(internal):
+        rows[INTERNAL_TEST] = internal
+        counts[INTERNAL_TEST] = {"rows_scored": len(internal), "melanoma": int(internal["target"].sum())}
+    training = folds_table[folds_table["fold"] != TEST_FOLD]
+    for test_set in load_test_sources(config.data, training):
+        counts[test_set.name] = test_set.counts()
+        if len(test_set.rows):
+            rows[test_set.name] = test_set.rows
+    return rows, counts
+
+
+def bundle_test_metrics(
+    rows: pd.DataFrame, probs: np.ndarray, threshold: float, config: EvaluationConfig, name: str
+) -> dict[str, Any]:
+    """What a bundle stores for one test set (``manifest.TestMetrics``): ``metrics`` (``Estimate`` dicts),
+    ``n_images``, ``n_melanoma``.
+
+    Args:
+        rows: The test rows scored (``target``, ``group_id``), in the order of ``probs``.
+        probs: The served probabilities (``melanoma-ml predict``'s ``target`` column: TTA, calibrator).
+        threshold: The served decision threshold, fixed before the test (never re-tuned here).
+        name: How the report names the model and test set.
+    """
+    report = evaluate_predictions(prediction_table(rows, probs, name), config, name=name, threshold=threshold)
+    return {
+        "metrics": report.to_dict()["metrics"],
+        "n_images": report.n_images,
+        "n_melanoma": report.n_melanoma,
+    }

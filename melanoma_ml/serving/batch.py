@@ -288,6 +288,78 @@ def _read_metadata(
     return metadata, warnings
 
 
+def served_test_metrics(
+    config: PipelineConfig, bundle_dir: str | Path, *, folds_table: pd.DataFrame, name: str = "served model"
+) -> dict[str, dict[str, Any]] | None:
+    """The bundle at ``bundle_dir`` on every untouched test set (``holdout.untouched_test_sets``: the locked
+    test split of ``folds_table`` and each ``data.test_sources`` set), scored exactly as ``melanoma-ml
+    predict`` scores: the bundle loaded (sha256-verified) by ``load_bundle``, the test rows' image paths
+    and metadata written as a CSV and read back by ``read_scoring_input``, then ``score_inputs`` (the
+    bundle's networks, 8-view TTA, its calibrator); metrics at the bundle's own threshold, fixed before.
+
+    Probabilities are at the training prevalence (no ``serving.deployment_prevalence`` shift): a prior
+    shift moves probabilities and threshold together, so AUC, pAUC, sensitivity and specificity are the
+    same at any prevalence, while ECE and Brier are measured where the test rows' own prevalence makes them
+    mean something (``docs/metrics.md``).
+
+    Returns:
+        Test set -> ``holdout.bundle_test_metrics`` (``manifest.TestMetrics`` fields); None when no test set
+        can be scored (none exists, or each holds one class).
+    """
+    import tempfile
+
+    from melanoma_ml.evaluation.holdout import bundle_test_metrics, scorable, untouched_test_sets
+    from melanoma_ml.serving.bundle import load_bundle
+
+    sets, _counts = untouched_test_sets(config, folds_table)
+    sets = {test_set: rows for test_set, rows in sets.items() if not scorable(rows)}
+    if not sets:
+        return None
+    bundle = load_bundle(bundle_dir)
+    root = artifact_paths(config).root
+    root.mkdir(parents=True, exist_ok=True)
+    out = {}
+    with tempfile.TemporaryDirectory(prefix=".test-sets-", dir=root) as folder:
+        for test_set, rows in sets.items():
+            probs, scored = rows_scored_as_predict(config, bundle, rows, Path(folder) / f"{test_set}.csv")
+            if scorable(scored):
+                continue
+            where = f"{name} on test set {test_set}"
+            out[test_set] = bundle_test_metrics(
+                scored, probs, bundle.manifest.threshold, config.evaluation, where
+            )
+    return out or None
+
+
+def rows_scored_as_predict(
+    config: PipelineConfig, bundle: Bundle, rows: pd.DataFrame, csv: Path
+) -> tuple[np.ndarray, pd.DataFrame]:
+    """Test ``rows`` (``image_name``, ``image_path``, metadata, labels) scored by ``bundle`` on ``predict``'s
+    path: written as a CSV ``predict`` accepts (``csv``; no labels), read back by ``read_scoring_input``,
+    scored by ``score_inputs`` with TTA and the ``serving`` age range and pixel limit.
+
+    Returns:
+        The served probabilities (``predict``'s ``target`` column) of the rows scored, and those rows with
+        their labels, in the same order (a file that fails to decode has no probability and is left out).
+    """
+    tabular = {c for scorer in bundle.scorers for c in scorer.spec.encoder.tabular if c in rows.columns}
+    columns = [schema.IMAGE, schema.IMAGE_PATH, *schema.METADATA_FEATURES, *sorted(tabular)]
+    atomic_write_bytes(csv, rows[columns].to_csv(index=False).encode("utf-8"))
+    serving = config.serving
+    scores = score_path(
+        csv,
+        bundle,
+        tta=True,
+        max_pixels=serving.max_image_pixels,
+        deployment_prevalence=None,
+        min_age=serving.min_age,
+        max_age=serving.max_age,
+    ).scored
+    by_name = rows.set_index(rows[schema.IMAGE].astype(str))
+    scored = by_name.loc[scores[schema.IMAGE].astype(str)].reset_index(drop=True)
+    return scores[PROBABILITY].to_numpy(dtype=float), scored
+
+
 def write_scores(scores: BatchScores, out: str | Path) -> Path:
     """Write ``scores.table`` as CSV at ``out`` atomically (a reader never sees half a file)."""
     out = Path(out).expanduser()

@@ -15,8 +15,11 @@ numbers go into the bundle for its readers and never into the decision. The gate
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
@@ -27,14 +30,17 @@ from melanoma_ml.evaluation.ensemble import averaged_oof
 from melanoma_ml.evaluation.holdout import served_fold
 from melanoma_ml.evaluation.ranking import report_oof
 from melanoma_ml.folds import split_masks
-from melanoma_ml.serving.manifest import ValidationPredictions
+from melanoma_ml.serving.manifest import BundleManifest, ValidationPredictions
 
 if TYPE_CHECKING:
     from melanoma_ml.evaluation import EvaluationReport
     from melanoma_ml.serving.bundle import ProbeImages
-    from melanoma_ml.serving.manifest import BundleManifest
     from melanoma_ml.serving.promotion import GateDecision
     from melanoma_ml.training.train import FoldResult
+
+TestMetricsOf = Callable[[Path], "Mapping[str, Any] | None"]
+"""Measures a complete bundle folder on the untouched test sets: test set -> ``manifest.TestMetrics`` fields
+(``batch.served_test_metrics``), or None when there is no scorable test set."""
 
 OOF_KEEP = ValidationPredictions.columns()
 """Out-of-fold columns stored in a bundle's manifest (enough for a paired comparison later)."""
@@ -129,15 +135,16 @@ def challenge_champion(
     choice: ServedChoice,
     *,
     data_version: str,
-    test_metrics: Mapping[str, Any] | None = None,
     folds_table: pd.DataFrame | None = None,
+    test_metrics: TestMetricsOf | None = None,
 ) -> PromotionOutcome:
     """Offer ``choice`` to the gate; on promotion register a bundle and move ``current``.
 
-    A rejected candidate, or one whose networks are already served, writes nothing. ``test_metrics`` (the
-    served model on the untouched test sets) go into the bundle for its readers; the gate never sees them.
-    ``folds_table`` (with the image cache under the artifact root) lets the bundle carry an exported
-    runtime checked on real images and an out-of-distribution detector fitted on training images.
+    A rejected candidate, or one whose networks are already served, writes nothing. ``folds_table`` (with
+    the image cache under the artifact root) lets the bundle carry an exported runtime checked on real
+    images and an out-of-distribution detector fitted on training images. ``test_metrics`` measures the
+    staged bundle on the untouched test sets (``batch.served_test_metrics``: as ``predict`` scores) for
+    its manifest; the gate never sees test numbers.
     """
     from melanoma_ml.serving.promotion import GateDecision, decide_promotion
     from melanoma_ml.serving.remote_registry import open_registry
@@ -175,8 +182,8 @@ def challenge_champion(
         served,
         decision.reason,
         data_version=data_version,
-        test_metrics=test_metrics,
         folds_table=folds_table,
+        test_metrics=test_metrics,
     )
     registry.promote(version, reason=decision.reason)
     return PromotionOutcome(decision, candidate, champion, version, version, best.fold, choice.name)
@@ -224,13 +231,10 @@ def register_fold_model(
     reason: str,
     *,
     data_version: str,
-    test_metrics: Mapping[str, Any] | None = None,
 ) -> str:
     """Register one fold model as a new registry version (not yet current); see :func:`register_served_model`."""
     choice = ServedChoice("best_fold", (best,), best.oof, "probability", f"{best.backbone} fold {best.fold}")
-    return register_served_model(
-        config, choice, report, reason, data_version=data_version, test_metrics=test_metrics
-    )
+    return register_served_model(config, choice, report, reason, data_version=data_version)
 
 
 def register_served_model(
@@ -240,10 +244,17 @@ def register_served_model(
     reason: str,
     *,
     data_version: str,
-    test_metrics: Mapping[str, Any] | None = None,
     folds_table: pd.DataFrame | None = None,
+    test_metrics: TestMetricsOf | None = None,
 ) -> str:
     """Register ``choice`` as a new registry version (not yet current) and return the version.
+
+    With ``test_metrics`` the bundle is first written complete to a staging folder under the artifact
+    root; ``test_metrics(folder)`` measures that very bundle (``batch.served_test_metrics`` loads it as
+    ``predict`` loads a version and scores the untouched test sets through ``predict``'s path), the numbers
+    go into its manifest (``test_metrics``: what the model card shows), and the verified folder is
+    registered. The card's test numbers are therefore the served model's: the same networks, TTA,
+    calibrator and threshold as the app and ``predict``.
 
     Args:
         report: ``served_model_report(config, choice)``: its metrics go into the manifest; its threshold is
@@ -252,9 +263,16 @@ def register_served_model(
             the ``serving.runtime`` export, checked on the explained member's own validation images, and the
             out-of-distribution detector (``serving.ood_detection``), fitted on that member's training
             images. Without it the bundle serves torch fp32 and flags nothing.
+        test_metrics: Bundle folder -> its ``manifest.TestMetrics`` per test set (or None: no test set).
     """
     import melanoma_ml
-    from melanoma_ml.serving.bundle import EnsembleToSave, MemberNet
+    from melanoma_ml.serving.bundle import (
+        EnsembleToSave,
+        MemberNet,
+        read_manifest,
+        save_bundle,
+        write_manifest,
+    )
     from melanoma_ml.serving.remote_registry import open_registry
     from melanoma_ml.training.checkpoint import load_checkpoint
 
@@ -271,10 +289,7 @@ def register_served_model(
         ensemble = EnsembleToSave(choice.kind, choice.average, members)
     extras = served_extras(config, choice, members[0], folds_table)
     one = choice.kind == "best_fold"
-    return open_registry(config).register_bundle(
-        members[0].net,
-        members[0].spec,
-        reason=reason,
+    bundle = dict(
         threshold=threshold,
         metrics=report.to_dict()["metrics"],
         data_version=data_version,
@@ -282,12 +297,34 @@ def register_served_model(
         fold=choice.explained.fold if one else None,
         checkpoint_sha256=choice.explained.weights_sha256 if one else None,
         oof=ValidationPredictions.from_frame(choice.oof),
-        test_metrics=test_metrics,
         calibration=calibration,
         uncalibrated_reason=uncalibrated_reason,
         ensemble=ensemble,
         **extras,
     )
+    registry = open_registry(config)
+    if test_metrics is None:
+        return registry.register_bundle(members[0].net, members[0].spec, reason=reason, **bundle)
+    with staging_folder(config) as folder:
+        stage = folder / "bundle"
+        save_bundle(stage, members[0].net, members[0].spec, **bundle)
+        if tested := test_metrics(stage):
+            manifest = read_manifest(stage)
+            write_manifest(
+                stage, BundleManifest.model_validate({**manifest.to_json(), "test_metrics": tested})
+            )
+        return registry.register(stage, reason=reason)
+
+
+@contextmanager
+def staging_folder(config: PipelineConfig) -> Iterator[Path]:
+    """A fresh folder under the artifact root (so tests and runs write nowhere else), removed afterwards."""
+    from melanoma_ml.artifacts import artifact_paths
+
+    root = artifact_paths(config).root
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".served-stage-", dir=root) as folder:
+        yield Path(folder)
 
 
 def served_extras(

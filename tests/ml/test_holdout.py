@@ -2,7 +2,8 @@
 
 The point checked here: each model's calibrator is fitted on that model's own out-of-fold rows exactly as
 promotion fits it, applied unchanged to the test probabilities, and its ECE/Brier before and after reach
-the table and the bundle's test metrics; the calibrated threshold keeps the raw operating point.
+the table; the calibrated threshold keeps the raw operating point. A bundle's own test metrics
+(``bundle_test_metrics``) are of its served probabilities at its fixed threshold.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from melanoma_ml.config import ModelConfig, PipelineConfig
 from melanoma_ml.evaluation.calibration import fit_served_calibration
 from melanoma_ml.evaluation.estimate import Estimate
 from melanoma_ml.evaluation.holdout import (
-    CALIBRATED_METRICS,
     ModelUnderTest,
     TestEvaluation,
+    bundle_test_metrics,
     calibration_on_test,
     evaluate_on_test,
     models_to_test,
@@ -138,7 +139,7 @@ def test_calibration_lowers_test_ece_and_keeps_the_operating_point(tested, kind:
     assert calibration.specificity == report.metric("specificity").value
 
 
-def test_table_and_bundle_test_metrics_carry_ece_before_and_after(tested) -> None:
+def test_table_carries_ece_before_and_after(tested) -> None:
     *_, evaluation = tested
     table = evaluation.table()
     assert {"ece_before", "ece_after", "brier_before", "brier_after", "calibration"} <= set(table.columns)
@@ -146,13 +147,24 @@ def test_table_and_bundle_test_metrics_carry_ece_before_and_after(tested) -> Non
     row = table[table["kind"] == "served"].iloc[0]
     assert row["ece_after"] == served.calibration.report["ece_after"].value
     assert row["ece_after_lo"] <= row["ece_after"] <= row["ece_after_hi"]
-
-    stored = evaluation.served_test_metrics("test_efficientnet")
-    metrics = manifest.TestMetrics(**stored["internal"]).metrics  # what the bundle's manifest validates
-    for name, key in CALIBRATED_METRICS.items():
-        assert metrics[name] == served.calibration.report[key]
-    assert metrics["ece"].value == pytest.approx(served.calibration.report["ece_before"].value)
     assert "calibration" in evaluation.to_dict() and len(evaluation.to_dict()["calibration"]) == 2
+
+
+def test_bundle_test_metrics_are_of_the_served_probabilities_at_the_fixed_threshold(tested) -> None:
+    """What a bundle stores for a test set: its served probabilities' metrics, threshold never re-tuned."""
+    from melanoma_ml.evaluation.metrics import roc_auc
+
+    config, *_ = tested
+    rows, score = _rows(60, "S", np.random.default_rng(8))
+    probs = special.expit(score)
+    y = rows[schema.TARGET].to_numpy()
+    stored = bundle_test_metrics(rows, probs, 0.7, config.evaluation, "served model on test set internal")
+    tested_set = manifest.TestMetrics(**stored)  # what the bundle's manifest validates
+    assert (tested_set.n_images, tested_set.n_melanoma) == (len(rows), int(y.sum()))
+    assert tested_set.metrics["auc"].value == pytest.approx(roc_auc(y, probs), abs=1e-12)
+    assert tested_set.metrics["sensitivity"].value == pytest.approx(np.mean(probs[y == 1] >= 0.7))
+    assert tested_set.metrics["specificity"].value == pytest.approx(np.mean(probs[y == 0] < 0.7))
+    assert tested_set.metrics["brier"].value == pytest.approx(np.mean((probs - y) ** 2))
 
 
 def test_a_model_whose_rows_cannot_fit_a_calibrator_reports_after_equal_to_before(tested) -> None:
@@ -171,14 +183,6 @@ def test_a_model_whose_rows_cannot_fit_a_calibrator_reports_after_equal_to_befor
     assert calibration.method is None
     assert calibration.report["ece_after"] == calibration.report["ece_before"]
     assert (calibration.sensitivity, calibration.specificity) == (0.5, 0.5)
-
-
-def test_a_folds_bundle_stores_the_fold_model_mean_results(tested) -> None:
-    *_, evaluation = tested
-    ensemble = evaluation.find("test_efficientnet", "ensemble")
-    stored = evaluation.served_test_metrics("test_efficientnet", "folds")["internal"]["metrics"]
-    assert stored["auc"]["value"] == ensemble.test_auc.value
-    assert stored["ece_calibrated"] == ensemble.calibration.report["ece_after"].to_dict()
 
 
 @pytest.mark.parametrize("average", ["probability", "logit"])
@@ -260,7 +264,6 @@ def test_a_top_k_model_averages_the_best_backbones_and_reaches_the_bundle(tmp_pa
     tested = evaluate_on_test(model, "internal", rows, probs, config.evaluation)
     np.testing.assert_allclose(tested.predictions["prob"], np.mean(list(probs.values()), axis=0))
     evaluation = TestEvaluation([tested], {"internal": {"rows_scored": len(rows)}})
-    stored = evaluation.served_test_metrics(best, "top_k")
-    assert stored is not None and stored["internal"]["n_images"] == len(rows)
-    assert evaluation.served_test_metrics(best, "folds") is None  # no fold-model mean was scored here
+    assert evaluation.find(model.backbone, "top_k").report.n_images == len(rows)
+    assert evaluation.find(model.backbone, "ensemble") is None  # no fold-model mean was scored here
     assert top_k_model(base, results, reports) is None  # only when serving.ensemble is top_k
