@@ -169,3 +169,36 @@ def test_two_swapped_same_shape_tensors_load_but_fail_the_known_answer_check() -
     net.load_state_dict(apply_conversion(tensors, swapped, LITE0, net), strict=True)  # shapes agree: loads
     with pytest.raises(WeightsImportError, match="known-answer check"):
         check_known_answers(net, "swapped")
+
+
+@pytest.mark.slow
+def test_the_weights_lineage_reaches_result_json_the_manifest_and_the_card(tmp_path: Path) -> None:
+    """A backbone initialised from an imported file: its sha256 and source travel from the spec through
+    every fold's result.json into the promoted bundle's manifest and its model card."""
+    from melanoma_ml import pipeline
+    from melanoma_ml.artifacts import artifact_paths
+    from melanoma_ml.config import load_config
+    from melanoma_ml.serving.model_card import pretrained_text
+    from melanoma_ml.serving.registry import ModelRegistry
+
+    path, _ = _timm_file(tmp_path)
+    out = write_imported(
+        import_weights(path, "test_efficientnet", check=False), tmp_path / "init.safetensors"
+    )
+    sidecar = json.loads(sidecar_path(out).read_text())
+    config = load_config(
+        "tiny", {"artifact_root": str(tmp_path / "artifacts"), "model": {"pretrained": str(out)}}
+    )
+    pipeline.run_all(config, progress=lambda _: None)
+
+    paths = artifact_paths(config)
+    for fold in range(config.data.n_folds):
+        result = json.loads((paths.checkpoint("test_efficientnet", fold) / "result.json").read_text())
+        assert json.dumps(result).count(sidecar["weights_sha256"]) >= 1, f"fold {fold}: lineage missing"
+    registry = ModelRegistry(paths.registry)
+    manifest = registry.load_current().manifest
+    lineages = manifest.pretrained_lineages()
+    assert lineages and {lineage.sha256 for lineage in lineages} == {sidecar["weights_sha256"]}
+    assert {lineage.source_sha256 for lineage in lineages} == {sidecar["source"]["sha256"]}
+    card = pretrained_text(manifest)
+    assert sidecar["weights_sha256"] in card and sidecar["source"]["sha256"] in card
