@@ -23,11 +23,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 from _common import machine_load  # noqa: E402
-from sklearn.ensemble import HistGradientBoostingClassifier  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
 from melanoma_ml.config import TabularBaselineConfig  # noqa: E402
 from melanoma_ml.evaluation.metrics import partial_auc  # noqa: E402
+from melanoma_ml.tabular.gbdt import gbdt_model  # noqa: E402
 
 
 def synthetic_table(rows: int, prevalence: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -53,15 +53,7 @@ def models(params: TabularBaselineConfig, subsample: float = 1.0, colsample: flo
     out = {
         "HistGradientBoosting": (
             shared + ", no subsampling, no early stopping",
-            lambda: HistGradientBoostingClassifier(
-                learning_rate=params.learning_rate,
-                max_iter=params.max_iter,
-                max_leaf_nodes=params.max_leaf_nodes,
-                min_samples_leaf=params.min_samples_leaf,
-                l2_regularization=params.l2_regularization,
-                early_stopping=False,
-                random_state=params.seed,
-            ),
+            lambda: gbdt_model(params),  # the pipeline's own tabular baseline model
         )
     }
     try:

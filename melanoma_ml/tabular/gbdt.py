@@ -76,9 +76,11 @@ def feature_frame(
     return out
 
 
-def _model(params: TabularBaselineConfig, n_features: int) -> HistGradientBoostingClassifier:
-    categorical = np.zeros(n_features, dtype=bool)
-    categorical[-len(CATEGORICAL) :] = True
+def gbdt_model(
+    params: TabularBaselineConfig, categorical: np.ndarray | None = None
+) -> HistGradientBoostingClassifier:
+    """The tabular baseline's classifier for ``params`` (``categorical``: a boolean mask of category
+    columns, None for all numeric). ``benchmarks/tabular_gbdt.py`` times this same model."""
     return HistGradientBoostingClassifier(
         learning_rate=params.learning_rate,
         max_iter=params.max_iter,
@@ -117,7 +119,9 @@ def train_gbdt_folds(
         train, val = split_fold(table, fold)
         categories = {c: sorted(set(text_keys(train[c]).dropna())) for c in CATEGORICAL}
         x_train = feature_frame(train, tabular, categories)
-        model = _model(config.tabular_baseline, x_train.shape[1])
+        categorical = np.zeros(x_train.shape[1], dtype=bool)
+        categorical[-len(CATEGORICAL) :] = True
+        model = gbdt_model(config.tabular_baseline, categorical)
         started = time.perf_counter()
         model.fit(x_train.to_numpy(), train[schema.TARGET].astype(int).to_numpy())
         seconds[fold] = time.perf_counter() - started
