@@ -39,19 +39,16 @@ from PIL import Image  # noqa: E402
 from melanoma_ml.config import ServingConfig, load_config  # noqa: E402
 from melanoma_ml.images.io import UPLOAD_FORMATS_TEXT  # noqa: E402
 from melanoma_ml.serving.model_card import known_metric, model_card_markdown, readable_time  # noqa: E402
+from melanoma_ml.serving.request_fields import NO_CAM, UNKNOWN, InvalidRequest, age_hint  # noqa: E402
 from melanoma_ml.serving.service import (  # noqa: E402
     DISCLAIMER,
-    NO_CAM,
     NO_MODEL_MESSAGE,
-    UNKNOWN,
-    InvalidRequest,
     ModelService,
     NoModelAvailable,
     Prediction,
     PredictionRequest,
     ServedModel,
     ServiceStatus,
-    age_hint,
 )
 
 log = logging.getLogger(__name__)

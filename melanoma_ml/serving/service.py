@@ -42,15 +42,9 @@ from melanoma_ml.errors import InputStateError
 from melanoma_ml.images.io import UPLOAD_FORMATS_TEXT, ImageDecodeError, load_rgb
 from melanoma_ml.serving.bundle import bundle_file_names, read_manifest
 from melanoma_ml.serving.registry import ModelRegistry
-from melanoma_ml.serving.request_fields import (  # the app and tests import these from here too
-    CAM_METHODS,  # noqa: F401
-    NO_CAM,  # noqa: F401
-    UNKNOWN,  # noqa: F401
+from melanoma_ml.serving.request_fields import (
     InvalidRequest,
-    age_hint,  # noqa: F401
-    parse_age,  # noqa: F401
     parse_cam_method,
-    parse_category,  # noqa: F401
     parse_metadata,
     parse_tabular,
     parse_target_layer,

@@ -13,7 +13,11 @@ from melanoma_ml.ages import normalize_age
 from melanoma_ml.features import MetadataEncoder, metadata_dict
 from melanoma_ml.metadata.vocabulary import normalized
 from melanoma_ml.missing import MISSING_TOKENS, is_missing, text_key, text_keys
-from melanoma_ml.serving.service import UNKNOWN, parse_age, parse_category
+from melanoma_ml.serving.request_fields import (
+    UNKNOWN,
+    parse_age,
+    parse_category,
+)
 
 MISSING = [None, np.nan, np.float32("nan"), pd.NA, pd.NaT, "", "   ", "unknown", " Unknown ", "N/A", "nan",
            "None", "null", "-", "?", "not provided"]  # fmt: skip

@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from melanoma_ml.echo import echo
-from melanoma_ml.serving.service import (
+from melanoma_ml.serving.request_fields import (
     InvalidRequest,
     parse_age,
     parse_cam_method,

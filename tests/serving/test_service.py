@@ -19,17 +19,19 @@ from PIL import Image
 from melanoma_ml.config import ServingConfig
 from melanoma_ml.images.io import UPLOAD_FORMATS_TEXT
 from melanoma_ml.serving.registry import ModelRegistry
-from melanoma_ml.serving.service import (
-    NO_MODEL_MESSAGE,
+from melanoma_ml.serving.request_fields import (
     InvalidRequest,
-    ModelService,
-    NoModelAvailable,
-    PredictionRequest,
     age_hint,
     parse_age,
     parse_cam_method,
     parse_category,
     parse_target_layer,
+)
+from melanoma_ml.serving.service import (
+    NO_MODEL_MESSAGE,
+    ModelService,
+    NoModelAvailable,
+    PredictionRequest,
 )
 
 

@@ -16,7 +16,14 @@ from melanoma_ml.config import ModelConfig, ServingConfig
 from melanoma_ml.features import MetadataEncoder
 from melanoma_ml.serving.inference import predict
 from melanoma_ml.serving.registry import ModelRegistry
-from melanoma_ml.serving.service import InvalidRequest, ModelService, PredictionRequest, parse_tabular
+from melanoma_ml.serving.request_fields import (
+    InvalidRequest,
+    parse_tabular,
+)
+from melanoma_ml.serving.service import (
+    ModelService,
+    PredictionRequest,
+)
 from melanoma_ml.spec import ModelSpec
 
 COLUMNS = ("clin_size_long_diam_mm", "tbp_lv_areaMM2")
