@@ -491,7 +491,7 @@ def _served_oof_auc(served: FoldResult, config: EvaluationConfig) -> Estimate:
     return Estimate(roc_auc(y, p), math.nan, math.nan, config.ci_level)
 
 
-def scorable(rows: pd.DataFrame) -> str:
+def unscorable_reason(rows: pd.DataFrame) -> str:
     """Why ``rows`` cannot be scored (empty, or a single class), or "" when they can."""
     if rows.empty:
         return "no rows left to score"
@@ -569,7 +569,7 @@ def evaluate_test_sets(
     models: dict[str, list[ModelUnderTest]] = {}
     top_k: ModelUnderTest | None = None
     for name, (rows, set_cache) in sets.items():
-        if why := scorable(rows):
+        if why := unscorable_reason(rows):
             notes.append(f"test set {name} not scored: {why}")
             continue
         if not models:  # fitted once, and only when a test set is scored

@@ -308,11 +308,11 @@ def served_test_metrics(
     """
     import tempfile
 
-    from melanoma_ml.evaluation.holdout import bundle_test_metrics, scorable, untouched_test_sets
+    from melanoma_ml.evaluation.holdout import bundle_test_metrics, unscorable_reason, untouched_test_sets
     from melanoma_ml.serving.bundle import load_bundle
 
     sets, _counts = untouched_test_sets(config, folds_table)
-    sets = {test_set: rows for test_set, rows in sets.items() if not scorable(rows)}
+    sets = {test_set: rows for test_set, rows in sets.items() if not unscorable_reason(rows)}
     if not sets:
         return None
     bundle = load_bundle(bundle_dir)
@@ -322,7 +322,7 @@ def served_test_metrics(
     with tempfile.TemporaryDirectory(prefix=".test-sets-", dir=root) as folder:
         for test_set, rows in sets.items():
             probs, scored = rows_scored_as_predict(config, bundle, rows, Path(folder) / f"{test_set}.csv")
-            if scorable(scored):
+            if unscorable_reason(scored):
                 continue
             where = f"{name} on test set {test_set}"
             out[test_set] = bundle_test_metrics(
