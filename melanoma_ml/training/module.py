@@ -16,9 +16,17 @@ from torchmetrics.classification import (
     BinaryRecall,
 )
 
-from melanoma_ml.config import TrainingConfig
+from melanoma_ml.config import ModelConfig, TrainingConfig
 from melanoma_ml.errors import InputValueError
 from melanoma_ml.training.losses import build_loss
+from melanoma_ml.training.recipe import (
+    Recipe,
+    apply_backbone_mode,
+    build_optimizer,
+    resolve_recipe,
+    steps_per_epoch,
+    warmup_factor,
+)
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -47,11 +55,17 @@ class MelanomaModule(L.LightningModule):
     Args:
         net: The network (not saved as a hyperparameter; checkpoints store it as safetensors).
         training: Optimiser, loss and scheduler settings.
+        recipe: How to optimise (``melanoma_ml.training.recipe.resolve_recipe``: scratch or finetune);
+            None: the recipe of a randomly initialised network (``auto`` resolves to scratch).
     """
 
-    def __init__(self, net: nn.Module, training: TrainingConfig) -> None:
+    def __init__(self, net: nn.Module, training: TrainingConfig, recipe: Recipe | None = None) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["net"])
+        self.recipe = (
+            recipe if recipe is not None else resolve_recipe(ModelConfig(pretrained=False), training)
+        )
+        # The recipe as a plain dict: the logger's hparams (TensorBoard, hparams.yaml) record what was used.
+        self.save_hyperparameters({"training": training, "recipe": self.recipe.to_dict()})
         self.net = net
         self.training_config = training
         self.criterion = build_loss(training)
@@ -89,15 +103,51 @@ class MelanomaModule(L.LightningModule):
         self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=batch_size)
         return loss
 
+    def on_fit_start(self) -> None:
+        if self.recipe.freeze_backbone_epochs > 0 and self.trainer.world_size > 1:
+            raise InputValueError(
+                f"training.finetune.freeze_backbone_epochs={self.recipe.freeze_backbone_epochs} needs a "
+                f"one-device fit, this one has {self.trainer.world_size} (data-parallel DDP cannot change "
+                "which parameters train mid-fit); set it to 0 or training.devices=1"
+            )
+
+    def on_train_epoch_start(self) -> None:
+        apply_backbone_mode(self.net, self.recipe, self.current_epoch)
+
+    def on_train_end(self) -> None:
+        if self.recipe.freeze_backbone_epochs > 0:  # a fit that ended frozen leaves the network trainable
+            self.net.backbone.requires_grad_(True)
+
+    def optimizer_step(
+        self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None
+    ) -> None:
+        """The step at the scheduled rates x ``warmup_factor``; the scheduler's own rates are restored after,
+        so cosine and plateau keep stepping from their values, not the warmed ones."""
+        factor = 1.0
+        if self.recipe.kind == "finetune" and self.recipe.warmup_epochs > 0:
+            per_epoch = steps_per_epoch(
+                self.trainer.num_training_batches, self.trainer.accumulate_grad_batches
+            )
+            factor = warmup_factor(self.trainer.global_step, per_epoch, self.recipe)
+        if factor == 1.0:
+            optimizer.step(closure=optimizer_closure)
+            return
+        scheduled = [group["lr"] for group in optimizer.param_groups]
+        for group, lr in zip(optimizer.param_groups, scheduled, strict=True):
+            group["lr"] = lr * factor
+        try:
+            optimizer.step(closure=optimizer_closure)
+        finally:
+            for group, lr in zip(optimizer.param_groups, scheduled, strict=True):
+                group["lr"] = lr
+
     def configure_optimizers(self) -> Any:
         cfg = self.training_config
-        optimizer = torch.optim.Adam(
-            self.net.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay
-        )
+        optimizer = build_optimizer(self.net, self.recipe)
         if cfg.scheduler == "none":
             return optimizer
         if cfg.scheduler == "cosine":
-            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.recipe.epochs)
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
         if cfg.scheduler == "plateau":
             # Halve early-stopping patience so the learning rate drops before training gives up.

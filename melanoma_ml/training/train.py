@@ -53,6 +53,7 @@ from melanoma_ml.training.checkpoint import read_spec, save_checkpoint
 from melanoma_ml.training.data import MelanomaDataset, make_loader
 from melanoma_ml.training.hardware import resolve_hardware
 from melanoma_ml.training.module import MONITOR, MelanomaModule
+from melanoma_ml.training.recipe import resolve_recipe
 from melanoma_ml.weights import weights_bytes
 from melanoma_ml.weights_import import pretrained_lineage
 
@@ -113,6 +114,8 @@ class FoldResult:
         history: One row per epoch (``epoch``, ``lr``, ``train/loss``, ``val/loss``, ``val/auroc``, ...).
         devices: Where it trained: the leased ``training.device_pool`` names (``cuda:1``), else the torch
             devices Lightning used (``cpu``); one entry per rank of a data-parallel fit.
+        recipe: The optimisation recipe it used (``melanoma_ml.training.recipe.Recipe.to_dict()``: kind,
+            rates, epochs, warmup, frozen epochs, BatchNorm mode); empty for folds trained before recipes.
     """
 
     backbone: str
@@ -130,6 +133,7 @@ class FoldResult:
     history: pd.DataFrame
     spec: ModelSpec
     devices: list[str] = field(default_factory=list)
+    recipe: dict[str, Any] = field(default_factory=dict)
 
     @property
     def logs_dir(self) -> Path:
@@ -152,6 +156,7 @@ class FoldResult:
             "n_val": self.n_val,
             "spec": self.spec.to_dict(),
             "devices": list(self.devices),
+            "recipe": dict(self.recipe),
         }
 
     @classmethod
@@ -180,6 +185,7 @@ class FoldResult:
             history=pd.read_csv(out_dir / HISTORY_FILE),
             spec=read_spec(out_dir),
             devices=[str(d) for d in data.get("devices", [])],  # absent in folds trained before leases
+            recipe=dict(data.get("recipe", {})),  # absent in folds trained before recipes
         )
 
 
@@ -408,6 +414,7 @@ def train_fold(
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     model_config = config.model_for(backbone)
+    recipe = resolve_recipe(model_config, cfg)
     net = build_model(model_config, encoder.n_features)
     norm = normalization_for(net.backbone)
     spec = ModelSpec(
@@ -454,7 +461,7 @@ def train_fold(
             net = net.to(memory_format=torch.channels_last)
         with _restoring_torch_determinism(), _quiet_lightning():
             trainer = L.Trainer(
-                max_epochs=cfg.epochs,
+                max_epochs=recipe.epochs,
                 accelerator=placement.accelerator,
                 devices=placement.devices,
                 strategy=placement.strategy,
@@ -476,7 +483,7 @@ def train_fold(
             )
             if trainer.world_size > 1:
                 recorder.handoff = Path(scratch) / "recorder.pt"
-            trainer.fit(MelanomaModule(net, cfg), datamodule=_FoldData(train_set, val_set, cfg))
+            trainer.fit(MelanomaModule(net, cfg, recipe), datamodule=_FoldData(train_set, val_set, cfg))
         if recorder.handoff is not None:
             recorder.adopt(recorder.handoff)
         if recorder.best_state is None:
@@ -520,6 +527,7 @@ def train_fold(
         history=history,
         spec=spec,
         devices=devices,
+        recipe=recipe.to_dict(),
     )
     save_checkpoint(  # one atomic folder: the previous fold stays intact until all of it is written
         out_dir,
