@@ -70,8 +70,9 @@ def build_test_evaluation(grid: TrainingGrid) -> dg.AssetsDefinition:
         automation_condition=dg.AutomationCondition.eager(),
         description="Test AUC [CI], sensitivity/specificity at the out-of-fold threshold, calibration and "
         "subgroups on the locked test split (data.test_fraction) and each data.test_sources set, with the "
-        "optimism gap (out-of-fold minus test AUC). Read for display only: ranking and the gate use "
-        "out-of-fold numbers.",
+        "optimism gap (out-of-fold minus test AUC). The locked split is for display only; the external sets "
+        "also feed the leaderboard's external columns and, under evaluation.select_on / "
+        "evaluation.max_external_gap, the candidate's choice and the gate.",
     )
     def test_evaluation(
         settings: PipelineSettings, fold_model: dict, patient_folds, image_cache, **reports
@@ -119,12 +120,15 @@ def build_leaderboard(grid: TrainingGrid) -> dg.AssetsDefinition:
     def leaderboard(
         settings: PipelineSettings, test_evaluation, tabular_baseline, **reports
     ) -> dg.MaterializeResult:
-        """Backbones ranked by out-of-fold AUC (the top image one is the promotion candidate), led by their
-        test AUC; with the tabular baseline on, its tabular-only row and the blend row beside them."""
+        """Backbones ranked by out-of-fold AUC, led by their test AUC, with each external set's AUC and gap
+        to out-of-fold; the promotion candidate is the image row evaluation.select_on picks (by default the
+        top one). With the tabular baseline on, its tabular-only row and the blend row beside them."""
         board = pipeline.rank_backbones(
             settings.config(), {names[k]: v for k, v in reports.items()}, test_evaluation, tabular_baseline
         )
         metadata = {"candidate": board.candidate, "table": table_md(board.table)}
+        if board.selection:
+            metadata["selection"] = dg.MetadataValue.json(board.selection)
         if board.tabular_note:
             metadata["tabular_baseline"] = board.tabular_note
         if board.comparisons:

@@ -11,7 +11,7 @@ bundles.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +22,14 @@ from melanoma_ml.atomic import atomic_write_bytes, atomic_write_json, parquet_by
 from melanoma_ml.config import EvaluationConfig, PipelineConfig
 from melanoma_ml.errors import InputFileNotFoundError
 from melanoma_ml.evaluation.compare import leaderboard, leaderboard_row, paired_auc_difference
+from melanoma_ml.evaluation.external import (
+    SELECTION_BIAS_NOTE,
+    SELECTION_RULES,
+    ExternalScore,
+    external_scores,
+    external_sets,
+    select_candidate,
+)
 
 if TYPE_CHECKING:
     from melanoma_ml.evaluation.holdout import TestEvaluation
@@ -33,6 +41,12 @@ if TYPE_CHECKING:
 class Leaderboard:
     """Backbones ranked by out-of-fold AUC, with paired AUC differences against the candidate.
 
+    The rows stay in out-of-fold AUC order (``rank``); the candidate is the image row that
+    ``evaluation.select_on`` picks (``selection_score``: by default the highest out-of-fold AUC, i.e. the
+    first row). With ``data.test_sources`` scored, every image row also carries, per external set ``S``,
+    ``ext_S_auc`` [``ext_S_auc_lo``, ``ext_S_auc_hi``] (its fold-model mean on ``S``) and ``ext_S_gap``
+    [``ext_S_gap_lo``, ``ext_S_gap_hi``] (external minus out-of-fold AUC, ``external.auc_gap``).
+
     Attributes:
         table: ``melanoma_ml.evaluation.leaderboard``: one row per backbone, best first, with AUC/pAUC CIs and
             the paired AUC difference to the candidate (``auc_diff_vs_best``, ``diff_lo``, ``diff_hi``),
@@ -43,12 +57,19 @@ class Leaderboard:
             candidate: does the GBDT add anything; blend vs the GBDT: does the image model); empty without
             the tabular baseline.
         tabular_note: What the tabular baseline was, or why it is off ("" when not given).
+        external: Every tested model (fold-model mean, served fold, top-k mean) on every external set: what
+            the gate reads for the served model (``serving.champion.external_for``).
+        selection: How the candidate was chosen: ``select_on``, ``rule``, ``scores`` (backbone -> its
+            selection score), ``external_sets`` and, when those sets' numbers chose or gate the model,
+            ``selection_bias`` (they are no longer untouched estimates).
     """
 
     table: pd.DataFrame
     candidate: str
     comparisons: tuple[dict[str, Any], ...] = ()
     tabular_note: str = ""
+    external: tuple[ExternalScore, ...] = ()
+    selection: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def rank(
@@ -64,23 +85,36 @@ class Leaderboard:
 
         With a scored ``test_evaluation``, each row leads with its backbone's test AUC [CI] (the fold-model
         mean on the locked test split, else the first external set: ``test_set``) and the optimism gap
-        (out-of-fold minus test AUC). The order and the candidate come from the out-of-fold AUC only.
-        With ``tabular`` (an enabled baseline), its row and the blend's are added (``with_tabular_rows``);
-        ``tabular_note`` says what the baseline was or why it is off.
+        (out-of-fold minus test AUC), and carries its external columns (:func:`with_external_columns`).
+        The order comes from the out-of-fold AUC; the candidate from ``config.select_on``
+        (``external.select_candidate``; ``oof``: the out-of-fold AUC only), and every row's paired
+        difference is to that candidate. With ``tabular`` (an enabled baseline), its row and the blend's
+        are added (``with_tabular_rows``); ``tabular_note`` says what the baseline was or why it is off.
+
+        Raises:
+            InputValueError: ``select_on`` reads external sets and no external set was scored.
         """
         table = leaderboard(reports, oofs, config)
-        candidate = str(table.attrs["candidate"])
         table.insert(list(table.columns).index("backbone") + 1, KIND, IMAGE)
+        scores = external_scores(test_evaluation)
+        table = with_external_columns(table, scores)
+        table, selection = with_selection(table, reports, oofs, scores, config)
+        candidate = str(table.attrs["candidate"])
         comparisons: tuple[dict[str, Any], ...] = ()
         if tabular is not None:
             table, comparisons = with_tabular_rows(table, oofs[candidate], tabular, config)
         if test_evaluation is not None and test_evaluation.has_test:
             table = with_test_columns(table, test_evaluation)
-        return cls(table=table, candidate=candidate, comparisons=comparisons, tabular_note=tabular_note)
+        return cls(table, candidate, comparisons, tabular_note, scores, selection)
 
     def top_backbones(self, k: int) -> list[str]:
-        """The ``k`` best image backbones by out-of-fold AUC, the candidate first (fewer if fewer exist)."""
+        """The ``k`` best image backbones, the candidate first (fewer if fewer exist): by out-of-fold AUC,
+        or by ``selection_score`` when ``evaluation.select_on`` is not ``oof``."""
         image_rows = self.table[self.table[KIND] == IMAGE] if KIND in self.table.columns else self.table
+        if self.selection.get("select_on", "oof") != "oof":
+            image_rows = image_rows.sort_values(
+                [SELECTION_SCORE, "auc", "backbone"], ascending=[False, False, True], kind="stable"
+            )
         ranked = [self.candidate] + [b for b in image_rows["backbone"].astype(str) if b != self.candidate]
         return list(dict.fromkeys(ranked))[:k]
 
@@ -94,8 +128,94 @@ class Leaderboard:
                 "rows": self.table.to_dict("records"),
                 "comparisons": list(self.comparisons),
                 "tabular_note": self.tabular_note,
+                "selection": self.selection,
+                "external": [score.to_dict() for score in self.external],
             },
         )
+
+
+SELECTION_SCORE = "selection_score"
+"""Leaderboard column: the number ``evaluation.select_on`` ranks image rows on (``external.selection_score``)."""
+
+
+def external_column(test_set: str, what: str) -> str:
+    """Name of a leaderboard column of external set ``test_set``: ``ext_<set>_auc``, ``..._gap_lo`` etc."""
+    return f"ext_{test_set}_{what}"
+
+
+EXTERNAL_FIELDS = ("auc", "auc_lo", "auc_hi", "gap", "gap_lo", "gap_hi")
+"""Per external set, the leaderboard's columns (:func:`external_column`)."""
+
+
+def with_external_columns(table: pd.DataFrame, scores: Sequence[ExternalScore]) -> pd.DataFrame:
+    """``table`` with, per external set, each backbone's fold-model-mean AUC [CI] there and its gap to the
+    out-of-fold AUC [MOVER CI] (NaN where a backbone has no result on that set)."""
+    ensembles = {(s.backbone, s.test_set): s for s in scores if s.kind == "ensemble"}
+    out = table.copy()
+    for test_set in external_sets(scores):
+        values: dict[str, list[float]] = {what: [] for what in EXTERNAL_FIELDS}
+        for backbone in table["backbone"].astype(str):
+            numbers = (float("nan"),) * len(EXTERNAL_FIELDS)
+            if (score := ensembles.get((backbone, test_set))) is not None:
+                auc, gap = score.auc, score.gap
+                numbers = (auc.value, auc.lo, auc.hi, gap.value, gap.lo, gap.hi)
+            for what, number in zip(EXTERNAL_FIELDS, numbers, strict=True):
+                values[what].append(number)
+        for what in EXTERNAL_FIELDS:
+            out[external_column(test_set, what)] = values[what]
+    out.attrs = dict(table.attrs)
+    return out
+
+
+def with_selection(
+    table: pd.DataFrame,
+    reports: Mapping[str, EvaluationReport],
+    oofs: Mapping[str, pd.DataFrame],
+    scores: Sequence[ExternalScore],
+    config: EvaluationConfig,
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """``table`` with its ``selection_score`` column and the candidate ``config.select_on`` picks.
+
+    Under ``oof`` the candidate stays the out-of-fold best (``compare.leaderboard``'s). Otherwise, when
+    another backbone wins, the ``candidate`` column, ``attrs["candidate"]`` and every row's paired AUC
+    difference (``auc_diff_vs_best``, ``diff_lo``, ``diff_hi``, ``p_value``) are redone against it.
+
+    Returns:
+        The table and the ``selection`` record (``Leaderboard.selection``).
+    """
+    select_on = config.select_on
+    sets = external_sets(scores)
+    backbones = [str(b) for b in table["backbone"]]
+    oof_aucs = {b: reports[b].metric("auc") for b in backbones}
+    external = {b: [s.auc for s in scores if s.kind == "ensemble" and s.backbone == b] for b in backbones}
+    candidate, by_backbone = select_candidate(select_on, oof_aucs, external if select_on != "oof" else {})
+    out = table.copy()
+    out[SELECTION_SCORE] = [by_backbone[b] for b in backbones]
+    if candidate != out.attrs["candidate"]:
+        out["candidate"] = [b == candidate for b in backbones]
+        for i, backbone in enumerate(backbones):
+            if backbone == candidate:
+                diff = {"diff": 0.0, "lo": 0.0, "hi": 0.0, "p_value": float("nan")}
+            else:
+                diff = paired_auc_difference(
+                    oofs[backbone], oofs[candidate], config, names=(backbone, candidate)
+                )
+            out.loc[out.index[i], ["auc_diff_vs_best", "diff_lo", "diff_hi", "p_value"]] = [
+                diff["diff"], diff["lo"], diff["hi"], diff["p_value"],
+            ]  # fmt: skip
+    out.attrs = {**table.attrs, "candidate": candidate}
+    chose = select_on != "oof" or config.max_external_gap is not None
+    selection: dict[str, Any] = {
+        "select_on": select_on,
+        "rule": SELECTION_RULES[select_on],
+        "candidate": candidate,
+        "scores": by_backbone,
+        "external_sets": sets,
+        "max_external_gap": config.max_external_gap,
+    }
+    if chose and sets:
+        selection["selection_bias"] = {test_set: SELECTION_BIAS_NOTE for test_set in sets}
+    return out, selection
 
 
 KIND = "kind"

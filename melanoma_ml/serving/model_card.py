@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
+from melanoma_ml.evaluation.external import SELECTION_BIAS_NOTE, auc_gap
 from melanoma_ml.serving.calibrated import decision_threshold
 from melanoma_ml.serving.service import NO_MODEL_MESSAGE
 
@@ -108,7 +109,7 @@ def calibration_rows(manifest: BundleManifest, deployment_prevalence: float | No
 
 def oof_source(manifest: BundleManifest) -> str:
     """Where a bundle's out-of-fold numbers come from, in words."""
-    if manifest.ensemble is None:
+    if manifest.ensemble.kind == "best_fold":
         return "this model's own validation rows"
     return "every training image scored by the fold model(s) that did not train on it"
 
@@ -141,6 +142,36 @@ def ood_text(manifest: BundleManifest) -> str:
     return f"{ood.method} on the image embedding, flags scores above {ood.threshold:.4g}"
 
 
+def beside_in_domain(manifest: BundleManifest) -> str:
+    """A table of the AUC out-of-fold beside each test set's, the gap to out-of-fold and the share of
+    images the out-of-distribution detector flags: how the model holds up on data it never saw.
+
+    The gap is external (or test) minus out-of-fold AUC with the MOVER CI of two independent samples
+    (``evaluation.external.auc_gap``), computed from the two CIs the card shows; "" without test metrics.
+    """
+    tested = manifest.test_metrics or {}
+    oof = known_metric(manifest.metrics, "auc")
+    if not tested or oof is None:
+        return ""
+    names = list(tested)
+    header = ["Metric", "out-of-fold", *(TEST_SET_LABEL.get(n, f"external: {n}") for n in names)]
+    aucs, gaps, flags = (
+        ["ROC AUC", oof.text()],
+        ["AUC gap to out-of-fold", "—"],
+        ["Flagged out-of-distribution", "—"],
+    )
+    for name in names:
+        auc = known_metric(tested[name].metrics, "auc")
+        aucs.append(auc.text() if auc is not None else "n/a")
+        gap = auc_gap(auc, oof) if auc is not None else None
+        gaps.append(gap.text() if gap is not None else "n/a")
+        rate = tested[name].ood_flag_rate
+        flags.append(f"{rate:.1%}" if rate is not None else "no detector")
+    lines = [header, ["---"] * len(header), aucs, gaps, flags]
+    table = "\n".join("| " + " | ".join(line) + " |" for line in lines)
+    return f"**In-domain vs untouched data**\n\n{table}"
+
+
 def model_card_markdown(model: ServedModel | None, deployment_prevalence: float | None = None) -> str:
     """Backbone, version, promotion time, data version, calibration and headline metrics with CIs.
 
@@ -167,6 +198,8 @@ def model_card_markdown(model: ServedModel | None, deployment_prevalence: float 
     ]
     for test_set, tested in (manifest.test_metrics or {}).items():
         where = TEST_SET_LABEL.get(test_set, f"external test set {test_set}")
+        if tested.used_in_selection:
+            where += f"; {SELECTION_BIAS_NOTE}"
         rows.append((f"**Test** ({where})", f"{tested.n_images} images, {tested.n_melanoma} melanoma"))
         for label, estimate in headline_metrics(tested.metrics):
             rows.append((f"{label}, test", estimate.text()))
@@ -179,6 +212,12 @@ def model_card_markdown(model: ServedModel | None, deployment_prevalence: float 
             f"fixed beforehand. Out-of-fold metrics come from {oof_source(manifest)}, which also chose "
             "its epoch and threshold (expect them to be optimistic). All CIs: patient-level bootstrap."
         )
+        if chose := [name for name, tested in manifest.test_metrics.items() if tested.used_in_selection]:
+            note += (
+                f" Exception: {', '.join(chose)} chose or gated this model (evaluation.select_on / "
+                "evaluation.max_external_gap), so its numbers are optimistic too (selection bias)."
+            )
+        note = f"{beside_in_domain(manifest)}\n\n{note}"
     else:
         note = (
             "No untouched test set exists for this model: every metric is out-of-fold, with patient-level "
