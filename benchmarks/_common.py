@@ -150,7 +150,9 @@ class FinishedRun:
         """The bundle the registry serves now (verified on load)."""
         bundle = self.registry().load_current(**load_kwargs)
         if bundle is None:
-            raise SystemExit(f"nothing is served from the registry of {self.paths.root}: promote a model first")
+            raise SystemExit(
+                f"nothing is served from the registry of {self.paths.root}: promote a model first"
+            )
         return bundle
 
 
@@ -175,12 +177,13 @@ def open_run(artifact_root: str | Path, overrides: Mapping[str, Any] | None = No
 
 
 def tta_scores(
-    bundle: Bundle, images: Sequence[np.ndarray], metadata: Sequence[Mapping[str, Any]], *, tta: bool = True
+    bundle: Bundle, images: Sequence[np.ndarray], metadata: Sequence[Mapping[str, Any]], *, views: int = 8
 ) -> Scores:
-    """Score decoded images the way the app and ``predict`` do (``melanoma_ml.serving.inference.score``)."""
+    """Score decoded images the way the app and ``predict`` do (``melanoma_ml.serving.inference.score``),
+    averaging ``views`` dihedral views per member."""
     from melanoma_ml.serving.inference import score
 
-    return score(bundle, images, metadata, tta=tta)
+    return score(bundle, images, metadata, views=views)
 
 
 def seed_loop_net(net: torch.nn.Module) -> torch.nn.Module:
@@ -330,6 +333,10 @@ def launch_local(demo: Any, serving: Any) -> str:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     demo.launch(
-        prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True, **launch_options(serving)
+        prevent_thread_lock=True,
+        server_name="127.0.0.1",
+        server_port=port,
+        quiet=True,
+        **launch_options(serving),
     )
     return f"http://127.0.0.1:{port}/"

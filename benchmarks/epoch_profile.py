@@ -62,7 +62,9 @@ def parse_variant(text: str) -> tuple[str, bool]:
     """``"bf16-mixed+CL"`` -> ``("bf16-mixed", True)``."""
     precision, plus, flag = text.partition("+")
     if plus and flag != "CL":
-        raise argparse.ArgumentTypeError(f"variant {text!r}: write precision or precision+CL, e.g. 32-true+CL")
+        raise argparse.ArgumentTypeError(
+            f"variant {text!r}: write precision or precision+CL, e.g. 32-true+CL"
+        )
     return precision, bool(plus)
 
 
@@ -320,7 +322,9 @@ def main(argv: list[str] | None = None) -> None:
                 for precision, channels_last in measured:
                     log_dir = root / f"tb-{attempt}"
                     plain[(precision, channels_last)].append(plain_epoch(setup, precision, channels_last))
-                    fit[(precision, channels_last)].append(lightning_epoch(setup, precision, channels_last, log_dir))
+                    fit[(precision, channels_last)].append(
+                        lightning_epoch(setup, precision, channels_last, log_dir)
+                    )
             for variant in measured:
                 p, f = _best(plain[variant]), _best(fit[variant])
                 name = variant_name(variant)

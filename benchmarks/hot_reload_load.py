@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
         ]
         registry.rollback(to=versions[0], reason="hot reload benchmark start")
         image = upload(work / "lesion.jpg")
-        serving = ServingConfig(tta=False, concurrency_limit=args.clients)
+        serving = ServingConfig(views=1, concurrency_limit=args.clients)
         service = ModelService(registry, serving)
         request = PredictionRequest(image=image, age=55, sex="male", site="torso", cam_method=args.cam)
         service.predict(request)  # warm-up: first load outside the timings

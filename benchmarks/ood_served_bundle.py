@@ -63,7 +63,7 @@ def measure(args: argparse.Namespace) -> None:
     }
     scores = {}
     for name, images in sets.items():
-        result = tta_scores(bundle, images, [{}] * len(images), tta=False)
+        result = tta_scores(bundle, images, [{}] * len(images), views=1)
         scores[name] = (result.ood_score, result.ood_flag)
     inside = scores["in distribution (locked test split)"][0]
     print(

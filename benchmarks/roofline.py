@@ -226,7 +226,9 @@ def measure_model(backbone: str, args: argparse.Namespace, peaks: dict[str, floa
     x, m = views[:N_VIEWS], meta[:N_VIEWS]  # the timed batch: the 8 views of one real image
 
     seed_net = seed_loop_net(reference)
-    seed_ms = 1000 * median_seconds(lambda: seed_loop_predict(seed_net, spec, originals[0], m[:1]), args.repeats)
+    seed_ms = 1000 * median_seconds(
+        lambda: seed_loop_predict(seed_net, spec, originals[0], m[:1]), args.repeats
+    )
     prep_ms = 1000 * median_seconds(lambda: dihedral_views(preprocess(originals[:1], spec)), args.repeats)
 
     rows: list[tuple[Row, LogitsFn | None]] = [

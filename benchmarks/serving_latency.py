@@ -68,7 +68,7 @@ def describe(registry) -> tuple[str, int, int, str]:
     """(backbone, px, members, runtime) of the registry's current bundle, from its manifest."""
     manifest = registry.manifest(registry.current())
     spec = manifest.model_spec
-    members = 1 if manifest.ensemble is None else len(manifest.ensemble.members)
+    members = len(manifest.ensemble.members)
     runtime = "torch" if manifest.runtime is None else manifest.runtime.runtime
     return spec.network.backbone, spec.image_size, members, runtime
 
@@ -204,7 +204,9 @@ def measure(args: argparse.Namespace, work: Path) -> None:
     for label, registry in registries(args, work):
         backbone, size, members, runtime = describe(registry)
         manifest = registry.manifest(registry.current())
-        print(f"{label}: {registry.current()}, runtime {runtime_text(manifest)}; OOD check: {ood_text(manifest)}")
+        print(
+            f"{label}: {registry.current()}, runtime {runtime_text(manifest)}; OOD check: {ood_text(manifest)}"
+        )
         print(header)
         print("-" * len(header))
         service = ModelService(registry, ServingConfig())
@@ -214,7 +216,9 @@ def measure(args: argparse.Namespace, work: Path) -> None:
             for tta, cam in settings
         ]
         if args.client:
-            timings = time_client(service, image, work / backbone, True, "eigencam", args.requests, args.warmup)
+            timings = time_client(
+                service, image, work / backbone, True, "eigencam", args.requests, args.warmup
+            )
             rows.append(("client", True, "eigencam", timings))
         for path, tta, cam, timings in rows:
             p50, p95 = percentiles(timings.wall)

@@ -40,11 +40,14 @@ def measure_case(
     bundle = loaded_random_bundle(workdir, backbone, size, sites=SITES)
     seed_net = seed_loop_net(bundle.net)
     meta = torch.from_numpy(bundle.spec.encoder.encode_one(**META)[None])
-    seed_ms = 1000 * median_seconds(lambda: seed_loop_predict(seed_net, bundle.spec, images[0], meta), repeats)
+    seed_ms = 1000 * median_seconds(
+        lambda: seed_loop_predict(seed_net, bundle.spec, images[0], meta), repeats
+    )
     one_ms = 1000 * median_seconds(lambda: predict(bundle, images[:1], [META]), repeats)
     batch_s = median_seconds(lambda: predict(bundle, images, [META] * len(images)), repeats)
     gap = abs(
-        seed_loop_predict(seed_net, bundle.spec, images[0], meta) - float(predict(bundle, images[:1], [META])[0])
+        seed_loop_predict(seed_net, bundle.spec, images[0], meta)
+        - float(predict(bundle, images[:1], [META])[0])
     )
     return {"seed_ms": seed_ms, "one_ms": one_ms, "batch_ms": 1000 * batch_s / len(images), "gap": gap}
 

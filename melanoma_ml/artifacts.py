@@ -41,8 +41,13 @@ class ArtifactPaths:
         """The clean table with each row's fold (``pipeline.make_folds``)."""
         return self.tables / "folds.parquet"
 
+    @property
+    def caches(self) -> Path:
+        """The image caches: ``<size>px`` of the training table, ``test-<name>/<size>px`` of each test source."""
+        return self.root / "cache"
+
     def cache(self, size: int) -> Path:
-        return self.root / "cache" / f"{size}px"
+        return self.caches / f"{size}px"
 
     @property
     def checkpoints(self) -> Path:
@@ -57,8 +62,18 @@ class ArtifactPaths:
         """Device lease lock files, one folder per host (``melanoma_ml.devices``)."""
         return self.root / "locks"
 
+    @property
+    def reports(self) -> Path:
+        """Evaluation reports: one folder per backbone, the leaderboard, the test sets, the gallery."""
+        return self.root / "reports"
+
     def report(self, backbone: str) -> Path:
-        return self.root / "reports" / backbone
+        return self.reports / backbone
+
+    @property
+    def test_reports(self) -> Path:
+        """The test evaluation: ``<test set>/<backbone>/...`` and ``test_evaluation.json``."""
+        return self.reports / "test"
 
     def oof(self, backbone: str) -> Path:
         """The out-of-fold predictions of ``backbone``'s evaluation (read by the leaderboard and the gate)."""
@@ -66,7 +81,7 @@ class ArtifactPaths:
 
     @property
     def leaderboard(self) -> Path:
-        return self.root / "reports" / "leaderboard"
+        return self.reports / "leaderboard"
 
     @property
     def registry(self) -> Path:
@@ -79,7 +94,7 @@ class ArtifactPaths:
 
     @property
     def gallery(self) -> Path:
-        return self.root / "reports" / "gradcam"
+        return self.reports / "gradcam"
 
     @property
     def incoming(self) -> Path:
@@ -90,6 +105,45 @@ class ArtifactPaths:
         """The scores CSV the ``batch_scores`` asset writes for the drop-folder batch ``batch``."""
         return self.root / "scores" / f"{batch}.csv"
 
+    @property
+    def monitoring(self) -> Path:
+        """What serving records after promotion (health data: owner-only, ``monitoring.prediction_log``)."""
+        return self.root / "monitoring"
+
+    @property
+    def predictions(self) -> Path:
+        """The prediction log: one ``YYYY-MM-DD.jsonl`` per UTC day, one JSON object per scored image."""
+        return self.monitoring / "predictions"
+
+    def predictions_day(self, day: str) -> Path:
+        """The prediction log file of the UTC day ``day`` (``YYYY-MM-DD``)."""
+        return self.predictions / f"{day}.jsonl"
+
+    @property
+    def monitoring_images(self) -> Path:
+        """Kept copies of scored images, ``<sha256>.<ext>`` (only with ``serving.keep_images``)."""
+        return self.monitoring / "images"
+
+    @property
+    def outcomes(self) -> Path:
+        """Clinician outcomes of logged cases (``outcomes.jsonl``, append-only)."""
+        return self.monitoring / "outcomes"
+
+    @property
+    def outcomes_log(self) -> Path:
+        return self.outcomes / "outcomes.jsonl"
+
+    @property
+    def outcomes_quarantine(self) -> Path:
+        """Rejected rows of outcome imports, each with its row number and reason."""
+        return self.outcomes / "quarantine"
+
+    @property
+    def feedback_export(self) -> Path:
+        """The feedback dataset the ``labelled_cases_arrived`` sensor exports for a retraining run
+        (``monitoring.feedback.export_feedback``; owner-only: health data)."""
+        return self.monitoring / "feedback"
+
 
 def artifact_paths(config: PipelineConfig) -> ArtifactPaths:
     """The artifact layout for ``config`` (remote URLs are rejected with advice)."""
@@ -99,8 +153,10 @@ def artifact_paths(config: PipelineConfig) -> ArtifactPaths:
         raise InputValueError(
             f"artifact_root {root!r} is a {scheme}:// URL, but the pipeline steps need a local folder (the "
             "image cache is memory-mapped, checkpoints and registry pointers are renamed atomically). "
-            "Supported: a local path or a file:// URL; mount the bucket (s3fs, gcsfuse, blobfuse) and point "
-            "artifact_root at the mount. The model registry alone can live in S3: set serving.registry_uri "
+            "Supported: a local path or a file:// URL. To keep artifacts in S3 with a local working copy per "
+            "worker, set MELANOMA_ARTIFACT_STORE=s3://bucket/prefix in the Dagster deployment "
+            "(docs/scale-out.md), or mount the bucket (s3fs, gcsfuse, blobfuse) and point artifact_root at the "
+            "mount. The model registry alone can live in S3: set serving.registry_uri "
             "(MELANOMA_SERVING__REGISTRY_URI=s3://bucket/prefix)"
         )
     return ArtifactPaths(Path(root.removeprefix("file://")).expanduser().resolve())

@@ -229,9 +229,9 @@ def evaluate_on_test(
     """
     from melanoma_ml.evaluation.holdout import evaluate_test_sets
 
-    root = artifact_paths(config).root
+    paths = artifact_paths(config)
     return evaluate_test_sets(
-        config, fold_results, reports, folds_table, cache, root / "reports" / "test", root / "cache"
+        config, fold_results, reports, folds_table, cache, paths.test_reports, paths.caches
     )
 
 
@@ -253,8 +253,9 @@ def rank_backbones(
     """Backbones ranked by out-of-fold AUC, each with its paired AUC difference to the best (the candidate).
 
     Reads each backbone's ``reports/<backbone>/oof.parquet`` (saved by ``evaluate_backbone``); writes
-    ``reports/leaderboard/leaderboard.parquet`` and ``leaderboard.json``. ``test_evaluation`` only adds
-    the test AUC [CI] and the optimism gap beside each row; it never changes the order. An enabled
+    ``reports/leaderboard/leaderboard.parquet`` and ``leaderboard.json``. ``test_evaluation`` adds the
+    test AUC [CI], the optimism gap and each external set's AUC and gap beside each row; it never changes
+    the order, and picks the candidate only under ``evaluation.select_on`` external or worst. An enabled
     ``tabular_baseline`` adds its row and the blend's (candidate + GBDT, report in ``reports/blend/``);
     the candidate is always an image backbone.
     """
@@ -285,12 +286,15 @@ def promote_best(
     """Offer the leaderboard candidate's served model (``serving.ensemble``) to the gate against the champion.
 
     On promotion a new bundle is registered and ``current`` moves; a rejected candidate writes nothing
-    (the policy: ``serving.champion.challenge_champion``). The gate reads out-of-fold numbers only. With
+    (the policy: ``serving.champion.challenge_champion``). The gate reads out-of-fold numbers and, for the
+    served model, the leaderboard's external test sets (``evaluation.max_external_gap``). With
     ``folds_table`` the bundle's test metrics are its own: the staged bundle scores the untouched test sets
     through ``predict``'s path (``batch.served_test_metrics``), not the test evaluation's fold models.
     """
+    from melanoma_ml.monitoring.deployed import feedback_cases
     from melanoma_ml.serving.batch import served_test_metrics
     from melanoma_ml.serving.champion import challenge_champion, served_choice
+    from melanoma_ml.serving.feedback_gate import feedback_check
 
     candidate = leaderboard.candidate
     if candidate not in reports:
@@ -301,7 +305,14 @@ def promote_best(
     if folds_table is not None:
         measure = partial(served_test_metrics, config, folds_table=folds_table, name=choice.name)
     return challenge_champion(
-        config, choice, data_version=data_version, folds_table=folds_table, test_metrics=measure
+        config,
+        choice,
+        data_version=data_version,
+        folds_table=folds_table,
+        test_metrics=measure,
+        external=leaderboard.external,
+        selection=leaderboard.selection,
+        staged_check=feedback_check(config, feedback_cases(config), folds_table),  # the gate's rule 4
     )
 
 

@@ -91,18 +91,21 @@ class BatchScores:
         model_version: The registry version (or bundle folder name) that scored.
         threshold: The decision threshold the probabilities were compared with (the bundle's, moved with
             ``deployment_prevalence``).
-        tta: Whether the 8 dihedral views were averaged.
+        views: Dihedral views averaged per member (``serving.views``; 1: none).
         seconds: Wall time of decoding and scoring (reading the input not included).
         deployment_prevalence: The prior the probabilities were shifted to, or None (training prevalence).
+        metadata: Per table row, the metadata the model read (``{"age", "sex", "site"}``, refused values
+            None), or None for a row set aside before decoding; what the prediction log records.
     """
 
     table: pd.DataFrame
     source: ScoringInput
     model_version: str
     threshold: float
-    tta: bool
+    views: int
     seconds: float
     deployment_prevalence: float | None = None
+    metadata: tuple[dict[str, Any] | None, ...] = ()
 
     @property
     def scored(self) -> pd.DataFrame:
@@ -152,7 +155,7 @@ def score_path(path: str | Path, bundle: Bundle, **options: Any) -> BatchScores:
     Args:
         path: Folder of images, CSV, or dataset folder / metadata CSV in a known layout.
         bundle: The loaded model (``load_scoring_model``).
-        **options: ``score_inputs``'s keyword options (``tta``, ``batch_size``, ``workers``, ``max_pixels``,
+        **options: ``score_inputs``'s keyword options (``views``, ``batch_size``, ``workers``, ``max_pixels``,
             ``progress``, ``deployment_prevalence``).
 
     Raises:
@@ -166,7 +169,7 @@ def score_inputs(
     inputs: ScoringInput,
     bundle: Bundle,
     *,
-    tta: bool = True,
+    views: int | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     workers: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -181,7 +184,7 @@ def score_inputs(
     parser): a value the app would refuse is scored as missing and reported in the ``warning`` column.
 
     Args:
-        tta: Average the 8 dihedral views of each image.
+        views: Dihedral views averaged per member (``serving.views``: 1, 2, 4 or 8; None: its default).
         batch_size: Images per ``inference.predict`` call.
         workers: Decoding threads (Pillow releases the GIL); default ``min(4, cpu count)``.
         max_pixels: Larger images (by their header) are refused, as uploads are.
@@ -191,7 +194,7 @@ def score_inputs(
         min_age, max_age: ``serving.min_age``/``serving.max_age``: the ages the app accepts.
     """
     from melanoma_ml.serving.calibrated import decision_threshold
-    from melanoma_ml.serving.inference import score
+    from melanoma_ml.serving.inference import score, served_views
 
     if batch_size < 1:
         raise InputValueError(f"batch size must be at least 1, got {batch_size}")
@@ -205,10 +208,10 @@ def score_inputs(
     errors = [""] * len(table)
     started = time.perf_counter()
     done = 0
-    for rows, views in _decoded_batches(paths, bundle.spec.image_size, max_pixels, batch_size, workers):
+    for rows, decoded in _decoded_batches(paths, bundle.spec.image_size, max_pixels, batch_size, workers):
         good: list[int] = []
         images: list[np.ndarray] = []
-        for row, view in zip(rows, views, strict=True):
+        for row, view in zip(rows, decoded, strict=True):
             if isinstance(view, ImageDecodeError):
                 errors[row] = view.reason
             else:
@@ -219,7 +222,7 @@ def score_inputs(
                 bundle,
                 images,
                 [metadata[row] for row in good],
-                tta=tta,
+                views=views,
                 batch_size=len(good),
                 deployment_prevalence=deployment_prevalence,
             )
@@ -257,9 +260,10 @@ def score_inputs(
         source=inputs,
         model_version=bundle.version,
         threshold=threshold,
-        tta=tta,
+        views=served_views(views),
         seconds=seconds,
         deployment_prevalence=deployment_prevalence,
+        metadata=(*metadata, *[None] * len(rejected)),
     )
 
 
@@ -295,7 +299,8 @@ def served_test_metrics(
     test split of ``folds_table`` and each ``data.test_sources`` set), scored exactly as ``melanoma-ml
     predict`` scores: the bundle loaded (sha256-verified) by ``load_bundle``, the test rows' image paths
     and metadata written as a CSV and read back by ``read_scoring_input``, then ``score_inputs`` (the
-    bundle's networks, 8-view TTA, its calibrator); metrics at the bundle's own threshold, fixed before.
+    bundle's networks, ``serving.views`` TTA, its calibrator); metrics at the bundle's own threshold, fixed
+    before.
 
     Probabilities are at the training prevalence (no ``serving.deployment_prevalence`` shift): a prior
     shift moves probabilities and threshold together, so AUC, pAUC, sensitivity and specificity are the
@@ -303,8 +308,9 @@ def served_test_metrics(
     mean something (``docs/metrics.md``).
 
     Returns:
-        Test set -> ``holdout.bundle_test_metrics`` (``manifest.TestMetrics`` fields); None when no test set
-        can be scored (none exists, or each holds one class).
+        Test set -> ``holdout.bundle_test_metrics`` (``manifest.TestMetrics`` fields), plus ``ood_flag_rate``
+        (the share of the set's images ``predict`` flags) when the bundle has a detector; None when no test
+        set can be scored (none exists, or each holds one class).
     """
     import tempfile
 
@@ -328,6 +334,8 @@ def served_test_metrics(
             out[test_set] = bundle_test_metrics(
                 scored, probs, bundle.manifest.threshold, config.evaluation, where
             )
+            if bundle.manifest.ood is not None:  # the share of this clinic's images the detector flags
+                out[test_set]["ood_flag_rate"] = float(scored[OOD_FLAG].astype("boolean").mean())
     return out or None
 
 
@@ -340,7 +348,8 @@ def rows_scored_as_predict(
 
     Returns:
         The served probabilities (``predict``'s ``target`` column) of the rows scored, and those rows with
-        their labels, in the same order (a file that fails to decode has no probability and is left out).
+        their labels and ``predict``'s ``ood_flag``, in the same order (a file that fails to decode has no
+        probability and is left out).
     """
     tabular = {c for scorer in bundle.scorers for c in scorer.spec.encoder.tabular if c in rows.columns}
     columns = [schema.IMAGE, schema.IMAGE_PATH, *schema.METADATA_FEATURES, *sorted(tabular)]
@@ -349,7 +358,7 @@ def rows_scored_as_predict(
     scores = score_path(
         csv,
         bundle,
-        tta=True,
+        views=serving.views,
         max_pixels=serving.max_image_pixels,
         deployment_prevalence=None,
         min_age=serving.min_age,
@@ -357,6 +366,7 @@ def rows_scored_as_predict(
     ).scored
     by_name = rows.set_index(rows[schema.IMAGE].astype(str))
     scored = by_name.loc[scores[schema.IMAGE].astype(str)].reset_index(drop=True)
+    scored[OOD_FLAG] = scores[OOD_FLAG].to_numpy()
     return scores[PROBABILITY].to_numpy(dtype=float), scored
 
 

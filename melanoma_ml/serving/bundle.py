@@ -1,9 +1,11 @@
-"""The serving bundle: one folder with ``weights.safetensors`` and ``manifest.json``.
+"""The serving bundle: a folder with ``manifest.json``, ``manifest.sha256`` and the files the manifest hashes.
 
-The manifest (``manifest.BundleManifest``) carries everything needed to rebuild and trust the network
-without unpickling anything: the model spec (architecture, input size, normalization, fitted metadata
-encoder), the decision threshold, the evaluation metrics with their CIs, data/code versions and the sha256
-of the weights file, which is checked before the weights are read.
+The manifest (``manifest.BundleManifest``, schema 3) carries everything needed to rebuild and trust the
+networks without unpickling anything: per member (one network is a one-member ensemble) its spec, weights
+file and sha256, fold and runtime; the decision threshold, the evaluation metrics with their CIs and
+data/code versions. ``BundleManifest.hashed_files`` is the one list of its files (member 0's weights are
+``weights.safetensors``): each is checked against its sha256 before it is read. Schema-2 manifests of older
+registries are read through ``manifest.from_schema_2``, their bytes left as they are.
 
 Every byte is covered: ``manifest.sha256`` (``sha256sum`` format, written with the manifest by
 ``write_manifest``) holds the sha256 of ``manifest.json`` itself, so an edited threshold or calibrator is
@@ -30,8 +32,10 @@ from melanoma_ml.atomic import atomic_directory, atomic_write_bytes, sha256_file
 from melanoma_ml.errors import InputValueError
 from melanoma_ml.serving.manifest import (
     MANIFEST_SCHEMA_VERSION,
+    READABLE_SCHEMAS,
     BundleFile,
     BundleManifest,
+    from_schema_2,
     stored_schema,
 )
 from melanoma_ml.spec import ModelSpec
@@ -43,7 +47,9 @@ if TYPE_CHECKING:
 
     from melanoma_ml.evaluation.estimate import Estimate
     from melanoma_ml.serving.manifest import ValidationPredictions
+    from melanoma_ml.serving.monitor_reference import MonitorReference
     from melanoma_ml.serving.ood import OODScorer
+    from melanoma_ml.serving.runtimes import MergedSlot, RuntimeSelection
 
 LogitsFn = Callable[["torch.Tensor", "torch.Tensor"], "torch.Tensor"]
 
@@ -107,11 +113,14 @@ class Scorer:
     """One served network: how to preprocess for it (``spec``) and its logits for a preprocessed batch.
 
     ``logits(x, meta)``: ``x`` normalized ``(B, 3, S, S)`` float32 images, ``meta`` ``(B, k)`` float32 encoded
-    metadata -> ``(B,)`` float32 logits on the CPU.
+    metadata -> ``(B,)`` float32 logits on the CPU. ``merged``: the member's place in the bundle's one
+    merged ONNX Runtime graph (``inference.members_view_logits`` runs its members in one call), or None
+    when it runs alone.
     """
 
     spec: ModelSpec
     logits: LogitsFn
+    merged: MergedSlot | None = None
 
 
 def torch_logits(net: nn.Module) -> LogitsFn:
@@ -219,6 +228,7 @@ def save_bundle(
     ensemble: EnsembleToSave | None = None,
     runtime: RuntimeRequest | None = None,
     ood: OODScorer | None = None,
+    monitor_reference: MonitorReference | None = None,
 ) -> Path:
     """Write ``net`` and its manifest to ``out_dir`` atomically (temp folder + rename).
 
@@ -234,15 +244,18 @@ def save_bundle(
         data_version: Identifier of the training data (e.g. the folds table hash).
         code_version: Identifier of the code (e.g. git commit or package version).
         version: The registry version this bundle becomes (set by ``ModelRegistry``).
-        fold, checkpoint_sha256, oof: For a bundle of a fold model: its fold, its checkpoint's weights
-            sha256 and its out-of-fold predictions (see ``BundleManifest``).
+        fold, checkpoint_sha256: A one-network bundle's member 0: the fold its model was trained without
+            and its checkpoint's weights sha256 (an ensemble gives them per member: ``MemberNet``).
+        oof: The served model's out-of-fold predictions (see ``BundleManifest``).
         test_metrics: The model's metrics per untouched test set (``BundleManifest.test_metrics``), or None.
         calibration: The served calibrator (``BundleManifest.calibration``), or None (raw probabilities).
         uncalibrated_reason: Why no calibrator was fitted (``BundleManifest.uncalibrated_reason``), or None.
-        ensemble: The networks to average (member 0 is ``net``), or None for a one-network bundle.
+        ensemble: The networks to average (member 0 is ``net``), or None: ``net`` alone (stored as a
+            one-member ``best_fold`` ensemble).
         runtime: Export the networks for this runtime (checked against eager fp32 on its probe), or None
             (torch fp32).
         ood: An out-of-distribution detector to ship (``serving.ood``), or None.
+        monitor_reference: The serving monitor's reference (``BundleManifest.monitor_reference``), or None.
 
     Returns:
         The bundle folder.
@@ -252,21 +265,24 @@ def save_bundle(
             written.
     """
     out_dir = Path(out_dir)
+    if ensemble is None:
+        ensemble = EnsembleToSave("best_fold", "probability", [MemberNet(net, spec, fold, checkpoint_sha256)])
+    elif fold is not None or checkpoint_sha256 is not None:
+        raise BundleError(
+            "fold and checkpoint_sha256 describe a one-network bundle; an ensemble gives them per member "
+            "(MemberNet.fold, MemberNet.checkpoint_sha256)"
+        )
+    elif ensemble.members and ensemble.members[0].spec != spec:
+        raise BundleError("an ensemble bundle's member 0 must have the bundle's own spec (spec)")
     with atomic_directory(out_dir) as tmp:  # an invalid field raises in here: no out_dir is left behind
-        weights = save_weights(tmp / WEIGHTS_FILE, net)
-        weights_sha256 = sha256_file(weights)
-        stored_ensemble, stored_runtime = _save_networks(tmp, net, spec, weights_sha256, ensemble, runtime)
+        stored_ensemble, stored_runtime = _save_networks(tmp, net, ensemble, runtime)
         fields = {
             "version": version,
-            "model_spec": spec,
             "threshold": threshold,
             "metrics": dict(metrics),
             "data_version": str(data_version),
             "code_version": str(code_version),
             "created_at": datetime.now(UTC).isoformat(),
-            "weights_sha256": weights_sha256,
-            "fold": fold,
-            "checkpoint_sha256": checkpoint_sha256,
             "oof": oof,
             "test_metrics": test_metrics,
             "calibration": calibration,
@@ -274,6 +290,7 @@ def save_bundle(
             "ensemble": stored_ensemble,
             "runtime": stored_runtime,
             "ood": None if ood is None else _save_ood(tmp, ood),
+            "monitor_reference": monitor_reference,
         }
         manifest = _validated(fields, f"the manifest for {out_dir}")
         write_manifest(tmp, manifest)
@@ -305,25 +322,17 @@ def digest_file_bytes(digest: str) -> bytes:
 
 
 def _save_networks(
-    folder: Path,
-    net: nn.Module,
-    spec: ModelSpec,
-    weights_sha256: str,
-    ensemble: EnsembleToSave | None,
-    runtime: RuntimeRequest | None,
-) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-    """Write the ensemble members and the runtime exports; return the manifest's ``ensemble`` and ``runtime``."""
-    if ensemble is not None and (not ensemble.members or ensemble.members[0].net is not net):
+    folder: Path, net: nn.Module, ensemble: EnsembleToSave, runtime: RuntimeRequest | None
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Write every member's weights and runtime exports; return the manifest's ``ensemble``, ``runtime``."""
+    if not ensemble.members or ensemble.members[0].net is not net:
         raise BundleError("an ensemble bundle's member 0 must be the bundle's own network (net)")
-    members = list(ensemble.members) if ensemble is not None else [MemberNet(net, spec)]
+    members = list(ensemble.members)
     stored_members: list[dict[str, Any]] = []
     for index, member in enumerate(members):
-        if index == 0:
-            weights = {"name": WEIGHTS_FILE, "sha256": weights_sha256}
-        else:
-            name = f"members/member{index}.safetensors"
-            (folder / "members").mkdir(exist_ok=True)
-            weights = {"name": name, "sha256": sha256_file(save_weights(folder / name, member.net))}
+        name = WEIGHTS_FILE if index == 0 else f"members/member{index}.safetensors"
+        (folder / name).parent.mkdir(exist_ok=True)
+        weights = {"name": name, "sha256": sha256_file(save_weights(folder / name, member.net))}
         stored_members.append(
             {
                 "weights": weights,
@@ -333,14 +342,8 @@ def _save_networks(
                 "runtime_file": None,
             }
         )
-    stored_runtime = None
-    if runtime is not None:
-        stored_runtime = _export_runtime(folder, members, stored_members, runtime)
-        if ensemble is None:  # one network: its exported file sits on the runtime entry
-            stored_runtime["file"] = stored_members[0]["runtime_file"]
-    stored_ensemble = None
-    if ensemble is not None:
-        stored_ensemble = {"kind": ensemble.kind, "average": ensemble.average, "members": stored_members}
+    stored_runtime = None if runtime is None else _export_runtime(folder, members, stored_members, runtime)
+    stored_ensemble = {"kind": ensemble.kind, "average": ensemble.average, "members": stored_members}
     return stored_ensemble, stored_runtime
 
 
@@ -350,11 +353,13 @@ def _export_runtime(
     """Export and check every member for ``request``, each on its own inputs; return the bundle's entry.
 
     Each member is probed (and int8-calibrated) with its own preprocessing and metadata encoder. Under
-    ``auto`` each member chooses for itself (``choose_runtime``): a member whose export fails or misses the
-    tolerance serves torch fp32 while the others keep theirs. A runtime asked for by name is used for every
-    member or refused. Fills each stored member's ``runtime_file`` and ``runtime``.
+    ``auto`` each member chooses for itself: a member whose export fails or misses the tolerance serves
+    torch fp32 while the others keep theirs. A runtime asked for by name is used for every member or
+    refused. Members on ONNX Runtime fp32 are exported into ONE graph (``runtimes.choose_merged_runtime``,
+    the file every such member's ``runtime_file`` names), so one session serves them; otherwise each member
+    is exported alone (``choose_runtime``). Fills each stored member's ``runtime_file`` and ``runtime``.
     """
-    from melanoma_ml.serving.runtimes import REFERENCE, choose_runtime
+    from melanoma_ml.serving.runtimes import REFERENCE, choose_merged_runtime, choose_runtime, merges
 
     inputs = [  # every member's, before anything is exported: an unfit probe is refused up front
         (
@@ -363,10 +368,20 @@ def _export_runtime(
         )
         for index, member in enumerate(members)
     ]
+    merged: list[RuntimeSelection] | None = None
+    if merges(request.runtime, request.precision, len(members)):
+        merged = choose_merged_runtime(
+            [m.net for m in members],
+            [m.spec for m in members],
+            folder,
+            request.runtime,
+            [probe for probe, _ in inputs],
+            request.tolerance,
+        )
     selections = []
     for index, (member, (probe, calibration)) in enumerate(zip(members, inputs, strict=True)):
         stem = "model" if index == 0 else f"members/member{index}"
-        selection = choose_runtime(
+        selection = merged[index] if merged is not None else choose_runtime(
             member.net,
             member.spec,
             folder,
@@ -376,7 +391,7 @@ def _export_runtime(
             probe,
             request.tolerance,
             calibration=calibration,
-        )
+        )  # fmt: skip
         selections.append(selection)
         if selection.file is not None:
             stored[index]["runtime_file"] = {"name": selection.file[0], "sha256": selection.file[1]}
@@ -452,8 +467,11 @@ def _validated(data: Mapping[str, Any], where: str) -> BundleManifest:
 def read_manifest(path: str | Path) -> BundleManifest:
     """Parse and validate ``manifest.json`` of the bundle at ``path`` (no weights read, no torch).
 
+    A schema-2 manifest (an older registry's) is read into the schema-3 model (``manifest.from_schema_2``);
+    its file is left as it is, so its recorded sha256 still holds.
+
     Raises:
-        ManifestSchemaError: the manifest is of another schema than ``MANIFEST_SCHEMA_VERSION``.
+        ManifestSchemaError: the manifest is of a schema this code does not read (``READABLE_SCHEMAS``).
         BundleError: missing folder, missing manifest, invalid JSON or fields that do not fit.
     """
     path = Path(path)
@@ -476,10 +494,18 @@ def read_manifest(path: str | Path) -> BundleManifest:
     if not isinstance(manifest, dict):
         raise BundleError(f"{manifest_path} must hold a JSON object; the bundle is corrupted: re-export it")
     schema = stored_schema(manifest)
-    if schema != MANIFEST_SCHEMA_VERSION:
+    if schema == 2:
+        try:
+            manifest = from_schema_2(manifest)
+        except ValueError as exc:
+            raise BundleError(
+                f"{manifest_path} (schema 2) is invalid: {exc}; roll back or re-export it"
+            ) from exc
+    elif schema != MANIFEST_SCHEMA_VERSION:
         found = "no manifest schema_version" if schema is None else f"manifest schema {schema!r}"
+        readable = " and ".join(map(str, READABLE_SCHEMAS))
         raise ManifestSchemaError(
-            f"bundle {path} has {found}, this version of melanoma_ml reads schema {MANIFEST_SCHEMA_VERSION}: "
+            f"bundle {path} has {found}, this version of melanoma_ml reads schema {readable}: "
             "roll back to a version written by this code (`melanoma-ml rollback --to VERSION`), or re-run "
             "promotion (materialize `serving_model` or run `melanoma-ml demo`) to register a new one; while "
             "the current version is unreadable, move the registry folder aside first"
@@ -490,9 +516,10 @@ def read_manifest(path: str | Path) -> BundleManifest:
 def verify_bundle(path: str | Path, *, manifest_sha256: str | None = None) -> BundleManifest:
     """Check that every file of the bundle matches its sha256, the manifest included; return the manifest.
 
-    The manifest's bytes are checked first (against ``manifest.sha256`` and ``manifest_sha256``), then the
-    weights and every extra file against the sha256 the manifest lists. A legacy bundle (no
-    ``manifest.sha256``, no ``manifest_sha256``) verifies what its manifest lists (see ``manifest_covered``).
+    The manifest's bytes are checked first (against ``manifest.sha256`` and ``manifest_sha256``), then every
+    file of ``BundleManifest.hashed_files`` (weights, exported models, detector) against its sha256. A
+    legacy bundle (no ``manifest.sha256``, no ``manifest_sha256``) verifies what its manifest lists (see
+    ``manifest_covered``).
 
     Args:
         path: The bundle folder.
@@ -506,18 +533,8 @@ def verify_bundle(path: str | Path, *, manifest_sha256: str | None = None) -> Bu
     path = Path(path)
     check_manifest_digest(path, manifest_sha256)
     manifest = read_manifest(path)
-    weights = path / WEIGHTS_FILE
-    if not weights.is_file():
-        raise BundleError(f"{WEIGHTS_FILE} missing in bundle {path}; re-export the bundle or roll back")
-    expected = manifest.weights_sha256
-    actual = sha256_file(weights)
-    if actual != expected:
-        raise BundleIntegrityError(
-            f"weights sha256 mismatch in {path}: expected {expected}, got {actual}; the bundle was modified "
-            "or corrupted; re-export it or roll back"
-        )
-    for extra in manifest.extra_files():
-        _verify_file(path, extra)
+    for entry in manifest.hashed_files():
+        _verify_file(path, entry)
     return manifest
 
 
@@ -583,10 +600,9 @@ def _read_digest(digest_path: Path) -> str:
 
 
 def bundle_file_names(manifest: BundleManifest) -> list[str]:
-    """Every file of a bundle, relative to its folder: the manifest, its digest, the weights, then the
-    hashed extras (a legacy bundle lacks the digest: see ``manifest_covered``)."""
-    extras = (entry.name for entry in manifest.extra_files())
-    return [MANIFEST_FILE, MANIFEST_DIGEST_FILE, WEIGHTS_FILE, *extras]
+    """Every file of a bundle, relative to its folder: the manifest, its digest, then
+    ``manifest.hashed_files()`` (a legacy bundle lacks the digest: see ``manifest_covered``)."""
+    return [MANIFEST_FILE, MANIFEST_DIGEST_FILE, *(entry.name for entry in manifest.hashed_files())]
 
 
 def _verify_file(bundle: Path, entry: BundleFile) -> Path:
@@ -666,31 +682,41 @@ def _scorers(
     """One :class:`Scorer` per served network, each in the manifest's runtime (files verified already).
 
     Torch networks are built only where the runtime needs them (member 0 always: Grad-CAM explains it).
+    Members whose ``runtime_file`` is one shared ONNX Runtime graph (``runtimes.export_merged_onnx``) get one
+    session between them, each its position in it, in member order.
     """
-    runtime = manifest.runtime
-    bundle_choice = None if runtime is None else (runtime.runtime, runtime.precision)
-    if manifest.ensemble is None:
-        members = [(manifest.model_spec, net, None if runtime is None else runtime.file, bundle_choice)]
-    else:
-        members = []
-        for index, member in enumerate(manifest.ensemble.members):
-            own = member.runtime  # chosen per member; older bundles record only the bundle's runtime
-            choice = bundle_choice if own is None else (own.runtime, own.precision)
-            member_net = net if index == 0 else None
-            if member_net is None and (choice is None or choice[0] == "torch"):
-                try:
-                    member_net = load_weights(member.model_spec, path / member.weights.name)
-                except WeightsError as exc:
-                    raise BundleError(f"{exc}; re-export the bundle or roll back") from exc
-                _prepare(member_net, device, channels_last)
-            members.append((member.model_spec, member_net, member.runtime_file, choice))
+    from melanoma_ml.serving.runtimes import MergedOnnxRunner, MergedSlot, RuntimeChoice, load_logits_fn
+
+    members = []
+    for index, member in enumerate(manifest.ensemble.members):
+        own = member.runtime  # None: torch fp32
+        choice = None if own is None else (own.runtime, own.precision)
+        member_net = net if index == 0 else None
+        if member_net is None and (choice is None or choice[0] == "torch"):
+            try:
+                member_net = load_weights(member.model_spec, path / member.weights.name)
+            except WeightsError as exc:
+                raise BundleError(f"{exc}; re-export the bundle or roll back") from exc
+            _prepare(member_net, device, channels_last)
+        members.append((member.model_spec, member_net, member.runtime_file, choice))
+    shared: dict[str, list[int]] = {}
+    for index, (_, _, file, choice) in enumerate(members):
+        if file is not None and choice == ("onnxruntime", "fp32"):
+            shared.setdefault(file.name, []).append(index)
+    slots: dict[int, MergedSlot] = {}
+    for name, indices in shared.items():
+        if len(indices) > 1:
+            runner = MergedOnnxRunner(path / name, members[indices[0]][2].sha256)
+            slots |= {index: MergedSlot(runner, position) for position, index in enumerate(indices)}
     scorers = []
-    for spec, member_net, file, choice in members:
+    for index, (spec, member_net, file, choice) in enumerate(members):
+        if index in slots:
+            slot = slots[index]
+            scorers.append(Scorer(spec, slot.runner.member(slot.position), merged=slot))
+            continue
         if choice is None or choice == ("torch", "fp32"):
             scorers.append(Scorer(spec, torch_logits(member_net)))
             continue
-        from melanoma_ml.serving.runtimes import RuntimeChoice, load_logits_fn
-
         stored = None if file is None else (file.name, file.sha256)
         scorers.append(Scorer(spec, load_logits_fn(path, RuntimeChoice(*choice), stored, member_net)))
     return tuple(scorers)

@@ -27,10 +27,12 @@ import pandas as pd
 from melanoma_ml.config import PipelineConfig
 from melanoma_ml.evaluation.calibration import fit_served_calibration
 from melanoma_ml.evaluation.ensemble import averaged_oof
+from melanoma_ml.evaluation.external import ExternalScore, auc_gap
 from melanoma_ml.evaluation.holdout import served_fold
 from melanoma_ml.evaluation.ranking import report_oof
 from melanoma_ml.folds import split_masks
 from melanoma_ml.serving.manifest import BundleManifest, ValidationPredictions
+from melanoma_ml.serving.monitor_reference import reference_for_bundle
 
 if TYPE_CHECKING:
     from melanoma_ml.evaluation import EvaluationReport
@@ -119,10 +121,15 @@ def served_choice(
     if serving.ensemble == "best_fold" or not others:
         return ServedChoice("best_fold", (best,), best.oof, "probability", f"{candidate} fold {best.fold}")
     if serving.ensemble == "folds" or len(backbones) < 2:
-        name = f"{candidate} ({serving.ensemble_average} mean of {len(others) + 1} fold models)"
-        return ServedChoice(
-            "folds", (best, *others), report_oof(config, candidate), serving.ensemble_average, name
-        )
+        members = (best, *others)[: serving.max_members]  # serving.max_members: the first ones only
+        if len(members) == 1:
+            return ServedChoice(
+                "best_fold", (best,), best.oof, "probability", f"{candidate} fold {best.fold}"
+            )
+        oof = report_oof(config, candidate)  # each image scored by the served member that did not train on it
+        oof = oof[oof["fold"].isin([m.fold for m in members])].reset_index(drop=True)
+        name = f"{candidate} ({serving.ensemble_average} mean of {len(members)} fold models)"
+        return ServedChoice("folds", members, oof, serving.ensemble_average, name)
     chosen = list(backbones)[: serving.ensemble_top_k]
     members = [best, *others] + [r for b in chosen[1:] for r in fold_results[b]]
     oof = averaged_oof([report_oof(config, b) for b in chosen], serving.ensemble_average)
@@ -137,14 +144,26 @@ def challenge_champion(
     data_version: str,
     folds_table: pd.DataFrame | None = None,
     test_metrics: TestMetricsOf | None = None,
+    external: Sequence[ExternalScore] = (),
+    selection: Mapping[str, Any] | None = None,
+    staged_check: StagedCheck | None = None,
 ) -> PromotionOutcome:
     """Offer ``choice`` to the gate; on promotion register a bundle and move ``current``.
+
+    ``staged_check`` (``feedback_gate.feedback_check``: the clinic's labelled cases): when there is a
+    champion and the other rules promote, it runs on the staged candidate bundle before registration and
+    returns the final decision (the candidate and the champion scored on those cases, paired AUC in the
+    evidence); a refusal there registers nothing.
 
     A rejected candidate, or one whose networks are already served, writes nothing. ``folds_table`` (with
     the image cache under the artifact root) lets the bundle carry an exported runtime checked on real
     images and an out-of-distribution detector fitted on training images. ``test_metrics`` measures the
     staged bundle on the untouched test sets (``batch.served_test_metrics``: as ``predict`` scores) for
-    its manifest; the gate never sees test numbers.
+    its manifest. The gate never sees the locked test split's numbers; it reads the external test sets'
+    (``external``: ``Leaderboard.external``) for the served model (:func:`external_for`), with its gap to
+    the served model's own out-of-fold AUC, and blocks on ``evaluation.max_external_gap``. ``selection``
+    (``Leaderboard.selection``) says how the candidate was chosen; when external sets chose or gated it, the
+    bundle's ``test_metrics`` mark them ``used_in_selection``.
     """
     from melanoma_ml.serving.promotion import GateDecision, decide_promotion
     from melanoma_ml.serving.remote_registry import open_registry
@@ -165,6 +184,7 @@ def challenge_champion(
         candidate_oof = choice.oof if choice.kind != "best_fold" else _pooled_oof(config, candidate, best)
         paired, paired_note = paired_difference_with_champion(config, candidate_oof, manifest.oof_frame())
     served = served_model_report(config, choice)
+    served_auc = served.metric("auc")
     decision = decide_promotion(
         served.to_dict()["metrics"],
         champion_metrics,
@@ -173,20 +193,98 @@ def challenge_champion(
         candidate_name=choice.name,
         champion_name=champion or "none",
         paired_note=paired_note,
+        external={
+            s.test_set: {"auc": s.auc, "gap": auc_gap(s.auc, served_auc)}
+            for s in external_for(choice, external)
+        },
+        max_external_gap=config.evaluation.max_external_gap,
+        selection=selection,
     )
     if not decision.promote:
         return PromotionOutcome(decision, candidate, champion, champion, None, best.fold, choice.name)
-    version = register_served_model(
-        config,
-        choice,
-        served,
-        decision.reason,
-        data_version=data_version,
-        folds_table=folds_table,
-        test_metrics=test_metrics,
-    )
+    chose = {s.test_set for s in external} if selection and selection.get("selection_bias") else set()
+    measure = marked_selection(test_metrics, chose)
+    checked: list[GateDecision] = []
+    if champion is not None and staged_check is not None:
+        measure = _check_then_measure(staged_check, decision, champion, measure, checked)
+    try:
+        version = register_served_model(
+            config,
+            choice,
+            served,
+            decision.reason,
+            data_version=data_version,
+            folds_table=folds_table,
+            test_metrics=measure,
+        )
+    except RefusedWhileStaged as refused:
+        return PromotionOutcome(refused.decision, candidate, champion, champion, None, best.fold, choice.name)
+    decision = checked[-1] if checked else decision
     registry.promote(version, reason=decision.reason)
     return PromotionOutcome(decision, candidate, champion, version, version, best.fold, choice.name)
+
+
+StagedCheck = Callable[[Path, "GateDecision", str], "GateDecision"]
+"""``(staged bundle folder, the gate's decision, champion version) -> final decision``, run before registration."""
+
+
+class RefusedWhileStaged(Exception):
+    """A ``staged_check`` refused the staged candidate: nothing is registered (the staging folder goes)."""
+
+    def __init__(self, decision: GateDecision) -> None:
+        super().__init__(decision.reason)
+        self.decision = decision
+
+
+def _check_then_measure(
+    check: StagedCheck,
+    decision: GateDecision,
+    champion: str,
+    measure: TestMetricsOf | None,
+    checked: list[GateDecision],
+) -> TestMetricsOf:
+    """``register_served_model``'s ``test_metrics``: ``check`` the staged folder first (its decision is appended
+    to ``checked``; a refusal raises ``RefusedWhileStaged``), then ``measure`` it."""
+
+    def run(folder: Path) -> Mapping[str, Any] | None:
+        checked.append(check(folder, decision, champion))
+        if not checked[-1].promote:
+            raise RefusedWhileStaged(checked[-1])
+        return None if measure is None else measure(folder)
+
+    return run
+
+
+TESTED_KIND = {"best_fold": "served", "folds": "ensemble", "top_k": "top_k"}
+"""The test evaluation's model kind (``holdout.ModelUnderTest.kind``) of each ``serving.ensemble`` choice."""
+
+
+def external_for(choice: ServedChoice, scores: Sequence[ExternalScore]) -> list[ExternalScore]:
+    """The external scores of the very model ``choice`` serves: the same kind, backbone(s) and fold.
+
+    A ``top_k`` choice matches the test evaluation's top-k mean only when both average the same backbones
+    (the test evaluation takes the top k by out-of-fold AUC; under ``evaluation.select_on`` external or
+    worst the served ones may differ, and then there are no external numbers for it).
+    """
+    kind = TESTED_KIND[choice.kind]
+    backbone = "+".join(dict.fromkeys(m.backbone for m in choice.members))
+    fold = choice.explained.fold if choice.kind == "best_fold" else None
+    return [s for s in scores if (s.kind, s.backbone, s.fold) == (kind, backbone, fold)]
+
+
+def marked_selection(test_metrics: TestMetricsOf | None, chose: set[str]) -> TestMetricsOf | None:
+    """``test_metrics`` with ``used_in_selection`` set on the test sets in ``chose`` (their numbers picked or
+    gated the model: the card then says they are no longer untouched estimates)."""
+    if test_metrics is None or not chose:
+        return test_metrics
+
+    def measure(folder: Path) -> Mapping[str, Any] | None:
+        tested = test_metrics(folder)
+        if tested is None:
+            return None
+        return {name: {**entry, "used_in_selection": name in chose} for name, entry in tested.items()}
+
+    return measure
 
 
 def _pooled_oof(config: PipelineConfig, candidate: str, best: FoldResult) -> pd.DataFrame:
@@ -201,9 +299,7 @@ def _pooled_oof(config: PipelineConfig, candidate: str, best: FoldResult) -> pd.
 
 def served_checkpoints(manifest: BundleManifest) -> frozenset[str]:
     """The fold checkpoints (weights sha256) a registered bundle serves; empty when it does not say."""
-    if manifest.ensemble is not None:
-        return frozenset(m.checkpoint_sha256 for m in manifest.ensemble.members if m.checkpoint_sha256)
-    return frozenset({manifest.checkpoint_sha256} if manifest.checkpoint_sha256 else ())
+    return frozenset(m.checkpoint_sha256 for m in manifest.ensemble.members if m.checkpoint_sha256)
 
 
 def served_model_report(config: PipelineConfig, choice: ServedChoice | FoldResult) -> EvaluationReport:
@@ -262,7 +358,8 @@ def register_served_model(
         folds_table: The folds table; with it (and the image cache under the artifact root) the bundle gets
             the ``serving.runtime`` export, checked on the explained member's own validation images, and the
             out-of-distribution detector (``serving.ood_detection``), fitted on that member's training
-            images. Without it the bundle serves torch fp32 and flags nothing.
+            images, and the serving monitor's reference (``monitor_reference``: the out-of-fold rows'
+            metadata mix). Without it the bundle serves torch fp32, flags nothing and ships no reference.
         test_metrics: Bundle folder -> its ``manifest.TestMetrics`` per test set (or None: no test set).
     """
     import melanoma_ml
@@ -299,6 +396,7 @@ def register_served_model(
         oof=ValidationPredictions.from_frame(choice.oof),
         calibration=calibration,
         uncalibrated_reason=uncalibrated_reason,
+        monitor_reference=reference_for_bundle(choice.oof, folds_table),
         ensemble=ensemble,
         **extras,
     )

@@ -80,14 +80,14 @@ def render_gallery(
         return Gallery(
             bundle.version, method, "", [], note=f"no gallery for bundle {bundle.version}: {problem}"
         )
-    ensemble = bundle.manifest.ensemble
-    if ensemble is not None:  # Grad-CAM explains member 0: show images that network never trained on
-        val = val[val["stored_fold"] == ensemble.members[0].fold]
+    fold = bundle.manifest.ensemble.members[0].fold
+    if fold is not None:  # Grad-CAM explains member 0: show images that network never trained on
+        val = val[val["stored_fold"] == fold]
     picked = pick_gallery_rows(val, n_images, seed=seed)
     images = [load_resized(p, bundle.spec.image_size) for p in picked["image_path"]]
     metadata = [metadata_dict(row, bundle.spec.encoder.tabular) for row in picked.itertuples(index=False)]
     scores = score(
-        bundle, images, metadata, tta=serving.tta, deployment_prevalence=serving.deployment_prevalence
+        bundle, images, metadata, views=serving.views, deployment_prevalence=serving.deployment_prevalence
     )
     flags = [None] * len(images) if scores.ood_flag is None else [bool(f) for f in scores.ood_flag]
     out_dir = out_root / bundle.version

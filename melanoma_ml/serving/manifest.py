@@ -3,11 +3,19 @@
 ``BundleManifest`` is validated when a bundle is read (``bundle.read_manifest``) and written by
 ``bundle.save_bundle``; nobody reads the JSON by key. The JSON stays plain and readable: the model spec
 (backbone, input size, normalization, metadata encoder), the threshold, the metrics as
-``{"value", "lo", "hi", "level"}`` estimates, versions, the weights' sha256 and, for a bundle made from a
-fold model, that fold, its checkpoint's sha256 and its out-of-fold predictions.
+``{"value", "lo", "hi", "level"}`` estimates, versions, and the networks it serves.
 
-``schema_version`` names the shape. A manifest of another schema is refused as a whole (no field-by-field
-guessing): :func:`stored_schema` tells which one a file holds, so the error can say so.
+Schema 3 has one shape for the networks: ``ensemble.members``, one entry per network (a one-network bundle
+is a one-member ensemble of kind ``best_fold``), each with its weights file and sha256, its spec, the fold
+it was trained without, its fold checkpoint's sha256, its exported runtime file and runtime.
+:meth:`BundleManifest.hashed_files` is the one list of the files the manifest hashes: what
+``bundle.verify_bundle`` checks, ``bundle.bundle_file_names`` lists and the registries copy.
+
+``schema_version`` names the shape. Schema 2 (one network: top-level ``model_spec``, ``weights_sha256``,
+``fold``, ``checkpoint_sha256``, ``runtime.file``; an ensemble: ``ensemble.members``) is read by
+:func:`from_schema_2`, which rebuilds it in schema 3 in memory (the file on disk, and so its sha256, is never
+rewritten). Any other schema is refused as a whole (no field-by-field guessing): :func:`stored_schema`
+tells which one a file holds, so the error can say so.
 """
 
 from __future__ import annotations
@@ -18,13 +26,16 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, model_validator
 
 from melanoma_ml.evaluation.estimate import Estimate
+from melanoma_ml.serving.monitor_reference import MonitorReference
 from melanoma_ml.spec import ModelSpec
 from melanoma_ml.weights import WEIGHTS_FILE as WEIGHTS_NAME
 
 if TYPE_CHECKING:
     import pandas as pd
 
-MANIFEST_SCHEMA_VERSION = 2
+MANIFEST_SCHEMA_VERSION = 3
+READABLE_SCHEMAS = (2, MANIFEST_SCHEMA_VERSION)
+"""Schemas ``bundle.read_manifest`` reads: schema 2 through :func:`from_schema_2`."""
 
 """Schema 1 (``format_version: 1``) kept the provenance in a free-form ``extra`` dict and CIs without a level."""
 
@@ -32,6 +43,48 @@ MANIFEST_SCHEMA_VERSION = 2
 def stored_schema(data: Mapping[str, Any]) -> Any:
     """The schema a parsed ``manifest.json`` declares (schema 1 called it ``format_version``); None if none."""
     return data.get("schema_version", data.get("format_version"))
+
+
+def from_schema_2(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A schema-2 ``manifest.json`` object rebuilt in schema 3 (in memory: nothing on disk changes).
+
+    A one-network manifest becomes a one-member ``best_fold`` ensemble whose member carries the top-level
+    ``model_spec``, ``weights_sha256``, ``fold``, ``checkpoint_sha256`` and ``runtime.file``; ensemble
+    members without a runtime of their own get the bundle's (schema 2 read them so). Fields it does not
+    move are passed on unchanged, so schema 3's validation judges them.
+
+    Raises:
+        ValueError: ``data`` is not schema 2, or its ensemble's member 0 is not its ``weights_sha256``.
+    """
+    if stored_schema(data) != 2:
+        raise ValueError(f"from_schema_2 reads schema 2 manifests, got schema {stored_schema(data)!r}")
+    old = dict(data)
+    weights = {"name": WEIGHTS_NAME, "sha256": old.pop("weights_sha256", None)}
+    provenance = {key: old.pop(key, None) for key in ("model_spec", "fold", "checkpoint_sha256")}
+    runtime = old.pop("runtime", None)
+    runtime_file, member_runtime = None, None
+    if isinstance(runtime, Mapping):
+        runtime = dict(runtime)
+        runtime_file = runtime.pop("file", None)
+        if (runtime.get("runtime"), runtime.get("precision")) != ("torch", "fp32"):
+            member_runtime = {key: runtime[key] for key in ("runtime", "precision") if key in runtime}
+    ensemble = old.pop("ensemble", None)
+    if ensemble is None:
+        member = {"weights": weights, **provenance, "runtime_file": runtime_file, "runtime": member_runtime}
+        ensemble = {"kind": "best_fold", "average": "probability", "members": [member]}
+    elif isinstance(ensemble, Mapping) and isinstance(ensemble.get("members"), list):
+        members = [
+            {**m, "runtime": m.get("runtime") or member_runtime} if isinstance(m, Mapping) else m
+            for m in ensemble["members"]
+        ]
+        first = members[0].get("weights") if members and isinstance(members[0], Mapping) else None
+        if first != weights:
+            raise ValueError(
+                f"ensemble member 0 must be {WEIGHTS_NAME} with the manifest's weights_sha256 "
+                f"{weights['sha256']}, got {first}"
+            )
+        ensemble = {**ensemble, "members": members}
+    return {**old, "schema_version": 3, "ensemble": ensemble, "runtime": runtime}
 
 
 def _estimate(value: Any) -> Estimate:
@@ -94,13 +147,22 @@ class ValidationPredictions(BaseModel):
 
 
 class TestMetrics(BaseModel):
-    """The served model on one test set nothing was tuned on, at the bundle's own threshold."""
+    """The served model on one test set nothing was tuned on, at the bundle's own threshold.
+
+    Attributes:
+        ood_flag_rate: Share of the set's images the bundle's out-of-distribution detector flagged (None:
+            the bundle has no detector, or the manifest predates the field).
+        used_in_selection: The set's numbers chose or gated this model (``evaluation.select_on`` other than
+            ``oof``, or ``evaluation.max_external_gap``): no longer an untouched estimate.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     metrics: dict[str, StoredEstimate]
     n_images: int = Field(ge=1)
     n_melanoma: int = Field(ge=1)
+    ood_flag_rate: float | None = Field(None, ge=0, le=1)
+    used_in_selection: bool = False
 
 
 class StoredCalibration(BaseModel):
@@ -175,16 +237,17 @@ class MemberRuntime(BaseModel):
 
 
 class EnsembleMember(BaseModel):
-    """One network of an ensemble bundle (member 0's weights are ``weights.safetensors``).
+    """One network of a bundle (member 0's weights are ``weights.safetensors``).
 
     Attributes:
         weights: Its safetensors file.
         model_spec: The spec that rebuilds it (members of ``top_k`` ensembles may differ in backbone).
-        fold: The fold it was trained without (its out-of-fold rows), or None.
-        checkpoint_sha256: sha256 of the fold checkpoint's weights it was exported from.
+        fold: The fold it was trained without (its out-of-fold rows), or None (e.g. a network exported by
+            hand).
+        checkpoint_sha256: sha256 of the fold checkpoint's weights it was exported from (tells "already
+            served"), or None.
         runtime_file: The member's exported model (None: served by torch).
-        runtime: The runtime this member serves with, or None: :attr:`BundleManifest.runtime` (bundles
-            written before the choice was made per member).
+        runtime: The runtime this member serves with; None: torch fp32.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -198,34 +261,45 @@ class EnsembleMember(BaseModel):
 
 
 class Ensemble(BaseModel):
-    """The networks a bundle averages (``serving.ensemble``) and the space it averages them in."""
+    """The networks a bundle serves (``serving.ensemble``) and the space it averages them in.
+
+    ``kind`` uses ``serving.ensemble``'s words: ``best_fold`` is one network (the best fold model, or a
+    network exported by hand), ``folds`` and ``top_k`` average several. One member is its own average in
+    either space (``evaluation.ensemble.average_probabilities``).
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    kind: Literal["folds", "top_k"]
+    kind: Literal["best_fold", "folds", "top_k"]
     average: Literal["logit", "probability"]
-    members: list[EnsembleMember] = Field(min_length=2)
+    members: list[EnsembleMember] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _member_zero_is_the_weights_file(self) -> Ensemble:
+        if self.members[0].weights.name != WEIGHTS_NAME:
+            raise ValueError(f"member 0 must be {WEIGHTS_NAME}, got {self.members[0].weights.name!r}")
+        if self.kind == "best_fold" and len(self.members) != 1:
+            raise ValueError(f"kind 'best_fold' serves one network, got {len(self.members)} members")
+        return self
 
 
 class ServingRuntime(BaseModel):
-    """How the bundle's networks run at serving time (``serving.runtime`` / ``serving.precision``).
+    """The bundle's runtime in one line (``serving.runtime`` / ``serving.precision``), for the card and
+    ``models``; what each network runs with is its member's ``runtime`` and ``runtime_file``.
 
     Attributes:
         runtime: ``torch`` or an exported runtime (``onnxruntime``, ...); for an ensemble whose members
             differ (``auto`` fell back for some), the exported one, and :attr:`note` names the others.
         precision: ``fp32``, ``bf16`` or ``int8``.
-        file: The exported single model (ensembles keep one per member in ``runtime_file``).
         parity: Measured agreement with eager fp32 at promotion (``max_abs_prob_diff``, ``n_inputs``),
-            the worst member's for an ensemble.
-        note: Why this runtime was chosen (e.g. why ``auto`` fell back to torch, per member for an
-            ensemble: each member's own choice is its ``EnsembleMember.runtime``).
+            the worst member's.
+        note: Why this runtime was chosen (e.g. why ``auto`` fell back to torch, per member).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     runtime: str
     precision: str
-    file: BundleFile | None = None
     parity: dict[str, float] = Field(default_factory=dict)
     note: str = ""
 
@@ -247,18 +321,13 @@ class BundleManifest(BaseModel):
     Attributes:
         schema_version: :data:`MANIFEST_SCHEMA_VERSION`.
         version: The registry version (``v0003``) once registered, else None.
-        model_spec: Architecture, input size, normalization and the fitted metadata encoder; its optional
-            ``pretrained`` holds the backbone's initial weights' origin and sha256 (see
-            :meth:`pretrained_lineages`; manifests without it stay valid).
         threshold: Probability at or above which a lesion is flagged.
         metrics: Evaluation metrics of the served model, each an :class:`Estimate` with its CI level.
         data_version: Identifier of the training data (e.g. the folds table hash).
         code_version: Identifier of the code that trained it.
         created_at: ISO time the bundle was written (UTC).
-        weights_sha256: sha256 of ``weights.safetensors``, checked before the weights are read.
-        fold: The fold whose model this is (bundles made from a fold checkpoint), else None.
-        checkpoint_sha256: sha256 of that fold checkpoint's weights (tells "already served"), else None.
-        oof: That fold model's out-of-fold predictions on its own validation rows, else None.
+        oof: The served model's out-of-fold predictions (a ``best_fold`` network's: only its own fold's
+            rows), else None.
         test_metrics: Test set name (``internal``: the locked test split; else a ``data.test_sources``
             name) -> the model's metrics there, at :attr:`threshold` (fixed before the test). None when no
             untouched test set existed; optional, so schema 2 manifests without it stay valid.
@@ -268,39 +337,40 @@ class BundleManifest(BaseModel):
         uncalibrated_reason: Why a bundle promoted with calibration on serves raw probabilities (too few
             out-of-fold patients with melanoma to cross-fit a calibrator), else None. Set only when
             :attr:`calibration` is None.
-        ensemble: The averaged networks when the bundle serves an ensemble (``serving.ensemble``), else
-            None (one network: ``weights.safetensors``). :attr:`model_spec` and the weights are member 0's,
-            the network Grad-CAM explains.
-        runtime: How the networks run (None: torch fp32, as older bundles).
+        ensemble: The networks served (one member for one network): each one's weights, spec, fold,
+            checkpoint sha256 and runtime. Member 0 (``weights.safetensors``, :attr:`model_spec`) is the
+            network Grad-CAM explains.
+        runtime: The runtime in one line (None: torch fp32); each member's own is its ``runtime``.
         ood: The out-of-distribution detector, or None (no flags).
+        monitor_reference: The metadata mix of the :attr:`oof` rows, the serving monitor's reference, or
+            None (a bundle promoted without the folds table, or before monitoring).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    schema_version: Literal[2] = MANIFEST_SCHEMA_VERSION
+    schema_version: Literal[3] = MANIFEST_SCHEMA_VERSION
     version: str | None = None
-    model_spec: StoredSpec
     threshold: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
     metrics: dict[str, StoredEstimate]
     data_version: str
     code_version: str
     created_at: str
-    weights_sha256: Sha256
-    fold: int | None = None
-    checkpoint_sha256: Sha256 | None = None
     oof: ValidationPredictions | None = None
     test_metrics: dict[str, TestMetrics] | None = None
     calibration: StoredCalibration | None = None
     uncalibrated_reason: str | None = None
-    ensemble: Ensemble | None = None
+    ensemble: Ensemble
     runtime: ServingRuntime | None = None
     ood: StoredOOD | None = None
+    monitor_reference: MonitorReference | None = None
 
     @model_validator(mode="after")
     def _oof_is_the_folds_own(self) -> BundleManifest:
-        if self.fold is not None and self.oof is not None and set(self.oof.fold) - {self.fold}:
+        fold = self.ensemble.members[0].fold
+        one = self.ensemble.kind == "best_fold" and fold is not None
+        if one and self.oof is not None and set(self.oof.fold) - {fold}:
             raise ValueError(
-                f"oof holds rows of folds {sorted(set(self.oof.fold))}, but the bundle serves fold {self.fold}: "
+                f"oof holds rows of folds {sorted(set(self.oof.fold))}, but the bundle serves fold {fold}: "
                 "store only that fold model's own validation rows"
             )
         return self
@@ -312,55 +382,59 @@ class BundleManifest(BaseModel):
         return self
 
     @model_validator(mode="after")
-    def _ensemble_member_zero_is_the_weights(self) -> BundleManifest:
-        if self.ensemble is not None:
-            first = self.ensemble.members[0].weights
-            if first.name != WEIGHTS_NAME or first.sha256 != self.weights_sha256:
+    def _one_sha256_per_file(self) -> BundleManifest:
+        named: dict[str, str] = {}
+        for entry in self.hashed_files():
+            if named.setdefault(entry.name, entry.sha256) != entry.sha256:
                 raise ValueError(
-                    f"ensemble member 0 must be {WEIGHTS_NAME} with the manifest's weights_sha256, got "
-                    f"{first.name!r}"
+                    f"file {entry.name!r} is listed with two different sha256: give each its own name"
                 )
         return self
 
     @property
+    def model_spec(self) -> ModelSpec:
+        """Member 0's spec: architecture, input size, normalization and the fitted metadata encoder; its
+        optional ``pretrained`` holds the backbone's initial weights' origin and sha256."""
+        return self.ensemble.members[0].model_spec
+
+    @property
+    def weights_sha256(self) -> str:
+        """sha256 of ``weights.safetensors`` (member 0's weights)."""
+        return self.ensemble.members[0].weights.sha256
+
+    @property
     def backbone(self) -> str:
-        if self.ensemble is not None:
-            backbones = list(dict.fromkeys(m.model_spec.backbone for m in self.ensemble.members))
-            if len(backbones) > 1:
-                return "+".join(backbones)
-        return self.model_spec.backbone
+        """The served backbones, distinct, joined by ``+`` (``top_k`` ensembles may mix them)."""
+        return "+".join(dict.fromkeys(m.model_spec.backbone for m in self.ensemble.members))
 
     def pretrained_lineages(self) -> list[Any]:
-        """Where the served networks' backbones were initialised from (``ModelSpec.pretrained``, stored in
-        ``model_spec`` and each ensemble member's spec), distinct, in member order; empty: random init or a
-        bundle written before lineage was recorded."""
-        specs = [m.model_spec for m in self.ensemble.members] if self.ensemble is not None else [self.model_spec]
+        """Where the served networks' backbones were initialised from (``ModelSpec.pretrained`` of each
+        member's spec), distinct, in member order; empty: random init or a bundle written before lineage
+        was recorded."""
+        specs = [m.model_spec for m in self.ensemble.members]
         return list(dict.fromkeys(s.pretrained for s in specs if s.pretrained is not None))
 
-    def extra_files(self) -> list[BundleFile]:
-        """Every hashed file besides ``weights.safetensors`` (ensemble members, exported models, detector)."""
+    def hashed_files(self) -> list[BundleFile]:
+        """Every file the manifest hashes, each once, in order: the members' weights (member 0's is
+        ``weights.safetensors``) and exported models, then the detector. The one list of a bundle's
+        files besides ``manifest.json`` and ``manifest.sha256``: verified, listed and copied from here."""
         files: list[BundleFile] = []
-        if self.ensemble is not None:
-            for member in self.ensemble.members:
-                if member.weights.name != WEIGHTS_NAME:
-                    files.append(member.weights)
-                if member.runtime_file is not None:
-                    files.append(member.runtime_file)
-        if self.runtime is not None and self.runtime.file is not None:
-            files.append(self.runtime.file)
+        for member in self.ensemble.members:
+            files.append(member.weights)
+            if member.runtime_file is not None:
+                files.append(member.runtime_file)
         if self.ood is not None:
             files.append(self.ood.file)
-        return files
+        return list(dict.fromkeys(files))
 
     def describe_model(self) -> str:
         """One line: what the bundle serves (``efficientnet_b0 fold 2`` or ``mean of 5 ... fold models``)."""
-        if self.ensemble is not None:
-            n = len(self.ensemble.members)
-            what = "fold models" if self.ensemble.kind == "folds" else "models (top_k)"
-            return f"{self.backbone}: {self.ensemble.average} mean of {n} {what}"
-        return (
-            self.model_spec.backbone if self.fold is None else f"{self.model_spec.backbone} fold {self.fold}"
-        )
+        members = self.ensemble.members
+        if self.ensemble.kind == "best_fold":
+            fold = members[0].fold
+            return self.backbone if fold is None else f"{self.backbone} fold {fold}"
+        what = "fold models" if self.ensemble.kind == "folds" else "models (top_k)"
+        return f"{self.backbone}: {self.ensemble.average} mean of {len(members)} {what}"
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object written as ``manifest.json`` (strict JSON: NaN bounds stored as null)."""
@@ -379,7 +453,7 @@ def bundle_validation_rows(manifest: BundleManifest, folds_table: pd.DataFrame) 
     """The served model's own validation images, as rows of the current ``folds_table``.
 
     They are the images of the out-of-fold predictions stored in the bundle (``manifest.oof``, only the
-    served fold's rows), not the table's current fold ``manifest.fold``: folds re-made since the promotion
+    served fold's rows), not the table's current rows of the members' folds: folds re-made since the promotion
     may put training images there.
 
     Returns:

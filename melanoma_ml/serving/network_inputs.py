@@ -70,15 +70,26 @@ def preprocess(images: Sequence[np.ndarray], spec: ModelSpec, *, first_index: in
     return normalize(views, spec)
 
 
-def dihedral_views(x: torch.Tensor) -> torch.Tensor:
-    """The 8 dihedral views of a square batch, view-major: ``out[v * B + b]`` is view ``v`` of image ``b``.
+VIEW_SUBSETS: dict[int, tuple[int, ...]] = {1: (0,), 2: (0, 4), 4: (0, 2, 4, 6), 8: tuple(range(N_VIEWS))}
+"""Which of the 8 dihedral views ``serving.views`` averages: each subset is a subgroup (the identity; it and
+its horizontal flip; those and their 180-degree turns; all 8), so every served view set is symmetric."""
 
-    Views 0-3 are turns by 0/90/180/270 degrees, views 4-7 the same turns flipped horizontally.
+
+def dihedral_views(x: torch.Tensor, views: int = N_VIEWS) -> torch.Tensor:
+    """The dihedral views of a square batch, view-major: ``out[v * B + b]`` is view ``v`` of image ``b``.
+
+    Of the 8 views, 0-3 are turns by 0/90/180/270 degrees and 4-7 the same turns flipped horizontally;
+    ``views`` (1, 2, 4 or 8) keeps the subset ``VIEW_SUBSETS[views]``, in that order.
     """
     if x.ndim != 4 or x.shape[-1] != x.shape[-2]:
         raise ValueError(f"dihedral views need a square (B, C, S, S) batch, got shape {tuple(x.shape)}")
-    turns = [torch.rot90(x, k, dims=(2, 3)) for k in range(4)]
-    return torch.cat(turns + [torch.flip(t, dims=(3,)) for t in turns], dim=0)
+    if views not in VIEW_SUBSETS:
+        raise InputValueError(f"views must be one of {sorted(VIEW_SUBSETS)} (serving.views), got {views!r}")
+    out = []
+    for v in VIEW_SUBSETS[views]:
+        turned = torch.rot90(x, v % 4, dims=(2, 3)) if v % 4 else x
+        out.append(torch.flip(turned, dims=(3,)) if v >= 4 else turned)
+    return torch.cat(out, dim=0)
 
 
 def encode_metadata(

@@ -6,7 +6,9 @@ writes, AWS since 2024; also MinIO; tested against moto's server, not real S3), 
 overwritten; weights go to a key named by their sha256, where a second upload writes the same bytes.
 Layout under ``s3://bucket/prefix``::
 
-    blobs/<sha256>.safetensors       weights, content-addressed; uploaded first and never trusted alone
+    blobs/<sha256>.safetensors       every file of ``BundleManifest.hashed_files`` (weights, exported
+                                     models, detector), content-addressed; uploaded first, never trusted
+                                     alone
     versions/v0001/manifest.json     the bundle's manifest, created last: its existence is the commit
     versions/v0001/manifest.sha256   the manifest's sha256, created right after it (also recorded in the
                                      version's ``registered`` event); a version without it is legacy
@@ -55,7 +57,6 @@ from melanoma_ml.errors import InputValueError
 from melanoma_ml.serving.bundle import (
     MANIFEST_DIGEST_FILE,
     MANIFEST_FILE,
-    WEIGHTS_FILE,
     BundleError,
     digest_file_bytes,
     manifest_bytes,
@@ -139,6 +140,10 @@ class S3Registry(ModelRegistry):
             self.fs.pipe_file(key, data, mode="create")
         except FileExistsError:
             return False
+        except OSError as exc:
+            if _precondition_failed(exc):
+                return False
+            raise
         return True
 
     # ----------------------------------------------------------------- registering
@@ -148,12 +153,10 @@ class S3Registry(ModelRegistry):
             bundle = Path(tmp) / "bundle"
             write(bundle)
             manifest = verify_bundle(bundle)
-            files = [(WEIGHTS_FILE, manifest.weights_sha256)]
-            files += [(entry.name, entry.sha256) for entry in manifest.extra_files()]
-            for name, sha256 in files:  # members, exported models and the OOD detector travel as blobs too
-                blob = self._blob_key(sha256)
+            for entry in manifest.hashed_files():  # weights, exported models and the OOD detector as blobs
+                blob = self._blob_key(entry.sha256)
                 if not self.fs.exists(blob):  # content-addressed: a concurrent upload writes the same bytes
-                    self.fs.put_file(str(bundle / name), blob)
+                    self.fs.put_file(str(bundle / entry.name), blob)
             for _ in range(MAX_ATTEMPTS):
                 version = f"v{self._last_number() + 1:04d}"
                 data = manifest_bytes(manifest.model_copy(update={"version": version}))
@@ -216,16 +219,14 @@ class S3Registry(ModelRegistry):
             if digest is not None:
                 (folder / MANIFEST_DIGEST_FILE).write_bytes(digest)
             manifest = read_manifest(folder)
-            files = [(WEIGHTS_FILE, manifest.weights_sha256)]
-            files += [(entry.name, entry.sha256) for entry in manifest.extra_files()]
-            for name, sha256 in files:
-                (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            for entry in manifest.hashed_files():
+                (folder / entry.name).parent.mkdir(parents=True, exist_ok=True)
                 try:
-                    self.fs.get_file(self._blob_key(sha256), str(folder / name))
+                    self.fs.get_file(self._blob_key(entry.sha256), str(folder / entry.name))
                 except FileNotFoundError:
                     raise BundleError(
-                        f"{name} ({self._blob_key(sha256)}) of {version} is missing in {self.root}; roll "
-                        "back to another version or register the model again"
+                        f"{entry.name} ({self._blob_key(entry.sha256)}) of {version} is missing in "
+                        f"{self.root}; roll back to another version or register the model again"
                     ) from None
             # Every file, the manifest against its digest and history's: a failing folder is never cached.
             verify_bundle(folder, manifest_sha256=self.recorded_manifest_sha256(version))
@@ -333,6 +334,13 @@ class S3Registry(ModelRegistry):
 
     def _event_key(self, number: int) -> str:
         return self._key("events", f"{number:010d}.json")
+
+
+def _precondition_failed(exc: OSError) -> bool:
+    """A 412 to a conditional create from a server that omits ``<Condition>`` (SeaweedFS): s3fs then raises
+    a plain ``OSError`` instead of ``FileExistsError``; the S3 error code underneath says the key exists."""
+    response = getattr(exc.__cause__, "response", None) or {}
+    return response.get("Error", {}).get("Code") == "PreconditionFailed"
 
 
 def _event_bytes(event: dict[str, Any]) -> bytes:

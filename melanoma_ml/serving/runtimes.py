@@ -111,6 +111,77 @@ def export_onnx(net: nn.Module, spec: ModelSpec, path: str | Path, *, opset: int
     return hashlib.sha256(data).hexdigest()
 
 
+MERGED_STEM = "members"
+"""Stem of the one exported graph that holds every ONNX Runtime member of an ensemble (``members.onnx``)."""
+
+
+def merged_input_names(n: int) -> list[str]:
+    """Inputs of a merged graph of ``n`` members: ``image_0, metadata_0, image_1, ...``."""
+    return [name for i in range(n) for name in (f"image_{i}", f"metadata_{i}")]
+
+
+def merged_output_names(n: int) -> list[str]:
+    """Outputs of a merged graph: ``logit_0 ... logit_{n-1}``, each ``(batch,)``."""
+    return [f"logit_{i}" for i in range(n)]
+
+
+class _MergedRoot(nn.Module):
+    """Several networks as one module for ``torch.export``: member ``i`` reads inputs ``2i`` (image) and
+    ``2i + 1`` (metadata) and writes output ``i``. The members sit under ``models`` (see ``_ExportRoot``)."""
+
+    def __init__(self, nets: list[nn.Module]) -> None:
+        super().__init__()
+        self.models = nn.ModuleList(nets)
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(model(inputs[2 * i], inputs[2 * i + 1]) for i, model in enumerate(self.models))
+
+
+def export_merged_onnx(
+    nets: list[nn.Module], specs: list[ModelSpec], path: str | Path, *, opset: int = OPSET
+) -> str:
+    """Export several fused networks into ONE self-contained ``.onnx`` graph: one ONNX Runtime session
+    (one call, one thread pool) serves them all, so per-call overhead is paid once per batch, not per member.
+
+    Each member keeps its own inputs (``image_i``: its image size and normalisation; ``metadata_i``: its
+    own encoder's width, which differs between fold members) and output ``logit_i``, with its own dynamic
+    batch dimension. Written atomically.
+
+    Returns:
+        The file's sha256 (hex).
+
+    Raises:
+        ValueError: a network is in training mode, or ``nets`` and ``specs`` differ in length.
+    """
+    if len(nets) != len(specs) or not nets:
+        raise ValueError(f"got {len(nets)} networks and {len(specs)} specs; pass one spec per network")
+    if any(net.training for net in nets):
+        raise ValueError("a network is in training mode; call net.eval() before exporting it")
+    device = next(nets[0].parameters()).device
+    example: list[torch.Tensor] = []
+    for spec in specs:  # batch 2, not 1: torch.export specialises a dimension whose example size is 0 or 1
+        example += [
+            torch.zeros(2, 3, spec.image_size, spec.image_size, device=device),
+            torch.zeros(2, spec.encoder.n_features, device=device),
+        ]
+    # One batch dimension per member: a member run alone feeds the others one row of zeros.
+    batches = [torch.export.Dim(f"batch_{i}", min=1) for i in range(len(nets))]
+    program = torch.onnx.export(
+        _MergedRoot(list(nets)).eval(),
+        tuple(example),
+        input_names=merged_input_names(len(nets)),
+        output_names=merged_output_names(len(nets)),
+        dynamic_shapes=(tuple({0: batches[i // 2]} for i in range(len(example))),),
+        opset_version=opset,
+        dynamo=True,
+        external_data=False,
+        verbose=False,
+    )
+    data = program.model_proto.SerializeToString()
+    atomic_write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
 def verified_bytes(path: Path, sha256: str) -> tuple[bytes, str]:
     """The bytes of a model file and their digest, read once, after checking them against ``sha256``.
 
@@ -190,6 +261,91 @@ class OnnxRunner:
                 "encoded row per image"
             )
         return self.session.run([OUTPUT_NAME], {"image": x, "metadata": m})[0]
+
+
+class MergedOnnxRunner:
+    """Logits of every member of a graph made by ``export_merged_onnx``, from one ONNX Runtime session.
+
+    Like ``OnnxRunner`` it runs the very bytes whose sha256 it checked.
+
+    Args:
+        path: The ``.onnx`` file.
+        sha256: Its expected hex digest (from the manifest that lists it).
+        threads: ONNX Runtime intra-op threads (``None``: its default, one per physical core).
+
+    Raises:
+        InputFileNotFoundError, OnnxDigestMismatch: as ``verified_bytes``.
+        OnnxModelError: the graph's inputs are not ``merged_input_names``.
+    """
+
+    def __init__(self, path: str | Path, sha256: str, *, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        data, self.sha256 = verified_bytes(self.path, sha256)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads is not None:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+        inputs = {i.name: i.shape for i in self.session.get_inputs()}
+        self.n_members = len(inputs) // 2
+        if not inputs or list(inputs) != merged_input_names(self.n_members):
+            raise OnnxModelError(
+                f"{self.path} has inputs {sorted(inputs)}, expected {merged_input_names(max(self.n_members, 1))}; "
+                "export it with export_merged_onnx"
+            )
+        self.image_shapes = [tuple(inputs[f"image_{i}"][1:]) for i in range(self.n_members)]
+        self.meta_widths = [int(inputs[f"metadata_{i}"][1]) for i in range(self.n_members)]
+
+    def run(self, feeds: list[tuple[ArrayLike, ArrayLike] | None]) -> list[np.ndarray | None]:
+        """``(batch,)`` float32 logits of each member fed ``(images, metadata)``, in one session call.
+
+        A member fed None gets one row of zeros (the session needs every input) and answers None.
+        """
+        if len(feeds) != self.n_members:
+            raise OnnxModelError(f"{self.path.name} holds {self.n_members} members, got {len(feeds)} inputs")
+        values: dict[str, np.ndarray] = {}
+        for i, feed in enumerate(feeds):
+            if feed is None:
+                x = np.zeros((1, *self.image_shapes[i]), dtype=np.float32)
+                m = np.zeros((1, self.meta_widths[i]), dtype=np.float32)
+            else:
+                x = np.ascontiguousarray(_numpy(feed[0]), dtype=np.float32)
+                m = np.ascontiguousarray(_numpy(feed[1]), dtype=np.float32)
+                if x.ndim != 4 or tuple(x.shape[1:]) != self.image_shapes[i]:
+                    raise OnnxModelError(
+                        f"member {i} of {self.path.name} takes images (batch, *{self.image_shapes[i]}), got "
+                        f"{x.shape}"
+                    )
+                if m.shape != (x.shape[0], self.meta_widths[i]):
+                    raise OnnxModelError(
+                        f"member {i} of {self.path.name} takes metadata ({x.shape[0]}, {self.meta_widths[i]}), "
+                        f"got {m.shape}: encode it with that member's own encoder"
+                    )
+            values[f"image_{i}"], values[f"metadata_{i}"] = x, m
+        outputs = self.session.run(merged_output_names(self.n_members), values)
+        return [None if feed is None else out.reshape(-1) for feed, out in zip(feeds, outputs, strict=True)]
+
+    def member(self, position: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """``logits_fn(x, meta)`` of one member run on its own (the others get one zero row each)."""
+        if not 0 <= position < self.n_members:
+            raise ValueError(f"{self.path.name} holds members 0..{self.n_members - 1}, not {position}")
+
+        def logits(x: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+            feeds: list[tuple[ArrayLike, ArrayLike] | None] = [None] * self.n_members
+            feeds[position] = (x, meta)
+            return torch.from_numpy(np.asarray(self.run(feeds)[position], dtype=np.float32))
+
+        return logits
+
+
+@dataclass(frozen=True)
+class MergedSlot:
+    """Where a member sits in a merged graph: the runner shared by its members and its position there."""
+
+    runner: MergedOnnxRunner
+    position: int
 
 
 def _numpy(value: ArrayLike) -> np.ndarray:
@@ -580,3 +736,84 @@ def _parity(gap: float, probe: tuple[torch.Tensor, torch.Tensor], tolerance: flo
 def _remove(folder: Path, file: tuple[str, str] | None) -> None:
     if file is not None:
         (Path(folder) / file[0]).unlink(missing_ok=True)
+
+
+def merges(requested: str, precision: str, n_members: int) -> bool:
+    """Whether ``requested``/``precision`` serves an ensemble's members from one merged ONNX Runtime graph:
+    onnxruntime fp32 (asked for by name, or what ``auto`` tries first at fp32) with two members or more."""
+    runtime = AUTO_PREFERENCE[precision] if requested == "auto" else requested
+    return n_members >= 2 and runtime == "onnxruntime" and precision == "fp32"
+
+
+def choose_merged_runtime(
+    nets: list[nn.Module],
+    specs: list[ModelSpec],
+    folder: Path,
+    requested: str,
+    probes: list[tuple[torch.Tensor, torch.Tensor]],
+    tolerance: float,
+) -> list[RuntimeSelection] | None:
+    """Export the members into one graph (``export_merged_onnx``) and check each member's output in it
+    against its eager fp32 network on its own probe; what each member serves.
+
+    Under ``auto`` a member that misses the tolerance serves torch fp32 (with the reason in its note) and
+    the graph is exported again without it. A runtime asked for by name is used for every member or
+    refused (``RuntimeParityError`` names the member).
+
+    Returns:
+        One selection per member (merged members share one file), or None when fewer than two members
+        remain in the graph or the merged export fails: then each member chooses on its own
+        (``choose_runtime``), which names the failure.
+    """
+    choice = RuntimeChoice("onnxruntime", "fp32")
+    name = choice.file_name(MERGED_STEM)
+    candidates = list(range(len(nets)))
+    misses: dict[int, tuple[float, str]] = {}
+    while len(candidates) >= 2:
+        try:
+            sha256 = export_merged_onnx(
+                [nets[i] for i in candidates], [specs[i] for i in candidates], folder / name
+            )
+            runner = MergedOnnxRunner(folder / name, sha256)
+            gaps = {
+                i: max_probability_gap(nets[i], runner.member(p), *probes[i])
+                for p, i in enumerate(candidates)
+            }
+        except Exception as err:  # the per-member path exports each member alone and reports what fails
+            log.warning("merging %d members into one ONNX graph failed (%s: %s); exporting each alone",
+                        len(candidates), type(err).__name__, err)  # fmt: skip
+            _remove(folder, (name, ""))
+            return None
+        missed = {i: gap for i, gap in gaps.items() if not gap <= tolerance}
+        if not missed:
+            break
+        if requested != "auto":
+            _remove(folder, (name, sha256))
+            worst = max(missed, key=missed.__getitem__)
+            raise RuntimeParityError(
+                f"serving.runtime=onnxruntime moves member {worst}'s probabilities by up to {missed[worst]:.3g} "
+                f"from eager fp32 over {probes[worst][0].shape[0]} probe views, above "
+                f"serving.runtime_parity_tolerance={tolerance:g}; raise that tolerance if the difference is "
+                "acceptable, or set serving.runtime to auto (falls back to torch fp32 per member) or torch"
+            )
+        for i, gap in missed.items():
+            misses[i] = (gap, (
+                f"serving.runtime=auto fell back to torch fp32: {choice} moved probabilities by up to {gap:.3g} "
+                f"over {probes[i][0].shape[0]} probe views, above serving.runtime_parity_tolerance={tolerance:g}"
+            ))  # fmt: skip
+            log.warning(misses[i][1])
+        candidates = [i for i in candidates if i not in missed]
+    if len(candidates) < 2:
+        _remove(folder, (name, ""))
+        return None
+    selections = []
+    for i in range(len(nets)):
+        if i in misses:
+            selections.append(
+                RuntimeSelection(REFERENCE, None, _parity(0.0, probes[i], tolerance), misses[i][1])
+            )
+        else:
+            selections.append(
+                RuntimeSelection(choice, (name, sha256), _parity(gaps[i], probes[i], tolerance), "")
+            )
+    return selections

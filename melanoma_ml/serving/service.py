@@ -40,7 +40,7 @@ from melanoma_ml.config import PipelineConfig, ServingConfig
 from melanoma_ml.echo import echo
 from melanoma_ml.errors import InputStateError
 from melanoma_ml.images.io import UPLOAD_FORMATS_TEXT, ImageDecodeError, load_rgb
-from melanoma_ml.serving.bundle import bundle_file_names, read_manifest
+from melanoma_ml.serving.bundle import bundle_file_names, check_manifest_digest, read_manifest
 from melanoma_ml.serving.registry import ModelRegistry
 from melanoma_ml.serving.request_fields import (
     InvalidRequest,
@@ -147,7 +147,8 @@ class PredictionRequest:
         site: One of the model's anatomic sites, or None/""/"unknown".
         tabular: ``{column: number}`` for a model trained with tabular features (or that mapping as JSON
             text); a column left out, None or "" is missing, encoded by the training rule. None: all missing.
-        tta: Average the 8 dihedral views; None uses ``serving.tta``.
+        tta: Average ``serving.views`` dihedral views (False: the image alone); None: on when
+            ``serving.views`` > 1.
         cam_method: ``"eigencam"``, ``"gradcam"`` or ``"none"``; None uses ``serving.cam_method``.
         target_layer: CAM layer name; None/"" uses the backbone's default.
     """
@@ -172,7 +173,8 @@ class Prediction:
         positive: ``probability >= threshold``.
         model_version: Registry version that answered.
         backbone: timm backbone of that model.
-        tta: Whether the 8-view TTA was used.
+        tta: Whether test-time views were averaged.
+        views: How many dihedral views were averaged per member (1: none).
         view: ``(S, S, 3)`` uint8: the un-augmented square view the network saw.
         overlay: ``(S, S, 3)`` uint8 CAM overlay on ``view``, or None when CAM was off.
         cam_method: The CAM method used, or None.
@@ -192,6 +194,7 @@ class Prediction:
     model_version: str
     backbone: str
     tta: bool
+    views: int
     view: np.ndarray = field(repr=False)
     overlay: np.ndarray | None = field(repr=False)
     cam_method: str | None
@@ -225,6 +228,7 @@ class Prediction:
             "model_version": self.model_version,
             "backbone": self.backbone,
             "tta": self.tta,
+            "views": self.views,
             "cam_method": self.cam_method,
             "target_layer": self.target_layer,
             "metadata": dict(self.metadata),
@@ -446,9 +450,11 @@ class ModelService:
         from melanoma_ml.serving.explain import target_layer_names
 
         path = self.registry.version_path(version)
-        # Stamped before verifying: a change after this is seen by the next check.
+        recorded = self.registry.recorded_manifest_sha256(version)
+        check_manifest_digest(path, recorded)  # an edited manifest is refused as such, before it is parsed
+        # Stamped before verifying the rest: a change after this is seen by the next check.
         stamps = _stamp_files(path, bundle_file_names(read_manifest(path)))
-        bundle = load_bundle(path, manifest_sha256=self.registry.recorded_manifest_sha256(version))
+        bundle = load_bundle(path, manifest_sha256=recorded)
         return ServedModel(
             bundle=bundle,
             version=version,
@@ -490,14 +496,15 @@ class ModelService:
         tabular = parse_tabular(request.tabular, model.tabular_features)
         if tabular is not None:
             metadata["tabular"] = tabular
-        tta = self.config.tta if request.tta is None else bool(request.tta)
+        tta = self.config.views > 1 if request.tta is None else bool(request.tta)
+        views = self.config.views if tta else 1
         method = parse_cam_method(request.cam_method, default=self.config.cam_method)
         layer = parse_target_layer(request.target_layer, model.target_layers) if method else None
         # Decoded straight to the model's view by the same function that built the training cache, so
         # the network sees exactly the pixels it would have seen in training (no train/serve skew).
         view = self.decode(request.image, size=model.image_size)
         with model.lock:
-            scores = score(model.bundle, [view], [metadata], tta=tta, deployment_prevalence=prevalence)
+            scores = score(model.bundle, [view], [metadata], views=views, deployment_prevalence=prevalence)
             explanation = (
                 self._explain(model, view, metadata, method, layer, self.config.cam_min_map_side)
                 if method
@@ -511,6 +518,7 @@ class ModelService:
             model_version=model.version,
             backbone=model.backbone,
             tta=tta,
+            views=views,
             view=view,
             overlay=None if explanation is None else explanation.overlay,
             cam_method=method,

@@ -17,6 +17,7 @@ from PIL import Image
 from melanoma_assets.assets.scoring import TABLE_ROWS, batch_scores, incoming_batches
 from melanoma_assets.resources import ArtifactStorage, DataSource, PipelineSettings, TrainingHardware
 from melanoma_assets.sensors import QUIET_SECONDS, incoming_batches_sensor
+from melanoma_ml.artifacts import ArtifactPaths
 from melanoma_ml.serving.registry import ModelRegistry
 
 
@@ -96,7 +97,7 @@ def test_sensor_defaults_to_the_artifact_roots_incoming_folder_and_skips_until_i
         assert isinstance(missing, dg.SkipReason)
         assert str(root.resolve() / "incoming") in missing.skip_message
 
-        settled(batch(root / "incoming" / "b1", 1))
+        settled(batch(ArtifactPaths(root).incoming / "b1", 1))
         found = tick(settings, instance)
         assert [r.partition_key for r in found.run_requests] == ["b1"]
 
@@ -106,8 +107,8 @@ def test_batch_scores_materializes_one_partition_with_the_model_version_and_a_ta
     tmp_path: Path, n_images: int
 ) -> None:
     root = tmp_path / "artifacts"
-    version = register_tiny(ModelRegistry(root / "registry"), seed=1, size=32)
-    batch(root / "incoming" / "b1", n_images, broken=True)
+    version = register_tiny(ModelRegistry(ArtifactPaths(root).registry), seed=1, size=32)
+    batch(ArtifactPaths(root).incoming / "b1", n_images, broken=True)
     settings = settings_for(root)
 
     with instance_in(tmp_path) as instance:
@@ -127,7 +128,7 @@ def test_batch_scores_materializes_one_partition_with_the_model_version_and_a_ta
     assert {r.data["model_version"] for r in table.records} == {version}
     summary = metadata["summary"].value
     assert f"model **{version}**" in summary and "broken" in summary
-    written = pd.read_csv(root / "scores" / "b1.csv", keep_default_na=False)
+    written = pd.read_csv(ArtifactPaths(root).scores("b1"), keep_default_na=False)
     assert len(written) == n_images + 1
     stored = result.output_for_node("batch_scores")
     assert len(stored) == n_images + 1
@@ -135,9 +136,9 @@ def test_batch_scores_materializes_one_partition_with_the_model_version_and_a_ta
 
 def test_batch_scores_fails_with_the_reasons_when_nothing_could_be_scored(tmp_path: Path) -> None:
     root = tmp_path / "artifacts"
-    register_tiny(ModelRegistry(root / "registry"), seed=1, size=32)
-    (root / "incoming" / "bad").mkdir(parents=True)
-    (root / "incoming" / "bad" / "a.jpg").write_bytes(b"")
+    register_tiny(ModelRegistry(ArtifactPaths(root).registry), seed=1, size=32)
+    (ArtifactPaths(root).incoming / "bad").mkdir(parents=True)
+    (ArtifactPaths(root).incoming / "bad" / "a.jpg").write_bytes(b"")
 
     with instance_in(tmp_path) as instance:
         instance.add_dynamic_partitions(incoming_batches.name, ["bad"])
@@ -150,4 +151,4 @@ def test_batch_scores_fails_with_the_reasons_when_nothing_could_be_scored(tmp_pa
         )
 
     assert not result.success
-    assert "empty" in pd.read_csv(root / "scores" / "bad.csv")["error"].iloc[0]
+    assert "empty" in pd.read_csv(ArtifactPaths(root).scores("bad"))["error"].iloc[0]

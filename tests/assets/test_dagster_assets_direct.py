@@ -12,6 +12,7 @@ from melanoma_assets.assets.data import patient_folds
 from melanoma_assets.checks import clean_metadata_schema, folds_leak_free_and_balanced
 from melanoma_assets.resources import ArtifactStorage, DataSource, PipelineSettings, TrainingHardware
 from melanoma_ml import schema
+from melanoma_ml.artifacts import ArtifactPaths
 
 
 def settings(tmp_path: Path) -> PipelineSettings:
@@ -52,7 +53,7 @@ def test_patient_folds_asset_writes_the_table_and_reports_per_fold_counts(tmp_pa
     assert folds.groupby(schema.PATIENT)[schema.FOLD].nunique().max() == 1
     assert result.metadata["folds"] == 2
     assert "prevalence" in result.metadata["per_fold"].value
-    assert (tmp_path / "artifacts" / "tables" / "folds.parquet").is_file()
+    assert ArtifactPaths(tmp_path / "artifacts").folds_table.is_file()
 
 
 def test_fold_check_passes_on_grouped_folds_and_names_a_leak(tmp_path: Path) -> None:

@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 from graph_helpers import materialize_tiny_graph
 
+from melanoma_ml.artifacts import ArtifactPaths
+
 
 @pytest.mark.slow
 def test_whole_graph_materializes_and_serves_a_verified_bundle(tmp_path: Path) -> None:
@@ -27,7 +29,7 @@ def test_whole_graph_materializes_and_serves_a_verified_bundle(tmp_path: Path) -
     ]
     assert sum(e.check_name == "checkpoint_loads" for e in evaluations) == 2  # one per fold partition
 
-    registry = ModelRegistry(root / "registry")
+    registry = ModelRegistry(ArtifactPaths(root).registry)
     assert registry.current() == "v0001"
     bundle = registry.load_current()
     assert bundle.spec.backbone == "test_efficientnet"
@@ -35,9 +37,10 @@ def test_whole_graph_materializes_and_serves_a_verified_bundle(tmp_path: Path) -
     assert promotion.decision.promote and promotion.champion_after == "v0001"
     # the default served model: both fold models averaged, with an out-of-distribution detector
     manifest = bundle.manifest
-    assert manifest.ensemble is not None and len(bundle.scorers) == 2 and bundle.ood is not None
+    assert len(manifest.ensemble.members) == len(bundle.scorers) == 2 and bundle.ood is not None
     assert (
-        manifest.ood is not None and (root / "registry" / "versions" / "v0001" / "ood.safetensors").is_file()
+        manifest.ood is not None
+        and (ArtifactPaths(root).registry / "versions" / "v0001" / "ood.safetensors").is_file()
     )
     gallery = run.results[-1].output_for_node("gradcam_gallery")
     assert gallery.version == "v0001" and gallery.items and all(i.path.is_file() for i in gallery.items)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from graph_helpers import materialize_tiny_graph
 
+from melanoma_ml.artifacts import ArtifactPaths
 from melanoma_ml.config import DataConfig, ServingConfig, load_config
 
 N_PATIENTS = 60
@@ -56,11 +57,11 @@ def test_the_default_serving_path_exports_each_member_and_the_served_bundle_repr
     promotion = run.results[-1].output_for_node("serving_model")
     assert promotion.decision.promote and promotion.champion_after == "v0001"
 
-    registry = ModelRegistry(root / "registry")
+    registry = ModelRegistry(ArtifactPaths(root).registry)
     bundle_dir = registry.version_path("v0001")
     manifest = verify_bundle(bundle_dir)  # every file, the exports included, matches its sha256
     ensemble = manifest.ensemble
-    assert ensemble is not None and ensemble.kind == "folds" and len(ensemble.members) == config.data.n_folds
+    assert ensemble.kind == "folds" and len(ensemble.members) == config.data.n_folds
 
     # Which runtime serves, and why: auto chose per member; the tiny fp32 networks export with a gap of
     # ~1e-8, four orders of magnitude inside the 1e-4 tolerance, so every member serves ONNX Runtime.
@@ -100,7 +101,7 @@ def test_the_default_serving_path_exports_each_member_and_the_served_bundle_repr
     assert evaluations["test_split_untouched"].passed
     import pandas as pd
 
-    folds = pd.read_parquet(root / "tables" / "folds.parquet")
+    folds = pd.read_parquet(ArtifactPaths(root).folds_table)
     test_rows = folds[locked_test_mask(folds)]
     assert len(test_rows) and test_rows[schema.TARGET].nunique() == 2
     assert manifest.test_metrics is not None and set(manifest.test_metrics) == {"internal"}

@@ -17,6 +17,7 @@ import pytest
 from graph_helpers import materialize_tiny_graph
 
 from melanoma_ml import schema
+from melanoma_ml.artifacts import ArtifactPaths
 from melanoma_ml.config import TABULAR_PRESETS
 
 OVERRIDES = {
@@ -42,7 +43,7 @@ def test_isic2024_hdf5_to_blend_leaderboard_to_a_served_answer_with_and_without_
     assert all(e.passed for e in run.check_evaluations())
 
     # The images came from the HDF5 file, and the tabular columns reached the folds table.
-    folds = pd.read_parquet(root / "tables" / "folds.parquet")
+    folds = pd.read_parquet(ArtifactPaths(root).folds_table)
     assert folds[schema.IMAGE_PATH].map(hdf5.is_ref).all()
     tbp = list(TABULAR_PRESETS["isic2024_tbp"])
     assert set(tbp) <= set(folds.columns)
@@ -50,10 +51,10 @@ def test_isic2024_hdf5_to_blend_leaderboard_to_a_served_answer_with_and_without_
     # The GBDT baseline: its OOF over exactly the image model's OOF images, and its report.
     baseline = run.results[-1].output_for_node("tabular_baseline")
     assert baseline.enabled and baseline.report.name == GBDT_NAME
-    gbdt_oof = pd.read_parquet(root / "reports" / GBDT_NAME / "oof.parquet")
-    image_oof = pd.read_parquet(root / "reports" / "test_efficientnet" / "oof.parquet")
+    gbdt_oof = pd.read_parquet(ArtifactPaths(root).oof(GBDT_NAME))
+    image_oof = pd.read_parquet(ArtifactPaths(root).oof("test_efficientnet"))
     assert sorted(gbdt_oof[schema.IMAGE]) == sorted(image_oof[schema.IMAGE])
-    assert (root / "reports" / GBDT_NAME / "report.json").is_file()
+    assert (ArtifactPaths(root).report(GBDT_NAME) / "report.json").is_file()
 
     # The leaderboard: image, tabular-only and blend rows; only the image model is the candidate.
     board = run.results[-1].output_for_node("leaderboard")
@@ -71,14 +72,14 @@ def test_isic2024_hdf5_to_blend_leaderboard_to_a_served_answer_with_and_without_
         (table.loc[BLEND, "backbone"], GBDT_NAME),
     ]
     assert math.isclose(board.comparisons[0]["diff"], table.loc[BLEND, "auc_diff_vs_best"])
-    saved = json.loads((root / "reports" / "leaderboard" / "leaderboard.json").read_text())
+    saved = json.loads((ArtifactPaths(root).leaderboard / "leaderboard.json").read_text())
     assert len(saved["rows"]) == 3 and len(saved["comparisons"]) == 2
-    assert (root / "reports" / "blend" / "report.json").is_file()
+    assert (ArtifactPaths(root).report("blend") / "report.json").is_file()
 
     # The gate served the image model, which reads the tabular features.
     promotion = run.results[-1].output_for_node("serving_model")
     assert promotion.candidate == "test_efficientnet" and promotion.champion_after == "v0001"
-    service = ModelService(ModelRegistry(root / "registry"), ServingConfig(tta=False))
+    service = ModelService(ModelRegistry(ArtifactPaths(root).registry), ServingConfig(tta=False))
     served = service.status().model
     assert served is not None and list(served.tabular_features) == tbp
 

@@ -9,6 +9,7 @@ from tabular_helpers import TABULAR, folds_table
 
 from melanoma_assets.assets.tabular import tabular_baseline
 from melanoma_assets.resources import ArtifactStorage, DataSource, PipelineSettings, TrainingHardware
+from melanoma_ml.artifacts import ArtifactPaths
 
 
 def settings(tmp_path: Path, tabular: list[str]) -> PipelineSettings:
@@ -33,4 +34,4 @@ def test_on_it_reports_the_out_of_fold_auc_with_its_ci(tmp_path: Path) -> None:
     result = tabular_baseline(settings=settings(tmp_path, TABULAR), patient_folds=folds_table())
     assert result.metadata["enabled"] is True
     assert result.metadata["auc_lo"] <= result.metadata["auc"] <= result.metadata["auc_hi"]
-    assert (tmp_path / "artifacts" / "reports" / "gbdt_tabular" / "oof.parquet").is_file()
+    assert ArtifactPaths(tmp_path / "artifacts").oof("gbdt_tabular").is_file()

@@ -19,6 +19,7 @@ import pytest
 from graph_helpers import materialize_tiny_graph
 
 from melanoma_ml import schema
+from melanoma_ml.artifacts import ArtifactPaths
 from melanoma_ml.training import train
 
 
@@ -49,7 +50,7 @@ def test_test_evaluation_asset_scores_the_locked_split_and_nothing_leaks(tmp_pat
     ]
     assert "test_split_untouched" in {e.check_name for e in evaluations}
 
-    folds = pd.read_parquet(root / "tables" / "folds.parquet")
+    folds = pd.read_parquet(ArtifactPaths(root).folds_table)
     test_rows = folds[locked_test_mask(folds)]
     test_images, test_groups = set(test_rows[schema.IMAGE]), set(test_rows[schema.GROUP])
     assert len(test_rows) and test_rows["target"].nunique() == 2
@@ -58,7 +59,7 @@ def test_test_evaluation_asset_scores_the_locked_split_and_nothing_leaks(tmp_pat
     assert (
         not {by_image[name] for name in seen["train"] | seen["valid"]} & test_groups
     )  # train_fold's loaders
-    oof = pd.read_parquet(root / "reports" / "test_efficientnet" / "oof.parquet")  # OOF report, ranking
+    oof = pd.read_parquet(ArtifactPaths(root).oof("test_efficientnet"))  # OOF report, ranking
     assert not set(oof[schema.IMAGE]) & test_images
 
     last = run.results[-1]
@@ -78,12 +79,12 @@ def test_test_evaluation_asset_scores_the_locked_split_and_nothing_leaks(tmp_pat
     )  # fmt: skip
     assert "internal/test_efficientnet/ensemble/test_auc" in materialization.metadata
 
-    board = json.loads((root / "reports" / "leaderboard" / "leaderboard.json").read_text())
+    board = json.loads((ArtifactPaths(root).leaderboard / "leaderboard.json").read_text())
     assert board["rows"][0]["test_auc"] == pytest.approx(ensemble.test_auc.value)
 
-    registry = ModelRegistry(root / "registry")
+    registry = ModelRegistry(ArtifactPaths(root).registry)
     manifest = registry.manifest(registry.current())
-    bundled = served if manifest.ensemble is None else ensemble  # serving.ensemble: best_fold | folds
+    bundled = served if manifest.ensemble.kind == "best_fold" else ensemble  # serving.ensemble
     assert not set(manifest.oof.image_name) & test_images
     own = manifest.oof_frame()
     target, raw = own["target"].to_numpy(), own["prob"].to_numpy()  # stored out-of-fold: raw probabilities

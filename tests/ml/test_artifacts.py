@@ -18,6 +18,8 @@ def test_artifact_layout_matches_the_architecture_doc(tmp_path: Path) -> None:
     assert paths.report("resnet50") == tmp_path / "reports" / "resnet50"
     assert paths.registry == tmp_path / "registry"
     assert paths.synthetic == tmp_path / "data" / "synthetic"
+    assert (paths.caches, paths.test_reports) == (tmp_path / "cache", tmp_path / "reports" / "test")
+    assert paths.cache(64).parent == paths.caches and paths.leaderboard.parent == paths.reports
 
 
 def test_artifact_root_description_promises_what_the_pipeline_accepts(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from conftest import TEST_SEED
 from sklearn.metrics import roc_auc_score
 
 from melanoma_ml import schema
+from melanoma_ml.artifacts import ArtifactPaths
 from melanoma_ml.config import PipelineConfig, SyntheticConfig, load_config
 
 pytestmark = pytest.mark.slow
@@ -82,14 +83,14 @@ def e2e(tmp_path_factory: pytest.TempPathFactory) -> EndToEnd:
     dataset = generate_synthetic_dataset(root / "data" / "synthetic", config.data.synthetic)
     cleaning = load_dataset(dataset.root, layout="auto", check_images=True, hash_images=True)
     folds = assign_folds(cleaning.clean, config.data.n_folds, config.data.fold_seed)
-    cache = build_image_cache(folds, root / "cache" / f"{SIZE}px", SIZE)
+    cache = build_image_cache(folds, ArtifactPaths(root).cache(SIZE), SIZE)
     results = [
-        train_fold(config, BACKBONE, k, folds, cache, root / "checkpoints" / BACKBONE / f"fold{k}")
+        train_fold(config, BACKBONE, k, folds, cache, ArtifactPaths(root).checkpoint(BACKBONE, k))
         for k in range(N_FOLDS)
     ]
     oof = pd.concat([r.oof for r in results], ignore_index=True)
     report = evaluate_predictions(oof, config.evaluation)  # no out_dir: figures are tested elsewhere
-    report.save(root / "reports" / BACKBONE)
+    report.save(ArtifactPaths(root).report(BACKBONE))
     net, spec, _info = load_checkpoint(results[0].checkpoint_dir)
     bundle_dir = save_bundle(
         root / "bundle",
@@ -135,7 +136,7 @@ def test_report_has_every_required_metric_with_a_confidence_interval(e2e: EndToE
     for name in REQUIRED_METRICS:
         estimate = e2e.report.metric(name)
         assert estimate.lo <= estimate.value <= estimate.hi, (name, estimate)
-    assert (e2e.root / "reports" / BACKBONE / "report.json").is_file()
+    assert (ArtifactPaths(e2e.root).report(BACKBONE) / "report.json").is_file()
 
 
 def _served(e2e: EndToEnd, images_from: str) -> tuple[np.ndarray, np.ndarray]:
@@ -157,7 +158,7 @@ def _served(e2e: EndToEnd, images_from: str) -> tuple[np.ndarray, np.ndarray]:
         images = list(e2e.cache.array()[e2e.cache.rows_for(rows[schema.IMAGE])])
     else:
         images = [load_resized(path, bundle.spec.image_size) for path in rows[schema.IMAGE_PATH]]
-    return predict(bundle, images, metadata, tta=False), e2e.results[0].oof["prob"].to_numpy()
+    return predict(bundle, images, metadata, views=1), e2e.results[0].oof["prob"].to_numpy()
 
 
 def test_bundle_reproduces_the_checkpoint_oof_probabilities(e2e: EndToEnd):

@@ -91,4 +91,6 @@ def test_real_2020_folds_patient_disjoint_balanced_deterministic(isic_metadata_d
     assert ((summary["prevalence"] - overall).abs() < 0.005).all(), summary
     assert fold_problems(folded) == []
     assert assign_folds(table, n_folds=5, seed=42)[schema.FOLD].tolist() == folded[schema.FOLD].tolist()
-    assert elapsed < 120.0, f"assign_folds on 33,126 rows took {elapsed:.1f} s"  # pathological only (~5 s idle)
+    assert elapsed < 120.0, (
+        f"assign_folds on 33,126 rows took {elapsed:.1f} s"
+    )  # pathological only (~5 s idle)

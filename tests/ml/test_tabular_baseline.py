@@ -11,6 +11,7 @@ import pytest
 from tabular_helpers import TABULAR, folds_table
 
 from melanoma_ml import schema
+from melanoma_ml.artifacts import artifact_paths
 from melanoma_ml.cli import _leaderboard_lines
 from melanoma_ml.config import load_config
 from melanoma_ml.errors import InputValueError
@@ -55,7 +56,7 @@ def test_without_tabular_features_the_baseline_is_off_and_writes_nothing(tmp_pat
 
 def test_the_baseline_writes_its_oof_and_report_under_reports_gbdt_tabular(trained) -> None:
     config, baseline = trained
-    folder = Path(config.artifact_root) / "reports" / GBDT_NAME
+    folder = artifact_paths(config).report(GBDT_NAME)
     oof = pd.read_parquet(folder / "oof.parquet")
     assert baseline.enabled and baseline.report.name == GBDT_NAME
     assert len(oof) == baseline.report.n_images == len(folds_table())
@@ -78,7 +79,7 @@ def test_the_board_shows_the_gbdt_and_the_blend_beside_the_image_model_but_never
     trained, tmp_path: Path
 ) -> None:
     config, baseline = trained
-    gbdt_oof = pd.read_parquet(Path(config.artifact_root) / "reports" / GBDT_NAME / "oof.parquet")
+    gbdt_oof = pd.read_parquet(artifact_paths(config).oof(GBDT_NAME))
     image_oof = image_model(gbdt_oof)
     reports = {"test_efficientnet": evaluate_predictions(image_oof, config.evaluation)}
     rows = TabularRows(baseline.report, gbdt_oof, blend_dir=tmp_path / "blend")
@@ -116,7 +117,7 @@ def test_the_board_shows_the_gbdt_and_the_blend_beside_the_image_model_but_never
 
 def test_without_the_baseline_every_row_is_an_image_row(trained) -> None:
     config, baseline = trained
-    gbdt_oof = pd.read_parquet(Path(config.artifact_root) / "reports" / GBDT_NAME / "oof.parquet")
+    gbdt_oof = pd.read_parquet(artifact_paths(config).oof(GBDT_NAME))
     image_oof = image_model(gbdt_oof)
     reports = {"test_efficientnet": evaluate_predictions(image_oof, config.evaluation)}
     board = Leaderboard.rank(reports, {"test_efficientnet": image_oof}, config.evaluation)
@@ -125,7 +126,7 @@ def test_without_the_baseline_every_row_is_an_image_row(trained) -> None:
 
 def test_a_baseline_on_other_images_is_refused_naming_the_folds_table(trained) -> None:
     config, baseline = trained
-    gbdt_oof = pd.read_parquet(Path(config.artifact_root) / "reports" / GBDT_NAME / "oof.parquet")
+    gbdt_oof = pd.read_parquet(artifact_paths(config).oof(GBDT_NAME))
     image_oof = image_model(gbdt_oof).iloc[10:]
     reports = {"test_efficientnet": evaluate_predictions(image_oof, config.evaluation)}
     rows = TabularRows(baseline.report, gbdt_oof)

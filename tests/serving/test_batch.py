@@ -214,7 +214,7 @@ def test_batched_scores_equal_one_image_at_a_time_through_the_serving_decoder(tm
     scores = score_path(tmp_path, bundle, batch_size=4).table.set_index(schema.IMAGE)
 
     for path in paths:
-        alone = inference.predict(bundle, [load_resized(path, SIZE)], [{}], tta=True)[0]
+        alone = inference.predict(bundle, [load_resized(path, SIZE)], [{}], views=8)[0]
         assert scores.loc[path.stem, "target"] == pytest.approx(alone, abs=1e-5)
 
 
@@ -227,8 +227,8 @@ def test_no_tta_equals_tta_on_a_symmetric_image_and_differs_on_an_asymmetric_one
     Image.fromarray(np.stack([symmetric] * 3, axis=-1).astype(np.uint8)).save(tmp_path / "sym.png")
     write_image(tmp_path / "noise.png", 5, (SIZE, SIZE))
 
-    with_tta = score_path(tmp_path, bundle, tta=True).table.set_index(schema.IMAGE)["target"]
-    without = score_path(tmp_path, bundle, tta=False).table.set_index(schema.IMAGE)["target"]
+    with_tta = score_path(tmp_path, bundle, views=8).table.set_index(schema.IMAGE)["target"]
+    without = score_path(tmp_path, bundle, views=1).table.set_index(schema.IMAGE)["target"]
 
     assert with_tta["sym"] == pytest.approx(without["sym"], abs=1e-5)
     assert with_tta["noise"] != pytest.approx(without["noise"], abs=1e-7)
@@ -310,8 +310,8 @@ def test_the_prior_shift_moves_probabilities_and_threshold_but_not_decisions(
     for i in range(6):
         write_image(tmp_path / f"img{i}.jpg", i, (60, 50))
 
-    base = score_path(tmp_path, ood_bundle, tta=False)
-    shifted = score_path(tmp_path, ood_bundle, tta=False, deployment_prevalence=0.02)
+    base = score_path(tmp_path, ood_bundle, views=1)
+    shifted = score_path(tmp_path, ood_bundle, views=1, deployment_prevalence=0.02)
 
     assert base.threshold == ood_bundle.threshold and base.deployment_prevalence is None
     assert shifted.threshold < base.threshold and shifted.deployment_prevalence == 0.02
@@ -383,7 +383,7 @@ def test_metadata_the_app_refuses_is_scored_as_missing_with_the_apps_message(tmp
     (tmp_path / "rows.csv").write_text("\n".join(lines) + "\n")
     vocabulary = {k: list(v) for k, v in bundle.spec.encoder.vocabulary.items()}
 
-    table = score_path(tmp_path / "rows.csv", bundle, tta=False).table.set_index(schema.IMAGE)
+    table = score_path(tmp_path / "rows.csv", bundle, views=1).table.set_index(schema.IMAGE)
 
     assert table.loc["good", "warning"] == "" and table.loc["good", "error"] == ""
     for index, (column, value) in enumerate(APP_REFUSES):
@@ -413,7 +413,7 @@ def test_a_dataset_layout_keeps_the_values_cleaning_could_not_read_for_the_apps_
     )
 
     found = read_scoring_input(tmp_path)
-    table = score_path(tmp_path, bundle, tta=False).table.set_index(schema.IMAGE)
+    table = score_path(tmp_path, bundle, views=1).table.set_index(schema.IMAGE)
 
     assert found.kind == "ham10000"
     assert found.given.set_index(found.table[schema.IMAGE]).loc["ISIC_1", schema.SEX] == "alien"

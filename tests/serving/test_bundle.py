@@ -90,20 +90,23 @@ def test_manifest_records_everything_needed_to_rebuild_and_trust(tmp_path, spec_
     assert (manifest.data_version, manifest.code_version) == ("folds-abc123", "0.1.0+test")
     assert manifest.created_at.endswith("+00:00")
     assert manifest.weights_sha256 == bundle_module.sha256_file(path / "weights.safetensors")
-    assert (manifest.version, manifest.fold, manifest.checkpoint_sha256) == ("v0007", 1, "ab" * 32)
+    (member,) = manifest.ensemble.members  # one network: a one-member ensemble, its provenance on member 0
+    assert (manifest.version, member.fold, member.checkpoint_sha256) == ("v0007", 1, "ab" * 32)
+    assert (manifest.ensemble.kind, member.weights.name, member.runtime) == ("best_fold", WEIGHTS_FILE, None)
     assert manifest.oof_frame()["image_name"].tolist() == OOF["image_name"]
     on_disk = json.loads((path / "manifest.json").read_text())  # plain, readable JSON
     assert on_disk["schema_version"] == MANIFEST_SCHEMA_VERSION
-    assert (
-        on_disk["model_spec"]["backbone"] == "test_efficientnet" and on_disk["model_spec"]["image_size"] == 32
-    )
+    stored_spec = on_disk["ensemble"]["members"][0]["model_spec"]
+    assert stored_spec["backbone"] == "test_efficientnet" and stored_spec["image_size"] == 32
+    assert not {"model_spec", "weights_sha256", "fold", "checkpoint_sha256"} & set(on_disk)  # one shape
     assert on_disk["metrics"] == METRICS
     assert on_disk["oof"]["prob"] == pytest.approx(OOF["prob"])
 
 
 def test_a_bundle_without_provenance_leaves_it_empty(tmp_path, spec_and_net):
     manifest = read_manifest(export(tmp_path / "b", spec_and_net))
-    assert (manifest.version, manifest.fold, manifest.checkpoint_sha256, manifest.oof) == (
+    member = manifest.ensemble.members[0]
+    assert (manifest.version, member.fold, member.checkpoint_sha256, manifest.oof) == (
         None,
         None,
         None,
@@ -141,7 +144,7 @@ def test_tampered_weights_are_refused_before_loading(tmp_path, spec_and_net):
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0xFF
     weights.write_bytes(bytes(data))
-    with pytest.raises(BundleIntegrityError, match=r"weights sha256 mismatch in .*re-export it or roll back"):
+    with pytest.raises(BundleIntegrityError, match=r"sha256 mismatch for .*weights\.safetensors.*roll back"):
         load_bundle(path)
 
 
@@ -231,10 +234,7 @@ def test_a_manifest_of_another_schema_is_refused_with_what_to_do(tmp_path, spec_
     with pytest.raises(ManifestSchemaError) as refused:
         load_bundle(path)
     message = str(refused.value)
-    assert (
-        f"bundle {path} {found}, this version of melanoma_ml reads schema {MANIFEST_SCHEMA_VERSION}"
-        in message
-    )
+    assert f"bundle {path} {found}, this version of melanoma_ml reads schema 2 and 3" in message
     assert "melanoma-ml rollback --to VERSION" in message and "serving_model" in message
     assert isinstance(refused.value, BundleError) and isinstance(refused.value, MelanomaInputError)
 
@@ -275,7 +275,7 @@ def test_broken_bundles_give_clear_errors(tmp_path, spec_and_net, damage, messag
 def test_weights_that_do_not_fit_the_spec_are_refused(tmp_path, spec_and_net):
     path = export(tmp_path / "b", spec_and_net)
     manifest = json.loads((path / "manifest.json").read_text())
-    manifest["model_spec"]["meta_hidden"] = [16]
+    manifest["ensemble"]["members"][0]["model_spec"]["meta_hidden"] = [16]
     _write_manifest_text(path, json.dumps(manifest))
     with pytest.raises(BundleError, match=r"(?s)does not fit the 'test_efficientnet' network.*re-export"):
         load_bundle(path)
@@ -285,7 +285,7 @@ def test_unreadable_weights_with_a_matching_sha256_are_refused(tmp_path, spec_an
     path = export(tmp_path / "b", spec_and_net)
     (path / WEIGHTS_FILE).write_bytes(b"not a safetensors file")
     manifest = json.loads((path / "manifest.json").read_text())
-    manifest["weights_sha256"] = bundle_module.sha256_file(path / WEIGHTS_FILE)
+    manifest["ensemble"]["members"][0]["weights"]["sha256"] = bundle_module.sha256_file(path / WEIGHTS_FILE)
     _write_manifest_text(path, json.dumps(manifest))
     with pytest.raises(BundleError, match=r"cannot read .*weights\.safetensors.*re-export"):
         load_bundle(path)
@@ -392,3 +392,18 @@ def test_a_recorded_digest_that_differs_is_refused(tmp_path, spec_and_net):
     assert verify_bundle(path, manifest_sha256=digest).threshold == 0.3
     with pytest.raises(BundleIntegrityError, match="the registry history records 0+, got"):
         verify_bundle(path, manifest_sha256="0" * 64)
+
+
+def test_an_ensemble_gives_provenance_per_member_and_member_0_is_the_bundle_s_own(tmp_path, spec_and_net):
+    from melanoma_ml.serving.bundle import EnsembleToSave, MemberNet
+
+    spec, net = spec_and_net
+    members = [MemberNet(net, spec, 0), MemberNet(net, spec, 1)]
+    ensemble = EnsembleToSave("folds", "probability", members)
+    with pytest.raises(BundleError, match="fold and checkpoint_sha256 describe a one-network bundle"):
+        export(tmp_path / "a", spec_and_net, ensemble=ensemble, fold=0)
+    other = tiny_spec(size=40)
+    with pytest.raises(BundleError, match="member 0 must have the bundle's own spec"):
+        save_bundle(tmp_path / "b", net, other, threshold=0.3, metrics=METRICS, data_version="d",
+                    code_version="c", ensemble=ensemble)  # fmt: skip
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -122,18 +122,18 @@ def test_predict_serves_calibrated_then_prior_shifted_probabilities(registered) 
     images = [rng.integers(0, 256, size=(SIZE + 8, SIZE, 3), dtype=np.uint8) for _ in range(4)]
     metadata = [{"age": 40 + 5 * i, "sex": "female", "site": "torso"} for i in range(4)]
 
-    raw = predict(bundle, images, metadata, tta=False, calibrated=False)
-    calibrated = predict(bundle, images, metadata, tta=False)
+    raw = predict(bundle, images, metadata, views=1, calibrated=False)
+    calibrated = predict(bundle, images, metadata, views=1)
     calibration = bundle.manifest.calibration
     np.testing.assert_allclose(calibrated, calibration.calibrator().apply(raw), rtol=0, atol=1e-12)
     assert not np.allclose(calibrated, raw)
 
-    shifted = predict(bundle, images, metadata, tta=False, deployment_prevalence=0.05)
+    shifted = predict(bundle, images, metadata, views=1, deployment_prevalence=0.05)
     np.testing.assert_allclose(shifted, shift_prior(calibrated, calibration.prevalence, 0.05), atol=1e-12)
     assert (shifted < calibrated).all()  # 5% is below the ~25% training prevalence
     # The threshold moves with the odds: the decision does not depend on the prevalence setting.
     for prevalence in (0.01, 0.05, 0.5):
-        moved = predict(bundle, images, metadata, tta=False, deployment_prevalence=prevalence)
+        moved = predict(bundle, images, metadata, views=1, deployment_prevalence=prevalence)
         np.testing.assert_array_equal(
             moved >= decision_threshold(bundle.manifest, prevalence), calibrated >= bundle.threshold
         )
@@ -163,10 +163,8 @@ def test_old_bundle_without_calibration_serves_raw_and_says_so(tmp_path: Path) -
     rng = np.random.default_rng(2)
     images = [rng.integers(0, 256, size=(SIZE, SIZE, 3), dtype=np.uint8) for _ in range(2)]
     metadata = [{"age": 50, "sex": "male", "site": "torso"}] * 2
-    raw = predict(bundle, images, metadata, tta=False, calibrated=False)
-    np.testing.assert_array_equal(
-        predict(bundle, images, metadata, tta=False, deployment_prevalence=0.05), raw
-    )
+    raw = predict(bundle, images, metadata, views=1, calibrated=False)
+    np.testing.assert_array_equal(predict(bundle, images, metadata, views=1, deployment_prevalence=0.05), raw)
     assert decision_threshold(bundle.manifest, 0.05) == 0.4
     model = ModelService(registry, ServingConfig(deployment_prevalence=0.05)).status().model
     card = model_card_markdown(model, 0.05)

@@ -76,7 +76,7 @@ def _one(member: MemberNet, tmp_path, name: str):
 def test_an_ensemble_bundle_averages_its_members_in_the_stated_space(tmp_path, members, average) -> None:
     bundle = load_bundle(_save(tmp_path / "ensemble", members, average))
     manifest = bundle.manifest
-    assert manifest.ensemble is not None and len(bundle.scorers) == 3
+    assert len(manifest.ensemble.members) == len(bundle.scorers) == 3
     assert [m.fold for m in manifest.ensemble.members] == [0, 1, 2]
     assert manifest.ensemble.members[0].weights.name == "weights.safetensors"
     assert "mean of 3 fold models" in manifest.describe_model()
@@ -111,7 +111,7 @@ def test_out_of_fold_scores_use_only_the_member_that_did_not_train_on_the_image(
     got = score_out_of_fold(bundle, images, RECORDS[:3], folds)
     for i, fold in enumerate(folds):
         alone = predict(_one(members[fold], tmp_path, f"fold{fold}-{i}"), images[i : i + 1], RECORDS[i : i + 1],
-                        tta=False, calibrated=False)  # fmt: skip
+                        views=1, calibrated=False)  # fmt: skip
         assert got[i] == pytest.approx(float(alone[0]), abs=1e-6)
     with pytest.raises(ValueError, match="no member of the ensemble was trained without fold 7"):
         score_out_of_fold(bundle, images[:1], RECORDS[:1], [7])
@@ -189,7 +189,8 @@ def test_an_ensemble_exported_for_onnxruntime_serves_the_same_probabilities(tmp_
     )
     assert manifest.runtime.parity["max_abs_prob_diff"] <= 1e-4
     files = [m.runtime_file.name for m in manifest.ensemble.members]
-    assert files == ["model.onnx", "members/member1.onnx"]
+    assert files == ["members.onnx", "members.onnx"]  # one merged graph, one session for both members
+    assert bundle.scorers[0].merged.runner is bundle.scorers[1].merged.runner
     torch_bundle = load_bundle(_save(tmp_path / "torch", two))
     images = _images()
     np.testing.assert_allclose(
@@ -197,9 +198,9 @@ def test_an_ensemble_exported_for_onnxruntime_serves_the_same_probabilities(tmp_
         predict(torch_bundle, images, RECORDS, calibrated=False),
         atol=1e-5,
     )
-    exported = out / "members" / "member1.onnx"
+    exported = out / "members.onnx"
     exported.write_bytes(exported.read_bytes() + b"\0")
-    with pytest.raises(BundleIntegrityError, match=r"members/member1\.onnx"):
+    with pytest.raises(BundleIntegrityError, match=r"members\.onnx"):
         load_bundle(out)
 
 
@@ -217,7 +218,7 @@ def test_auto_falls_back_to_torch_and_says_why(tmp_path, members, monkeypatch) -
     )  # fmt: skip
     manifest = load_bundle(out).manifest
     assert manifest.runtime.runtime == "torch" and "exporter exploded" in manifest.runtime.note
-    assert manifest.runtime.file is None and not list(out.glob("*.onnx"))
+    assert manifest.ensemble.members[0].runtime_file is None and not list(out.glob("*.onnx"))
 
 
 def _members_with_different_encoders() -> list[MemberNet]:
@@ -273,12 +274,13 @@ def test_members_with_different_encoder_widths_are_each_exported_and_probed_with
         assert (member.runtime.runtime, member.runtime.precision) == ("onnxruntime", "fp32")
         assert member.runtime.parity["max_abs_prob_diff"] <= 1e-4
         assert member.runtime.parity["n_inputs"] == 4 * 8  # every view of every probe image
-    # each exported graph takes its own member's metadata width
+    # the one merged graph takes each member's own metadata width
     import onnx
 
+    assert {m.runtime_file.name for m in manifest.ensemble.members} == {"members.onnx"}
+    graph = onnx.load(str(out / "members.onnx")).graph
     widths = [
-        onnx.load(str(out / m.runtime_file.name)).graph.input[1].type.tensor_type.shape.dim[1].dim_value
-        for m in manifest.ensemble.members
+        i.type.tensor_type.shape.dim[1].dim_value for i in graph.input if i.name.startswith("metadata_")
     ]
     assert widths == [8, 9]
     torch_bundle = load_bundle(_save(tmp_path / "torch", members))
@@ -300,19 +302,19 @@ def test_an_encoded_probe_that_does_not_fit_a_member_is_refused_naming_it(tmp_pa
     assert not (tmp_path / "bad").exists()
 
 
-def _member1_misses_parity(monkeypatch) -> None:
-    """ONNX Runtime serves member 1's exported file with logits shifted by 3: a parity miss of that member only."""
+def _member_misses_parity(monkeypatch, net) -> None:
+    """The exported runtime's logits of ``net`` (alone or in the merged graph) read shifted by 3 in the
+    parity check: a parity miss of that member only."""
     from melanoma_ml.serving import runtimes
 
-    real = runtimes.load_logits_fn
+    real = runtimes.max_probability_gap
 
-    def shifted(folder, choice, file, net, **kwargs):
-        logits = real(folder, choice, file, net, **kwargs)
-        if file is None or not file[0].startswith("members/member1."):
-            return logits
-        return lambda x, meta: logits(x, meta) + 3.0
+    def shifted(reference, candidate, *args, **kwargs):
+        if reference is net:
+            return real(reference, lambda x, meta: torch.as_tensor(candidate(x, meta)) + 3.0, *args, **kwargs)
+        return real(reference, candidate, *args, **kwargs)
 
-    monkeypatch.setattr(runtimes, "load_logits_fn", shifted)
+    monkeypatch.setattr(runtimes, "max_probability_gap", shifted)
 
 
 def test_auto_falls_back_to_torch_for_the_member_that_misses_parity_only(
@@ -320,7 +322,7 @@ def test_auto_falls_back_to_torch_for_the_member_that_misses_parity_only(
 ) -> None:
     from melanoma_ml.serving.bundle import ProbeImages, RuntimeRequest
 
-    _member1_misses_parity(monkeypatch)
+    _member_misses_parity(monkeypatch, members[1].net)
     three = members[:3]
     probe = ProbeImages(_images(4), RECORDS[:4])
     out = _save_with_runtime(tmp_path / "auto", three, RuntimeRequest("auto", "fp32", 1e-4, probe))
@@ -330,6 +332,9 @@ def test_auto_falls_back_to_torch_for_the_member_that_misses_parity_only(
     assert chosen == [("onnxruntime", "fp32"), ("torch", "fp32"), ("onnxruntime", "fp32")]
     missed = manifest.ensemble.members[1]
     assert missed.runtime_file is None and not (out / "members" / "member1.onnx").exists()
+    merged = [m.runtime_file.name for m in manifest.ensemble.members[::2]]
+    assert merged == ["members.onnx", "members.onnx"]  # the graph was exported again without member 1
+    assert bundle.scorers[0].merged.runner.n_members == 2 and bundle.scorers[1].merged is None
     assert (
         "fell back to torch fp32" in missed.runtime.note and "runtime_parity_tolerance" in missed.runtime.note
     )
@@ -352,7 +357,7 @@ def test_a_runtime_asked_for_by_name_is_refused_when_any_member_misses_parity(
     from melanoma_ml.serving.bundle import ProbeImages, RuntimeRequest
     from melanoma_ml.serving.runtimes import RuntimeParityError
 
-    _member1_misses_parity(monkeypatch)
+    _member_misses_parity(monkeypatch, members[1].net)
     request = RuntimeRequest("onnxruntime", "fp32", 1e-4, ProbeImages(_images(4), RECORDS[:4]))
     with pytest.raises(RuntimeParityError, match="serving.runtime=onnxruntime"):
         _save_with_runtime(tmp_path / "named", members[:2], request)

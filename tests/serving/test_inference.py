@@ -19,8 +19,9 @@ from melanoma_ml.serving.inference import (
     predict_tensor,
     preprocess,
 )
-from melanoma_ml.serving.manifest import BundleManifest
+from melanoma_ml.serving.manifest import BundleFile, BundleManifest, Ensemble, EnsembleMember
 from melanoma_ml.spec import ModelSpec
+from melanoma_ml.weights import WEIGHTS_FILE
 
 SIZE = 32
 META = [
@@ -45,7 +46,12 @@ def bundle() -> Bundle:
     torch.manual_seed(0)
     spec = tiny_spec()
     net = spec.build_network().eval().requires_grad_(False).to(memory_format=torch.channels_last)
-    manifest = BundleManifest.model_construct()  # no calibration: predict returns the network's output
+    one = Ensemble(  # one network (no calibration: predict returns the network's output)
+        kind="best_fold",
+        average="probability",
+        members=[EnsembleMember(weights=BundleFile(name=WEIGHTS_FILE, sha256="0" * 64), model_spec=spec)],
+    )
+    manifest = BundleManifest.model_construct(ensemble=one)
     return Bundle(
         path=Path("in-memory"), net=net, spec=spec, manifest=manifest, threshold=0.5, version="test"
     )
@@ -110,7 +116,7 @@ def test_serving_input_is_bit_identical_to_the_training_eval_transform(images, c
 def test_batched_tta_equals_the_mean_of_eight_separate_forward_passes(bundle, images):
     x = preprocess(images, bundle.spec)
     meta = encode_metadata(META, bundle.spec, len(images))
-    batched = predict_tensor(bundle.net, x, meta, tta=True)
+    batched = predict_tensor(bundle.net, x, meta, views=8)
     with torch.inference_mode():
         per_view = [
             torch.sigmoid(bundle.net(v.contiguous(memory_format=torch.channels_last), meta))
@@ -131,8 +137,8 @@ def test_one_forward_pass_per_batch(bundle, images):
     calls = []
     handle = bundle.net.register_forward_hook(lambda module, inputs, output: calls.append(inputs[0].shape[0]))
     try:
-        predict(bundle, images, META, tta=True, batch_size=64)
-        predict(bundle, images, META, tta=True, batch_size=2)
+        predict(bundle, images, META, views=8, batch_size=64)
+        predict(bundle, images, META, views=8, batch_size=2)
     finally:
         handle.remove()
     assert calls == [8 * 5, 8 * 2, 8 * 2, 8 * 1]
@@ -165,7 +171,7 @@ def test_without_tta_it_is_the_sigmoid_of_one_pass(bundle, images):
     meta = encode_metadata(META, bundle.spec, len(images))
     with torch.inference_mode():
         expected = torch.sigmoid(bundle.net(x, meta)).numpy()
-    np.testing.assert_allclose(predict(bundle, images, META, tta=False), expected, atol=1e-6)
+    np.testing.assert_allclose(predict(bundle, images, META, views=1), expected, atol=1e-6)
 
 
 @pytest.mark.parametrize(

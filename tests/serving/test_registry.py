@@ -81,7 +81,8 @@ def test_register_bundle_exports_a_loadable_version_that_knows_its_name(tmp_path
     assert bundle.version == "v0001"
     manifest = registry.manifest("v0001")  # typed fields, validated on load
     assert bundle.manifest == manifest
-    assert (manifest.version, manifest.fold, manifest.checkpoint_sha256) == ("v0001", 0, "cd" * 32)
+    member = manifest.ensemble.members[0]
+    assert (manifest.version, member.fold, member.checkpoint_sha256) == ("v0001", 0, "cd" * 32)
     assert manifest.threshold == 0.5 and manifest.backbone == spec.backbone and manifest.model_spec == spec
 
 
@@ -98,7 +99,8 @@ def test_a_copied_in_bundle_reports_its_new_version_not_the_source_registrys(tmp
     assert production.register(exported) == "v0001"
     copied = production.version_path("v0001")
     assert load_bundle(copied).version == "v0001"
-    assert (production.manifest("v0001").version, production.manifest("v0001").fold) == ("v0001", 1)
+    manifest = production.manifest("v0001")
+    assert (manifest.version, manifest.ensemble.members[0].fold) == ("v0001", 1)
     assert sha256_file(copied / "weights.safetensors") == sha256_file(exported / "weights.safetensors")
     assert load_bundle(exported).version == "v0003"  # the source is left as it was
 

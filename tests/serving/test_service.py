@@ -219,7 +219,7 @@ def test_predict_answers_with_probability_decision_and_overlay(registry, samples
     # Encoded exactly as the library encodes metadata for the same bundle.
     bundle = result.model.bundle
     image = service.decode(samples["rgb.jpg"])
-    direct = predict(bundle, [image], [{"age": 55.0, "sex": "male", "site": "torso"}], tta=tta)
+    direct = predict(bundle, [image], [{"age": 55.0, "sex": "male", "site": "torso"}], views=8 if tta else 1)
     assert result.probability == pytest.approx(float(direct[0]), abs=1e-6)
     answer = result.to_json()
     assert {"probability", "threshold", "decision", "model_version", "backbone"} <= set(answer)

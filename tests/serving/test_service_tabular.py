@@ -110,7 +110,7 @@ def test_predict_with_tabular_given_encodes_them_like_the_library(service, uploa
         result.model.bundle,
         [image],
         [{"age": 60.0, "sex": "male", "site": None, "tabular": expected}],
-        tta=False,
+        views=1,
     )
     assert result.probability == pytest.approx(float(direct[0]), abs=1e-6)
 
