@@ -9,8 +9,16 @@ The built-in synthetic demo set never changes, so with no source folder the sens
 each new sub-folder, once nothing in it changed for ``QUIET_SECONDS``, becomes a ``batch_scores``
 partition named after it, and one run scores it. A folder is scored once; re-materialize its partition to
 score it again (e.g. with a newer model).
+
+``labelled_cases_arrived`` retrains on the clinic's own cases: once ``monitoring.retrain_after_labelled_cases``
+labelled cases with a kept image (``serving.keep_images``) arrived since the last run it started (cursor: the
+newest outcome time it counted, ``monitoring.deployed.retraining_due``), it exports them
+(``<artifact_root>/monitoring/feedback``, as ``melanoma-ml outcomes export`` does) and starts ``prepare_data``
+with ``data.feedback_sources`` + ``data.train_on_feedback: true`` in the run's settings; training,
+evaluation and the promotion gate (which then also compares candidate and champion on those cases) follow.
 """
 
+import json
 import time
 from pathlib import Path
 
@@ -19,7 +27,11 @@ import dagster as dg
 from melanoma_assets.assets.scoring import batch_scores, incoming_batches
 from melanoma_assets.jobs import TRIGGER_TAG, prepare_data_job
 from melanoma_assets.resources import PipelineSettings
+from melanoma_ml.artifacts import artifact_paths
+from melanoma_ml.config import deep_merge
 from melanoma_ml.metadata.fingerprint import source_fingerprint
+from melanoma_ml.monitoring.deployed import retraining_due
+from melanoma_ml.monitoring.feedback import export_feedback
 from melanoma_ml.serving.batch import drop_folder
 
 FINGERPRINT_TAG = "melanoma/source_fingerprint"
@@ -47,6 +59,56 @@ def source_data_changed(
         tags={TRIGGER_TAG: "source_data_changed", FINGERPRINT_TAG: fingerprint},
     )
     return dg.SensorResult(run_requests=[request], cursor=fingerprint)
+
+
+FEEDBACK_CASES_TAG = "melanoma/new_labelled_cases"
+"""Run tag of a retraining run the ``labelled_cases_arrived`` sensor started: how many new labelled cases."""
+
+
+@dg.sensor(
+    name="labelled_cases_arrived",
+    job=prepare_data_job,
+    minimum_interval_seconds=300,
+    description="Starts a retraining run (prepare_data with data.train_on_feedback: true on a fresh export of "
+    "the clinic's labelled cases) once monitoring.retrain_after_labelled_cases new labelled cases with a kept "
+    "image arrived since the last run it started.",
+)
+def labelled_cases_arrived(
+    context: dg.SensorEvaluationContext, settings: PipelineSettings
+) -> dg.SensorResult | dg.SkipReason:
+    config = settings.config()
+    check = retraining_due(config, context.cursor)
+    if not check.due:
+        return dg.SkipReason(check.message)
+    folder = artifact_paths(config).feedback_export
+    export = export_feedback(artifact_paths(config).root, folder)
+    context.log.info(export.text())
+    request = dg.RunRequest(
+        run_key=check.cursor,
+        run_config=feedback_run_config(settings, folder),
+        tags={TRIGGER_TAG: "labelled_cases_arrived", FEEDBACK_CASES_TAG: str(check.new_cases)},
+    )
+    return dg.SensorResult(run_requests=[request], cursor=check.cursor)
+
+
+def feedback_run_config(settings: PipelineSettings, folder: Path) -> dict:
+    """Run config of a retraining run on ``folder``: the settings' overrides plus ``data.feedback_sources``
+    (the configured ones and ``folder``) and ``data.train_on_feedback: true``; training, evaluation and
+    promotion follow by automation on the folds that run makes."""
+    config = settings.config()
+    sources = [s.model_dump() for s in config.data.feedback_sources]
+    if not any(Path(s["path"]).expanduser().resolve() == folder.resolve() for s in sources):
+        sources.append({"path": str(folder)})
+    overrides = deep_merge(
+        settings.overrides(),  # the JSON overrides and the typed fields (artifact root, hardware, source)
+        {"data": {"feedback_sources": sources, "train_on_feedback": True}},
+    )
+    # run config replaces the resource's whole config: the profile and every override travel in it
+    return {
+        "resources": {
+            "settings": {"config": {"profile": settings.profile, "overrides_json": json.dumps(overrides)}}
+        }
+    }
 
 
 QUIET_SECONDS = 30.0

@@ -13,9 +13,11 @@ STEP_VERSIONS = {
     "test_evaluation": "2",  # calibrated ECE/Brier on test, ensemble in serving.ensemble_average space
     "tabular_baseline": "1",
     "leaderboard": "3",  # kind column; tabular-only and blend rows
-    "serving_model": "3",  # ensembles, exported runtimes, OOD detector in the bundle
+    "serving_model": "4",  # + candidate vs champion on the clinic's labelled cases (feedback_gate)
     "gradcam_gallery": "2",  # ensemble bundles explain member 0 on its own validation images
     "batch_scores": "1",
+    "serving_monitor": "1",
+    "deployed_performance": "1",
 }
 
 

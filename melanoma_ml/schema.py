@@ -59,7 +59,6 @@ missing (NaN); ``image_path`` is absolute (or a URL); ``image_sha256`` may be em
 hashed (metadata-only cleaning)."""
 
 
-
 def extra_columns(table) -> list[str]:  # noqa: ANN001 - schema stays free of a pandas import
     """Columns of a cleaned table after ``CLEAN_COLUMNS``: numeric per-image values a layout adds (ISIC 2024
     ``tbp_lv_*``, float64, NaN where a source has none), read by ``model.tabular_features``."""

@@ -56,7 +56,7 @@ def batch_scores(context: dg.AssetExecutionContext, settings: PipelineSettings) 
     scores = score_path(
         folder,
         bundle,
-        tta=config.serving.tta,
+        views=config.serving.views,
         max_pixels=config.serving.max_image_pixels,
         deployment_prevalence=config.serving.deployment_prevalence,
         min_age=config.serving.min_age,
@@ -77,7 +77,7 @@ def scores_metadata(scores: BatchScores, out: Path) -> dict[str, object]:
     positive = int((scored["decision"] == "positive").sum())
     summary = [
         f"**{len(scored)}** of {len(scores.table)} images scored with model **{scores.model_version}** "
-        f"(threshold {scores.threshold:.4f}, TTA {'on' if scores.tta else 'off'}): **{positive}** at or "
+        f"(threshold {scores.threshold:.4f}, {scores.views}-view TTA): **{positive}** at or "
         f"above the threshold, {len(scored) - positive} below, {len(failed)} not scored.",
         f"Input: {scores.source.description}.",
         f"{scores.images_per_second:.1f} images/s. Scores: `{out}`.",
@@ -90,7 +90,7 @@ def scores_metadata(scores: BatchScores, out: Path) -> dict[str, object]:
         "scored": len(scored),
         "not_scored": len(failed),
         "positive": positive,
-        "tta": scores.tta,
+        "views": scores.views,
         "path": dg.MetadataValue.path(str(out)),
         "summary": dg.MetadataValue.md("\n\n".join(summary)),
         "scores": scores_table(scores.table.head(TABLE_ROWS)),

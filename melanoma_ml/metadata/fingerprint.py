@@ -26,6 +26,10 @@ PRIMARY_HINT = (
     "leave it unset to use the built-in synthetic demo set"
 )
 EXTERNAL_HINT = "fix the path or remove the entry (MELANOMA_DATA__EXTERNAL_SOURCES or data.external_sources)"
+FEEDBACK_HINT = (
+    "write it with `melanoma-ml outcomes export --out DIR`, fix the path, or remove the entry "
+    "(MELANOMA_DATA__FEEDBACK_SOURCES or data.feedback_sources)"
+)
 TEST_SETTING = "data.test_sources"
 TEST_HINT = "fix the path or remove the entry (MELANOMA_DATA__TEST_SOURCES or data.test_sources)"
 
@@ -56,8 +60,9 @@ def source_fingerprint(data: DataConfig, *, default_source_dir: str | Path | Non
 def configured_sources(
     data: DataConfig, default_source_dir: str | Path | None = None
 ) -> list[tuple[str, str | Path, str | None, str]]:
-    """``(setting, path, image_dir, hint)`` of the primary source (when there is one), every external one and
-    every test set (settings ``data.test_sources[i]``, :data:`TEST_SETTING`).
+    """``(setting, path, image_dir, hint)`` of the primary source (when there is one), every external one, every
+    feedback source when ``data.train_on_feedback`` (else none: a new export must not start a retraining run
+    that does not read it) and every test set (settings ``data.test_sources[i]``, :data:`TEST_SETTING`).
 
     For checking that the paths exist and for the fingerprint only: training rows come from
     ``metadata.sources.load_configured_data``, which reads the primary and external sources and never the
@@ -69,6 +74,8 @@ def configured_sources(
         sources.append(("data.source_dir", primary, data.image_dir, PRIMARY_HINT))
     for i, entry in enumerate(data.external_sources):
         sources.append((f"data.external_sources[{i}]", entry.path, entry.image_dir, EXTERNAL_HINT))
+    for i, entry in enumerate(data.feedback_sources if data.train_on_feedback else []):
+        sources.append((f"data.feedback_sources[{i}]", entry.path, entry.image_dir, FEEDBACK_HINT))
     for i, entry in enumerate(data.test_sources):
         sources.append((f"{TEST_SETTING}[{i}]", entry.path, entry.image_dir, TEST_HINT))
     return sources

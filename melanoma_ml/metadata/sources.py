@@ -6,6 +6,10 @@ are training data only (``folds`` gives them fold -1 or their primary group's fo
 on them), as the SIIM-ISIC 2020 winners used ISIC 2019 images. With externals, ``merge_sources``
 removes images listed twice (same id, or same file content) and records where the sources disagree.
 
+``data.feedback_sources`` (the clinic's labelled cases, ``melanoma-ml outcomes export``) are read the same
+way, as external sources, but only when ``data.train_on_feedback`` is true; otherwise they are not read at
+all, so they are in no fold and a new export does not change the data a run trains on.
+
 Every layout is detected (or taken from the config) by ``load_dataset``; the detected layout and the
 reason are logged and kept in ``summary["data_sources"]``.
 """
@@ -36,6 +40,10 @@ log = logging.getLogger(__name__)
 PRIMARY_SETTING = "data.source_dir"
 ENV_HINT = "MELANOMA_DATA__SOURCE_DIR"
 EXTERNAL_ENV_HINT = "MELANOMA_DATA__EXTERNAL_SOURCES"
+FEEDBACK_SETTING = "data.feedback_sources"
+FEEDBACK_ENV_HINT = "MELANOMA_DATA__FEEDBACK_SOURCES"
+FEEDBACK_NAME = "feedback"
+"""Default source name of the first ``data.feedback_sources`` entry (``monitoring.feedback`` exports)."""
 
 
 def load_configured_data(data: DataConfig, *, default_source_dir: Path | None = None) -> CleaningResult:
@@ -72,6 +80,7 @@ def load_configured_data(data: DataConfig, *, default_source_dir: Path | None = 
                 entry.require_labels,
             )
         )
+    plans += _feedback_plans(data)
     _require_distinct_names(plans)
     results = [_load(plan, data.age_out_of_range) for plan in plans]
     described = [_describe(plan, result) for plan, result in zip(plans, results, strict=True)]
@@ -130,6 +139,38 @@ def _external_path(index: int, entry: ExternalSource) -> Path:
             f"({EXTERNAL_ENV_HINT} or data.external_sources in the run config)"
         )
     return path
+
+
+def feedback_source_name(index: int, entry: ExternalSource) -> str:
+    """``data.feedback_sources[index]``'s source name: its ``name``, else ``feedback``, ``feedback-2``, ..."""
+    return entry.name or (FEEDBACK_NAME if index == 0 else f"{FEEDBACK_NAME}-{index + 1}")
+
+
+def _feedback_plans(data: DataConfig) -> list[_Plan]:
+    """The ``data.feedback_sources`` to read: all of them with ``data.train_on_feedback``, else none.
+
+    Read like external sources (training only, never validated on). Left unread when not trained on, so
+    they change neither the training table, the folds nor the data fingerprint.
+    """
+    if not data.train_on_feedback:
+        if data.feedback_sources:
+            log.info(
+                "data.feedback_sources: %d source(s) not read (data.train_on_feedback is false)",
+                len(data.feedback_sources),
+            )
+        return []
+    plans = []
+    for i, entry in enumerate(data.feedback_sources):
+        setting = f"{FEEDBACK_SETTING}[{i}]"
+        path = Path(entry.path).expanduser().resolve()
+        if not path.exists():
+            raise MetadataFileNotFound(
+                f"{setting}.path does not exist: {path}; write it with `melanoma-ml outcomes export --out "
+                f"{path}`, fix the path, or remove the entry ({FEEDBACK_ENV_HINT} or data.feedback_sources)"
+            )
+        name = feedback_source_name(i, entry)
+        plans.append(_plan(setting, path, entry.layout, entry.image_dir, name, True, entry.require_labels))
+    return plans
 
 
 def _plan(
@@ -223,4 +264,4 @@ def _require_distinct_names(plans: Sequence[_Plan]) -> None:
         seen[plan.name] = plan.setting
 
 
-__all__ = ["load_configured_data"]
+__all__ = ["feedback_source_name", "load_configured_data"]

@@ -12,8 +12,14 @@ serving size limits (EXIF orientation, 16-bit, CMYK, decompression bombs).
 API: ``/predict`` (``gradio_client.Client(url).predict(handle_file(path), age, sex, site, tta,
 cam_method, target_layer, api_name="/predict")``) returns ``(answer_json, view_png, overlay_png,
 summary_markdown)``; ``answer_json`` holds probability, threshold, decision, model_version, backbone,
+the ``case_id`` under which the prediction log recorded the answer (null when ``serving.prediction_log``
+is off or the record could not be written; the page shows it to quote when the outcome comes back),
 and, when the served bundle ships an out-of-distribution detector, ``ood_score``, ``ood_flag`` and
 ``ood_threshold`` (the page then warns next to the probability when the image is flagged).
+
+With a prediction log, the "Outcome" tab records a case's histopathology result
+(``monitoring.outcomes``); API ``/record_outcome`` (``Client(url).predict(case_id, "melanoma" or "benign",
+corrects_earlier, note, reported_by, patient_id, api_name="/record_outcome")``) returns what was recorded.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import os
 import sys
 import uuid
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from melanoma_ml.runtime import quiet_network_chatter
@@ -38,6 +45,8 @@ from PIL import Image  # noqa: E402
 
 from melanoma_ml.config import ServingConfig, load_config  # noqa: E402
 from melanoma_ml.images.io import UPLOAD_FORMATS_TEXT  # noqa: E402
+from melanoma_ml.monitoring.outcomes import OUTCOMES, OutcomeError, record_outcome  # noqa: E402
+from melanoma_ml.monitoring.prediction_log import PredictionLog, predict_and_log  # noqa: E402
 from melanoma_ml.serving.model_card import known_metric, model_card_markdown, readable_time  # noqa: E402
 from melanoma_ml.serving.request_fields import NO_CAM, UNKNOWN, InvalidRequest, age_hint  # noqa: E402
 from melanoma_ml.serving.service import (  # noqa: E402
@@ -54,6 +63,7 @@ from melanoma_ml.serving.service import (  # noqa: E402
 log = logging.getLogger(__name__)
 
 API_NAME = "predict"
+OUTCOME_API_NAME = "record_outcome"
 USER_ENV = "MELANOMA_APP_USER"
 PASSWORD_ENV = "MELANOMA_APP_PASSWORD"
 CAM_CHOICES = [("EigenCAM", "eigencam"), ("Grad-CAM", "gradcam"), ("Off", NO_CAM)]
@@ -98,8 +108,9 @@ def ood_warning(prediction: Prediction) -> str:
     )
 
 
-def result_markdown(prediction: Prediction) -> str:
-    """Probability, decision, what the threshold meant in evaluation, and the OOD warning when flagged."""
+def result_markdown(prediction: Prediction, case_id: str | None = None) -> str:
+    """Probability, decision, what the threshold meant in evaluation, the OOD warning when flagged, and the
+    prediction log's case id when the answer was recorded."""
     model_metrics = prediction.model.manifest.metrics
     verdict = (
         '<span class="positive">At or above the decision threshold: suspicious for melanoma.</span>'
@@ -115,18 +126,22 @@ def result_markdown(prediction: Prediction) -> str:
         operating.append(f"specificity {spec.text()}")
     operating_text = f"In evaluation this threshold had {' and '.join(operating)}." if operating else ""
     cam = f"{prediction.cam_method} on `{prediction.target_layer}`" if prediction.cam_method else "no CAM"
-    tta = "8-view TTA" if prediction.tta else "single view"
+    tta = f"{prediction.views}-view TTA" if prediction.views > 1 else "single view"
     warning = ood_warning(prediction)
     ood = (
         ""
         if prediction.ood_score is None
         else f" · OOD score {prediction.ood_score:.1f} (threshold {prediction.ood_threshold:.1f})"
     )
+    case = (
+        f"Case id **{case_id}**: quote it when the histopathology result comes back.\n\n" if case_id else ""
+    )
     return (
         f"## Melanoma probability: {prediction.probability:.1%}\n\n"
         + (f"{warning}\n\n" if warning else "")
         + f"{verdict} Threshold {prediction.threshold:.1%}. {operating_text}\n\n"
-        f"<small>Model {prediction.model_version} · {prediction.backbone} · {tta} · {cam}{ood} · "
+        + case
+        + f"<small>Model {prediction.model_version} · {prediction.backbone} · {tta} · {cam}{ood} · "
         f"{prediction.seconds:.2f} s</small>"
     )
 
@@ -180,10 +195,12 @@ def run_prediction(
     cam_method: str,
     target_layer: str | None,
     tabular: str | None = None,
+    prediction_log: PredictionLog | None = None,
 ) -> tuple[dict[str, Any], Any, Any, str]:
     """The ``/predict`` endpoint: (answer JSON, un-augmented view, CAM overlay or None, summary).
 
     ``tabular`` is optional JSON text ``{column: number}`` for models trained with tabular features.
+    Each answer is recorded in ``prediction_log`` (when given); its case id is in the answer and summary.
     """
     request = PredictionRequest(
         image=image,
@@ -196,16 +213,16 @@ def run_prediction(
         tabular=tabular,
     )
     try:
-        prediction = service.predict(request)
+        prediction, case_id = predict_and_log(service, request, prediction_log)
     except (InvalidRequest, NoModelAvailable) as exc:
         log.warning("request refused: %s", exc)
         raise gr.Error(str(exc), title="Cannot analyse this request", print_exception=False) from exc
     tag = uuid.uuid4().hex
     return (
-        prediction.to_json(),
+        prediction.to_json() | {"case_id": case_id},
         unique_png(prediction.view, tag),
         unique_png(prediction.overlay, tag),
-        result_markdown(prediction),
+        result_markdown(prediction, case_id),
     )
 
 
@@ -234,11 +251,75 @@ def preview_upload(service: ModelService, image: str | None) -> Any:
         return None
 
 
+def record_outcome_form(
+    root: str | Path,
+    case_id: str | None,
+    outcome: str | None,
+    corrects: bool,
+    note: str | None,
+    reported_by: str | None,
+    patient_id: str | None,
+) -> str:
+    """The ``/record_outcome`` endpoint: record a case's histopathology outcome; says what was recorded.
+
+    Validation and messages are ``monitoring.outcomes.record_outcome``'s; a refusal is a ``gr.Error``.
+    """
+    try:
+        result = record_outcome(
+            root,
+            case_id,
+            outcome,
+            source="app",
+            reported_by=reported_by,
+            note=note,
+            patient_id=patient_id,
+            supersedes=bool(corrects),
+        )
+    except OutcomeError as exc:
+        log.warning("outcome refused: %s", exc)
+        raise gr.Error(str(exc), title="Cannot record this outcome", print_exception=False) from exc
+    return result.message
+
+
+def outcome_tab(root: Path) -> None:
+    """The "Outcome" tab, built inside the open Blocks (so behind the app's login, like every endpoint)."""
+    with gr.Tab("Outcome", id="outcome"):
+        gr.Markdown(
+            "Record the histopathology result of a case scored here, by the case id shown with its result. "
+            "*benign* means any diagnosis other than melanoma. A second, different result for a case is kept "
+            "and flagged as a conflict; tick the box below to correct earlier results instead."
+        )
+        with gr.Row():
+            case = gr.Textbox(label="Case id", placeholder="C-20261207-3f9a1c2b0d4e", max_lines=1)
+            outcome = gr.Radio(label="Histopathology", choices=list(OUTCOMES), value=None)
+        corrects = gr.Checkbox(label="Corrects earlier outcomes of this case (resolves a conflict)")
+        with gr.Row():
+            reported_by = gr.Textbox(label="Reported by (optional)", max_lines=1)
+            patient = gr.Textbox(
+                label="Pseudonymous patient id (optional, groups cases; never a name or record number)",
+                max_lines=1,
+            )
+        note = gr.Textbox(label="Note (optional; no names or record numbers)", lines=2)
+        button = gr.Button("Record outcome", elem_id="record-outcome")
+        answer = gr.Textbox(label="Recorded", interactive=False, elem_id="outcome-result")
+
+        def on_record(*args: Any) -> str:
+            return record_outcome_form(root, *args)
+
+        button.click(
+            on_record,
+            inputs=[case, outcome, corrects, note, reported_by, patient],
+            outputs=answer,
+            api_name=OUTCOME_API_NAME,
+        )
+
+
 # ---------------------------------------------------------------------- the app
-def create_app(service: ModelService) -> gr.Blocks:
+def create_app(service: ModelService, prediction_log: PredictionLog | None = None) -> gr.Blocks:
     """Build the Blocks app on ``service`` with its request queue (nothing is launched).
 
     Reads the registry once to fill the choices; call it under ``main`` or a test, never at import.
+    Every answer is recorded in ``prediction_log`` when given (``main`` passes the config's).
     """
     config = service.config
     status = service.status()
@@ -299,7 +380,7 @@ def create_app(service: ModelService) -> gr.Blocks:
                 with gr.Accordion("Options", open=True):
                     tta = gr.Checkbox(
                         label="Test-time augmentation (8 flips/rotations in one batched pass)",
-                        value=config.tta,
+                        value=config.views > 1,
                     )
                     cam = gr.Radio(label="Explanation", choices=CAM_CHOICES, value=config.cam_method)
                     layer = gr.Dropdown(
@@ -327,6 +408,8 @@ def create_app(service: ModelService) -> gr.Blocks:
                     answer = gr.JSON(label="answer")
         with gr.Accordion("Model card", open=True):
             card = gr.Markdown(model_card_markdown(model, service.config.deployment_prevalence))
+        if prediction_log is not None:  # outcomes are recorded for the cases this log holds
+            outcome_tab(prediction_log.paths.root)
         gr.Markdown(
             "<small>API: `gradio_client.Client(url).predict(handle_file(path), age, sex, site, tta, "
             'cam_method, target_layer, tabular, api_name="/predict")`; `tabular` is optional JSON text '
@@ -339,7 +422,7 @@ def create_app(service: ModelService) -> gr.Blocks:
             return page_state(service, sex_value, site_value, layer_value)
 
         def on_predict(*args: Any) -> tuple[dict[str, Any], Any, Any, str]:
-            return run_prediction(service, *args)
+            return run_prediction(service, *args, prediction_log=prediction_log)
 
         def on_upload(image: str | None) -> Any:
             return preview_upload(service, image)
@@ -425,7 +508,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
     service = ModelService.from_config(config)
     log.info("following registry %s", service.registry.root)
-    demo = create_app(service)
+    prediction_log = PredictionLog.from_config(config)
+    if prediction_log.enabled:
+        log.info("recording predictions in %s (serving.prediction_log)", prediction_log.folder)
+    demo = create_app(service, prediction_log)
     demo.launch(
         server_name=config.serving.host,
         server_port=config.serving.port,

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from melanoma_ml import pipeline
+from melanoma_ml.artifacts import ArtifactPaths
 from melanoma_ml.atomic import sha256_file
 from melanoma_ml.config import load_config
 from melanoma_ml.serving.champion import OOF_KEEP, PromotionOutcome
@@ -92,7 +93,7 @@ def test_gate_keeps_the_champion_against_a_worse_candidate_and_promotes_a_better
     config = load_config(
         "tiny", {"artifact_root": str(tmp_path / "artifacts"), "evaluation": {"n_bootstrap": 200}}
     )
-    registry = ModelRegistry(tmp_path / "artifacts" / "registry")
+    registry = ModelRegistry(ArtifactPaths(tmp_path / "artifacts").registry)
 
     first_results = fold_results(tmp_path, config, "test_efficientnet", 0.6, "first")
     first = offer(tmp_path, config, "test_efficientnet", 0.6, "first", results=first_results)
@@ -134,7 +135,7 @@ def test_weak_first_candidate_below_the_floor_is_not_served(tmp_path: Path) -> N
     )
     outcome = offer(tmp_path, config, "test_efficientnet", skill=0.3, tag="weak")
     assert not outcome.decision.promote and "floor" in outcome.decision.reason
-    assert ModelRegistry(tmp_path / "artifacts" / "registry").current() is None
+    assert ModelRegistry(ArtifactPaths(tmp_path / "artifacts").registry).current() is None
     gallery = pipeline.explain_gallery(config, rows())
     assert gallery.version is None and gallery.items == [] and "no model is promoted" in gallery.note
 
@@ -151,7 +152,7 @@ def test_the_bundle_threshold_and_metrics_are_the_served_fold_models_own(tmp_pat
     pooled = pipeline.evaluate_backbone(config, "test_efficientnet", results)
     outcome = offer(tmp_path, config, "test_efficientnet", 0.3, "served", results=results)
     assert outcome.decision.promote and outcome.fold == 1  # fold 1 has the higher validation AUROC
-    manifest = ModelRegistry(tmp_path / "artifacts" / "registry").manifest(outcome.registered)
+    manifest = ModelRegistry(ArtifactPaths(tmp_path / "artifacts").registry).manifest(outcome.registered)
 
     own = results[1].oof
     y, p = own["target"].to_numpy(), own["prob"].to_numpy()
@@ -164,7 +165,9 @@ def test_the_bundle_threshold_and_metrics_are_the_served_fold_models_own(tmp_pat
     assert manifest.threshold != pooled.threshold.value  # the pooled OOF of both folds gives another one
     assert manifest.metrics["auc"].value != pytest.approx(pooled.metric("auc").value)
     assert outcome.decision.evidence["candidate_estimate"]["value"] == manifest.metrics["auc"].value
-    assert (manifest.fold, manifest.checkpoint_sha256) == (1, results[1].weights_sha256)
+    (member,) = manifest.ensemble.members  # one network: a one-member best_fold ensemble
+    assert (manifest.ensemble.kind, member.fold) == ("best_fold", 1)
+    assert member.checkpoint_sha256 == results[1].weights_sha256
     stored = manifest.oof_frame()
     assert stored["image_name"].tolist() == own["image_name"].tolist() and set(stored["fold"]) == {1}
 
@@ -182,17 +185,16 @@ def test_a_folds_ensemble_is_served_with_its_pooled_out_of_fold_threshold_and_me
     results = fold_results(tmp_path, config, "test_efficientnet", 0.3, "ens")
     outcome = offer(tmp_path, config, "test_efficientnet", 0.3, "ens", results=results)
     assert outcome.decision.promote and "mean of 2 fold models" in outcome.served_model
-    registry = ModelRegistry(tmp_path / "artifacts" / "registry")
+    registry = ModelRegistry(ArtifactPaths(tmp_path / "artifacts").registry)
     manifest = registry.manifest(outcome.registered)
     ensemble = manifest.ensemble
-    assert ensemble is not None and ensemble.kind == "folds"
+    assert ensemble.kind == "folds"
     # member 0 is the best fold (Grad-CAM explains it); every member knows its checkpoint and fold
     assert [m.fold for m in ensemble.members] == [1, 0]
     assert [m.checkpoint_sha256 for m in ensemble.members] == [
         results[1].weights_sha256,
         results[0].weights_sha256,
     ]
-    assert (manifest.fold, manifest.checkpoint_sha256) == (None, None)
 
     pooled = pd.concat([r.oof for r in results], ignore_index=True)
     stored = manifest.oof_frame()
@@ -226,15 +228,12 @@ def test_a_top_k_bundle_averages_the_best_backbones_fold_models(tmp_path: Path) 
     board = pipeline.rank_backbones(config, reports)
     outcome = pipeline.promote_best(config, board, reports, results, data_version="top_k")
     assert outcome.decision.promote and "mean of 4 fold models" in outcome.served_model
-    manifest = ModelRegistry(tmp_path / "artifacts" / "registry").manifest(outcome.registered)
-    assert manifest.ensemble is not None and manifest.ensemble.kind == "top_k"
+    manifest = ModelRegistry(ArtifactPaths(tmp_path / "artifacts").registry).manifest(outcome.registered)
+    assert manifest.ensemble.kind == "top_k"
     backbones = [m.model_spec.backbone for m in manifest.ensemble.members]
     assert backbones[0] == board.candidate and sorted(set(backbones)) == ["test_efficientnet", "test_resnet"]
     assert manifest.backbone == "+".join(dict.fromkeys(backbones))
-    pooled = [
-        pd.read_parquet(tmp_path / "artifacts" / "reports" / b / "oof.parquet")
-        for b in board.top_backbones(2)
-    ]
+    pooled = [pd.read_parquet(ArtifactPaths(tmp_path / "artifacts").oof(b)) for b in board.top_backbones(2)]
     expected = averaged_oof(pooled, "probability")
     stored = manifest.oof_frame().merge(expected, on="image_name", suffixes=("", "_expected"))
     assert len(stored) == len(expected)
@@ -263,7 +262,7 @@ def test_gallery_shows_the_bundles_own_validation_images(tmp_path: Path, stored_
     from melanoma_ml.training.checkpoint import load_checkpoint
 
     net, spec, _ = load_checkpoint(result.checkpoint_dir)
-    registry = ModelRegistry(tmp_path / "artifacts" / "registry")
+    registry = ModelRegistry(ArtifactPaths(tmp_path / "artifacts").registry)
     version = registry.register_bundle(
         net, spec, threshold=0.5, metrics={}, data_version="d", code_version="c", **provenance
     )
@@ -343,10 +342,13 @@ def test_a_fold_ensemble_whose_encoders_differ_in_width_is_exported_member_by_me
         folds_table=table,
     )  # fmt: skip
     assert outcome.decision.promote, outcome.decision.reason
-    registry = ModelRegistry(tmp_path / "artifacts" / "registry")
+    registry = ModelRegistry(ArtifactPaths(tmp_path / "artifacts").registry)
     manifest = registry.manifest(outcome.registered)
     members = manifest.ensemble.members
     assert [m.model_spec.encoder.n_features for m in members] == [widths[m.fold] for m in members]
+    reference = manifest.monitor_reference  # the serving monitor's: the metadata of the out-of-fold rows
+    assert reference.n_rows == len(manifest.oof.image_name)
+    assert {"torso", "head/neck"} <= set(reference.mix["site"])
     for member in members:
         assert (member.runtime.runtime, member.runtime.note) == ("onnxruntime", ""), member.runtime
         assert member.runtime.parity["max_abs_prob_diff"] <= config.serving.runtime_parity_tolerance

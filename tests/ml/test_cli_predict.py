@@ -10,6 +10,7 @@ import pytest
 from app_helpers import register_tiny
 from PIL import Image
 
+from melanoma_ml.artifacts import ArtifactPaths
 from melanoma_ml.cli import EXIT_BAD_INPUT, EXIT_OK, main
 from melanoma_ml.serving.batch import SCORE_COLUMNS
 from melanoma_ml.serving.registry import ModelRegistry
@@ -18,7 +19,7 @@ from melanoma_ml.serving.registry import ModelRegistry
 @pytest.fixture(scope="module")
 def artifact_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("artifacts")
-    registry = ModelRegistry(root / "registry")
+    registry = ModelRegistry(ArtifactPaths(root).registry)
     register_tiny(registry, seed=1, size=32)  # v0001, served
     register_tiny(registry, seed=2, size=32, promote=False)  # v0002
     return root
@@ -49,7 +50,7 @@ def test_scores_a_folder_lists_broken_files_and_exits_0(tmp_path: Path, artifact
     assert predict(artifact_root, str(folder), "--out", str(out), "--batch-size", "2") == EXIT_OK
 
     table = read(out)
-    assert table.columns.tolist() == list(SCORE_COLUMNS)
+    assert table.columns.tolist() == [*SCORE_COLUMNS, "case_id"]  # the prediction log's case ids
     scored = table[table["error"].isna()]
     assert sorted(scored["image_name"]) == ["ISIC_0", "ISIC_1", "ISIC_2"]
     assert (table["model_version"] == "v0001").all()

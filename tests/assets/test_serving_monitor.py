@@ -1,0 +1,139 @@
+"""``serving_monitor``: one day of a prediction log written by ``PredictionLog``, materialized in Dagster.
+
+A registered bundle carries the constructed reference of ``tests/monitor_helpers.py``; a shifted day of
+its log makes every asset check WARN (the run still succeeds), and the numbers land as float metadata.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pytest
+from conftest import TEST_SEED
+from monitor_helpers import SHIFTED, SPEC, day_of_log, served_manifest
+
+from melanoma_assets.assets.monitoring import serving_monitor
+from melanoma_assets.definitions import build_definitions
+from melanoma_assets.resources import ArtifactStorage, DataSource, PipelineSettings, TrainingHardware
+from melanoma_ml.artifacts import ArtifactPaths
+from melanoma_ml.monitoring.monitor import CHECKS
+from melanoma_ml.monitoring.prediction_log import PredictionLog
+from melanoma_ml.serving.registry import ModelRegistry
+
+DAY = "2026-12-01"
+
+
+def settings_for(root: Path) -> PipelineSettings:
+    return PipelineSettings(
+        profile="tiny",
+        overrides_json=json.dumps({}),
+        storage=ArtifactStorage(root=str(root)),
+        hardware=TrainingHardware(),
+        source=DataSource(),
+    )
+
+
+def instance_in(tmp_path: Path):
+    home = tmp_path / "dagster_home"
+    home.mkdir(exist_ok=True)
+    return dg.instance_for_test(temp_dir=str(home))
+
+
+def register_with_reference(root: Path) -> str:
+    """A random-weight network registered with the constructed bundle's oof, calibrator, detector, reference."""
+    from melanoma_ml.serving.ood import MahalanobisScorer
+
+    reference = served_manifest(TEST_SEED, n_rows=1000)
+    registry = ModelRegistry(ArtifactPaths(root).registry)
+    version = registry.register_bundle(
+        SPEC.build_network().eval(),
+        SPEC,
+        threshold=reference.threshold,
+        metrics=reference.metrics,
+        data_version="test",
+        code_version="test",
+        oof=reference.oof,
+        calibration=reference.calibration.model_dump(),
+        ood=MahalanobisScorer(np.zeros((1, 4)), np.eye(4), threshold=10.0, quantile=0.99, n_fit=100),
+        monitor_reference=reference.monitor_reference,
+    )
+    registry.promote(version, reason="test")
+    return version
+
+
+def write_day(root: Path, version: str, n: int) -> None:
+    manifest = served_manifest(TEST_SEED, n_rows=1000)
+    log = PredictionLog(root, clock=lambda: datetime(2026, 12, 1, 9, tzinfo=UTC))
+    for row in day_of_log(manifest, SHIFTED, n, TEST_SEED).itertuples(index=False):
+        fields = dict(
+            model_version=version,
+            probability=row.probability,
+            decision=row.decision,
+            positive=row.positive,
+            threshold=row.threshold,
+            image_sha256=row.image_sha256,
+            ood_score=row.ood_score,
+            ood_flag=row.ood_flag,
+            age=row.age,
+            sex=row.sex,
+            anatom_site=row.anatom_site,
+        )
+        assert log.append(source="app", **fields) is not None
+
+
+@pytest.mark.parametrize("n_cases", [100])
+def test_a_shifted_day_materializes_with_every_check_warning(tmp_path: Path, n_cases: int) -> None:
+    root = tmp_path / "artifacts"
+    version = register_with_reference(root)
+    write_day(root, version, n_cases)
+
+    with instance_in(tmp_path) as instance:
+        result = dg.materialize(
+            [serving_monitor],
+            partition_key=DAY,
+            resources={"settings": settings_for(root)},
+            instance=instance,
+        )
+
+    assert result.success  # WARN checks never fail the run
+    [event] = result.asset_materializations_for_node("serving_monitor")
+    metadata = event.metadata
+    assert metadata["model_version"].value == version and metadata["cases"].value == n_cases
+    assert isinstance(metadata["score_psi"], dg.FloatMetadataValue) and metadata["score_psi"].value > 0.2
+    assert "| score_psi |" in metadata["report"].value
+    evaluations = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    assert set(evaluations) == set(CHECKS)
+    assert all(not e.passed and e.severity == dg.AssetCheckSeverity.WARN for e in evaluations.values())
+
+
+def test_a_day_without_a_served_model_passes_with_a_note(tmp_path: Path) -> None:
+    with instance_in(tmp_path) as instance:
+        result = dg.materialize(
+            [serving_monitor],
+            partition_key=DAY,
+            resources={"settings": settings_for(tmp_path / "artifacts")},
+            instance=instance,
+        )
+    assert result.success
+    [event] = result.asset_materializations_for_node("serving_monitor")
+    assert "nothing to monitor" in event.metadata["note"].value
+    assert all(e.passed for e in result.get_asset_check_evaluations())
+
+
+def test_the_daily_schedule_monitors_the_day_just_closed() -> None:
+    defs = build_definitions("tiny")
+    schedule = defs.resolve_schedule_def("serving_monitor_daily")
+    assert schedule.cron_schedule == "30 0 * * *" and schedule.job_name == "serving_monitor_job"
+    assert schedule.default_status == dg.DefaultScheduleStatus.RUNNING
+    moment = datetime(2026, 12, 2, 0, 30, tzinfo=UTC)
+    with dg.build_schedule_context(scheduled_execution_time=moment) as context:
+        [request] = schedule.evaluate_tick(context).run_requests
+    assert request.partition_key == DAY
+    graph = defs.resolve_asset_graph()
+    assert {k.name for k in graph.asset_check_keys if k.asset_key == dg.AssetKey("serving_monitor")} == set(
+        CHECKS
+    )
