@@ -11,7 +11,9 @@ from __future__ import annotations
 import dagster as dg
 
 from melanoma_assets.assets.data import clean_metadata, image_cache, patient_folds, source_metadata
+from melanoma_assets.assets.deployed import deployed_performance_asset
 from melanoma_assets.assets.evaluation import build_evaluation, build_leaderboard, build_test_evaluation
+from melanoma_assets.assets.monitoring import serving_monitor, serving_monitor_job, serving_monitor_schedule
 from melanoma_assets.assets.scoring import batch_scores
 from melanoma_assets.assets.serving import build_serving_model, gradcam_gallery
 from melanoma_assets.assets.tabular import tabular_baseline
@@ -26,23 +28,36 @@ from melanoma_assets.checks import (
 )
 from melanoma_assets.executors import build_executor, executor_name_from_env, training_op_tags
 from melanoma_assets.jobs import ALL_JOBS
+from melanoma_assets.object_store import store_resources, store_uri_from_env
 from melanoma_assets.partitions import TrainingGrid, profile_from_env
 from melanoma_assets.resources import default_settings
 from melanoma_assets.schedules import build_retrain_schedule
-from melanoma_assets.sensors import automation_sensor, incoming_batches_sensor, source_data_changed
+from melanoma_assets.sensors import (
+    automation_sensor,
+    incoming_batches_sensor,
+    labelled_cases_arrived,
+    source_data_changed,
+)
 from melanoma_ml.config import load_config
 
 
-def build_definitions(profile: str | None = None, executor: str | None = None) -> dg.Definitions:
+def build_definitions(
+    profile: str | None = None, executor: str | None = None, artifact_store: str | None = None
+) -> dg.Definitions:
     """Every asset, check, job, schedule and sensor for ``profile`` (default: ``MELANOMA_PROFILE`` or demo).
 
     Args:
         profile: Config profile; None reads ``MELANOMA_PROFILE``.
-        executor: ``in_process`` or ``k8s``; None reads ``MELANOMA_EXECUTOR`` (default ``in_process``).
+        executor: ``in_process``, ``k8s`` or ``celery``; None reads ``MELANOMA_EXECUTOR`` (default
+            ``in_process``).
+        artifact_store: ``s3://bucket/prefix`` that step values and artifact files go through (workers
+            with no shared filesystem); None reads ``MELANOMA_ARTIFACT_STORE`` (unset: none).
     """
     profile = profile or profile_from_env()
     config = load_config(profile)
     grid = TrainingGrid.from_config(config)
+    settings = default_settings(profile)
+    store = store_resources(settings, artifact_store or store_uri_from_env())
     return dg.Definitions(
         assets=[
             source_metadata,
@@ -57,6 +72,8 @@ def build_definitions(profile: str | None = None, executor: str | None = None) -
             build_serving_model(grid),
             gradcam_gallery,
             batch_scores,
+            serving_monitor,
+            deployed_performance_asset,
         ],
         asset_checks=[
             clean_metadata_schema,
@@ -66,10 +83,10 @@ def build_definitions(profile: str | None = None, executor: str | None = None) -
             served_bundle_reproduces,
             test_split_untouched,
         ],
-        jobs=ALL_JOBS,
-        schedules=[build_retrain_schedule()],
-        sensors=[source_data_changed, automation_sensor, incoming_batches_sensor],
-        resources={"settings": default_settings(profile)},
+        jobs=[*ALL_JOBS, serving_monitor_job],
+        schedules=[build_retrain_schedule(), serving_monitor_schedule],
+        sensors=[source_data_changed, automation_sensor, incoming_batches_sensor, labelled_cases_arrived],
+        resources={"settings": settings, **store},
         executor=build_executor(executor or executor_name_from_env()),
     )
 

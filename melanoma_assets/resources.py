@@ -22,7 +22,8 @@ class ArtifactStorage(dg.ConfigurableResource):
     root: str | None = Field(
         default=None,
         description="Local path or file:// URL (other fsspec URLs such as s3://... are refused with advice: "
-        "the steps memory-map and atomically rename files). None keeps the profile's artifact_root.",
+        "the steps memory-map and atomically rename files; for S3 set MELANOMA_ARTIFACT_STORE and this is "
+        "each worker's local working copy). None keeps the profile's artifact_root.",
     )
 
 
@@ -45,7 +46,8 @@ class TrainingHardware(dg.ConfigurableResource):
         description="Devices concurrent trainings lease, e.g. cuda:0,cuda:1; auto (every CUDA device) or off.",
     )
     precision: str | None = Field(
-        default=None, description="e.g. 32-true, 16-mixed, bf16-mixed, or auto (bf16-mixed where the GPU has it)."
+        default=None,
+        description="e.g. 32-true, 16-mixed, bf16-mixed, or auto (bf16-mixed where the GPU has it).",
     )
     num_workers: str | None = Field(
         default=None, description="DataLoader workers, e.g. 0, 4 or auto (min(usable CPUs - 1, 8))."

@@ -42,7 +42,9 @@ def test_import_is_fast_and_light(tmp_path: Path) -> None:
     )
     seconds, heavy = json.loads(out.stdout.strip().splitlines()[-1])
     assert heavy == [], f"definitions import pulled in {heavy}"
-    assert seconds < 60, f"importing the definitions took {seconds:.1f} s (typically ~1-2 s)"  # pathological only: a busy CI core is slow
+    assert seconds < 60, (
+        f"importing the definitions took {seconds:.1f} s (typically ~1-2 s)"
+    )  # pathological only: a busy CI core is slow
 
 
 @pytest.mark.parametrize("profile", ["tiny", "demo", "full"])
@@ -76,6 +78,7 @@ JOB_ASSETS = {
         "serving_model",
         "gradcam_gallery",
     },
+    "serving_monitor_job": {"serving_monitor"},
 }
 """Each job of the ``tiny`` profile and the assets it materializes."""
 
@@ -87,6 +90,8 @@ def test_each_job_resolves_with_its_asset_selection(job_name: str, assets: set[s
     assert {key.to_user_string() for key in job.asset_layer.selected_asset_keys} == assets
     if job_name == "train_models":  # the only partitioned job: one run per backbone x fold
         assert set(job.partitions_def.get_partition_keys()) == {"test_efficientnet|0", "test_efficientnet|1"}
+    elif job_name == "serving_monitor_job":  # one run per UTC day of the prediction log
+        assert isinstance(job.partitions_def, dg.DailyPartitionsDefinition)
     else:
         assert job.partitions_def is None
 
