@@ -11,6 +11,7 @@ Subcommands::
     melanoma-ml config [--profile P] [--set key=value ...]
     melanoma-ml predict PATH --out predictions.csv [--version vNNNN] [--no-tta] [--batch-size N]
     melanoma-ml weights import SOURCE --backbone NAME [--out FILE.safetensors] [--skip-known-answer]
+    melanoma-ml outcomes import results.csv | record CASE_ID OUTCOME | status | export --out DIR
 
 Settings resolve as everywhere else (``config.load_config``): profile, then ``MELANOMA_*`` environment
 variables / ``.env``, then ``--set`` overrides. Bad input (missing folder, unknown layout, bad config
@@ -402,6 +403,60 @@ def cmd_registry_repair(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_outcomes_import(args: argparse.Namespace) -> int:
+    """Record the outcomes of a CSV (``monitoring.outcome_import``); 2 when no row could be read as one."""
+    from melanoma_ml.monitoring.outcome_import import import_outcomes
+
+    summary = import_outcomes(_artifact_root(args), args.file, reported_by=args.reported_by)
+    print(summary.text())
+    if not summary.usable:
+        print(
+            f"error: no row of {args.file} could be recorded (reasons in the quarantine file)",
+            file=sys.stderr,
+        )
+        return EXIT_BAD_INPUT
+    return EXIT_OK
+
+
+def cmd_outcomes_record(args: argparse.Namespace) -> int:
+    """Record one outcome (``monitoring.outcomes.record_outcome``)."""
+    from melanoma_ml.monitoring.outcomes import record_outcome
+
+    result = record_outcome(
+        _artifact_root(args),
+        args.case_id,
+        args.outcome,
+        source="cli",
+        reported_by=args.reported_by,
+        note=args.note,
+        patient_id=args.patient_id,
+        supersedes=args.supersedes,
+    )
+    print(result.message)
+    return EXIT_OK
+
+
+def cmd_outcomes_status(args: argparse.Namespace) -> int:
+    from melanoma_ml.monitoring.outcomes import status_text
+
+    print(status_text(_artifact_root(args)))
+    return EXIT_OK
+
+
+def cmd_outcomes_export(args: argparse.Namespace) -> int:
+    """Write the labelled cases with kept images as a dataset folder (``monitoring.feedback``)."""
+    from melanoma_ml.monitoring.feedback import export_feedback
+
+    print(export_feedback(_artifact_root(args), args.out).text())
+    return EXIT_OK
+
+
+def _artifact_root(args: argparse.Namespace) -> Path:
+    from melanoma_ml.artifacts import artifact_paths
+
+    return artifact_paths(resolve_config(args)).root
+
+
 MAX_LISTED_FAILURES = 20
 """``predict`` lists at most this many unscored files on stderr; the CSV's ``error`` column has them all."""
 
@@ -411,9 +466,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     Files that cannot be decoded are listed on stderr and kept in the CSV with their ``error``; the
     others are still scored. Metadata the app would refuse (age -5, sex "alien", ...) is read as missing
-    and listed on stderr and in the ``warning`` column (``batch.score_inputs``). Exits 0 when at least one
-    image was scored, 2 when none could be.
+    and listed on stderr and in the ``warning`` column (``batch.score_inputs``). Each scored image is
+    recorded in the prediction log (``serving.prediction_log``; ``--no-log`` skips it) and its ``case_id``
+    is a column of the CSV. Exits 0 when at least one image was scored, 2 when none could be.
     """
+    from melanoma_ml.monitoring.prediction_log import PredictionLog, log_batch_scores
     from melanoma_ml.serving.batch import (
         DEFAULT_BATCH_SIZE,
         WARNING,
@@ -426,20 +483,21 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     config = resolve_config(args)
     batch_size = args.batch_size or DEFAULT_BATCH_SIZE
+    views = config.serving.views if args.tta else 1
     inputs = read_scoring_input(args.path)
     print(f"input: {inputs.description}", file=sys.stderr)
     bundle = load_scoring_model(_registry(args), args.version)
     print(
         f"model: {bundle.version} ({bundle.manifest.describe_model()}, {bundle.spec.image_size} px, threshold "
         f"{decision_threshold(bundle.manifest, config.serving.deployment_prevalence):.4f}), "
-        f"TTA {'on (8 views)' if args.tta else 'off'}, batches of {batch_size}",
+        f"TTA {f'on ({views} views)' if views > 1 else 'off'}, batches of {batch_size}",
         file=sys.stderr,
     )
     with _progress_bar() as progress:
         scores = score_inputs(
             inputs,
             bundle,
-            tta=args.tta,
+            views=views,
             batch_size=batch_size,
             max_pixels=config.serving.max_image_pixels,
             progress=progress,
@@ -447,6 +505,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
             min_age=config.serving.min_age,
             max_age=config.serving.max_age,
         )
+    prediction_log = PredictionLog.from_config(config, enabled=config.serving.prediction_log and args.log)
+    scores = log_batch_scores(prediction_log, scores)
     out = write_scores(scores, args.out)
     failed = scores.failed
     for row in failed.head(MAX_LISTED_FAILURES).itertuples(index=False):
@@ -465,6 +525,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
         f"{int((scored['decision'] == 'positive').sum())} above the threshold, {len(failed)} not scored, "
         f"{len(warned)} with metadata the app would refuse read as missing; wrote {out}"
     )
+    if prediction_log.enabled:
+        lost = prediction_log.lost_records
+        lost_text = f", {lost} could not be (see the warning)" if lost else ""
+        print(
+            f"prediction log: recorded {prediction_log.written_records} image(s) in {prediction_log.folder}"
+            f"{lost_text}; their case ids are in the case_id column",
+            file=sys.stderr,
+        )
     if scored.empty:
         print(f"error: no image could be scored (the reasons are in {out})", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -728,6 +796,54 @@ def build_parser() -> argparse.ArgumentParser:
     )
     weights_import.set_defaults(handler=cmd_weights_import)
 
+    outcomes_help = "clinician outcomes of logged cases: `outcomes import|record|status|export`"
+    outcomes = commands.add_parser("outcomes", help=outcomes_help, description=outcomes_help)
+    outcome_commands = outcomes.add_subparsers(dest="outcomes_command", required=True, metavar="ACTION")
+    outcome_import = outcome_commands.add_parser(
+        "import",
+        help="record the outcomes of a CSV (case_id,outcome[,reported_by,note,patient_id,supersedes])",
+        description="Record the histopathology outcomes of a CSV with columns case_id,outcome (optional "
+        "reported_by, note, patient_id, supersedes); outcome melanoma or benign (also mel/1, not melanoma/0). "
+        "Malformed rows go to monitoring/outcomes/quarantine/ with their row number and reason; re-importing "
+        "a file adds nothing. Exits 2 only when no row could be read.",
+    )
+    outcome_import.add_argument("file", metavar="FILE", help="the outcomes CSV")
+    outcome_import.add_argument("--reported-by", help="recorded for rows without a reported_by value")
+    outcome_import.set_defaults(handler=cmd_outcomes_import)
+    outcome_record = outcome_commands.add_parser(
+        "record",
+        help="record one outcome; --supersedes resolves a conflict",
+        description="Record the outcome of one case. With --supersedes it replaces every earlier outcome of "
+        "the case (resolves a conflict; earlier records are kept).",
+    )
+    outcome_record.add_argument("case_id", metavar="CASE_ID", help="the case id shown with the result")
+    outcome_record.add_argument("outcome", metavar="OUTCOME", help="melanoma or benign")
+    outcome_record.add_argument("--note", help="free text (e.g. why an earlier outcome was wrong)")
+    outcome_record.add_argument("--reported-by", help="who reports it")
+    outcome_record.add_argument("--patient-id", help="pseudonymous patient id (groups cases by patient)")
+    outcome_record.add_argument(
+        "--supersedes", action="store_true", help="replace every earlier outcome of this case"
+    )
+    outcome_record.set_defaults(handler=cmd_outcomes_record)
+    outcome_status = outcome_commands.add_parser(
+        "status",
+        help="count outcomes and list the cases in conflict",
+        description="Count the outcomes and list the cases whose outcomes conflict (left out of the labels "
+        "until resolved).",
+    )
+    outcome_status.set_defaults(handler=cmd_outcomes_status)
+    outcome_export = outcome_commands.add_parser(
+        "export",
+        help="write labelled cases with kept images as a dataset folder (data.feedback_sources)",
+        description="Write the labelled cases whose images were kept (serving.keep_images) as an ISIC "
+        "2020-layout folder (metadata.csv, images/, feedback_lineage.json), atomically, owner-only. Use it "
+        "as data.feedback_sources; it is trained on only with data.train_on_feedback: true.",
+    )
+    outcome_export.add_argument("--out", required=True, metavar="DIR", help="folder to write (replaced)")
+    outcome_export.set_defaults(handler=cmd_outcomes_export)
+    for sub in (outcome_import, outcome_record, outcome_status, outcome_export):
+        settings(sub)
+
     config = add("config", cmd_config, "print the resolved config as JSON")
     settings(config, root=False)
 
@@ -748,13 +864,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-tta",
         dest="tta",
         action="store_false",
-        help="one view per image instead of the 8 dihedral views",
+        help="one view per image instead of the serving.views dihedral views",
     )
     predict.add_argument(
         "--batch-size",
         type=_positive_int,
         metavar="N",
         help="images per forward pass (default: melanoma_ml.serving.batch.DEFAULT_BATCH_SIZE, 32)",
+    )
+    predict.add_argument(
+        "--no-log",
+        dest="log",
+        action="store_false",
+        help="do not record these images in the prediction log (<artifact_root>/monitoring/predictions), "
+        "e.g. when re-scoring research data; serving.prediction_log: false turns the log off everywhere",
     )
     settings(predict)
     return parser
@@ -800,9 +923,8 @@ def one_line(err: BaseException) -> str:
 
 def _served(manifest) -> str:
     """The ``models`` listing's model column: the backbone, ``xN`` for an ensemble of N networks."""
-    if manifest.ensemble is None:
-        return manifest.backbone
-    return f"{manifest.backbone} x{len(manifest.ensemble.members)}"
+    n = len(manifest.ensemble.members)
+    return manifest.backbone if n == 1 else f"{manifest.backbone} x{n}"
 
 
 if __name__ == "__main__":

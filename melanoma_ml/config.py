@@ -12,6 +12,7 @@ merges overrides onto a profile.
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -172,6 +173,19 @@ class DataConfig(_Strict):
         description="Labelled datasets scored in full as external test sets, never trained on (same entries "
         "as external_sources); their images also present in training (same id or image content) are "
         "excluded and counted.",
+    )
+    feedback_sources: list[ExternalSource] = Field(
+        default_factory=list,
+        description="The clinic's labelled cases: folders written by `melanoma-ml outcomes export --out DIR` "
+        "(same entries as external_sources; name defaults to 'feedback', then 'feedback-2', ...). Read only "
+        "when train_on_feedback is true: then cleaned, merged and trained on like external sources (never "
+        "validated on); otherwise left out of the data, the folds and the data fingerprint entirely. Env: "
+        'MELANOMA_DATA__FEEDBACK_SOURCES=\'[{"path": "/data/feedback"}]\'.',
+    )
+    train_on_feedback: bool = Field(
+        False,
+        description="Train on data.feedback_sources (a retraining run on newly labelled cases sets it); false "
+        "keeps them out of every fold.",
     )
     test_fraction: float = Field(
         0.2,
@@ -408,6 +422,73 @@ class AugmentationConfig(_Strict):
         return v
 
 
+class FineTuneConfig(_Strict):
+    """How a pretrained backbone is trained (``melanoma_ml.training.recipe``).
+
+    Random init and ImageNet weights want different optimisation: a randomly initialised head sends large,
+    noisy gradients into a backbone whose features are already good, and the usual fix is a lower learning
+    rate for the backbone, a warmup, optionally a frozen start, and BatchNorm statistics kept from ImageNet
+    when batches are small. Every field below applies only under the ``finetune`` recipe; ``scratch`` is the
+    single-rate Adam of ``training.learning_rate`` / ``training.weight_decay`` / ``training.scheduler``.
+    """
+
+    recipe: Literal["auto", "scratch", "finetune"] = Field(
+        "auto",
+        description="'auto': finetune whenever model.pretrained is not false (hub, package or file weights), "
+        "scratch for random init; 'scratch': one Adam learning rate for the whole network (training."
+        "learning_rate, training.weight_decay); 'finetune': the fields below.",
+    )
+    learning_rate: float = Field(
+        1e-3,
+        gt=0,
+        description="Learning rate of the randomly initialised parts (metadata MLP and head) under finetune.",
+    )
+    backbone_lr_scale: float = Field(
+        0.1,
+        gt=0,
+        le=1,
+        description="Backbone learning rate = learning_rate x this (discriminative learning rates): "
+        "pretrained features need smaller steps than a random head, or the first updates erase them.",
+    )
+    warmup_epochs: float = Field(
+        1.0,
+        ge=0,
+        description="Linear warmup, per optimizer step, once the backbone trains (after "
+        "freeze_backbone_epochs): step k of the W = warmup_epochs x steps-per-epoch warmup steps runs at "
+        "(k+1)/W of the scheduled rate, every group alike; then the configured training.scheduler alone. "
+        "Keeps the head's first noisy gradients from wrecking pretrained features. 0: none.",
+    )
+    freeze_backbone_epochs: int = Field(
+        0,
+        ge=0,
+        description="Epochs at the start in which only the metadata MLP and head train: the backbone's "
+        "parameters get no gradient (requires_grad False, not stepped) and it runs in eval mode (BatchNorm "
+        "statistics untouched), so the head first learns on fixed ImageNet features. One-device fits only "
+        "(data-parallel DDP cannot change which parameters train mid-fit). At or above the epochs: a "
+        "linear probe (the backbone never trains).",
+    )
+    bn_freeze_below_batch: int = Field(
+        16,
+        ge=0,
+        description="When training.batch_size is below this, the backbone's BatchNorm layers run in eval "
+        "mode for the whole fit: ImageNet running statistics kept (a small batch's statistics are noisy), "
+        "affine scale and shift still trained. The metadata MLP's BatchNorm (random init) always learns. "
+        "0: never.",
+    )
+    weight_decay: float = Field(
+        1e-2,
+        ge=0,
+        description="AdamW decoupled weight decay under finetune, on weights only (biases and norm "
+        "parameters get none, as is usual).",
+    )
+    epochs: int | None = Field(
+        None,
+        ge=1,
+        description="Epochs of a finetune run (a pretrained backbone overfits sooner than a random one "
+        "learns); None: training.epochs.",
+    )
+
+
 class TrainingConfig(_Strict):
     """Optimisation and hardware settings for one fold."""
 
@@ -476,6 +557,11 @@ class TrainingConfig(_Strict):
         "each epoch; validation always uses every row. None: every row every epoch.",
     )
     augmentation: AugmentationConfig = AugmentationConfig()
+    finetune: FineTuneConfig = Field(
+        default_factory=FineTuneConfig,
+        description="The recipe for pretrained backbones (discriminative learning rates, warmup, frozen "
+        "start, BatchNorm at small batch); random init keeps the single-rate Adam above.",
+    )
 
     @field_validator("device_pool", mode="before")
     @classmethod
@@ -537,6 +623,24 @@ class EvaluationConfig(_Strict):
     promotion_auc_floor: float = Field(
         0.70, ge=0, le=1, description="Candidate's AUC lower CI bound must exceed this to be promoted."
     )
+    select_on: Literal["oof", "external", "worst"] = Field(
+        "oof",
+        description="What picks the leaderboard's candidate (docs/metrics.md, 'External validation in the "
+        "gate'): oof, the highest out-of-fold AUC (point value); external, the highest lower CI bound of "
+        "the external AUC (data.test_sources, the worst set when there are several); worst, the highest "
+        "of min(out-of-fold AUC lower bound, every external AUC lower bound). external and worst need "
+        "data.test_sources, and the sets they read are no longer untouched estimates (selection bias: the "
+        "leaderboard and the model card say so).",
+    )
+    max_external_gap: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="Largest drop of AUC from out-of-fold to an external test set (data.test_sources) the "
+        "gate accepts: the served model is refused when the CI of its gap (external minus out-of-fold AUC, "
+        "independent samples combined by MOVER) lies entirely below -max_external_gap, i.e. the drop is "
+        "significantly larger than allowed; a CI that straddles it passes. None: the gap is reported only.",
+    )
 
 
 ServingRuntime = Literal["torch", "onnxruntime", "openvino"]
@@ -591,7 +695,44 @@ class ServingConfig(_Strict):
             )
         return self
 
-    tta: bool = True
+    views: Literal[1, 2, 4, 8] = Field(
+        8,
+        description="Dihedral test-time views averaged per ensemble member (1: the image as it is; 2: and "
+        "its horizontal flip; 4: and their 180-degree turns; 8: all turns and flips). Members x views is "
+        "the served budget: benchmarks/serving_budget.py measures test AUC and latency per pair. The app, "
+        "predict, batch scoring and the test evaluation all score with it (serving.inference.score).",
+    )
+    max_members: int | None = Field(
+        None,
+        ge=1,
+        description="Most fold models a serving.ensemble 'folds' bundle averages: the best fold by "
+        "validation AUROC, then the others in fold order, up to max_members (1: the best fold alone); its "
+        "out-of-fold rows, threshold and calibrator are those of the served members' folds. Unset: all k.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tta_is_views(cls, data: Any) -> Any:
+        """``serving.tta`` (a bool, before members x views was one setting) as ``serving.views``."""
+        if not isinstance(data, dict) or "tta" not in data:
+            return data
+        data = dict(data)
+        tta = data.pop("tta")
+        if not isinstance(tta, bool | str | int) or str(tta).lower() not in {"true", "false", "1", "0"}:
+            raise InputValueError(f"serving.tta must be true or false, got {tta!r}; use serving.views (1-8)")
+        views = 8 if str(tta).lower() in {"true", "1"} else 1
+        if "views" in data and int(data["views"]) != views:
+            raise InputValueError(
+                f"serving.tta={tta} contradicts serving.views={data['views']}; drop serving.tta (deprecated)"
+            )
+        warnings.warn(
+            f"serving.tta is deprecated: use serving.views={views} (views averaged per member: 1, 2, 4 or 8)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        data["views"] = views
+        return data
+
     cam_method: Literal["eigencam", "gradcam"] = Field(
         "gradcam",
         description="Default CAM in the app. Grad-CAM is class-specific and, with grad-cam 1.5.7's full SVD, "
@@ -711,6 +852,102 @@ class ServingConfig(_Strict):
         description="At most this many training images (a label-stratified, seeded sample) fit the OOD "
         "detector, so promotion stays fast on large training sets.",
     )
+    prediction_log: bool = Field(
+        True,
+        description="Record every image the app or `melanoma-ml predict` scores in the prediction log "
+        "(melanoma_ml.monitoring.prediction_log): <artifact_root>/monitoring/predictions/YYYY-MM-DD.jsonl, "
+        "one JSON line per image with the case id shown to the user, model version, image sha256, "
+        "probability, decision, threshold, OOD score/flag, age/sex/site as read, latency. Health data: "
+        "files are owner-only (0600, folders 0700). A failed write costs the record, never the answer.",
+    )
+    keep_images: bool = Field(
+        False,
+        description="Also keep a copy of each scored image in <artifact_root>/monitoring/images/"
+        "<sha256>.<ext> (owner-only), so cases whose outcome comes back can become training data. "
+        "Off: only the sha256 is recorded, no pixels.",
+    )
+    prediction_log_retention_days: int = Field(
+        365,
+        ge=1,
+        description="Prediction log files (and kept images) older than this many days are deleted when "
+        "the log opens a new day's file.",
+    )
+
+
+class MonitoringConfig(_Strict):
+    """The serving monitor's warning levels (``melanoma_ml.monitoring.monitor``; the ``serving_monitor`` asset).
+
+    Each day of the prediction log is compared with the reference the served bundle ships (its out-of-fold
+    rows at ``serving.deployment_prevalence``, their metadata mix, its OOD detector's expected flag rate).
+    A shift warns only when it is both large (the effect size below) and unlikely to be noise (its p-value
+    below ``p_value_warn``), so a quiet day with few cases does not cry wolf.
+    """
+
+    min_daily_cases: int = Field(
+        100,
+        ge=1,
+        description="Cases a day needs before the monitor judges it; fewer: it reports 'too few cases' and "
+        "warns about nothing. Measured on constructed in-distribution days (tests/monitor_helpers.py, 200 "
+        "seeds, these defaults): a day of 100 cases warned on 0.5 %, of 50 cases on 2 % (a lower setting "
+        "suits a quieter clinic at that cost).",
+    )
+    psi_bins: int = Field(
+        10, ge=2, description="Score bins for the PSI: the reference's deciles (monitoring.drift)."
+    )
+    score_psi_warn: float = Field(
+        0.2,
+        gt=0,
+        description="Warn when the served probabilities' PSI against the reference reaches this (the usual "
+        "reading: < 0.1 stable, 0.1-0.2 moderate, > 0.2 shifted) and their KS p-value is below p_value_warn.",
+    )
+    metadata_psi_warn: float = Field(
+        0.2,
+        gt=0,
+        description="Warn when the PSI of the sex, anatomic-site or age-band mix reaches this and its "
+        "chi-square p-value is below p_value_warn.",
+    )
+    p_value_warn: float = Field(
+        0.001,
+        gt=0,
+        lt=1,
+        description="Significance a shift must reach before it warns (KS for scores, chi-square for "
+        "metadata mixes, binomial for the OOD-flag and positive-decision rates).",
+    )
+    ood_rate_excess_warn: float = Field(
+        0.05,
+        gt=0,
+        lt=1,
+        description="Warn when the share of OOD-flagged cases exceeds the detector's expected share "
+        "(1 - its quantile, e.g. 0.01) by this much (and significantly).",
+    )
+    positive_rate_difference_warn: float = Field(
+        0.10,
+        gt=0,
+        lt=1,
+        description="Warn when the share of 'melanoma suspected' decisions differs by this much from the "
+        "share the reference expects at serving.deployment_prevalence (and significantly).",
+    )
+    estimated_auc_drop_warn: float = Field(
+        0.05,
+        gt=0,
+        lt=1,
+        description="Warn when the AUC estimated from the day's calibrated probabilities (CBPE, before any "
+        "label) is this much below the same estimate on the reference rows.",
+    )
+    estimated_sensitivity_drop_warn: float = Field(
+        0.10,
+        gt=0,
+        lt=1,
+        description="Warn when the CBPE sensitivity at the served threshold is this much below the "
+        "reference rows' sensitivity there.",
+    )
+    retrain_after_labelled_cases: int = Field(
+        50,
+        ge=1,
+        description="The labelled_cases_arrived sensor starts a retraining run (prepare_data with "
+        "data.train_on_feedback: true on a fresh `outcomes export` of the clinic's cases) once this many "
+        "labelled cases with a kept image (serving.keep_images) arrived since the last run it started.",
+    )
 
 
 class PipelineConfig(BaseSettings):
@@ -732,6 +969,7 @@ class PipelineConfig(BaseSettings):
     tabular_baseline: TabularBaselineConfig = TabularBaselineConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     serving: ServingConfig = ServingConfig()
+    monitoring: MonitoringConfig = MonitoringConfig()
 
     @classmethod
     def settings_customise_sources(  # type: ignore[override]
@@ -744,6 +982,20 @@ class PipelineConfig(BaseSettings):
     def _backbones_present(self) -> PipelineConfig:
         if not self.backbones:
             raise ValueError("backbones must name at least one timm model, e.g. ['efficientnet_b0']")
+        return self
+
+    @model_validator(mode="after")
+    def _external_selection_has_test_sources(self) -> PipelineConfig:
+        evaluation = self.evaluation
+        asked = [f"evaluation.select_on={evaluation.select_on}"] if evaluation.select_on != "oof" else []
+        if evaluation.max_external_gap is not None:
+            asked.append(f"evaluation.max_external_gap={evaluation.max_external_gap}")
+        if asked and not self.data.test_sources:
+            raise InputValueError(
+                f"{' and '.join(asked)} read external test sets, but data.test_sources is empty; add one "
+                "(e.g. data.test_sources: [{path: ../shared/data/ph2}]) or set evaluation.select_on: oof "
+                "and evaluation.max_external_gap: null"
+            )
         return self
 
     def model_for(self, backbone: str) -> ModelConfig:

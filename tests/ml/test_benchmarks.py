@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BENCHMARKS = REPO_ROOT / "benchmarks"
 COMMON = BENCHMARKS / "_common.py"
@@ -143,3 +145,27 @@ def test_every_benchmark_answers_help():
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout.strip().splitlines()[-1]) == {}
+
+
+@pytest.mark.slow
+def test_the_serving_budget_dry_run_prints_auc_with_a_paired_ci_and_latency_per_budget(tmp_path):
+    """``benchmarks/serving_budget.py --dry-run``: a tiny synthetic run, its rows checked against
+    ``inference.score`` and the reference row paired with itself."""
+    import pandas as pd
+
+    csv = tmp_path / "budget.csv"
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "serving_budget.py"), "--dry-run", "--rows", "1x2", "2x2", "2x1",
+         "--requests", "2", "--csv", str(csv)],
+        capture_output=True, text=True, timeout=900, cwd=BENCHMARKS,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "load average before:" in done.stdout and "load average after:" in done.stdout
+    frame = pd.read_csv(csv)
+    assert frame["budget"].tolist() == ["1x2", "2x2", "2x1"]
+    assert (frame["check_vs_score"] < 1e-5).all()  # each row is what inference.score serves for it
+    reference = frame.set_index("budget").loc["2x2"]  # most members, most views
+    assert reference["diff_vs_2x2"] == reference["diff_lo"] == reference["diff_hi"] == 0
+    assert frame["auc"].between(0, 1).all() and (frame["diff_lo"] <= frame["diff_hi"]).all()
+    assert (frame["p50_ms"] > 0).all() and (frame["p95_ms"] >= frame["p50_ms"]).all()
+    assert frame.set_index("budget").loc["1x2", "p50_vs_1x8"] == 1.0  # no 1x8 row: the first row is the base

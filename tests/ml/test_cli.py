@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from melanoma_ml.artifacts import ArtifactPaths
 from melanoma_ml.cli import main, overrides_dict, parse_override
 from melanoma_ml.config import SyntheticConfig
 
@@ -64,7 +65,9 @@ def test_help_lists_the_subcommands_without_loading_torch():
     assert proc.returncode == 0, proc.stderr
     for command in ("demo", "inspect", "models", "rollback", "registry", "config"):
         assert command in proc.stdout
-    assert seconds < 60, f"--help took {seconds:.1f} s"  # pathological only; "no torch" is checked by the probe below
+    assert seconds < 60, (
+        f"--help took {seconds:.1f} s"
+    )  # pathological only; "no torch" is checked by the probe below
     probe = subprocess.run(
         [
             sys.executable,
@@ -192,7 +195,7 @@ def registry_root(tmp_path: Path) -> Path:
     network = ModelConfig(backbone="test_efficientnet", meta_hidden=[8], meta_dropout=0.1, head_dropout=0.1)
     spec = ModelSpec(network, 32, [0.5] * 3, [0.25] * 3, encoder)
     net = spec.build_network().eval()
-    registry = ModelRegistry(tmp_path / "artifacts" / "registry")
+    registry = ModelRegistry(ArtifactPaths(tmp_path / "artifacts").registry)
     for auc in (0.71, 0.83):
         version = registry.register_bundle(
             net,
@@ -218,7 +221,7 @@ def test_models_lists_versions_and_marks_current(capsys, registry_root):
 
 
 def test_models_lists_a_version_of_an_older_manifest_schema_as_unreadable(capsys, registry_root):
-    manifest_path = registry_root / "registry" / "versions" / "v0001" / "manifest.json"
+    manifest_path = ArtifactPaths(registry_root).registry / "versions" / "v0001" / "manifest.json"
     old = json.loads(manifest_path.read_text())
     del old["schema_version"]
     manifest_path.write_text(json.dumps({**old, "format_version": 1, "extra": {"version": "v0001"}}))
@@ -235,12 +238,12 @@ def test_rollback_moves_the_pointer_back_and_forth(capsys, registry_root):
     root = str(registry_root)
     code, out, _ = run(capsys, "rollback", "--artifact-root", root)
     assert code == 0 and "rolled back: v0002 -> v0001" in out
-    assert ModelRegistry(registry_root / "registry").current() == "v0001"
+    assert ModelRegistry(ArtifactPaths(registry_root).registry).current() == "v0001"
     code, out, _ = run(capsys, "rollback", "--to", "v0002", "--artifact-root", root)
     assert code == 0 and "rolled back: v0001 -> v0002" in out
     code, _, err = run(capsys, "rollback", "--to", "v0009", "--artifact-root", root)
     assert code == 2 and "unknown model version 'v0009'" in err
-    assert ModelRegistry(registry_root / "registry").current() == "v0002"
+    assert ModelRegistry(ArtifactPaths(registry_root).registry).current() == "v0002"
 
 
 def _corrupt(weights: Path) -> None:
@@ -250,7 +253,7 @@ def _corrupt(weights: Path) -> None:
 def test_models_verifies_each_version_and_says_why_one_was_never_promoted(capsys, registry_root):
     from melanoma_ml.serving.registry import ModelRegistry
 
-    registry = ModelRegistry(registry_root / "registry")
+    registry = ModelRegistry(ArtifactPaths(registry_root).registry)
     orphan = registry.register(registry.version_path("v0001"), reason="copied in by hand")
     _corrupt(registry.version_path("v0002") / "weights.safetensors")
     code, out, _ = run(capsys, "models", "--artifact-root", str(registry_root))
@@ -258,7 +261,7 @@ def test_models_verifies_each_version_and_says_why_one_was_never_promoted(capsys
     lines = out.splitlines()
     v2 = lines.index(next(line for line in lines if " v0002 " in line))
     assert lines[v2].lstrip().startswith("*")
-    assert "CORRUPT: weights sha256 mismatch" in lines[v2 + 1]
+    assert "CORRUPT: sha256 mismatch for" in lines[v2 + 1] and "weights.safetensors" in lines[v2 + 1]
     o = lines.index(next(line for line in lines if f" {orphan} " in line))
     assert "not promoted: registered" in lines[o + 1] and "copied in by hand" in lines[o + 1]
     assert "v0001" in out and "CORRUPT" not in lines[v2 - 1] + lines[v2 - 2]
@@ -270,7 +273,7 @@ def test_models_verifies_each_version_and_says_why_one_was_never_promoted(capsys
 def test_a_corrupt_pointer_is_listed_rolled_back_over_and_repaired(capsys, registry_root):
     from melanoma_ml.serving.registry import ModelRegistry
 
-    registry = ModelRegistry(registry_root / "registry")
+    registry = ModelRegistry(ArtifactPaths(registry_root).registry)
     root = str(registry_root)
     registry.current_file.write_text("{not json")
     code, out, _ = run(capsys, "models", "--artifact-root", root)
@@ -291,7 +294,7 @@ def test_a_corrupt_pointer_is_listed_rolled_back_over_and_repaired(capsys, regis
 
 
 def test_models_warns_when_the_pointer_names_a_version_that_does_not_exist(capsys, registry_root):
-    pointer = registry_root / "registry" / "current.json"
+    pointer = ArtifactPaths(registry_root).registry / "current.json"
     pointer.write_text(json.dumps({**json.loads(pointer.read_text()), "version": "v0099"}))
     code, out, _ = run(capsys, "models", "--artifact-root", str(registry_root))
     assert code == 0
@@ -305,7 +308,7 @@ def test_models_warns_when_the_pointer_names_a_version_that_does_not_exist(capsy
 def test_registry_verify_says_which_versions_are_intact_legacy_or_corrupt(capsys, registry_root):
     from melanoma_ml.serving.registry import ModelRegistry
 
-    registry = ModelRegistry(registry_root / "registry")
+    registry = ModelRegistry(ArtifactPaths(registry_root).registry)
     root = str(registry_root)
     code, out, _ = run(capsys, "registry", "verify", "--artifact-root", root)
     assert code == 0, out
@@ -341,7 +344,7 @@ def test_rollback_refuses_an_orphan_unless_adopted(capsys, registry_root):
 
     from melanoma_ml.serving.registry import ModelRegistry
 
-    registry = ModelRegistry(registry_root / "registry")
+    registry = ModelRegistry(ArtifactPaths(registry_root).registry)
     root = str(registry_root)
     # a writer killed after renaming its bundle into place, before logging it
     shutil.copytree(registry.version_path("v0001"), registry.versions_dir / "v0003")
