@@ -19,7 +19,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from melanoma_ml.runtime import quiet_network_chatter
 quiet_network_chatter()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from _common import machine_load  # noqa: E402
+from _common import machine_load, open_run  # noqa: E402
 
 SCORES_FILE = "served_test_scores.parquet"
 
@@ -46,7 +45,6 @@ def main(argv: list[str] | None = None) -> None:
     from melanoma_ml.config import PipelineConfig
     from melanoma_ml.evaluation.metrics import roc_auc, threshold_metrics
     from melanoma_ml.monitoring.monitor import monitor_day
-    from melanoma_ml.serving.bundle import read_manifest
 
     print(
         "| run | set | images | score PSI | KS p | OOD flags (expected) | positive rate (expected) | CBPE AUC / sens | realised AUC / sens | warnings |"
@@ -58,8 +56,11 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(
                 f"{scores_file} not found: run benchmarks/pretrained_table.py --run X={workdir} first"
             )
-        pointer = json.loads((workdir / "registry" / "current.json").read_text())
-        manifest = read_manifest(pointer["path"])
+        registry = open_run(workdir).registry()
+        version = registry.current()
+        if version is None:
+            raise SystemExit(f"nothing is served from the registry of {workdir}: promote a model first")
+        manifest = registry.verify(version)
         config = PipelineConfig(artifact_root=str(workdir))
         scores = pd.read_parquet(scores_file)
         for test_set, rows in scores.groupby("test_set", sort=False):
