@@ -30,6 +30,7 @@ written again: re-importing a file, or pressing the button twice, adds nothing.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -227,6 +228,9 @@ def append_records(root: str | Path, records: Iterable[OutcomeRecord]) -> int:
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     written = 0
     try:
+        # The torn-line check and the writes are one step under an exclusive lock: without it a concurrent
+        # writer's record could land between the check and the newline, which then opens an empty line.
+        fcntl.flock(fd, fcntl.LOCK_EX)
         if _ends_without_newline(path):
             os.write(fd, b"\n")
         for record in records:

@@ -53,7 +53,7 @@ def test_the_form_records_and_says_what_it_recorded(root: Path) -> None:
 @pytest.mark.parametrize(
     ("case_id", "outcome", "message"),
     [
-        ("C-20261207-00000000", "melanoma", "unknown case id 'C-20261207-00000000'"),
+        ("C-20261207-000000000000", "melanoma", "unknown case id 'C-20261207-000000000000'"),
         ("", "benign", "case id is empty"),
         (None, "melanoma", "case id is empty"),
         ("{case}", None, "outcome is empty"),
@@ -110,7 +110,7 @@ def test_the_endpoint_is_behind_the_login_and_records_through_gradio_client(root
         answer = client.predict(case, "benign", False, "", "Dr A", "", api_name="/record_outcome")
         assert answer.startswith(f"recorded benign for case {case}")
         with pytest.raises(AppError, match="unknown case id"):
-            client.predict("C-20261207-00000000", "benign", False, "", "", "", api_name="/record_outcome")
+            client.predict("C-20261207-000000000000", "benign", False, "", "", "", api_name="/record_outcome")
     finally:
         demo.close()
     assert list(read_outcomes(root)["case_id"]) == [case]
