@@ -51,6 +51,20 @@ BASE_PROFILE = "demo"
 SECTIONS = ("data", "model", "training", "evaluation")
 
 
+def finetune_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``["backbone_lr_scale=1.0", ...]`` -> ``{"backbone_lr_scale": 1.0}``; the config validates the fields."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        field, sep, raw = pair.partition("=")
+        if not sep or not field:
+            raise SystemExit(f"--finetune {pair!r}: expected FIELD=VALUE, e.g. backbone_lr_scale=1.0")
+        try:
+            out[field] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[field] = raw
+    return out
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -90,6 +104,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=("auto", "scratch", "finetune"),
         default=None,
         help="training.finetune.recipe (default auto: finetune for pretrained weights, scratch for random init)",
+    )
+    parser.add_argument(
+        "--finetune",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="one training.finetune field (e.g. backbone_lr_scale=1.0, warmup_epochs=0); repeatable. "
+        "Values are read as JSON (numbers, null), else kept as text",
     )
     parser.add_argument(
         "--lr",
@@ -181,8 +203,11 @@ def build_overrides(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "learning_rate": lr,
     }
     training.update({k: v for k, v in optional.items() if v is not None})
+    finetune = finetune_overrides(args.finetune)
     if args.recipe is not None:
-        training["finetune"] = {"recipe": args.recipe}
+        finetune["recipe"] = args.recipe
+    if finetune:
+        training["finetune"] = finetune
     from melanoma_ml.config import EvaluationConfig, TrainingConfig
 
     if args.patience is None:  # the demo profile's patience is tuned for the synthetic set
