@@ -7,8 +7,9 @@ Kubernetes Job launched by dagster-k8s's ``k8s_job_executor`` (a run launched by
 ``dagster-k8s/config`` op tag, which the other executors ignore. Under ``celery`` every step is a task
 of dagster-celery's ``celery_executor`` on the broker ``MELANOMA_CELERY_BROKER`` (e.g. Redis), the
 training step on the ``training`` queue (``dagster-celery/queue`` op tag) so a GPU box can run a worker
-that takes only trainings, one worker per device (docs/scale-out.md). Workers share no filesystem: set
-``MELANOMA_ARTIFACT_STORE`` (``melanoma_assets.object_store``).
+that takes only trainings, one worker per device (docs/scale-out.md). Celery workers and k8s step pods
+share no filesystem: set ``MELANOMA_ARTIFACT_STORE`` (``melanoma_assets.object_store``; ``deploy/k8s/values.yaml``
+sets it for every run and step pod).
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -118,6 +119,34 @@ def served_manifest(seed: int, n_rows: int = 2000, *, with_reference: bool = Tru
         else None,
     }
     return BundleManifest.model_validate(fields)
+
+
+def register_served_bundle(
+    artifacts: Path, seed: int, *, reason: str = "constructed test bundle"
+) -> BundleManifest:
+    """Register under ``artifacts`` and promote a random-weight ``SPEC`` network carrying ``served_manifest(seed,
+    n_rows=1000)``'s threshold, metrics, out-of-fold rows, calibrator and monitor reference, with a Mahalanobis
+    detector of threshold 10; returns the registry's manifest of it (the bundle the app would serve)."""
+    from melanoma_ml.artifacts import ArtifactPaths
+    from melanoma_ml.serving.ood import MahalanobisScorer
+    from melanoma_ml.serving.registry import ModelRegistry
+
+    reference = served_manifest(seed, n_rows=1000)
+    registry = ModelRegistry(ArtifactPaths(artifacts).registry)
+    version = registry.register_bundle(
+        SPEC.build_network().eval(),
+        SPEC,
+        threshold=reference.threshold,
+        metrics=reference.metrics,
+        data_version="constructed",
+        code_version="constructed",
+        oof=reference.oof,
+        calibration=reference.calibration.model_dump(),
+        ood=MahalanobisScorer(np.zeros((1, 4)), np.eye(4), threshold=10.0, quantile=0.99, n_fit=100),
+        monitor_reference=reference.monitor_reference,
+    )
+    registry.promote(version, reason=reason)
+    return registry.manifest(version)
 
 
 def day_of_log(

@@ -20,9 +20,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+from browser_helpers import CHROMIUM, CHROMIUM_MISSING, launch_chromium
 from monitor_ui_helpers import (
-    CHROMIUM,
-    CHROMIUM_ARGS,
     DagsterWebserver,
     materialize_monitor,
     open_asset_page,
@@ -45,7 +44,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=1300, help="browser viewport width in px (default 1300)")
     args = parser.parse_args()
     if not CHROMIUM.is_file():
-        raise SystemExit(f"Chromium not found at {CHROMIUM} (apt-get install chromium)")
+        raise SystemExit(CHROMIUM_MISSING)
     if args.days < 2:
         raise SystemExit(f"--days {args.days}: need at least 2 (quiet days, then the shifted one)")
 
@@ -76,7 +75,7 @@ def shoot(url: str, out: Path, *, rows: int, width: int) -> None:
 
     expect.set_options(timeout=60_000)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        browser = launch_chromium(p)
         try:
             page = browser.new_page(viewport={"width": width, "height": 1400})
             page.set_default_timeout(60_000)

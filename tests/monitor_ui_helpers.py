@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from conftest import free_port
-from monitor_helpers import IN_DISTRIBUTION, SHIFTED, SPEC, day_of_log, served_manifest
+from monitor_helpers import IN_DISTRIBUTION, SHIFTED, day_of_log, register_served_bundle
 
 if TYPE_CHECKING:
     from playwright.sync_api import Page
@@ -37,16 +37,6 @@ if TYPE_CHECKING:
 
 REPO = Path(__file__).resolve().parents[1]
 INSTANCE_YAML = "telemetry:\n  enabled: false\n"
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 
 @dataclass(frozen=True)
@@ -82,32 +72,6 @@ def monitored_days(quiet_days: int, today: date | None = None) -> tuple[str, ...
     """The ``quiet_days + 1`` full UTC days before ``today`` (default: now), oldest first."""
     today = today or datetime.now(UTC).date()
     return tuple((today - timedelta(days=k)).isoformat() for k in range(quiet_days + 1, 0, -1))
-
-
-def register_served_bundle(artifacts: Path, seed: int) -> BundleManifest:
-    """Register and promote a random-weight network carrying ``served_manifest(seed)``'s reference."""
-    import numpy as np
-
-    from melanoma_ml.artifacts import ArtifactPaths
-    from melanoma_ml.serving.ood import MahalanobisScorer
-    from melanoma_ml.serving.registry import ModelRegistry
-
-    reference = served_manifest(seed, n_rows=1000)
-    registry = ModelRegistry(ArtifactPaths(artifacts).registry)
-    version = registry.register_bundle(
-        SPEC.build_network().eval(),
-        SPEC,
-        threshold=reference.threshold,
-        metrics=reference.metrics,
-        data_version="constructed",
-        code_version="constructed",
-        oof=reference.oof,
-        calibration=reference.calibration.model_dump(),
-        ood=MahalanobisScorer(np.zeros((1, 4)), np.eye(4), threshold=10.0, quantile=0.99, n_fit=100),
-        monitor_reference=reference.monitor_reference,
-    )
-    registry.promote(version, reason="served in the monitor's browser test")
-    return registry.manifest(version)
 
 
 def write_logged_day(

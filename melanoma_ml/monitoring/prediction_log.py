@@ -10,10 +10,12 @@ ood_score and ood_flag (null without a detector), age/sex/anatom_site as the mod
 missing or refused), latency_ms, source (``app`` or ``predict``) and image_path (the kept copy, or null).
 This is health data: folders are created 0o700 and files 0o600 (owner only).
 
-How: each record is a single ``os.write`` of one whole line on a descriptor opened with ``O_APPEND``, so
-records of concurrent writers (app threads, a ``predict`` run beside the app) never interleave and a crash
-leaves at most a torn last line, which ``read_predictions`` skips with a warning (and the next writer to
-open that day's file ends it, so its own records start on a line of their own). There is no fsync per
+How: each record is a single ``os.write`` of one whole line on a descriptor opened with ``O_APPEND``, under
+an exclusive ``flock`` of the day file, so records of concurrent writers (app threads, a ``predict`` run
+beside the app) never interleave and a crash leaves at most a torn last line, which ``read_predictions``
+skips with a warning. The next writer ends that line before its own record, under the same lock: the
+check and the append are one step, so a writer still in the middle of its record (it holds the lock) is
+never taken for a torn line, and two writers never both end one (an empty line). There is no fsync per
 record (the answer is already on its way): a power cut can lose the last records the kernel had not yet
 written out. Kept images are written to a temp file, fsynced and renamed (never half an image).
 
@@ -32,6 +34,7 @@ The app and ``melanoma-ml predict`` both write through ``PredictionLog.append`` 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import logging
@@ -262,9 +265,11 @@ class PredictionLog:
         return case_id
 
     def _write_line(self, day: str, line: bytes) -> None:
-        """One ``os.write`` of ``line`` on an ``O_APPEND`` descriptor; the folder is re-made once if gone."""
+        """One ``os.write`` of ``line`` on an ``O_APPEND`` descriptor, after ending a torn last line, both
+        under one exclusive ``flock`` (closing the descriptor releases it); the folder is re-made once if
+        gone."""
         path = self.paths.predictions_day(day)
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+        flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
         try:
             fd = os.open(path, flags, FILE_MODE)
         except FileNotFoundError:  # the folder was removed while serving: make it again, once
@@ -273,6 +278,8 @@ class PredictionLog:
             self._open_day(day)
             fd = os.open(path, flags, FILE_MODE)
         try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            _end_torn_line(fd, path)
             written = os.write(fd, line)
             if written != len(line):
                 # The disk filled mid-line: end the fragment so the next record starts a line of its own.
@@ -290,7 +297,7 @@ class PredictionLog:
         for folder in (self.paths.monitoring, self.folder):
             _private_folder(folder)
         self._expire(date.fromisoformat(day))
-        _end_torn_line(self.paths.predictions_day(day))
+        _owner_only(self.paths.predictions_day(day))
         with self._lock:
             self._day = day
 
@@ -538,26 +545,27 @@ def _private_folder(folder: Path) -> Path:
 _WARNED_MODES: set[Path] = set()
 
 
-def _end_torn_line(path: Path) -> None:
-    """If a crash left ``path`` ending mid-record, end that line so the next record starts its own; make
-    the file owner-only if it was not."""
+def _owner_only(path: Path) -> None:
+    """Make an existing day file owner-only (0o600) if it was not."""
     try:
-        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
+        mode = stat.S_IMODE(path.stat().st_mode)
     except FileNotFoundError:
         return
-    try:
-        info = os.fstat(fd)
-        if stat.S_IMODE(info.st_mode) & 0o077:
-            os.fchmod(fd, FILE_MODE)
-        if info.st_size and os.pread(fd, 1, info.st_size - 1) != b"\n":
-            os.write(fd, b"\n")
-            log.warning(
-                "prediction log %s ended in a torn record (a writer stopped mid-line); ended that line so new "
-                "records start on their own (the reader skips the torn one)",
-                path,
-            )
-    finally:
-        os.close(fd)
+    if mode & 0o077:
+        path.chmod(FILE_MODE)
+
+
+def _end_torn_line(fd: int, path: Path) -> None:
+    """If ``path`` (open as ``fd``, its flock held) ends mid-record, end that line so the next record
+    starts its own. Only a crash leaves such a line: a live writer holds the lock until its line is whole."""
+    size = os.fstat(fd).st_size
+    if size and os.pread(fd, 1, size - 1) != b"\n":
+        os.write(fd, b"\n")
+        log.warning(
+            "prediction log %s ended in a torn record (a writer stopped mid-line); ended that line so new "
+            "records start on their own (the reader skips the torn one)",
+            path,
+        )
 
 
 def _image_bytes(image: str | Path | bytes) -> bytes:

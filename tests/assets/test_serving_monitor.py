@@ -11,18 +11,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import dagster as dg
-import numpy as np
 import pytest
 from conftest import TEST_SEED
-from monitor_helpers import SHIFTED, SPEC, day_of_log, served_manifest
+from monitor_helpers import SHIFTED, day_of_log, register_served_bundle
 
 from melanoma_assets.assets.monitoring import serving_monitor
 from melanoma_assets.definitions import build_definitions
 from melanoma_assets.resources import ArtifactStorage, DataSource, PipelineSettings, TrainingHardware
-from melanoma_ml.artifacts import ArtifactPaths
 from melanoma_ml.monitoring.monitor import CHECKS
 from melanoma_ml.monitoring.prediction_log import PredictionLog
-from melanoma_ml.serving.registry import ModelRegistry
+from melanoma_ml.serving.manifest import BundleManifest
 
 DAY = "2026-12-01"
 
@@ -43,34 +41,11 @@ def instance_in(tmp_path: Path):
     return dg.instance_for_test(temp_dir=str(home))
 
 
-def register_with_reference(root: Path) -> str:
-    """A random-weight network registered with the constructed bundle's oof, calibrator, detector, reference."""
-    from melanoma_ml.serving.ood import MahalanobisScorer
-
-    reference = served_manifest(TEST_SEED, n_rows=1000)
-    registry = ModelRegistry(ArtifactPaths(root).registry)
-    version = registry.register_bundle(
-        SPEC.build_network().eval(),
-        SPEC,
-        threshold=reference.threshold,
-        metrics=reference.metrics,
-        data_version="test",
-        code_version="test",
-        oof=reference.oof,
-        calibration=reference.calibration.model_dump(),
-        ood=MahalanobisScorer(np.zeros((1, 4)), np.eye(4), threshold=10.0, quantile=0.99, n_fit=100),
-        monitor_reference=reference.monitor_reference,
-    )
-    registry.promote(version, reason="test")
-    return version
-
-
-def write_day(root: Path, version: str, n: int) -> None:
-    manifest = served_manifest(TEST_SEED, n_rows=1000)
+def write_day(root: Path, manifest: BundleManifest, n: int) -> None:
     log = PredictionLog(root, clock=lambda: datetime(2026, 12, 1, 9, tzinfo=UTC))
     for row in day_of_log(manifest, SHIFTED, n, TEST_SEED).itertuples(index=False):
         fields = dict(
-            model_version=version,
+            model_version=manifest.version,
             probability=row.probability,
             decision=row.decision,
             positive=row.positive,
@@ -88,8 +63,8 @@ def write_day(root: Path, version: str, n: int) -> None:
 @pytest.mark.parametrize("n_cases", [100])
 def test_a_shifted_day_materializes_with_every_check_warning(tmp_path: Path, n_cases: int) -> None:
     root = tmp_path / "artifacts"
-    version = register_with_reference(root)
-    write_day(root, version, n_cases)
+    manifest = register_served_bundle(root, TEST_SEED)
+    write_day(root, manifest, n_cases)
 
     with instance_in(tmp_path) as instance:
         result = dg.materialize(
@@ -102,7 +77,7 @@ def test_a_shifted_day_materializes_with_every_check_warning(tmp_path: Path, n_c
     assert result.success  # WARN checks never fail the run
     [event] = result.asset_materializations_for_node("serving_monitor")
     metadata = event.metadata
-    assert metadata["model_version"].value == version and metadata["cases"].value == n_cases
+    assert metadata["model_version"].value == manifest.version and metadata["cases"].value == n_cases
     assert isinstance(metadata["score_psi"], dg.FloatMetadataValue) and metadata["score_psi"].value > 0.2
     assert "| score_psi |" in metadata["report"].value
     evaluations = {e.check_name: e for e in result.get_asset_check_evaluations()}

@@ -12,21 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from app_helpers import launch_local, register_tiny
+from browser_helpers import CHROMIUM, CHROMIUM_MISSING, launch_chromium
 from conftest import require
 from PIL import Image, ImageDraw
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 TIMEOUT_MS = 60_000
 
 
@@ -64,13 +55,13 @@ def pick(page, elem_id: str, option: str) -> None:
 
 
 def test_upload_fill_analyse_and_see_the_overlay(app_url: str, tmp_path: Path) -> None:
-    require(CHROMIUM.is_file(), f"Chromium not found at {CHROMIUM} (apt-get install chromium)")
+    require(CHROMIUM.is_file(), CHROMIUM_MISSING)
     from playwright.sync_api import expect, sync_playwright
 
     photo = lesion_photo(tmp_path / "lesion.jpg")
     screenshot = tmp_path / "app.png"
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        browser = launch_chromium(p)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 1100})
             page.set_default_timeout(TIMEOUT_MS)

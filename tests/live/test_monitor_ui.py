@@ -14,10 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from browser_helpers import CHROMIUM, CHROMIUM_MISSING, launch_chromium
 from conftest import TEST_SEED, require
 from monitor_ui_helpers import (
-    CHROMIUM,
-    CHROMIUM_ARGS,
     DagsterWebserver,
     MonitoredDay,
     MonitoredHome,
@@ -51,7 +50,7 @@ class Served:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    require(CHROMIUM.is_file(), f"Chromium not found at {CHROMIUM} (apt-get install chromium)")
+    require(CHROMIUM.is_file(), CHROMIUM_MISSING)
     root = tmp_path_factory.mktemp("monitor_ui")
     monitored = prepare_monitored_log(root, seed=TEST_SEED, quiet_days=QUIET_DAYS)
     with DagsterWebserver(monitored, root / "webserver.log") as server:
@@ -65,7 +64,7 @@ def browser(served: Served):
 
     expect.set_options(timeout=TIMEOUT_MS)  # the first page of a fresh webserver can take a while
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        browser = launch_chromium(p)
         try:
             yield browser
         finally:

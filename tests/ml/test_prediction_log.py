@@ -5,6 +5,7 @@ answer, retention, kept images, and the ``serving`` settings that drive it."""
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -165,6 +166,55 @@ def test_a_torn_last_line_is_skipped_with_a_warning_and_the_next_writer_starts_a
         assert read_predictions(tmp_path)["case_id"].tolist() == [first, second]
     assert any("ended in a torn record" in m for m in warnings_of(caplog))
     assert any("line 2: not a JSON record" in m for m in warnings_of(caplog))
+
+
+def test_the_torn_line_check_waits_for_a_writer_holding_the_lock(tmp_path: Path) -> None:
+    """A writer in the middle of its record holds the file's flock (as ``append`` does); another writer must
+    not take that half line for a crash's torn line and end it, splitting the record in two."""
+    first = record(PredictionLog(tmp_path, clock=clock_at(DAY)))
+    path = day_file(tmp_path)
+    line = path.read_bytes()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, line[:40])  # the first part of a record, the rest still to come
+        other = threading.Thread(target=record, args=(PredictionLog(tmp_path, clock=clock_at(DAY)),))
+        other.start()
+        other.join(timeout=1.0)  # without the lock the other writer is done by now, inside our record
+        os.write(fd, line[40:])
+    finally:
+        os.close(fd)  # releases the lock
+    other.join()
+    lines = path.read_bytes().splitlines()
+    assert len(lines) == 3 and all(json.loads(raw) for raw in lines)  # three whole records, no torn one
+    ids = read_predictions(tmp_path)["case_id"].tolist()
+    assert len(ids) == 3 and ids[:2] == [first, first]  # ours (a copy of the first line), then the other's
+
+
+def test_writers_on_a_torn_file_end_it_once(tmp_path: Path) -> None:
+    """Several writers (each its own object, as after a restart) start together on a file a crash left
+    torn: exactly one of them ends the torn line, so no empty line appears between records."""
+    record(PredictionLog(tmp_path, clock=clock_at(DAY)))
+    path = day_file(tmp_path)
+    with open(path, "ab") as fh:  # a writer killed mid-record
+        fh.write(path.read_bytes()[:30])
+    writers, start = 8, threading.Barrier(8)
+
+    def work() -> None:
+        log = PredictionLog(tmp_path, clock=clock_at(DAY))
+        start.wait()
+        for _ in range(5):
+            record(log)
+
+    threads = [threading.Thread(target=work) for _ in range(writers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    lines = path.read_bytes().split(b"\n")
+    assert lines[-1] == b"" and b"" not in lines[:-1]  # ends with a newline, no empty line inside
+    assert len(lines) - 1 == 1 + 1 + writers * 5  # the first record, the torn one, the new ones
+    assert len(read_predictions(tmp_path)) == 1 + writers * 5
 
 
 def test_a_full_disk_costs_the_record_not_the_caller_and_warns_once(
