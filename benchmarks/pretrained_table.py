@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="served",
         help="served: each run's promoted bundle on predict's path (TTA, calibrator); test-evaluation: the "
         "fold-model mean without TTA as the test_evaluation asset scored it (reports/test/<set>/<backbone>/"
-        "ensemble/predictions.parquet), for runs whose promotion did not finish",
+        "folds/predictions.parquet; an older run's ensemble/), for runs whose promotion did not finish",
     )
     return parser.parse_args(argv)
 
@@ -117,17 +117,20 @@ def served_scores(run: FinishedRun, workdir: Path) -> Any:
 
 
 def test_evaluation_scores(run: FinishedRun) -> Any:
-    """The fold-model mean's test predictions the ``test_evaluation`` asset wrote (no TTA; no OOD flags)."""
+    """The fold-model mean's test predictions the ``test_evaluation`` asset wrote (no TTA; no OOD flags): its
+    ``folds`` report folder, or the ``ensemble`` one of a run from before that name."""
     import pandas as pd
+
+    from melanoma_ml.evaluation.holdout import PREDICTIONS_FILE, written_report_folder
 
     backbone = run.config.backbones[0]
     frames = []
     for folder in sorted(p for p in run.paths.test_reports.iterdir() if p.is_dir()):
-        predictions = folder / backbone / "ensemble" / "predictions.parquet"
+        predictions = written_report_folder(folder, backbone, "folds") / PREDICTIONS_FILE
         if not predictions.is_file():
             raise SystemExit(f"{predictions} not found: the run's test_evaluation step did not finish")
         table = pd.read_parquet(predictions)
-        frames.append(table.assign(test_set=folder.name, threshold=float("nan"), error=""))
+        frames.append(table.assign(test_set=_set_name(run, folder.name), threshold=float("nan"), error=""))
     if not frames:
         raise SystemExit(f"no test evaluation under {run.paths.test_reports}")
     return pd.concat(frames, ignore_index=True)
@@ -178,6 +181,18 @@ def summarise(name: str, run: FinishedRun, scores: Any, baseline: Any | None) ->
             entry["diff_vs_baseline"] = [diff["diff"], diff["lo"], diff["hi"]]
         row["sets"][str(test_set)] = entry
     return row
+
+
+def _set_name(run: FinishedRun, folder_name: str) -> str:
+    """The test set a report folder holds. Runs from before test sources were named wrote an unnamed
+    source's reports under a name derived from its layout (e.g. ``ISIC2020`` for PH2); with one external
+    source that folder can only be it, so it gets the source's name and pairs with newer runs' rows."""
+    from melanoma_ml.evaluation.holdout import INTERNAL_TEST
+
+    names = [source.name for source in run.config.data.test_sources]
+    if folder_name == INTERNAL_TEST or folder_name in names or len(names) != 1:
+        return folder_name
+    return str(names[0])
 
 
 def _prediction_table(scored: Any, name: str) -> Any:

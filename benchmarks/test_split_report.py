@@ -72,7 +72,7 @@ def report(args: argparse.Namespace) -> None:
         if r.test_set != INTERNAL_TEST:
             continue
         oof_auc = r.oof_auc
-        if r.kind == "served":  # its own validation rows, with a CI
+        if r.kind == "best_fold":  # its own validation rows, with a CI
             best = served_fold(fold_results[r.backbone])
             oof_auc = evaluate_predictions(best.oof, config.evaluation).metric("auc")
         m = r.report.metric

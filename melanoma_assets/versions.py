@@ -10,12 +10,12 @@ STEP_VERSIONS = {
     "image_cache": "1",
     "fold_model": "1",
     "evaluation": "1",
-    "test_evaluation": "2",  # calibrated ECE/Brier on test, ensemble in serving.ensemble_average space
+    "test_evaluation": "3",  # kinds in serving.ensemble's words (folds/best_fold/top_k), folds/ folder
     "tabular_baseline": "1",
     "leaderboard": "3",  # kind column; tabular-only and blend rows
-    "serving_model": "4",  # + candidate vs champion on the clinic's labelled cases (feedback_gate)
-    "gradcam_gallery": "2",  # ensemble bundles explain member 0 on its own validation images
-    "batch_scores": "1",
+    "serving_model": "5",  # + the bundle records serving.views (manifest views), its test numbers use them
+    "gradcam_gallery": "3",  # probabilities with the bundle's recorded views, not serving.views
+    "batch_scores": "2",  # scored with the bundle's recorded views, not serving.views
     "serving_monitor": "1",
     "deployed_performance": "1",
 }

@@ -483,10 +483,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     config = resolve_config(args)
     batch_size = args.batch_size or DEFAULT_BATCH_SIZE
-    views = config.serving.views if args.tta else 1
     inputs = read_scoring_input(args.path)
     print(f"input: {inputs.description}", file=sys.stderr)
     bundle = load_scoring_model(_registry(args), args.version)
+    views = bundle.manifest.views if args.tta else 1  # the views the bundle records, not serving.views
     print(
         f"model: {bundle.version} ({bundle.manifest.describe_model()}, {bundle.spec.image_size} px, threshold "
         f"{decision_threshold(bundle.manifest, config.serving.deployment_prevalence):.4f}), "
@@ -864,7 +864,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-tta",
         dest="tta",
         action="store_false",
-        help="one view per image instead of the serving.views dihedral views",
+        help="one view per image instead of the dihedral views the model's bundle records",
     )
     predict.add_argument(
         "--batch-size",

@@ -224,7 +224,7 @@ def evaluate_on_test(
     """Each backbone's fold-model mean and its served fold model on the locked test split and on every
     ``data.test_sources`` set, at thresholds fixed out-of-fold (``evaluation.holdout``).
 
-    Writes ``reports/test/<test set>/<backbone>/{ensemble,fold<k>}/`` and ``reports/test/test_evaluation.json``.
+    Writes ``reports/test/<test set>/<backbone>/{folds,fold<k>,top_k}/`` and ``reports/test/test_evaluation.json``.
     Nothing downstream chooses with these numbers: ranking and the gate read out-of-fold ones.
     """
     from melanoma_ml.evaluation.holdout import evaluate_test_sets

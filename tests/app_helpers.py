@@ -36,8 +36,10 @@ def register_tiny(
     promote: bool = True,
     size: int = SIZE,
     test_metrics: dict | None = None,
+    views: int | None = None,
 ) -> str:
-    """Register (and promote) a random-weight test_efficientnet bundle; returns its version."""
+    """Register (and promote) a random-weight test_efficientnet bundle (recording ``views``, None: the
+    manifest's default); returns its version."""
     import torch
 
     from melanoma_ml.config import ModelConfig
@@ -64,6 +66,7 @@ def register_tiny(
         data_version=f"test-{seed}",
         code_version="test",
         test_metrics=test_metrics,
+        views=views,
     )
     if promote:
         registry.promote(version, reason="test")

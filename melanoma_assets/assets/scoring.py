@@ -55,8 +55,7 @@ def batch_scores(context: dg.AssetExecutionContext, settings: PipelineSettings) 
     bundle = load_scoring_model(open_registry(config))
     scores = score_path(
         folder,
-        bundle,
-        views=config.serving.views,
+        bundle,  # scored with the views it recorded at promotion
         max_pixels=config.serving.max_image_pixels,
         deployment_prevalence=config.serving.deployment_prevalence,
         min_age=config.serving.min_age,

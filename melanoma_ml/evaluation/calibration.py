@@ -18,7 +18,7 @@ calibrator) once calibrated probabilities are served.
 
 Where it is wired:
 
-* promotion (:func:`fit_served_calibration`, called by ``serving.champion``): on the served model's own out-of-fold rows,
+* promotion (:func:`fit_served_calibration`, called by ``serving.packaging``): on the served model's own out-of-fold rows,
   ``choose_calibrator`` picks the method (patient-grouped cross-fitting), the chosen method is refitted on
   every row, and the threshold is re-tuned on the calibrated scale (the same operating point). The
   bundle's manifest stores ``to_dict()``, the fitted-on prevalence and a ``calibration_report`` of the
@@ -27,12 +27,13 @@ Where it is wired:
   ``InputValueError`` of :func:`cross_fitted_predictions`) get no calibrator: the bundle serves raw
   probabilities and says why in its manifest (``uncalibrated_reason``) and on its model card.
 * serving (``serving.calibrated.served_probabilities``): every prediction path (the app, ``melanoma-ml
-  predict`` and the ``batch_scores`` asset, the Grad-CAM gallery) serves
+  predict`` and the ``batch_scores`` asset, the Grad-CAM gallery) serves :func:`calibrated_probabilities`,
   ``shift_prior(calibrator.apply(raw), fitted_prevalence, serving.deployment_prevalence)``; the
   threshold moves with the odds (``decision_threshold``), so the prevalence changes what is shown, never
   the decision.
 * test evaluation (``evaluation.holdout``, the ``test_evaluation`` asset): each model's calibrator, fitted
-  on its out-of-fold rows as promotion fits it, is applied unchanged to the locked test split and each
+  on its out-of-fold rows as promotion fits it, is applied unchanged (by the served path's own
+  :func:`calibrated_probabilities`) to the locked test split and each
   external test set; ``calibration_report`` there gives ECE and Brier before/after on rows no calibrator
   saw. The bundle's own test metrics are of its served (calibrated) probabilities
   (``holdout.bundle_test_metrics``, scored by the bundle at promotion).
@@ -301,6 +302,32 @@ def shift_prior(prob: Any, train_prevalence: float, deployment_prevalence: float
     with np.errstate(divide="ignore"):
         log_odds = np.log(p) - np.log1p(-p)  # +-inf at 1 and 0, which expit maps back to 1 and 0
     return special.expit(log_odds + shift)
+
+
+def calibrated_probabilities(
+    raw: Any, calibration: Mapping[str, Any] | None, deployment_prevalence: float | None = None
+) -> np.ndarray:
+    """The probabilities a model with the stored ``calibration`` serves for its ``raw`` ones: the one
+    function both the served path (``serving.calibrated.served_probabilities``: the app, ``predict``, batch
+    scoring) and the test evaluation's comparison rows (``holdout.ModelUnderTest.calibrate``) call.
+
+    ``calibrator_from_dict(calibration["parameters"]).apply(raw)``, then, with a ``deployment_prevalence``,
+    :func:`shift_prior` from ``calibration["prevalence"]`` to it.
+
+    Args:
+        raw: The model's (averaged) sigmoid probabilities.
+        calibration: What :func:`fit_served_calibration` stores (``BundleManifest.calibration`` as a dict:
+            ``parameters`` and ``prevalence`` are read), or None: ``raw`` is served unchanged, and no prior
+            shift is possible (the training prevalence is unknown), so ``deployment_prevalence`` is ignored.
+        deployment_prevalence: ``serving.deployment_prevalence``; None: the calibrator's training
+            prevalence (no shift).
+    """
+    if calibration is None:
+        return np.asarray(raw, dtype=np.float64)
+    calibrated = calibrator_from_dict(calibration["parameters"]).apply(raw)
+    if deployment_prevalence is None:
+        return calibrated
+    return shift_prior(calibrated, float(calibration["prevalence"]), deployment_prevalence)
 
 
 def negative_log_likelihood(target: Any, prob: Any) -> float:

@@ -29,6 +29,7 @@ from melanoma_ml.errors import InputValueError
 from melanoma_ml.evaluation.estimate import Estimate
 
 if TYPE_CHECKING:
+    from melanoma_ml.config import EnsembleKind
     from melanoma_ml.evaluation.holdout import TestEvaluation
 
 SELECTION_RULES = {
@@ -65,7 +66,8 @@ class ExternalScore:
 
     Attributes:
         backbone: The model's backbone (``a+b`` for a top-k mean).
-        kind: ``ensemble`` (fold-model mean), ``served`` (the served fold model) or ``top_k``.
+        kind: ``folds`` (fold-model mean), ``best_fold`` (the served fold model) or ``top_k``
+            (``config.EnsembleKind``).
         fold: The served fold, else None.
         test_set: The ``data.test_sources`` name.
         auc: AUC on the external set (patient-cluster bootstrap CI).
@@ -76,13 +78,21 @@ class ExternalScore:
     """
 
     backbone: str
-    kind: str
+    kind: EnsembleKind
     fold: int | None
     test_set: str
     auc: Estimate
     oof_auc: Estimate
     n_images: int
     n_melanoma: int
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickling (a leaderboard step value of an older run): its kind in today's words, so the gate
+        still finds the served model's scores (``holdout.tested_kind``: ``ensemble``/``served`` -> ``folds``/
+        ``best_fold``)."""
+        from melanoma_ml.evaluation.holdout import tested_kind
+
+        self.__dict__.update({**state, "kind": tested_kind(state["kind"])})
 
     @property
     def gap(self) -> Estimate:

@@ -1,12 +1,16 @@
 """Test-set evaluation: each backbone and its served fold model scored on data nothing was tuned on.
 
-Two models per backbone, on the locked test split (``internal``) and on each external test set:
+Two models per backbone, on the locked test split (``internal``) and on each external test set, named by
+what ``serving.ensemble`` would serve of it (``config.EnsembleKind``):
 
-* ``ensemble``: the backbone's k fold models, their test probabilities averaged in
+* ``folds``: the backbone's k fold models, their test probabilities averaged in
   ``serving.ensemble_average`` space (as a ``folds`` bundle averages them), at the threshold tuned on the
   backbone's pooled out-of-fold predictions;
-* ``served``: the fold model a promotion would serve (``served_fold``: best validation AUROC), at the
-  threshold its bundle carries (tuned on that fold's own validation rows).
+* ``best_fold``: the fold model a ``best_fold`` promotion would serve (``served_fold``: best validation
+  AUROC), at the threshold its bundle carries (tuned on that fold's own validation rows);
+
+plus, with ``serving.ensemble: top_k``, the ``top_k`` mean (:func:`top_k_model`). Runs before these words
+wrote ``ensemble`` and ``served``: :func:`tested_kind` reads them back.
 
 Everything a result applies is fixed on that model's own out-of-fold rows before any test row is seen
 (:class:`ModelUnderTest`): the threshold (never re-tuned on test, ``evaluate_predictions(threshold=...)``)
@@ -29,15 +33,16 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, cast, get_args
 
 import numpy as np
 import pandas as pd
 
 from melanoma_ml import schema
 from melanoma_ml.atomic import atomic_write_bytes, atomic_write_json, parquet_bytes, to_jsonable
-from melanoma_ml.config import EvaluationConfig
-from melanoma_ml.evaluation.calibration import fit_served_calibration
+from melanoma_ml.config import EnsembleKind, EvaluationConfig
+from melanoma_ml.errors import InputValueError
+from melanoma_ml.evaluation.calibration import calibrated_probabilities, fit_served_calibration
 from melanoma_ml.evaluation.ensemble import average_probabilities, averaged_oof
 from melanoma_ml.evaluation.estimate import Estimate
 from melanoma_ml.evaluation.inputs import BACKBONE, PROB
@@ -77,7 +82,46 @@ TABLE_COLUMNS = (
 )  # fmt: skip
 """Columns of ``TestEvaluation.table``: ``TestResult.row`` keys."""
 
-ModelKind = Literal["ensemble", "served", "top_k"]
+OLD_KIND_WORDS: dict[str, EnsembleKind] = {"ensemble": "folds", "served": "best_fold"}
+"""The test evaluation's kinds before they took ``serving.ensemble``'s words (``test_evaluation.json``, the
+report folders and the pickled results of older runs)."""
+
+OLD_FOLDERS = {"folds": "ensemble"}
+"""Report folders older runs wrote under another name (the fold-model mean's, under ``ensemble/``)."""
+
+
+def tested_kind(word: str) -> EnsembleKind:
+    """A test-evaluation kind in ``serving.ensemble``'s words: ``best_fold``, ``folds`` or ``top_k`` pass,
+    an older run's ``served`` and ``ensemble`` become ``best_fold`` and ``folds``.
+
+    Raises:
+        InputValueError: ``word`` is neither (names the words it reads).
+    """
+    if word in get_args(EnsembleKind):
+        return cast(EnsembleKind, word)
+    if word in OLD_KIND_WORDS:
+        return OLD_KIND_WORDS[word]
+    raise InputValueError(
+        f"unknown test-evaluation model kind {word!r}: expected one of {list(get_args(EnsembleKind))} "
+        f"(or an older run's {list(OLD_KIND_WORDS)})"
+    )
+
+
+def model_folder(kind: EnsembleKind, fold: int | None) -> str:
+    """A tested model's report folder under ``<test set>/<backbone>/``: ``fold<k>`` for ``best_fold``,
+    else the kind (``folds``, ``top_k``)."""
+    return f"fold{fold}" if kind == "best_fold" else kind
+
+
+def written_report_folder(set_dir: Path, backbone: str, kind: EnsembleKind, fold: int | None = None) -> Path:
+    """Where a test evaluation wrote ``backbone``'s ``kind`` model on the test set of ``set_dir``
+    (``<test set>/<backbone>/<model_folder>``), or where an older run wrote it (:data:`OLD_FOLDERS`) when
+    only that one exists."""
+    folder = Path(set_dir) / backbone / model_folder(kind, fold)
+    old = OLD_FOLDERS.get(folder.name)
+    if old is not None and not folder.exists() and (folder.parent / old).exists():
+        return folder.parent / old
+    return folder
 
 
 def served_fold(fold_results: Sequence[FoldResult]) -> FoldResult:
@@ -91,7 +135,8 @@ class ModelUnderTest:
 
     Attributes:
         backbone: The backbone.
-        kind: ``ensemble``, ``served`` or ``top_k`` (the fold models of the best backbones, averaged).
+        kind: ``folds`` (the backbone's fold models, averaged), ``best_fold`` (its served fold model) or
+            ``top_k`` (the fold models of the best backbones, averaged).
         fold: The served fold (None for a model of several fold models).
         members: The fold models whose test probabilities are averaged: folds of :attr:`backbone`, or
             ``(backbone, fold)`` pairs for ``top_k`` (several backbones).
@@ -108,7 +153,7 @@ class ModelUnderTest:
     __test__ = False  # not a pytest class
 
     backbone: str
-    kind: ModelKind
+    kind: EnsembleKind
     fold: int | None
     members: tuple[Any, ...]
     average: str
@@ -123,7 +168,7 @@ class ModelUnderTest:
         cls,
         config: PipelineConfig,
         backbone: str,
-        kind: ModelKind,
+        kind: EnsembleKind,
         fold: int | None,
         members: Sequence[int],
         oof: pd.DataFrame,
@@ -148,10 +193,8 @@ class ModelUnderTest:
 
     @property
     def folder(self) -> str:
-        """Its report folder under ``<test set>/<backbone>/``."""
-        if self.kind == "top_k":
-            return "top_k"
-        return "ensemble" if self.fold is None else f"fold{self.fold}"
+        """Its report folder under ``<test set>/<backbone>/`` (:func:`model_folder`)."""
+        return model_folder(self.kind, self.fold)
 
     def test_probabilities(self, fold_probs: Mapping[Any, np.ndarray]) -> np.ndarray:
         """Its members' probabilities (member key -> probabilities of the test rows, in order) averaged in
@@ -159,13 +202,9 @@ class ModelUnderTest:
         return average_probabilities([fold_probs[f] for f in self.members], self.average)
 
     def calibrate(self, probs: np.ndarray) -> np.ndarray:
-        """What a bundle of this model serves for raw ``probs`` (before any prior shift)."""
-        from melanoma_ml.evaluation.calibration import calibrator_from_dict
-
-        raw = np.asarray(probs, dtype=np.float64)
-        if self.calibration is None:
-            return raw
-        return calibrator_from_dict(self.calibration["parameters"]).apply(raw)
+        """What a bundle of this model serves for raw ``probs`` (before any prior shift): the served path's
+        own function (``calibration.calibrated_probabilities``) on the calibrator fixed out-of-fold."""
+        return calibrated_probabilities(np.asarray(probs, dtype=np.float64), self.calibration)
 
 
 def models_to_test(
@@ -186,11 +225,11 @@ def models_to_test(
     )
     return [
         ModelUnderTest.fix(
-            config, backbone, "ensemble", None, [r.fold for r in ordered], pooled,
+            config, backbone, "folds", None, [r.fold for r in ordered], pooled,
             oof_report.metric("auc"), oof_report.threshold.value,
         ),
         ModelUnderTest.fix(
-            config, backbone, "served", served.fold, [served.fold], served.oof,
+            config, backbone, "best_fold", served.fold, [served.fold], served.oof,
             _served_oof_auc(served, config.evaluation), served_threshold,
         ),
     ]  # fmt: skip
@@ -256,8 +295,9 @@ class TestResult:
 
     Attributes:
         backbone: The backbone.
-        kind: ``ensemble`` (mean of the k fold models) or ``served`` (the served fold model).
-        fold: The served fold (None for the ensemble).
+        kind: ``folds`` (mean of the k fold models), ``best_fold`` (the served fold model) or ``top_k``.
+            Read back in these words (:meth:`__setstate__`: an older run's pickled ``ensemble``/``served``).
+        fold: The served fold (None for a mean of fold models).
         test_set: ``internal`` or an external test set's name.
         report: The test report (threshold fixed beforehand; patient-cluster bootstrap CIs).
         oof_auc: The same model's out-of-fold AUC (the ensemble: the backbone's pooled out-of-fold AUC).
@@ -268,13 +308,17 @@ class TestResult:
     __test__ = False  # not a pytest class
 
     backbone: str
-    kind: ModelKind
+    kind: EnsembleKind
     fold: int | None
     test_set: str
     report: EvaluationReport
     oof_auc: Estimate
     calibration: CalibrationOnTest | None = None
     predictions: pd.DataFrame | None = field(default=None, repr=False, compare=False)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickling (a Dagster step value of an older run): its kind in today's words (:func:`tested_kind`)."""
+        self.__dict__.update({**state, "kind": tested_kind(state["kind"])})
 
     @property
     def model(self) -> str:
@@ -337,7 +381,7 @@ class TestEvaluation:
         results: One ``TestResult`` per (backbone, kind, test set).
         test_sets: Per test set, its counts (rows scored, melanoma, rows excluded as training duplicates).
         notes: Why a test set was not scored (e.g. a single class), or :data:`NO_TEST_NOTE`.
-        comparisons: ``ensemble_vs_served``: the fold-model mean minus the served fold on each test set.
+        comparisons: ``folds_vs_best_fold``: the fold-model mean minus the best fold on each test set.
     """
 
     __test__ = False  # not a pytest class
@@ -355,13 +399,13 @@ class TestEvaluation:
         """One row per result: test AUC [CI], sensitivity/specificity, threshold, OOF AUC and the gap."""
         return pd.DataFrame([r.row() for r in self.results], columns=list(TABLE_COLUMNS))
 
-    def find(self, backbone: str, kind: ModelKind, test_set: str = INTERNAL_TEST) -> TestResult | None:
+    def find(self, backbone: str, kind: EnsembleKind, test_set: str = INTERNAL_TEST) -> TestResult | None:
         for result in self.results:
             if (result.backbone, result.kind, result.test_set) == (backbone, kind, test_set):
                 return result
         return None
 
-    def headline(self, backbone: str, kind: ModelKind) -> TestResult | None:
+    def headline(self, backbone: str, kind: EnsembleKind) -> TestResult | None:
         """The result shown first: the locked test split, else the first external test set scored."""
         found = self.find(backbone, kind)
         if found is not None:
@@ -374,7 +418,7 @@ class TestEvaluation:
                 "rows": self.table().to_dict("records"),
                 "test_sets": self.test_sets,
                 "notes": self.notes,
-                "ensemble_vs_served_fold": self.comparisons,
+                "folds_vs_best_fold": self.comparisons,
                 "reports": {f"{r.test_set}/{r.model}": r.report.figures for r in self.results},
                 "calibration": {
                     f"{r.test_set}/{r.model}": r.calibration.to_dict()
@@ -460,18 +504,18 @@ def evaluate_on_test(
     )
 
 
-def ensemble_vs_served(results: Sequence[TestResult], config: EvaluationConfig) -> list[dict[str, Any]]:
-    """Per backbone and test set: the fold-model mean minus the served fold model, paired AUC difference on
+def folds_vs_best_fold(results: Sequence[TestResult], config: EvaluationConfig) -> list[dict[str, Any]]:
+    """Per backbone and test set: the fold-model mean minus the best fold model, paired AUC difference on
     the same test images (patient-cluster bootstrap). Reported beside the decision, never used for it."""
     from melanoma_ml.evaluation.compare import paired_auc_difference
 
     out = []
-    for ens in (r for r in results if r.kind == "ensemble" and r.predictions is not None):
+    for ens in (r for r in results if r.kind == "folds" and r.predictions is not None):
         served = next(
             (
                 r
                 for r in results
-                if (r.backbone, r.test_set, r.kind) == (ens.backbone, ens.test_set, "served")
+                if (r.backbone, r.test_set, r.kind) == (ens.backbone, ens.test_set, "best_fold")
             ),
             None,
         )
@@ -550,7 +594,7 @@ def evaluate_test_sets(
     each ``data.test_sources`` set (cached beside the training cache), at thresholds fixed out-of-fold.
 
     Each model's calibrator is fitted once on its out-of-fold rows (``models_to_test``) and applied to every
-    test set. Writes ``out_root/<test set>/<backbone>/{ensemble,fold<k>}/`` and ``out_root/test_evaluation.json``;
+    test set. Writes ``out_root/<test set>/<backbone>/{folds,fold<k>,top_k}/`` and ``out_root/test_evaluation.json``;
     external sets are cached under ``cache_root/test-<name>/<size>px``. A set that cannot be scored (a single class, say) is skipped with a note saying why.
     """
     from melanoma_ml.images.cache import build_image_cache
@@ -587,7 +631,7 @@ def evaluate_test_sets(
             results.append(evaluate_on_test(top_k, name, rows, every, config.evaluation, out_root / name))
     if not sets:
         notes.append(NO_TEST_NOTE)
-    evaluation = TestEvaluation(results, counts, notes, ensemble_vs_served(results, config.evaluation))
+    evaluation = TestEvaluation(results, counts, notes, folds_vs_best_fold(results, config.evaluation))
     evaluation.save(out_root)
     return evaluation
 

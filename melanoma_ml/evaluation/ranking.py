@@ -150,7 +150,7 @@ EXTERNAL_FIELDS = ("auc", "auc_lo", "auc_hi", "gap", "gap_lo", "gap_hi")
 def with_external_columns(table: pd.DataFrame, scores: Sequence[ExternalScore]) -> pd.DataFrame:
     """``table`` with, per external set, each backbone's fold-model-mean AUC [CI] there and its gap to the
     out-of-fold AUC [MOVER CI] (NaN where a backbone has no result on that set)."""
-    ensembles = {(s.backbone, s.test_set): s for s in scores if s.kind == "ensemble"}
+    ensembles = {(s.backbone, s.test_set): s for s in scores if s.kind == "folds"}
     out = table.copy()
     for test_set in external_sets(scores):
         values: dict[str, list[float]] = {what: [] for what in EXTERNAL_FIELDS}
@@ -187,7 +187,7 @@ def with_selection(
     sets = external_sets(scores)
     backbones = [str(b) for b in table["backbone"]]
     oof_aucs = {b: reports[b].metric("auc") for b in backbones}
-    external = {b: [s.auc for s in scores if s.kind == "ensemble" and s.backbone == b] for b in backbones}
+    external = {b: [s.auc for s in scores if s.kind == "folds" and s.backbone == b] for b in backbones}
     candidate, by_backbone = select_candidate(select_on, oof_aucs, external if select_on != "oof" else {})
     out = table.copy()
     out[SELECTION_SCORE] = [by_backbone[b] for b in backbones]
@@ -301,7 +301,7 @@ def with_test_columns(table: pd.DataFrame, test_evaluation: TestEvaluation) -> p
     """``table`` with :data:`TEST_COLUMNS` after ``backbone`` (NaN where a backbone has no test result)."""
     rows = []
     for backbone in table["backbone"]:
-        result = test_evaluation.headline(str(backbone), "ensemble")
+        result = test_evaluation.headline(str(backbone), "folds")
         row = result.row() if result is not None else {}
         rows.append({column: row.get(column, float("nan")) for column in TEST_COLUMNS})
     test = pd.DataFrame(rows, columns=list(TEST_COLUMNS), index=table.index)

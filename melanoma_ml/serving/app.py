@@ -378,9 +378,9 @@ def create_app(service: ModelService, prediction_log: PredictionLog | None = Non
                         elem_id="tabular",
                     )
                 with gr.Accordion("Options", open=True):
-                    tta = gr.Checkbox(
-                        label="Test-time augmentation (8 flips/rotations in one batched pass)",
-                        value=config.views > 1,
+                    tta = gr.Checkbox(  # on: the views the served bundle records, in one batched pass
+                        label="Test-time augmentation (the served model's flips/rotations, one batched pass)",
+                        value=True,
                     )
                     cam = gr.Radio(label="Explanation", choices=CAM_CHOICES, value=config.cam_method)
                     layer = gr.Dropdown(

@@ -91,7 +91,7 @@ class BatchScores:
         model_version: The registry version (or bundle folder name) that scored.
         threshold: The decision threshold the probabilities were compared with (the bundle's, moved with
             ``deployment_prevalence``).
-        views: Dihedral views averaged per member (``serving.views``; 1: none).
+        views: Dihedral views averaged per member (the bundle's own unless the caller asked for others; 1: none).
         seconds: Wall time of decoding and scoring (reading the input not included).
         deployment_prevalence: The prior the probabilities were shifted to, or None (training prevalence).
         metadata: Per table row, the metadata the model read (``{"age", "sex", "site"}``, refused values
@@ -184,7 +184,9 @@ def score_inputs(
     parser): a value the app would refuse is scored as missing and reported in the ``warning`` column.
 
     Args:
-        views: Dihedral views averaged per member (``serving.views``: 1, 2, 4 or 8; None: its default).
+        views: Dihedral views averaged per member; None: the bundle's own (``BundleManifest.views``, recorded
+            at promotion), what ``predict`` and batch scoring serve. 1 (``predict --no-tta``), 2, 4 or 8
+            overrides it.
         batch_size: Images per ``inference.predict`` call.
         workers: Decoding threads (Pillow releases the GIL); default ``min(4, cpu count)``.
         max_pixels: Larger images (by their header) are refused, as uploads are.
@@ -194,7 +196,7 @@ def score_inputs(
         min_age, max_age: ``serving.min_age``/``serving.max_age``: the ages the app accepts.
     """
     from melanoma_ml.serving.calibrated import decision_threshold
-    from melanoma_ml.serving.inference import score, served_views
+    from melanoma_ml.serving.inference import bundle_views, score
 
     if batch_size < 1:
         raise InputValueError(f"batch size must be at least 1, got {batch_size}")
@@ -260,7 +262,7 @@ def score_inputs(
         source=inputs,
         model_version=bundle.version,
         threshold=threshold,
-        views=served_views(views),
+        views=bundle_views(bundle, views),
         seconds=seconds,
         deployment_prevalence=deployment_prevalence,
         metadata=(*metadata, *[None] * len(rejected)),
@@ -299,7 +301,7 @@ def served_test_metrics(
     test split of ``folds_table`` and each ``data.test_sources`` set), scored exactly as ``melanoma-ml
     predict`` scores: the bundle loaded (sha256-verified) by ``load_bundle``, the test rows' image paths
     and metadata written as a CSV and read back by ``read_scoring_input``, then ``score_inputs`` (the
-    bundle's networks, ``serving.views`` TTA, its calibrator); metrics at the bundle's own threshold, fixed
+    bundle's networks, the views it records, its calibrator); metrics at the bundle's own threshold, fixed
     before.
 
     Probabilities are at the training prevalence (no ``serving.deployment_prevalence`` shift): a prior
@@ -344,7 +346,7 @@ def rows_scored_as_predict(
 ) -> tuple[np.ndarray, pd.DataFrame]:
     """Test ``rows`` (``image_name``, ``image_path``, metadata, labels) scored by ``bundle`` on ``predict``'s
     path: written as a CSV ``predict`` accepts (``csv``; no labels), read back by ``read_scoring_input``,
-    scored by ``score_inputs`` with TTA and the ``serving`` age range and pixel limit.
+    scored by ``score_inputs`` with the bundle's own views and the ``serving`` age range and pixel limit.
 
     Returns:
         The served probabilities (``predict``'s ``target`` column) of the rows scored, and those rows with
@@ -358,7 +360,6 @@ def rows_scored_as_predict(
     scores = score_path(
         csv,
         bundle,
-        views=serving.views,
         max_pixels=serving.max_image_pixels,
         deployment_prevalence=None,
         min_age=serving.min_age,

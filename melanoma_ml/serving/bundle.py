@@ -226,6 +226,7 @@ def save_bundle(
     calibration: Mapping[str, Any] | None = None,
     uncalibrated_reason: str | None = None,
     ensemble: EnsembleToSave | None = None,
+    views: int | None = None,
     runtime: RuntimeRequest | None = None,
     ood: OODScorer | None = None,
     monitor_reference: MonitorReference | None = None,
@@ -252,6 +253,8 @@ def save_bundle(
         uncalibrated_reason: Why no calibrator was fitted (``BundleManifest.uncalibrated_reason``), or None.
         ensemble: The networks to average (member 0 is ``net``), or None: ``net`` alone (stored as a
             one-member ``best_fold`` ensemble).
+        views: Dihedral views averaged per member when the bundle is served (``BundleManifest.views``:
+            ``serving.views`` at promotion); None: ``manifest.UNRECORDED_VIEWS`` (all 8).
         runtime: Export the networks for this runtime (checked against eager fp32 on its probe), or None
             (torch fp32).
         ood: An out-of-distribution detector to ship (``serving.ood``), or None.
@@ -288,6 +291,7 @@ def save_bundle(
             "calibration": calibration,
             "uncalibrated_reason": uncalibrated_reason,
             "ensemble": stored_ensemble,
+            **({} if views is None else {"views": views}),
             "runtime": stored_runtime,
             "ood": None if ood is None else _save_ood(tmp, ood),
             "monitor_reference": monitor_reference,

@@ -20,7 +20,9 @@ def served_probabilities(
 ) -> np.ndarray:
     """The probabilities a bundle serves: its calibrator applied to the network's raw ones, then prior-shifted.
 
-    The one place calibration happens (``serving.inference.predict`` calls it for the app, batch scoring and the gallery).
+    The served path's calibration (``serving.inference.predict`` calls it for the app, batch scoring and the
+    gallery): ``evaluation.calibration.calibrated_probabilities`` on the manifest's calibrator, the same
+    function the test evaluation's comparison rows call (``holdout.ModelUnderTest.calibrate``).
     A manifest without ``calibration`` (older bundles) serves ``raw`` unchanged, and no prior shift is
     possible (its training prevalence is unknown): ``deployment_prevalence`` is then ignored.
 
@@ -30,15 +32,11 @@ def served_probabilities(
         deployment_prevalence: ``serving.deployment_prevalence``; None means the calibrator's training
             prevalence (no shift).
     """
-    calibration = manifest.calibration
-    if calibration is None:
-        return np.asarray(raw)
-    from melanoma_ml.evaluation.calibration import shift_prior
+    from melanoma_ml.evaluation.calibration import calibrated_probabilities
 
-    calibrated = calibration.calibrator().apply(raw)
-    if deployment_prevalence is None:
-        return calibrated
-    return shift_prior(calibrated, calibration.prevalence, deployment_prevalence)
+    calibration = manifest.calibration
+    stored = None if calibration is None else calibration.model_dump(include={"parameters", "prevalence"})
+    return calibrated_probabilities(raw, stored, deployment_prevalence)
 
 
 def decision_threshold(manifest: BundleManifest, deployment_prevalence: float | None = None) -> float:

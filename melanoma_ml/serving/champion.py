@@ -10,39 +10,33 @@ lower bound held against the floor. Against a champion, the candidate's out-of-f
 compared with the champion's stored ones on the images both have (``paired_difference_with_champion``).
 The bundle stores those rows (manifest ``oof``, columns ``OOF_KEEP``) for the next comparison. Test-set
 numbers go into the bundle for its readers and never into the decision. The gate itself
-(``promotion.decide_promotion``) is pure; this module reads and writes the registry.
+(``promotion.decide_promotion``) is pure; this module reads the registry and moves its pointer, and
+``packaging.register_served_model`` writes the winner's bundle.
 """
 
 from __future__ import annotations
 
-import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from melanoma_ml.config import PipelineConfig
-from melanoma_ml.evaluation.calibration import fit_served_calibration
+from melanoma_ml.config import EnsembleKind, PipelineConfig
+from melanoma_ml.errors import InputFileNotFoundError
+from melanoma_ml.evaluation import EvaluationReport, evaluate_predictions, paired_auc_difference
 from melanoma_ml.evaluation.ensemble import averaged_oof
 from melanoma_ml.evaluation.external import ExternalScore, auc_gap
 from melanoma_ml.evaluation.holdout import served_fold
 from melanoma_ml.evaluation.ranking import report_oof
-from melanoma_ml.folds import split_masks
 from melanoma_ml.serving.manifest import BundleManifest, ValidationPredictions
-from melanoma_ml.serving.monitor_reference import reference_for_bundle
+from melanoma_ml.serving.packaging import TestMetricsOf, register_served_model
+from melanoma_ml.serving.promotion import GateDecision, decide_promotion
+from melanoma_ml.serving.remote_registry import open_registry
 
 if TYPE_CHECKING:
-    from melanoma_ml.evaluation import EvaluationReport
-    from melanoma_ml.serving.bundle import ProbeImages
-    from melanoma_ml.serving.promotion import GateDecision
     from melanoma_ml.training.train import FoldResult
-
-TestMetricsOf = Callable[[Path], "Mapping[str, Any] | None"]
-"""Measures a complete bundle folder on the untouched test sets: test set -> ``manifest.TestMetrics`` fields
-(``batch.served_test_metrics``), or None when there is no scorable test set."""
 
 OOF_KEEP = ValidationPredictions.columns()
 """Out-of-fold columns stored in a bundle's manifest (enough for a paired comparison later)."""
@@ -87,7 +81,7 @@ class ServedChoice:
         name: How reports and the gate name it.
     """
 
-    kind: str
+    kind: EnsembleKind
     members: tuple[FoldResult, ...]
     oof: pd.DataFrame
     average: str
@@ -165,9 +159,6 @@ def challenge_champion(
     (``Leaderboard.selection``) says how the candidate was chosen; when external sets chose or gated it, the
     bundle's ``test_metrics`` mark them ``used_in_selection``.
     """
-    from melanoma_ml.serving.promotion import GateDecision, decide_promotion
-    from melanoma_ml.serving.remote_registry import open_registry
-
     candidate = choice.explained.backbone
     best = choice.explained
     registry = open_registry(config)
@@ -255,10 +246,6 @@ def _check_then_measure(
     return run
 
 
-TESTED_KIND = {"best_fold": "served", "folds": "ensemble", "top_k": "top_k"}
-"""The test evaluation's model kind (``holdout.ModelUnderTest.kind``) of each ``serving.ensemble`` choice."""
-
-
 def external_for(choice: ServedChoice, scores: Sequence[ExternalScore]) -> list[ExternalScore]:
     """The external scores of the very model ``choice`` serves: the same kind, backbone(s) and fold.
 
@@ -266,10 +253,9 @@ def external_for(choice: ServedChoice, scores: Sequence[ExternalScore]) -> list[
     (the test evaluation takes the top k by out-of-fold AUC; under ``evaluation.select_on`` external or
     worst the served ones may differ, and then there are no external numbers for it).
     """
-    kind = TESTED_KIND[choice.kind]
     backbone = "+".join(dict.fromkeys(m.backbone for m in choice.members))
     fold = choice.explained.fold if choice.kind == "best_fold" else None
-    return [s for s in scores if (s.kind, s.backbone, s.fold) == (kind, backbone, fold)]
+    return [s for s in scores if (s.kind, s.backbone, s.fold) == (choice.kind, backbone, fold)]
 
 
 def marked_selection(test_metrics: TestMetricsOf | None, chose: set[str]) -> TestMetricsOf | None:
@@ -289,8 +275,6 @@ def marked_selection(test_metrics: TestMetricsOf | None, chose: set[str]) -> Tes
 
 def _pooled_oof(config: PipelineConfig, candidate: str, best: FoldResult) -> pd.DataFrame:
     """The candidate backbone's pooled out-of-fold rows (the gate's paired comparison), else its best fold's."""
-    from melanoma_ml.errors import InputFileNotFoundError
-
     try:
         return report_oof(config, candidate)
     except InputFileNotFoundError:
@@ -311,8 +295,6 @@ def served_model_report(config: PipelineConfig, choice: ServedChoice | FoldResul
     Raises:
         ValueError: the rows hold a single class (re-make the folds).
     """
-    from melanoma_ml.evaluation import evaluate_predictions
-
     if not isinstance(choice, ServedChoice):
         choice = ServedChoice(
             "best_fold", (choice,), choice.oof, "probability", f"{choice.backbone} fold {choice.fold}"
@@ -328,175 +310,10 @@ def register_fold_model(
     *,
     data_version: str,
 ) -> str:
-    """Register one fold model as a new registry version (not yet current); see :func:`register_served_model`."""
+    """Register one fold model as a new registry version (not yet current): ``packaging.register_served_model``
+    of it as a ``best_fold`` choice."""
     choice = ServedChoice("best_fold", (best,), best.oof, "probability", f"{best.backbone} fold {best.fold}")
     return register_served_model(config, choice, report, reason, data_version=data_version)
-
-
-def register_served_model(
-    config: PipelineConfig,
-    choice: ServedChoice,
-    report: EvaluationReport,
-    reason: str,
-    *,
-    data_version: str,
-    folds_table: pd.DataFrame | None = None,
-    test_metrics: TestMetricsOf | None = None,
-) -> str:
-    """Register ``choice`` as a new registry version (not yet current) and return the version.
-
-    With ``test_metrics`` the bundle is first written complete to a staging folder under the artifact
-    root; ``test_metrics(folder)`` measures that very bundle (``batch.served_test_metrics`` loads it as
-    ``predict`` loads a version and scores the untouched test sets through ``predict``'s path), the numbers
-    go into its manifest (``test_metrics``: what the model card shows), and the verified folder is
-    registered. The card's test numbers are therefore the served model's: the same networks, TTA,
-    calibrator and threshold as the app and ``predict``.
-
-    Args:
-        report: ``served_model_report(config, choice)``: its metrics go into the manifest; its threshold is
-            re-tuned on the calibrated probabilities (``fit_served_calibration``), the served scale.
-        folds_table: The folds table; with it (and the image cache under the artifact root) the bundle gets
-            the ``serving.runtime`` export, checked on the explained member's own validation images, and the
-            out-of-distribution detector (``serving.ood_detection``), fitted on that member's training
-            images, and the serving monitor's reference (``monitor_reference``: the out-of-fold rows'
-            metadata mix). Without it the bundle serves torch fp32, flags nothing and ships no reference.
-        test_metrics: Bundle folder -> its ``manifest.TestMetrics`` per test set (or None: no test set).
-    """
-    import melanoma_ml
-    from melanoma_ml.serving.bundle import (
-        EnsembleToSave,
-        MemberNet,
-        read_manifest,
-        save_bundle,
-        write_manifest,
-    )
-    from melanoma_ml.serving.remote_registry import open_registry
-    from melanoma_ml.training.checkpoint import load_checkpoint
-
-    calibration, threshold, uncalibrated_reason = fit_served_calibration(
-        config, choice.oof, report.threshold.value
-    )
-    members = []
-    for member in choice.members:
-        net, spec, _info = load_checkpoint(member.checkpoint_dir)
-        net.eval()
-        members.append(MemberNet(net, spec, member.fold, member.weights_sha256))
-    ensemble = None
-    if len(members) > 1:
-        ensemble = EnsembleToSave(choice.kind, choice.average, members)
-    extras = served_extras(config, choice, members[0], folds_table)
-    one = choice.kind == "best_fold"
-    bundle = dict(
-        threshold=threshold,
-        metrics=report.to_dict()["metrics"],
-        data_version=data_version,
-        code_version=f"melanoma_ml-{melanoma_ml.__version__}",
-        fold=choice.explained.fold if one else None,
-        checkpoint_sha256=choice.explained.weights_sha256 if one else None,
-        oof=ValidationPredictions.from_frame(choice.oof),
-        calibration=calibration,
-        uncalibrated_reason=uncalibrated_reason,
-        monitor_reference=reference_for_bundle(choice.oof, folds_table),
-        ensemble=ensemble,
-        **extras,
-    )
-    registry = open_registry(config)
-    if test_metrics is None:
-        return registry.register_bundle(members[0].net, members[0].spec, reason=reason, **bundle)
-    with staging_folder(config) as folder:
-        stage = folder / "bundle"
-        save_bundle(stage, members[0].net, members[0].spec, **bundle)
-        if tested := test_metrics(stage):
-            manifest = read_manifest(stage)
-            write_manifest(
-                stage, BundleManifest.model_validate({**manifest.to_json(), "test_metrics": tested})
-            )
-        return registry.register(stage, reason=reason)
-
-
-@contextmanager
-def staging_folder(config: PipelineConfig) -> Iterator[Path]:
-    """A fresh folder under the artifact root (so tests and runs write nowhere else), removed afterwards."""
-    from melanoma_ml.artifacts import artifact_paths
-
-    root = artifact_paths(config).root
-    root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".served-stage-", dir=root) as folder:
-        yield Path(folder)
-
-
-def served_extras(
-    config: PipelineConfig, choice: ServedChoice, explained: Any, folds_table: pd.DataFrame | None
-) -> dict[str, Any]:
-    """``save_bundle``'s ``runtime`` and ``ood`` arguments for ``choice`` (both None without a folds table).
-
-    The runtime probe is the explained member's first validation images (8 dihedral views each, as served,
-    made for each member with its own preprocessing and metadata encoder);
-    the detector is fitted on every image that member trained on (``ood_fit_rows``).
-    """
-    from melanoma_ml.artifacts import artifact_paths
-    from melanoma_ml.images.cache import ImageCache
-    from melanoma_ml.serving.bundle import RuntimeRequest
-
-    serving = config.serving
-    if folds_table is None:
-        return {"runtime": None, "ood": None}
-    cache_dir = artifact_paths(config).cache(config.data.image_size)
-    cache = ImageCache.open(cache_dir)
-    spec = explained.spec
-    training = ood_fit_rows(folds_table, choice.explained.fold)
-    runtime = None
-    if serving.runtime != "torch" or serving.precision != "fp32":
-        n = serving.runtime_probe_images
-        tabular = spec.encoder.tabular
-        probe = _probe(choice.explained.oof["image_name"], folds_table, cache, tabular, n)
-        calibration = None
-        if serving.precision == "int8":
-            calibration = _probe(
-                training["image_name"].sample(frac=1.0, random_state=0), folds_table, cache, tabular, 4 * n
-            )
-        runtime = RuntimeRequest(
-            serving.runtime, serving.precision, serving.runtime_parity_tolerance, probe, calibration
-        )
-    ood = None
-    if serving.ood_detection:
-        from melanoma_ml.serving.ood import fit_bundle_ood
-
-        ood = fit_bundle_ood(
-            explained.net,
-            spec,
-            training,
-            cache,
-            seed=config.training.seed,
-            quantile=serving.ood_quantile,
-            max_images=serving.ood_max_fit_images,
-        )
-    return {"runtime": runtime, "ood": ood}
-
-
-def ood_fit_rows(folds_table: pd.DataFrame, fold: int) -> pd.DataFrame:
-    """The rows the model validated on ``fold`` trained on: what its out-of-distribution detector is fitted on.
-
-    ``folds.split_masks``' training rows: every fold but ``fold``, external training images included
-    (``data.external_sources``: ``fold`` -1, or the fold of a primary group they share), so a clinic added
-    for training is in distribution; never the locked test split, nor ``fold``'s own rows.
-    """
-    train, _ = split_masks(folds_table, fold)
-    return folds_table[train].reset_index(drop=True)
-
-
-def _probe(
-    names: pd.Series, folds_table: pd.DataFrame, cache: Any, tabular: Sequence[str], n: int
-) -> ProbeImages:
-    """The first ``n`` of ``names`` (cached pixels and metadata records): what an exported runtime is
-    checked (validation images) or int8-calibrated (training images) on, each member with its own encoding
-    (``ProbeImages.inputs``)."""
-    from melanoma_ml.features import metadata_dict
-    from melanoma_ml.serving.bundle import ProbeImages
-
-    rows = folds_table[folds_table["image_name"].isin(names.head(n))]
-    images = list(cache.array()[cache.rows_for(rows["image_name"])])
-    return ProbeImages(images, [metadata_dict(r, tabular) for r in rows.itertuples(index=False)])
 
 
 def paired_difference_with_champion(
@@ -514,8 +331,6 @@ def paired_difference_with_champion(
         predictions or the shared images hold fewer than ``evaluation.subgroup_min_cases`` melanoma or
         benign cases.
     """
-    from melanoma_ml.evaluation import paired_auc_difference
-
     if champion_oof.empty:
         return None, "the champion's manifest stores no out-of-fold predictions (oof) to pair with"
     champion_prob = champion_oof[["image_name", "prob"]]

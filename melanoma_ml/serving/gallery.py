@@ -2,7 +2,8 @@
 
 The images are those of the bundle's stored out-of-fold predictions (``manifest.bundle_validation_rows``),
 so folds re-made since the promotion never slip training images in. Their probabilities are the ones the
-app would show: calibrated and moved to ``serving.deployment_prevalence``.
+app would show: the bundle's own views (``BundleManifest.views``), calibrated and moved to
+``serving.deployment_prevalence``.
 """
 
 from __future__ import annotations
@@ -86,9 +87,7 @@ def render_gallery(
     picked = pick_gallery_rows(val, n_images, seed=seed)
     images = [load_resized(p, bundle.spec.image_size) for p in picked["image_path"]]
     metadata = [metadata_dict(row, bundle.spec.encoder.tabular) for row in picked.itertuples(index=False)]
-    scores = score(
-        bundle, images, metadata, views=serving.views, deployment_prevalence=serving.deployment_prevalence
-    )
+    scores = score(bundle, images, metadata, deployment_prevalence=serving.deployment_prevalence)  # its views
     flags = [None] * len(images) if scores.ood_flag is None else [bool(f) for f in scores.ood_flag]
     out_dir = out_root / bundle.version
     items, layer = [], ""

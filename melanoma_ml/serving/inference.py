@@ -1,7 +1,7 @@
 """Batched inference: a bundle's members x dihedral views, the one scoring function of the served model.
 
-The views of a whole batch (``serving.views``: 1, 2, 4 or all 8 of identity, 90/180/270 degree turns and
-their horizontal flips, ``network_inputs.VIEW_SUBSETS``) are made with tensor ops and go through ONE call
+The views of a whole batch (the bundle's ``views``, recorded at promotion from ``serving.views``: 1, 2, 4 or
+all 8 of identity, 90/180/270 degree turns and their horizontal flips, ``network_inputs.VIEW_SUBSETS``) are made with tensor ops and go through ONE call
 per member (members merged into one ONNX Runtime graph go through one call together); each member's view
 probabilities are averaged, then the members by the one ensemble average. The inputs (square view,
 normalisation, views, encoded metadata) are built by ``serving.network_inputs``, with the geometry and
@@ -19,7 +19,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from melanoma_ml.config import ServingConfig
 from melanoma_ml.errors import InputValueError
 from melanoma_ml.evaluation.ensemble import average_probabilities
 from melanoma_ml.serving.calibrated import served_probabilities
@@ -35,23 +34,29 @@ from melanoma_ml.spec import ModelSpec
 if TYPE_CHECKING:
     from melanoma_ml.serving.bundle import Bundle, Scorer
 
-DEFAULT_VIEWS: int = ServingConfig.model_fields["views"].default
-"""``serving.views``'s default: what :func:`score` averages when the caller names no view count."""
 
-
-def served_views(views: int | None) -> int:
-    """``views`` checked against ``VIEW_SUBSETS`` (None: :data:`DEFAULT_VIEWS`).
+def served_views(views: int) -> int:
+    """``views`` checked against ``VIEW_SUBSETS``.
 
     Raises:
         InputValueError: not 1, 2, 4 or 8.
     """
-    views = DEFAULT_VIEWS if views is None else views
     if isinstance(views, bool) or views not in VIEW_SUBSETS:
         raise InputValueError(
             f"views must be one of {sorted(VIEW_SUBSETS)} (serving.views: dihedral views averaged per member), "
             f"got {views!r}"
         )
     return int(views)
+
+
+def bundle_views(bundle: Bundle, views: int | None = None) -> int:
+    """The views ``bundle`` is scored with: the ones it recorded at promotion (``BundleManifest.views``), or
+    ``views`` when a caller asks for others (1: the app's or ``predict``'s TTA switched off; a benchmark).
+
+    Raises:
+        InputValueError: ``views`` is not 1, 2, 4 or 8.
+    """
+    return served_views(bundle.manifest.views if views is None else views)
 
 
 def predict_tensor(net: nn.Module, x: torch.Tensor, meta: torch.Tensor, views: int = N_VIEWS) -> torch.Tensor:
@@ -192,19 +197,21 @@ def score(
     it in one call (members merged into one ONNX Runtime graph run in one call together) and the members
     are averaged in the bundle's stated space (``manifest.ensemble.average``); then the bundle's calibrator
     and the prior shift apply (:func:`served_probabilities`). The detector (if any) reads member 0's
-    backbone features of the un-augmented view.
+    backbone features of the un-augmented view. Each member averages the views the bundle recorded
+    (:func:`bundle_views`), whatever the caller's ``serving.views``.
 
     Args:
         bundle: A loaded serving bundle (``load_bundle``).
         images: ``(H, W, 3)`` uint8 RGB arrays of any size.
         metadata: One ``{"age", "sex", "site"}`` dict per image, or an encoded ``(n, k)`` array (only for
             a one-network bundle or members sharing one encoder).
-        views: Dihedral views averaged per member (``serving.views``: 1, 2, 4 or 8; None: its default).
+        views: Dihedral views averaged per member; None (what the app, ``predict`` and the card use): the
+            bundle's own (``BundleManifest.views``). 1, 2, 4 or 8 overrides it (TTA off; benchmarks).
         batch_size: Images per call of each network (``views * batch_size`` rows).
         deployment_prevalence: ``serving.deployment_prevalence`` (None: no shift); compare the result with
             :func:`decision_threshold` at the same value.
     """
-    views = served_views(views)
+    views = bundle_views(bundle, views)
     if batch_size < 1:
         raise InputValueError(f"batch_size must be >= 1, got {batch_size}")
     if len(images) == 0:
@@ -263,7 +270,7 @@ def predict(
         bundle: A loaded serving bundle (``load_bundle``).
         images: ``(H, W, 3)`` uint8 RGB arrays of any size.
         metadata: One ``{"age", "sex", "site"}`` dict per image, or an encoded ``(n, k)`` array.
-        views: Dihedral views averaged per member (``serving.views``; None: its default).
+        views: Dihedral views averaged per member (None: the bundle's own, :func:`bundle_views`).
         batch_size: Images per forward pass.
         calibrated: Serve the bundle's calibrated (and prior-shifted) probabilities
             (:func:`served_probabilities`); False gives the network's raw ones (what the stored out-of-fold

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, model_validator
 
+from melanoma_ml.config import EnsembleKind, ViewCount
 from melanoma_ml.evaluation.estimate import Estimate
 from melanoma_ml.serving.monitor_reference import MonitorReference
 from melanoma_ml.spec import ModelSpec
@@ -36,6 +37,10 @@ if TYPE_CHECKING:
 MANIFEST_SCHEMA_VERSION = 3
 READABLE_SCHEMAS = (2, MANIFEST_SCHEMA_VERSION)
 """Schemas ``bundle.read_manifest`` reads: schema 2 through :func:`from_schema_2`."""
+
+UNRECORDED_VIEWS = 8
+"""``BundleManifest.views`` of a manifest that does not record it: bundles written before the views were
+recorded served ``serving.views``' default then, all 8 dihedral views."""
 
 """Schema 1 (``format_version: 1``) kept the provenance in a free-form ``extra`` dict and CIs without a level."""
 
@@ -263,14 +268,14 @@ class EnsembleMember(BaseModel):
 class Ensemble(BaseModel):
     """The networks a bundle serves (``serving.ensemble``) and the space it averages them in.
 
-    ``kind`` uses ``serving.ensemble``'s words: ``best_fold`` is one network (the best fold model, or a
+    ``kind`` uses ``serving.ensemble``'s words (``config.EnsembleKind``): ``best_fold`` is one network (the best fold model, or a
     network exported by hand), ``folds`` and ``top_k`` average several. One member is its own average in
     either space (``evaluation.ensemble.average_probabilities``).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    kind: Literal["best_fold", "folds", "top_k"]
+    kind: EnsembleKind
     average: Literal["logit", "probability"]
     members: list[EnsembleMember] = Field(min_length=1)
 
@@ -340,6 +345,10 @@ class BundleManifest(BaseModel):
         ensemble: The networks served (one member for one network): each one's weights, spec, fold,
             checkpoint sha256 and runtime. Member 0 (``weights.safetensors``, :attr:`model_spec`) is the
             network Grad-CAM explains.
+        views: Dihedral views averaged per member (``serving.views`` at promotion): what every reader
+            scores with (the app, ``predict``, batch scoring, the gallery, the card's test numbers). A
+            manifest written before it was recorded (schema 2, early schema 3) reads as
+            :data:`UNRECORDED_VIEWS`, what those bundles served.
         runtime: The runtime in one line (None: torch fp32); each member's own is its ``runtime``.
         ood: The out-of-distribution detector, or None (no flags).
         monitor_reference: The metadata mix of the :attr:`oof` rows, the serving monitor's reference, or
@@ -360,6 +369,7 @@ class BundleManifest(BaseModel):
     calibration: StoredCalibration | None = None
     uncalibrated_reason: str | None = None
     ensemble: Ensemble
+    views: ViewCount = UNRECORDED_VIEWS
     runtime: ServingRuntime | None = None
     ood: StoredOOD | None = None
     monitor_reference: MonitorReference | None = None

@@ -191,7 +191,7 @@ def model_card_markdown(model: ServedModel | None, deployment_prevalence: float 
         ("Code version", f"`{manifest.code_version}`"),
         ("Backbone initialised from", pretrained_text(manifest)),
         ("Input size", f"{model.image_size} px"),
-        ("Served model", manifest.describe_model()),
+        ("Served model", f"{manifest.describe_model()}, {manifest.views} views per member"),
         ("Runtime", runtime_text(manifest)),
         ("Out-of-distribution check", ood_text(manifest)),
         *calibration_rows(manifest, deployment_prevalence),

@@ -147,8 +147,8 @@ class PredictionRequest:
         site: One of the model's anatomic sites, or None/""/"unknown".
         tabular: ``{column: number}`` for a model trained with tabular features (or that mapping as JSON
             text); a column left out, None or "" is missing, encoded by the training rule. None: all missing.
-        tta: Average ``serving.views`` dihedral views (False: the image alone); None: on when
-            ``serving.views`` > 1.
+        tta: Average the dihedral views the served bundle records (``BundleManifest.views``, chosen at
+            promotion); False: the image alone. None: as True.
         cam_method: ``"eigencam"``, ``"gradcam"`` or ``"none"``; None uses ``serving.cam_method``.
         target_layer: CAM layer name; None/"" uses the backbone's default.
     """
@@ -496,8 +496,8 @@ class ModelService:
         tabular = parse_tabular(request.tabular, model.tabular_features)
         if tabular is not None:
             metadata["tabular"] = tabular
-        tta = self.config.views > 1 if request.tta is None else bool(request.tta)
-        views = self.config.views if tta else 1
+        views = model.manifest.views if request.tta is None or bool(request.tta) else 1  # the bundle's
+        tta = views > 1
         method = parse_cam_method(request.cam_method, default=self.config.cam_method)
         layer = parse_target_layer(request.target_layer, model.target_layers) if method else None
         # Decoded straight to the model's view by the same function that built the training cache, so

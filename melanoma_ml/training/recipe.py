@@ -12,7 +12,7 @@ Finetune, in order of the fit:
 2. Warmup: from the first step the backbone trains, ``warmup_epochs`` x steps-per-epoch optimizer steps
    scale every group's scheduled rate by ``(k + 1) / W`` (step ``k``), then 1.
 3. Throughout: AdamW, head/metadata MLP at ``finetune.learning_rate``, backbone at that x
-   ``backbone_lr_scale``, weight decay on weights only; the configured ``training.scheduler`` (cosine over
+   ``backbone_lr_scale`` (default 1: a lower backbone rate lost AUC on real images here), weight decay on weights only; the configured ``training.scheduler`` (cosine over
    the recipe's epochs, plateau or none) decays the rates per epoch; below ``bn_freeze_below_batch`` the
    backbone's BatchNorm keeps its pretrained running statistics (affine parameters still train).
 """

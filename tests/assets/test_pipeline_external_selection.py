@@ -35,7 +35,7 @@ def test_external_numbers_reach_the_leaderboard_the_gate_and_the_card(tmp_path: 
 
     board = result.leaderboard
     row = board.table.set_index("backbone").loc[board.candidate]
-    tested = result.test_evaluation.find(board.candidate, "ensemble", "clinic2")
+    tested = result.test_evaluation.find(board.candidate, "folds", "clinic2")
     assert tested is not None and tested.report.n_images == 24
     assert row[external_column("clinic2", "auc")] == pytest.approx(tested.test_auc.value)
     assert row[external_column("clinic2", "gap")] == pytest.approx(

@@ -66,8 +66,8 @@ def test_test_evaluation_asset_scores_the_locked_split_and_nothing_leaks(tmp_pat
     tested = last.output_for_node("test_evaluation")
     report = last.output_for_node("evaluation__test_efficientnet")
     ensemble, served = (
-        tested.find("test_efficientnet", "ensemble"),
-        tested.find("test_efficientnet", "served"),
+        tested.find("test_efficientnet", "folds"),
+        tested.find("test_efficientnet", "best_fold"),
     )
     assert ensemble.report.n_images == served.report.n_images == len(test_rows)
     assert ensemble.report.threshold.value == report.threshold.value  # the OOF threshold, not re-tuned
@@ -77,7 +77,7 @@ def test_test_evaluation_asset_scores_the_locked_split_and_nothing_leaks(tmp_pat
         e.materialization for e in last.get_asset_materialization_events()
         if e.materialization.asset_key == dg.AssetKey("test_evaluation")
     )  # fmt: skip
-    assert "internal/test_efficientnet/ensemble/test_auc" in materialization.metadata
+    assert "internal/test_efficientnet/folds/test_auc" in materialization.metadata
 
     board = json.loads((ArtifactPaths(root).leaderboard / "leaderboard.json").read_text())
     assert board["rows"][0]["test_auc"] == pytest.approx(ensemble.test_auc.value)

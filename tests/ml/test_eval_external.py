@@ -62,7 +62,7 @@ def board(select_on: str, seed: int = 0, **extra) -> Leaderboard:
         report = evaluate_predictions(
             predictions(external, "PH2", b), config, name=f"{b} on ph2", threshold=0.5
         )
-        results.append(TestResult(b, "ensemble", None, "ph2", report, reports[b].metric("auc")))
+        results.append(TestResult(b, "folds", None, "ph2", report, reports[b].metric("auc")))
     tested = TestEvaluation(results, {"ph2": {"rows_scored": 2 * N, "melanoma": N}})
     return Leaderboard.rank(reports, oofs, config, tested)
 

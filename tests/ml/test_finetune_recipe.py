@@ -358,6 +358,7 @@ def test_train_fold_with_the_finetune_recipe_records_it(tmp_path) -> None:
         "freeze_backbone_epochs": 1,
         "warmup_epochs": 1.0,
         "learning_rate": 2e-3,
+        "backbone_lr_scale": 0.1,  # explicit: the default is 1 (measured), the recording is what is tested
         "bn_freeze_below_batch": 32,
     }
     config = load_config(

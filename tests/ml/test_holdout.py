@@ -111,10 +111,10 @@ def test_each_model_is_calibrated_on_its_own_out_of_fold_rows_as_promotion_does(
     config, folds, oof_report, models, _ = tested
     ensemble, served = models
     assert (ensemble.kind, ensemble.members, len(ensemble.oof)) == (
-        "ensemble", (0, 1, 2), sum(len(r.oof) for r in folds)
+        "folds", (0, 1, 2), sum(len(r.oof) for r in folds)
     )  # fmt: skip
     assert ensemble.threshold == oof_report.threshold.value
-    assert (served.kind, served.fold, served.members) == ("served", 2, (2,))
+    assert (served.kind, served.fold, served.members) == ("best_fold", 2, (2,))
     # the served model's calibrator and threshold are those register_fold_model puts into its bundle
     bundle_calibration, bundle_threshold, _ = fit_served_calibration(config, folds[2].oof, served.threshold)
     assert served.calibration == bundle_calibration
@@ -122,7 +122,7 @@ def test_each_model_is_calibrated_on_its_own_out_of_fold_rows_as_promotion_does(
     assert served.calibration is not None and ensemble.calibration is not None
 
 
-@pytest.mark.parametrize("kind", ["ensemble", "served"])
+@pytest.mark.parametrize("kind", ["folds", "best_fold"])
 def test_calibration_lowers_test_ece_and_keeps_the_operating_point(tested, kind: str) -> None:
     *_, evaluation = tested
     result = evaluation.find("test_efficientnet", kind)
@@ -143,8 +143,8 @@ def test_table_carries_ece_before_and_after(tested) -> None:
     *_, evaluation = tested
     table = evaluation.table()
     assert {"ece_before", "ece_after", "brier_before", "brier_after", "calibration"} <= set(table.columns)
-    served = evaluation.find("test_efficientnet", "served")
-    row = table[table["kind"] == "served"].iloc[0]
+    served = evaluation.find("test_efficientnet", "best_fold")
+    row = table[table["kind"] == "best_fold"].iloc[0]
     assert row["ece_after"] == served.calibration.report["ece_after"].value
     assert row["ece_after_lo"] <= row["ece_after"] <= row["ece_after_hi"]
     assert "calibration" in evaluation.to_dict() and len(evaluation.to_dict()["calibration"]) == 2
@@ -173,7 +173,7 @@ def test_a_model_whose_rows_cannot_fit_a_calibrator_reports_after_equal_to_befor
     oof = folds[0].oof.assign(**{schema.TARGET: 0})
     oof.loc[oof[schema.GROUP] == oof[schema.GROUP].iloc[0], schema.TARGET] = 1
     model = ModelUnderTest.fix(
-        config, "test_efficientnet", "served", 0, [0], oof, Estimate(0.7, nan, nan, 0.95), 0.5
+        config, "test_efficientnet", "best_fold", 0, [0], oof, Estimate(0.7, nan, nan, 0.95), 0.5
     )
     assert model.calibration is None and model.calibrated_threshold == 0.5
     rows = pd.DataFrame(
@@ -201,12 +201,13 @@ def test_the_fold_model_mean_is_compared_with_the_served_fold_on_the_same_test_p
     tested, tmp_path
 ) -> None:
     from melanoma_ml.evaluation.compare import paired_auc_difference
-    from melanoma_ml.evaluation.holdout import PREDICTIONS_FILE, ensemble_vs_served
+    from melanoma_ml.evaluation.holdout import PREDICTIONS_FILE, folds_vs_best_fold
 
     config, _folds, _report, models, evaluation = tested
-    [comparison] = ensemble_vs_served(evaluation.results, config.evaluation)
-    ensemble = evaluation.find("test_efficientnet", "ensemble")
-    served = evaluation.find("test_efficientnet", "served")
+    [comparison] = folds_vs_best_fold(evaluation.results, config.evaluation)
+    assert "folds_vs_best_fold" in evaluation.to_dict()  # test_evaluation.json's key, in the served words
+    ensemble = evaluation.find("test_efficientnet", "folds")
+    served = evaluation.find("test_efficientnet", "best_fold")
     expected = paired_auc_difference(ensemble.predictions, served.predictions, config.evaluation)
     assert comparison["diff"] == pytest.approx(expected["diff"])
     assert comparison["diff"] == pytest.approx(ensemble.test_auc.value - served.test_auc.value)
@@ -216,6 +217,7 @@ def test_the_fold_model_mean_is_compared_with_the_served_fold_on_the_same_test_p
     rows, score = _rows(40, "W", np.random.default_rng(5))
     probs = {k: _overconfident(score) for k in range(N_FOLDS)}
     evaluate_on_test(models[0], "internal", rows, probs, config.evaluation, tmp_path)
+    assert models[0].folder == "folds" and models[1].folder == "fold2"
     written = pd.read_parquet(tmp_path / "test_efficientnet" / models[0].folder / PREDICTIONS_FILE)
     assert written[schema.IMAGE].tolist() == rows[schema.IMAGE].tolist() and "prob" in written
 
@@ -265,5 +267,117 @@ def test_a_top_k_model_averages_the_best_backbones_and_reaches_the_bundle(tmp_pa
     np.testing.assert_allclose(tested.predictions["prob"], np.mean(list(probs.values()), axis=0))
     evaluation = TestEvaluation([tested], {"internal": {"rows_scored": len(rows)}})
     assert evaluation.find(model.backbone, "top_k").report.n_images == len(rows)
-    assert evaluation.find(model.backbone, "ensemble") is None  # no fold-model mean was scored here
+    assert evaluation.find(model.backbone, "folds") is None  # no fold-model mean was scored here
     assert top_k_model(base, results, reports) is None  # only when serving.ensemble is top_k
+
+
+CALIBRATORS = {
+    "temperature": ({"method": "temperature", "temperature": 2.5}, lambda z: special.expit(z / 2.5)),
+    "platt": ({"method": "platt", "slope": 0.6, "intercept": -0.8}, lambda z: special.expit(0.6 * z - 0.8)),
+    "isotonic": (
+        {"method": "isotonic", "x": [0.0, 0.5, 1.0], "y": [0.0, 0.1, 0.7]},
+        lambda z: np.interp(special.expit(z), [0.0, 0.5, 1.0], [0.0, 0.1, 0.7]),
+    ),
+}
+
+
+@pytest.mark.parametrize("method", sorted(CALIBRATORS))
+def test_the_comparison_rows_and_the_served_model_calibrate_with_one_function(tested, method: str) -> None:
+    """Known calibrator parameters, known raw probabilities: ``ModelUnderTest.calibrate`` (the test
+    evaluation's rows) and ``served_probabilities`` (what ``inference.predict`` serves from a bundle's
+    manifest) give the same numbers, and both are the calibrator's formula; the served prior shift is Bayes'
+    rule on those numbers."""
+    from melanoma_ml.serving.calibrated import served_probabilities
+    from melanoma_ml.weights import WEIGHTS_FILE
+
+    _config, folds, _report, models, _evaluation = tested
+    parameters, formula = CALIBRATORS[method]
+    stored = {"method": method, "parameters": parameters, "prevalence": 0.25, "n_rows": 140, "report_on": "x"}
+    model = dataclasses.replace(models[1], calibration=stored)
+    served = manifest.BundleManifest.model_validate(
+        {
+            "threshold": 0.5,
+            "metrics": {"auc": Estimate(0.8, 0.7, 0.9, 0.9)},
+            "data_version": "folds-1",
+            "code_version": "melanoma_ml-test",
+            "created_at": "2026-12-07T00:00:00+00:00",
+            "oof": manifest.ValidationPredictions.from_frame(folds[2].oof),
+            "calibration": stored,
+            "ensemble": {
+                "kind": "best_fold",
+                "average": "probability",
+                "members": [
+                    {
+                        "weights": {"name": WEIGHTS_FILE, "sha256": "a" * 64},
+                        "model_spec": SPEC,
+                        "fold": 2,
+                        "checkpoint_sha256": "b" * 64,
+                    }
+                ],
+            },
+        }
+    )
+    raw = np.array([1e-9, 0.01, 0.2, 0.5, 0.73, 0.99, 1 - 1e-9])
+    expected = formula(special.logit(raw))
+    tested_rows = model.calibrate(raw)
+    np.testing.assert_allclose(tested_rows, expected, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(served_probabilities(served, raw), tested_rows, rtol=0, atol=1e-12)
+    assert not np.allclose(tested_rows, raw)  # the calibrator acts on this case
+    # the served path's prior shift: odds times (0.05 / 0.95) / (0.25 / 0.75), on the same calibrated numbers
+    shifted = served_probabilities(served, raw, 0.05)
+    inner = expected[(expected > 0) & (expected < 1)]
+    odds = inner / (1 - inner) * (0.05 / 0.95) / (0.25 / 0.75)
+    np.testing.assert_allclose(
+        shifted[(expected > 0) & (expected < 1)], odds / (1 + odds), rtol=0, atol=1e-12
+    )
+    # no calibrator: both serve raw, and no prior shift is possible
+    plain = dataclasses.replace(models[1], calibration=None)
+    uncalibrated = served.model_copy(update={"calibration": None})
+    np.testing.assert_array_equal(plain.calibrate(raw), raw)
+    np.testing.assert_array_equal(served_probabilities(uncalibrated, raw, 0.05), raw)
+
+
+def test_old_kind_words_are_read_back_in_the_served_vocabulary(tested, tmp_path) -> None:
+    """Older runs wrote ``ensemble``/``served``: their pickled step values (a Dagster run's test evaluation
+    and leaderboard) and report folders are read in ``serving.ensemble``'s words."""
+    import pickle
+
+    from melanoma_ml.errors import InputValueError
+    from melanoma_ml.evaluation.external import ExternalScore
+    from melanoma_ml.evaluation.holdout import tested_kind, written_report_folder
+
+    assert [tested_kind(w) for w in ("ensemble", "served", "folds", "best_fold", "top_k")] == [
+        "folds", "best_fold", "folds", "best_fold", "top_k"
+    ]  # fmt: skip
+    with pytest.raises(InputValueError, match=r"'fold_mean'.*best_fold.*ensemble"):
+        tested_kind("fold_mean")
+
+    *_, evaluation = tested
+    old_results = []
+    for result, old_word in zip(evaluation.results, ("ensemble", "served"), strict=True):
+        old = dataclasses.replace(result)
+        object.__setattr__(old, "kind", old_word)  # as an older run's object was
+        old_results.append(old)
+    old_evaluation = dataclasses.replace(evaluation, results=old_results)
+    again = pickle.loads(pickle.dumps(old_evaluation))
+    assert [r.kind for r in again.results] == ["folds", "best_fold"]
+    assert (
+        again.find("test_efficientnet", "folds").test_auc
+        == evaluation.find("test_efficientnet", "folds").test_auc
+    )
+    assert again.table()["kind"].tolist() == ["folds", "best_fold"]
+
+    auc = Estimate(0.8, 0.7, 0.9, 0.95)
+    score = ExternalScore("b", "best_fold", 2, "ph2", auc, auc, 40, 10)
+    object.__setattr__(score, "kind", "served")
+    assert pickle.loads(pickle.dumps(score)).kind == "best_fold"
+
+    set_dir = tmp_path / "internal"
+    (set_dir / "test_efficientnet" / "ensemble").mkdir(parents=True)  # an older run's fold-model mean
+    assert written_report_folder(set_dir, "test_efficientnet", "folds").name == "ensemble"
+    assert written_report_folder(set_dir, "test_efficientnet", "best_fold", 2).name == "fold2"
+    (set_dir / "test_efficientnet" / "folds").mkdir()
+    assert (
+        written_report_folder(set_dir, "test_efficientnet", "folds")
+        == set_dir / "test_efficientnet" / "folds"
+    )

@@ -85,9 +85,9 @@ def test_the_gate_reads_the_served_models_own_external_scores() -> None:
 
     auc = Estimate(0.8, 0.7, 0.9, 0.95)
     scores = [
-        ExternalScore("b", "ensemble", None, "ph2", auc, auc, 40, 10),
-        ExternalScore("b", "served", 1, "ph2", auc, auc, 40, 10),
-        ExternalScore("b", "served", 0, "ph2", auc, auc, 40, 10),
+        ExternalScore("b", "folds", None, "ph2", auc, auc, 40, 10),
+        ExternalScore("b", "best_fold", 1, "ph2", auc, auc, 40, 10),
+        ExternalScore("b", "best_fold", 0, "ph2", auc, auc, 40, 10),
         ExternalScore("b+c", "top_k", None, "ph2", auc, auc, 40, 10),
     ]
     fold = {k: SimpleNamespace(backbone="b", fold=k) for k in (0, 1)}

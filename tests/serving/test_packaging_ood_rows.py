@@ -1,5 +1,5 @@
 """What the served model's out-of-distribution detector is fitted on: every image its member trained on,
-external training sources included, never the locked test split (``champion.ood_fit_rows``)."""
+external training sources included, never the locked test split (``packaging.ood_fit_rows``)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 from melanoma_ml import schema
 from melanoma_ml.folds import EXTERNAL_FOLD, TEST_FOLD, assign_folds
-from melanoma_ml.serving.champion import ood_fit_rows
+from melanoma_ml.serving.packaging import ood_fit_rows
 
 
 def test_a_constructed_folds_table_gives_the_known_training_rows() -> None:
