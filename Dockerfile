@@ -38,10 +38,12 @@ WORKDIR /opt/melanoma
 # 1. torch/torchvision first and on their own, as ./dev does (the pins of pyproject.toml; several GB).
 RUN --mount=type=secret,id=pip.conf --mount=type=secret,id=pip-cert \
     pip install torch==2.14.1 torchvision==0.29.1
-# 2. every other dependency, read from pyproject.toml alone (README and source are not copied yet).
+# 2. every other dependency, read from pyproject.toml alone (README and source are not copied yet), with the
+#    `scale-out` extra (dagster-celery, redis, boto3: the Celery workers of `docker compose --profile scale-out`).
 COPY pyproject.toml ./
 RUN --mount=type=secret,id=pip.conf --mount=type=secret,id=pip-cert \
-    python3 -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" \
+    python3 -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+print(*p['dependencies'], *p['optional-dependencies']['scale-out'], sep='\n')" \
       >/tmp/requirements.txt \
  && pip install -r /tmp/requirements.txt \
  && rm /tmp/requirements.txt

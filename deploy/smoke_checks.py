@@ -11,6 +11,17 @@ and no run is in progress, fails on any failed or canceled run, and prints one J
 status. ``history`` waits for the webserver and prints the same line without launching anything.
 ``predict`` calls the app through gradio_client and checks the answer names ``VERSION``. Only the
 standard library and gradio_client are needed (run it with the project's .venv python).
+
+Two more checks of ``deploy/smoke --profile scale-out`` run *inside* a container of the stack (the script
+goes in on stdin: ``docker compose exec -T SERVICE python - COMMAND < deploy/smoke_checks.py``):
+
+    placement --step fold_model --workers 2     # in dagster-daemon: the Dagster instance's events
+    bucket                                      # in a Celery worker: its S3 settings and melanoma_ml
+
+``placement`` reads which Celery worker executed every ``STEP`` (the engine events' ``Celery worker``) and
+fails unless they ran on at least ``N`` different workers. ``bucket`` reads the promoted version from the
+model registry in the bucket (``MELANOMA_SERVING__REGISTRY_URI``), downloads it (every file checked against
+its manifest's sha256) and lists the fold checkpoints the workers published to ``MELANOMA_ARTIFACT_STORE``.
 """
 
 from __future__ import annotations
@@ -157,20 +168,88 @@ def predict(app: str, image: str, expect: str, timeout: float) -> dict:
     return {k: answer.get(k) for k in ("model_version", "backbone", "probability", "decision")}
 
 
+def placement(step: str, workers: int) -> dict:
+    """``{"workers": [...], "steps": {partition: [worker, ...]}}`` of every ``step`` the instance ran."""
+    import dagster as dg
+
+    instance = dg.DagsterInstance.get()
+    steps: dict[str, list[str]] = {}
+    for run in instance.get_runs():
+        partition = run.tags.get("dagster/partition", run.run_id)
+        for entry in instance.all_logs(run.run_id, of_type=dg.DagsterEventType.ENGINE_EVENT):
+            event = entry.dagster_event
+            metadata = (event.engine_event_data.metadata or {}) if event.step_key == step else {}
+            if "Celery worker" in metadata:
+                steps.setdefault(partition, []).append(str(metadata["Celery worker"].value).split("@")[0])
+    names = sorted({name for placed in steps.values() for name in placed})
+    if len(names) < workers:
+        raise SmokeFailure(
+            f"{step} ran on {names or 'no Celery worker'}, expected {workers} different workers: {steps} "
+            "(is MELANOMA_EXECUTOR=celery set, and the training pool's limit the worker count?)"
+        )
+    return {"workers": names, "steps": dict(sorted(steps.items()))}
+
+
+def bucket() -> dict:
+    """The promoted bundle, downloaded and verified from the bucket, and the fold checkpoints published there."""
+    import os
+
+    import boto3
+
+    from melanoma_ml.config import load_config
+    from melanoma_ml.serving.remote_registry import open_registry
+
+    config = load_config(os.environ.get("MELANOMA_PROFILE") or "demo")
+    if not (config.serving.registry_uri or "").startswith("s3://"):
+        raise SmokeFailure(f"the registry is not in the bucket: registry_uri={config.serving.registry_uri!r}")
+    registry = open_registry(config)
+    pointer = registry.pointer()
+    if pointer is None:
+        raise SmokeFailure(f"no promoted version in {config.serving.registry_uri}")
+    folder = registry.version_path(pointer["version"])  # every file checked against the manifest
+    bundle = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    store = os.environ.get("MELANOMA_ARTIFACT_STORE", "")
+    name, _, prefix = store.removeprefix("s3://").partition("/")
+    client = boto3.client("s3")
+    commit_keys = [
+        item["Key"]
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=name, Prefix=f"{prefix}/commits/")
+        for item in page.get("Contents", [])
+    ]
+    checkpoints = set()
+    for key in commit_keys:
+        files = json.loads(client.get_object(Bucket=name, Key=key)["Body"].read())["files"]
+        checkpoints |= {"/".join(f.split("/")[:3]) for f in files if f.startswith("checkpoints/")}
+    if not commit_keys or not checkpoints:
+        raise SmokeFailure(f"{store}: {len(commit_keys)} commits, no fold checkpoint published")
+    return {
+        "version": pointer["version"],
+        "bundle_files": bundle,
+        "store_commits": len(commit_keys),
+        "checkpoints": sorted(checkpoints),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="HTTP checks of deploy/smoke")
-    parser.add_argument("command", choices=["run-graph", "history", "predict"])
+    parser.add_argument("command", choices=["run-graph", "history", "predict", "placement", "bucket"])
     parser.add_argument("--ui", help="Dagster webserver URL")
     parser.add_argument("--app", help="Gradio app URL")
     parser.add_argument("--image", help="image file to upload")
     parser.add_argument("--expect", help="model version the app must answer with")
     parser.add_argument("--timeout", type=float, default=900)
+    parser.add_argument("--step", default="fold_model", help="placement: the step whose workers to read")
+    parser.add_argument("--workers", type=int, default=2, help="placement: how many workers it must span")
     args = parser.parse_args(argv)
     try:
         if args.command == "run-graph":
             result: dict = run_graph(args.ui, args.timeout)
         elif args.command == "history":
             result = history(args.ui, args.timeout)
+        elif args.command == "placement":
+            result = placement(args.step, args.workers)
+        elif args.command == "bucket":
+            result = bucket()
         else:
             result = predict(args.app, args.image, args.expect, args.timeout)
     except SmokeFailure as exc:

@@ -108,3 +108,140 @@ def test_both_instance_configs_agree_on_crash_handling() -> None:
         assert local[key] == deployed[key], (
             f"{key} differs between dagster.yaml and deploy/dagster.postgres.yaml"
         )
+
+
+# --- the scale-out profile ------------------------------------------------------------------------------
+SCALE_OUT = "scale-out"
+DEFAULT_SERVICES = {"postgres", "dagster-code", "dagster-webserver", "dagster-daemon", "app"}
+WORKERS = ("celery-worker-1", "celery-worker-2")
+INTERPOLATION = re.compile(r"\$\{([A-Z_]+)(?::([-?])([^}]*))?\}")
+
+
+def interpolate(value: Any, env: dict[str, str]) -> Any:
+    """Compose's ``${VAR}``, ``${VAR:-default}`` and ``${VAR:?error}`` against ``env`` (an ``.env``)."""
+    if not isinstance(value, str):
+        return value
+
+    def one(match: re.Match) -> str:
+        name, kind, word = match.groups()
+        if env.get(name):
+            return env[name]
+        if kind == "?":
+            raise ValueError(f"{name}: {word}")
+        return word if kind == "-" else env.get(name, "")
+
+    return INTERPOLATION.sub(one, value).replace("$$", "$")
+
+
+def resolved_environment(service: str, env: dict[str, str]) -> dict[str, str]:
+    return {k: interpolate(v, env) for k, v in compose()["services"][service]["environment"].items()}
+
+
+def test_without_the_profile_the_stack_is_the_one_it_was() -> None:
+    services = compose()["services"]
+    default = {name for name, service in services.items() if not service.get("profiles")}
+    assert default == DEFAULT_SERVICES
+    assert {name for name in services if name not in default} == {"redis", "s3", *WORKERS}
+    assert all(services[name]["profiles"] == [SCALE_OUT] for name in services if name not in default)
+
+
+def test_the_example_env_keeps_steps_in_process_and_files_local(monkeypatch) -> None:
+    from melanoma_assets.executors import executor_name_from_env
+    from melanoma_assets.object_store import store_uri_from_env
+    from melanoma_ml.config import load_config
+
+    example = (REPO / ".env.example").read_text()
+    env = dict(re.findall(r"^([A-Z_]+)=(.*)$", example, flags=re.MULTILINE))  # copied as it is
+    env["POSTGRES_PASSWORD"] = "from-dotenv"  # its one required line
+    for service in DEFAULT_SERVICES - {"postgres"}:
+        resolved = resolved_environment(service, env)
+        assert resolved["MELANOMA_ARTIFACT_ROOT"] == "/data/artifacts"
+        for key, value in resolved.items():
+            monkeypatch.setenv(key, value)
+        assert executor_name_from_env() == "in_process", service
+        assert store_uri_from_env() is None, service
+        assert load_config("tiny").serving.registry_uri in (None, ""), service
+
+
+def test_scale_out_workers_share_only_the_bucket_and_take_trainings() -> None:
+    services = compose()["services"]
+    env = {
+        "POSTGRES_PASSWORD": "p",
+        "MELANOMA_EXECUTOR": "celery",
+        "MELANOMA_ARTIFACT_STORE": "s3://melanoma/artifacts",
+        "AWS_SECRET_ACCESS_KEY": "s",
+    }
+    hostnames = set()
+    for name in WORKERS:
+        worker = services[name]
+        mounts = [str(volume).split(":")[0] for volume in worker.get("volumes", [])]
+        assert not {"artifacts", "dagster-storage", "s3data"} & set(mounts), f"{name} mounts {mounts}"
+        resolved = resolved_environment(name, env)
+        assert resolved["MELANOMA_ARTIFACT_ROOT"] != "/data/artifacts"
+        assert resolved["MELANOMA_EXECUTOR"] == "celery"
+        assert resolved["MELANOMA_ARTIFACT_STORE"] == env["MELANOMA_ARTIFACT_STORE"]
+        assert resolved["MELANOMA_CELERY_BROKER"].startswith("redis://redis:")
+        command = " ".join(worker["command"])
+        queues = re.search(r"-Q (\S+)", command).group(1).split(",")
+        assert "training" in queues and "--concurrency=1" in command, command
+        assert "--prefetch-multiplier=1" in command and "melanoma_assets.celery_app" in command
+        assert set(worker["depends_on"]) >= {"postgres", "redis", "s3"}
+        hostnames.add(worker["hostname"])
+    assert len(hostnames) == len(WORKERS)
+    for name in ("redis", "s3", *WORKERS):
+        assert not services[name].get("ports"), f"{name} must publish no port"
+
+
+def test_the_local_build_covers_every_scale_out_image() -> None:
+    services = compose()["services"]
+    local = yaml.safe_load((REPO / "docker-compose.local.yml").read_text())["services"]
+    built = {name for name, service in services.items() if "build" in service}
+    assert {"s3", *WORKERS} <= built
+    pulled = {name for name in services if name not in built}
+    assert pulled == {"postgres", "redis"}
+    assert all("build" in local[name] for name in (pulled | built))
+    for name in ("redis", "seaweedfs"):
+        assert (REPO / "deploy" / name / "Dockerfile").is_file()
+
+
+def compose_cli() -> list[str] | None:
+    import shutil
+    import subprocess
+
+    for command in (["docker", "compose"], ["docker-compose"]):
+        if shutil.which(command[0]) is None:
+            continue
+        probe = subprocess.run([*command, "version"], capture_output=True, check=False)
+        if probe.returncode == 0:
+            return command
+    return None
+
+
+@pytest.mark.parametrize("profile", [None, SCALE_OUT])
+def test_docker_compose_accepts_the_files_with_and_without_the_profile(tmp_path: Path, profile) -> None:
+    import subprocess
+
+    cli = compose_cli()
+    if cli is None:
+        pytest.skip("needs docker compose or docker-compose (not installed in CI)")
+    dotenv = tmp_path / ".env"
+    dotenv.write_text(
+        "POSTGRES_PASSWORD=p\nMELANOMA_EXECUTOR=celery\nMELANOMA_ARTIFACT_STORE=s3://melanoma/artifacts\n"
+        "AWS_ACCESS_KEY_ID=a\nAWS_SECRET_ACCESS_KEY=s\n"
+    )
+    args = [*cli, "--project-directory", str(REPO), "--env-file", str(dotenv)]
+    args += ["-f", str(REPO / "docker-compose.yml"), "-f", str(REPO / "docker-compose.local.yml")]
+    args += ["--profile", profile] if profile else []
+    listed = subprocess.run([*args, "config"], capture_output=True, text=True, check=False)
+    assert listed.returncode == 0, listed.stderr
+    config = yaml.safe_load(listed.stdout)
+    # docker-compose 1.x lists every service; what `up` starts is those of no profile or an active one.
+    started = {
+        name
+        for name, service in config["services"].items()
+        if not service.get("profiles") or profile in service["profiles"]
+    }
+    assert started == DEFAULT_SERVICES | ({"redis", "s3", *WORKERS} if profile else set())
+    worker = config["services"][WORKERS[0]]["environment"]
+    assert worker["MELANOMA_ARTIFACT_ROOT"] == "/data/work"
+    assert worker["MELANOMA_ARTIFACT_STORE"] == "s3://melanoma/artifacts"
