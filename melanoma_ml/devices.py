@@ -142,6 +142,10 @@ def devices_per_fit(training: TrainingConfig, pool: Sequence[str]) -> int:
     return count
 
 
+WAITING_PREFIX = "waiting-"
+"""Name prefix of the files :func:`lease_devices` keeps while it waits (:func:`waiting_for_devices`)."""
+
+
 @contextmanager
 def lease_devices(
     pool: Sequence[str],
@@ -176,26 +180,46 @@ def lease_devices(
     lock_dir = Path(lock_dir)
     lock_dir.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + wait_s
-    while True:
-        with ExitStack() as held:
-            taken: list[str] = []
-            for name in pool:
-                handle = _try_lock(lock_dir / _lock_name(name), holder)
-                if handle is not None:
-                    held.callback(_unlock, handle)
-                    taken.append(name)
-                    if len(taken) == count:
-                        break
-            if len(taken) == count:
-                yield tuple(taken)
-                return
-        if time.monotonic() >= deadline:
-            raise DeviceLeaseTimeout(
-                f"no {count} free device(s) in {list(pool)} after {wait_s:.0f} s for {holder}; held: "
-                f"{describe_holders(pool, lock_dir)}. Set the Dagster 'training' pool limit to the device "
-                "count divided by training.devices, or raise training.device_wait_s"
-            )
-        time.sleep(poll_s)
+    waiting = lock_dir / f"{WAITING_PREFIX}{os.getpid()}-{time.monotonic_ns()}.json"
+    try:
+        while True:
+            with ExitStack() as held:
+                taken: list[str] = []
+                for name in pool:
+                    handle = _try_lock(lock_dir / _lock_name(name), holder)
+                    if handle is not None:
+                        held.callback(_unlock, handle)
+                        taken.append(name)
+                        if len(taken) == count:
+                            break
+                if len(taken) == count:
+                    waiting.unlink(missing_ok=True)
+                    yield tuple(taken)
+                    return
+            if time.monotonic() >= deadline:
+                raise DeviceLeaseTimeout(
+                    f"no {count} free device(s) in {list(pool)} after {wait_s:.0f} s for {holder}; held: "
+                    f"{describe_holders(pool, lock_dir)}. Set the Dagster 'training' pool limit to the device "
+                    "count divided by training.devices, or raise training.device_wait_s"
+                )
+            if not waiting.exists():
+                waiting.write_text(json.dumps({"pid": os.getpid(), "holder": holder, "count": count}))
+            time.sleep(poll_s)
+    finally:
+        waiting.unlink(missing_ok=True)
+
+
+def waiting_for_devices(lock_dir: str | Path) -> list[dict[str, object]]:
+    """Who is waiting in :func:`lease_devices` for devices of ``lock_dir`` now (pid, holder, count): each
+    waiter keeps a ``waiting-*.json`` file there from its first failed attempt until it holds its devices
+    or gives up. Best effort: a file may vanish while it is read."""
+    waiters = []
+    for path in sorted(Path(lock_dir).glob(f"{WAITING_PREFIX}*.json")):
+        try:
+            waiters.append(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError):
+            continue
+    return waiters
 
 
 def describe_holders(pool: Sequence[str], lock_dir: str | Path) -> str:

@@ -22,7 +22,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from melanoma_ml.devices import host_lock_dir, lease_devices
+from melanoma_ml.devices import host_lock_dir, lease_devices, waiting_for_devices
 from melanoma_ml.training.train import FoldResult
 
 pytestmark = pytest.mark.slow
@@ -73,6 +73,19 @@ def _wait_for_training_steps(home: Path, count: int, runs: list[subprocess.Popen
     raise AssertionError(f"{count} fold_model steps did not start within 600 s")
 
 
+def _wait_for_lease_waiters(locks: Path, count: int, runs: list[subprocess.Popen]) -> None:
+    """Until ``count`` fits wait in ``lease_devices``: a step can start long before it asks for a device
+    (inputs, imports), and a first fit that trains and releases before the second asks would leave the
+    second the same device, which is what a loaded machine did to this test."""
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if len(waiting_for_devices(locks)) >= count:
+            return
+        assert all(run.poll() is None for run in runs), "a run ended before it waited for a device"
+        time.sleep(0.2)
+    raise AssertionError(f"{count} fits did not wait for a device lease within 600 s")
+
+
 def test_two_partitions_train_concurrently_on_distinct_devices(tmp_path: Path) -> None:
     home = tmp_path / "home"
     home.mkdir()
@@ -87,6 +100,7 @@ def test_two_partitions_train_concurrently_on_distinct_devices(tmp_path: Path) -
     with lease_devices(["cpu:0", "cpu:1"], 2, locks, holder="the test's gate", wait_s=0):
         runs = [_materialize(env, "fold_model", key) for key in PARTITIONS]  # both at once
         _wait_for_training_steps(home, len(runs), runs)
+        _wait_for_lease_waiters(locks, len(runs), runs)  # both blocked on the lease, not just started
     for run in runs:
         _finish(run)
 

@@ -22,6 +22,7 @@ from melanoma_ml.devices import (
     placement_for,
     resolve_pool,
     training_placement,
+    waiting_for_devices,
 )
 from melanoma_ml.errors import InputValueError
 
@@ -122,6 +123,35 @@ def test_a_multi_device_lease_is_all_or_nothing(tmp_path: Path) -> None:
             assert free == ("cpu:1",)  # the failed pair did not keep cpu:1
     with lease_devices(POOL, 2, tmp_path, holder="pair", wait_s=0) as both:
         assert both == tuple(POOL)
+
+
+def test_a_waiting_lease_is_visible_until_it_holds_or_gives_up(tmp_path: Path) -> None:
+    import threading
+
+    seen: list[list[dict]] = []
+    with lease_devices(["cpu:0"], 1, tmp_path, holder="first", wait_s=0):
+        assert waiting_for_devices(tmp_path) == []  # holding is not waiting
+        with (
+            pytest.raises(DeviceLeaseTimeout),
+            lease_devices(["cpu:0"], 1, tmp_path, holder="timeout", wait_s=0.3, poll_s=0.05),
+        ):
+            pass
+        assert waiting_for_devices(tmp_path) == []  # a waiter that gave up leaves no file
+
+        def wait_then_lease() -> None:
+            with lease_devices(["cpu:0"], 1, tmp_path, holder="second", wait_s=30, poll_s=0.05):
+                seen.append(waiting_for_devices(tmp_path))
+
+        thread = threading.Thread(target=wait_then_lease)
+        thread.start()
+        deadline = time.monotonic() + 30
+        while not waiting_for_devices(tmp_path) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        waiters = waiting_for_devices(tmp_path)
+        assert [(w["holder"], w["pid"], w["count"]) for w in waiters] == [("second", os.getpid(), 1)]
+    thread.join(30)
+    assert seen == [[]]  # once it holds the device it no longer waits
+    assert waiting_for_devices(tmp_path) == []
 
 
 def test_a_lease_waits_for_a_device_to_be_released(tmp_path: Path) -> None:

@@ -110,7 +110,7 @@ def test_predict_with_tabular_given_encodes_them_like_the_library(service, uploa
         result.model.bundle,
         [image],
         [{"age": 60.0, "sex": "male", "site": None, "tabular": expected}],
-        views=1,
+        views=result.views,  # the bundle's views: the service's config no longer decides them
     )
     assert result.probability == pytest.approx(float(direct[0]), abs=1e-6)
 
