@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import math
 import os
 import socket
@@ -156,6 +157,18 @@ class FinishedRun:
         return bundle
 
 
+def recorded_settings(artifact_root: str | Path) -> dict[str, Any]:
+    """The config a ``benchmarks/real_isic_sample.py`` run recorded in ``<root>/results.json`` (its data
+    sources and test sources included), or ``{}`` for a run that recorded none."""
+    results = Path(artifact_root) / "results.json"
+    if not results.is_file():
+        return {}
+    settings = dict(json.loads(results.read_text()).get("config") or {})
+    for source in settings.get("data", {}).get("test_sources", []):  # older runs left them unnamed
+        source["name"] = source.get("name") or Path(source["path"]).name
+    return settings
+
+
 def open_run(artifact_root: str | Path, overrides: Mapping[str, Any] | None = None) -> FinishedRun:
     """Open the finished run under ``artifact_root`` (``overrides``: config values the run used, e.g.
     ``{"data": {"image_size": 128}}``).
@@ -163,7 +176,9 @@ def open_run(artifact_root: str | Path, overrides: Mapping[str, Any] | None = No
     Raises:
         SystemExit: ``artifact_root`` holds no finished run (no folds table); the message says what to pass.
     """
-    config = PipelineConfig(**{**dict(overrides or {}), "artifact_root": str(artifact_root)})
+    config = PipelineConfig(
+        **{**recorded_settings(artifact_root), **dict(overrides or {}), "artifact_root": str(artifact_root)}
+    )
     paths = artifact_paths(config)
     if not paths.folds_table.is_file():
         raise SystemExit(
@@ -239,12 +254,14 @@ def random_bundle(
     seed: int = 0,
     sites: Sequence[str] | None = None,
     meta_hidden: Sequence[int] = (128, 64),
+    views: int | None = None,
 ) -> str:
     """Register and promote a random-weight bundle of ``backbone`` at ``size`` px in ``registry_root``.
 
     ``members`` > 1 makes a ``folds`` ensemble of that many networks (seeds ``seed``, ``seed + 1``, ...);
     ``runtime`` other than ``torch`` (``auto`` included) exports every member at registration, checked on
-    random probe views within ``tolerance`` as promotion does. Returns the version.
+    random probe views within ``tolerance`` as promotion does. ``views``: what the bundle records
+    (``serving.views``; None: unrecorded, served as 8). Returns the version.
     """
     import torch
 
@@ -291,6 +308,7 @@ def random_bundle(
         code_version="benchmark",
         ensemble=ensemble,
         runtime=request,
+        views=views,
     )
     registry.promote(version, reason="benchmark")
     return version

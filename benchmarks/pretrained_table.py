@@ -37,7 +37,7 @@ from melanoma_ml.runtime import quiet_network_chatter
 quiet_network_chatter()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from _common import FinishedRun, machine_load  # noqa: E402
+from _common import FinishedRun, machine_load, open_run  # noqa: E402
 
 SCORES_FILE = "served_test_scores.parquet"
 
@@ -60,19 +60,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def open_finished(workdir: Path) -> FinishedRun:
     """The run under ``workdir`` with the exact config its ``results.json`` recorded."""
-    from melanoma_ml.artifacts import artifact_paths
-    from melanoma_ml.config import PipelineConfig
-
-    results = workdir / "results.json"
-    if not results.is_file():
+    if not (workdir / "results.json").is_file():
         raise SystemExit(
-            f"{results} not found: pass the --workdir of a finished benchmarks/real_isic_sample.py run"
+            f"{workdir / 'results.json'} not found: pass the --workdir of a finished benchmarks/real_isic_sample.py run"
         )
-    settings = json.loads(results.read_text())["config"]
-    for source in settings["data"]["test_sources"]:  # runs before --test-source named them: the folder's name
-        source["name"] = source.get("name") or Path(source["path"]).name
-    config = PipelineConfig(**settings)
-    return FinishedRun(config, artifact_paths(config))
+    return open_run(workdir)
 
 
 def served_scores(run: FinishedRun, workdir: Path) -> Any:

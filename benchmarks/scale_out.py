@@ -109,7 +109,7 @@ class Cluster:
     env: dict[str, str] = field(default_factory=dict)
     processes: list[subprocess.Popen] = field(default_factory=list)
 
-    def open(self, profile: str, epochs: int | None) -> None:
+    def open(self, profile: str, epochs: int | None, settings: dict[str, str] | None = None) -> None:
         redis_port, *weed_ports = free_ports(9)
         (self.base / "weed").mkdir(parents=True)
         self.processes.append(
@@ -194,6 +194,7 @@ class Cluster:
         )
         if epochs is not None:
             self.env["MELANOMA_TRAINING__EPOCHS"] = str(epochs)
+        self.env.update(settings or {})
 
     def start_worker(self, name: str) -> None:
         log = self.base / f"{name}.log"
@@ -270,6 +271,20 @@ def fold_overheads(instance) -> list[tuple[float, float]]:
     return found
 
 
+def setting_env(pairs: list[str]) -> dict[str, str]:
+    """``["training.early_stopping_patience=1000"]`` -> ``{"MELANOMA_TRAINING__EARLY_STOPPING_PATIENCE": "1000"}``
+    (the config reads nested fields from ``MELANOMA_<SECTION>__<FIELD>``)."""
+    env = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key or "." not in key:
+            raise SystemExit(
+                f"--set {pair!r}: expected SECTION.FIELD=VALUE, e.g. training.early_stopping_patience=1000"
+            )
+        env["MELANOMA_" + key.upper().replace(".", "__")] = value
+    return env
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -277,7 +292,16 @@ def main() -> None:
     parser.add_argument("--profile", default="demo")
     parser.add_argument("--epochs", type=int, default=None, help="training.epochs (default: the profile's)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/scale_out_bench"))
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="one more config value for every step, e.g. training.early_stopping_patience=1000 (the "
+        "demo profile stops early, so start-up dominates a short step); repeatable",
+    )
     args = parser.parse_args()
+    settings = setting_env(args.set)
     from melanoma_assets.partitions import TrainingGrid
     from melanoma_ml.config import load_config
 
@@ -286,7 +310,7 @@ def main() -> None:
     cluster = Cluster(args.workdir)
     with machine_load():
         try:
-            cluster.open(args.profile, args.epochs)
+            cluster.open(args.profile, args.epochs, settings)
             cluster.start_worker("wa")
             cluster.run(DATA)
             one = train_all(cluster, partitions)

@@ -30,7 +30,7 @@ Usage::
 
     .venv/bin/python benchmarks/serving_budget.py --artifact-root /tmp/real_isic/accept
         [--rows 1x8 3x8 5x8 5x2 5x1 3x1] [--latency-backbone efficientnet_b0:256] [--requests 30]
-        [--warmup 3] [--n-bootstrap 1000] [--separate] [--csv budget.csv] [--dry-run]
+        [--warmup 3] [--n-bootstrap 1000] [--separate] [--csv budget.csv] [--test-set ph2] [--dry-run]
 """
 
 from __future__ import annotations
@@ -85,21 +85,24 @@ def parse_rows(texts: Sequence[str]) -> list[Budget]:
 # ---------------------------------------------------------------- AUC on the locked test split
 
 
-def test_rows_and_images(run, size: int) -> tuple[Any, list, list[dict[str, Any]]]:
-    """The locked test rows of ``run``, their images decoded as ``predict`` decodes them, their metadata."""
+def test_rows_and_images(run, size: int, test_set: str) -> tuple[Any, list, list[dict[str, Any]]]:
+    """The rows of ``test_set`` (the locked split, ``internal``, or a ``data.test_sources`` name) of ``run``,
+    their images decoded as ``predict`` decodes them, their metadata."""
     from melanoma_ml.evaluation.holdout import INTERNAL_TEST, untouched_test_sets
     from melanoma_ml.features import metadata_dict
     from melanoma_ml.images.cache import load_resized
 
     sets, _ = untouched_test_sets(run.config, run.folds_table())
-    if INTERNAL_TEST not in sets:
+    if test_set != INTERNAL_TEST and test_set not in sets:
+        raise SystemExit(f"--test-set {test_set!r} is not a test set of {run.paths.root}: {sorted(sets)}")
+    if test_set not in sets:
         raise SystemExit(
             f"the run under {run.paths.root} has no locked test split (data.test_fraction was 0): nothing to "
             "measure AUC on; pass a run trained with a test split"
         )
-    rows = sets[INTERNAL_TEST]
+    rows = sets[test_set]
     if rows["target"].nunique() < 2:
-        raise SystemExit(f"the locked test split of {run.paths.root} holds one class only: no AUC")
+        raise SystemExit(f"test set {test_set} of {run.paths.root} holds one class only: no AUC")
     images = [
         load_resized(str(p), size, max_pixels=run.config.serving.max_image_pixels) for p in rows["image_path"]
     ]
@@ -150,7 +153,7 @@ def served_gap(bundle, images, metadata, table, budget: Budget, n: int = 8) -> f
     return float(np.max(np.abs(served - ours)))
 
 
-def auc_rows(run, rows: list[Budget], n_bootstrap: int) -> dict[str, dict[str, Any]]:
+def auc_rows(run, rows: list[Budget], n_bootstrap: int, test_set: str) -> dict[str, dict[str, Any]]:
     """Per row: ``auc``, its paired difference to the reference row with CI, and the self-check."""
     from melanoma_ml import schema
     from melanoma_ml.evaluation import paired_auc_difference
@@ -164,10 +167,10 @@ def auc_rows(run, rows: list[Budget], n_bootstrap: int) -> dict[str, dict[str, A
             f"the rows need {most}: promote a fold ensemble of at least {most} folds (serving.ensemble: folds, "
             "data.n_folds) or pass smaller --rows"
         )
-    test, images, metadata = test_rows_and_images(run, bundle.spec.image_size)
+    test, images, metadata = test_rows_and_images(run, bundle.spec.image_size, test_set)
     print(
         f"AUC: bundle {bundle.version} ({bundle.manifest.describe_model()}, {bundle.spec.image_size} px, "
-        f"runtime {bundle.manifest.runtime.runtime if bundle.manifest.runtime else 'torch'}), locked test split: "
+        f"runtime {bundle.manifest.runtime.runtime if bundle.manifest.runtime else 'torch'}), test set {test_set}: "
         f"{len(test)} images of {test[schema.GROUP].nunique()} patients, {int(test['target'].sum())} melanoma"
     )
     started = time.perf_counter()
@@ -337,6 +340,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--csv", type=Path, default=None, help="write the table here too")
     parser.add_argument(
+        "--test-set",
+        default="internal",
+        help="whose AUC: 'internal' (the locked split, default) or a data.test_sources name, e.g. ph2",
+    )
+    parser.add_argument(
         "--latency-runtime",
         default=None,
         help="serving.runtime of the timed bundles (default auto; torch in --dry-run)",
@@ -372,7 +380,7 @@ def main(argv: list[str] | None = None) -> None:
         work = Path(tmp)
         most = max(r.members for r in rows)
         root = tiny_run(work / "run", max(2, most)) if args.dry_run else args.artifact_root
-        auc = auc_rows(open_run(root), rows, args.n_bootstrap)
+        auc = auc_rows(open_run(root), rows, args.n_bootstrap, args.test_set)
         print(f"load average after the AUC pass: {load_average()}")
         latency = latency_rows(
             rows,

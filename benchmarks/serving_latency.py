@@ -1,14 +1,15 @@
 """Per-request latency of the app's model service: TTA on/off x CAM off/EigenCAM/Grad-CAM, p50 and p95.
 
 Each request is what the app does for one upload: decode a 600x450 JPEG with ``load_rgb`` (serving size
-limits), validate and encode the metadata, predict (8 dihedral views in one batched pass when TTA is on)
+limits), validate and encode the metadata, predict (the bundle's recorded dihedral views in one batched pass when TTA is on: 8 for
+the random ``--models`` bundles, ``serving.views`` for ``--default-bundle``)
 and, when asked, compute the CAM on the un-augmented view. ``ModelService.predict`` is called directly;
 ``--client`` also times the same request through a live app on 127.0.0.1 via ``gradio_client``.
 
 Bundles have random weights (latency does not depend on them) and are written to a temporary folder that
 is removed afterwards. ``--default-bundle`` times the bundle the defaults serve (``PipelineConfig()``: the
 first default backbone at ``data.image_size``, a ``data.n_folds``-member fold ensemble, ``serving.runtime``
-``auto`` resolved as promotion resolves it, TTA on in the TTA-on rows); ``--artifact-root`` times the bundle
+``auto`` resolved as promotion resolves it, ``serving.views`` views in the TTA-on rows); ``--artifact-root`` times the bundle
 a finished run's registry serves (its trained members, runtime and OOD detector). Every row names the
 bundle's backbone, size, members and runtime from its manifest.
 
@@ -46,7 +47,8 @@ SETTINGS = [(tta, cam) for cam in ("none", "eigencam", "gradcam") for tta in (Fa
 def default_bundle(root: Path) -> Path:
     """A random-weight bundle shaped like what the defaults serve (``PipelineConfig()``): the first default
     backbone at ``data.image_size``, ``data.n_folds`` fold members when ``serving.ensemble`` is ``folds``,
-    exported for ``serving.runtime`` / ``serving.precision`` (``auto``: what promotion would choose)."""
+    exported for ``serving.runtime`` / ``serving.precision`` (``auto``: what promotion would choose), recording
+    ``serving.views`` (what "TTA on" then averages)."""
     from melanoma_ml.config import PipelineConfig
 
     config = PipelineConfig()
@@ -60,6 +62,7 @@ def default_bundle(root: Path) -> Path:
         precision=config.serving.precision,
         tolerance=config.serving.runtime_parity_tolerance,
         meta_hidden=config.model.meta_hidden,
+        views=config.serving.views,
     )
     return root
 

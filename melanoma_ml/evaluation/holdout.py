@@ -23,7 +23,7 @@ out-of-fold numbers only. numpy/pandas only; the pipeline step does the predicti
 
 These rows compare candidates. The served model's own test numbers (a bundle's ``test_metrics``, the
 model card) are not taken from them: promotion scores the same test rows with the staged bundle through
-``melanoma-ml predict``'s path (8-view TTA, the bundle's calibrator) and :func:`bundle_test_metrics`
+``melanoma-ml predict``'s path (the bundle's views, the bundle's calibrator) and :func:`bundle_test_metrics`
 turns those served probabilities into the card's numbers (``serving.batch.served_test_metrics``).
 """
 

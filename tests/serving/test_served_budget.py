@@ -99,7 +99,7 @@ def test_only_onnxruntime_fp32_ensembles_are_merged() -> None:
 
 
 def test_serving_tta_is_read_as_views_with_a_deprecation_warning() -> None:
-    assert ServingConfig().views == 8 and ServingConfig().max_members is None
+    assert ServingConfig().views == 2 and ServingConfig().max_members is None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert ServingConfig(tta=False).views == 1
