@@ -308,6 +308,8 @@ def main() -> None:
     partitions = TrainingGrid.from_config(load_config(args.profile)).partitions_def().get_partition_keys()
     shutil.rmtree(args.workdir, ignore_errors=True)
     cluster = Cluster(args.workdir)
+    # A SIGTERM (timeout, kill) ends through the finally below, so Redis, weed and the workers stop too.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     with machine_load():
         try:
             cluster.open(args.profile, args.epochs, settings)
