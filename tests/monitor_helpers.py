@@ -177,3 +177,26 @@ def day_of_log(
             "image_path": None,
         }
     )
+
+
+def append_day(log, rows: pd.DataFrame) -> list[str | None]:
+    """Append every row of a :func:`day_of_log` table to ``log`` (a ``PredictionLog``) as the app would;
+    the case id of each record, or None where the log lost it."""
+    return [
+        log.append(
+            source="app",
+            model_version=row.model_version,
+            probability=row.probability,
+            decision=row.decision,
+            positive=row.positive,
+            threshold=row.threshold,
+            image_sha256=row.image_sha256,
+            ood_score=row.ood_score,
+            ood_flag=row.ood_flag,
+            age=row.age,
+            sex=row.sex,
+            anatom_site=row.anatom_site,
+            latency_ms=row.latency_ms,
+        )
+        for row in rows.itertuples(index=False)
+    ]

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from conftest import free_port
-from monitor_helpers import IN_DISTRIBUTION, SHIFTED, day_of_log, register_served_bundle
+from monitor_helpers import IN_DISTRIBUTION, SHIFTED, append_day, day_of_log, register_served_bundle
 
 if TYPE_CHECKING:
     from playwright.sync_api import Page
@@ -84,26 +84,10 @@ def write_logged_day(
     minutes = iter(range(n))
     log = PredictionLog(artifacts, clock=lambda: start + timedelta(minutes=next(minutes)))
     rows = day_of_log(manifest, SHIFTED if shifted else IN_DISTRIBUTION, n, seed, version=manifest.version)
-    for row in rows.itertuples(index=False):
-        case = log.append(
-            source="app",
-            model_version=manifest.version,
-            probability=row.probability,
-            decision=row.decision,
-            positive=row.positive,
-            threshold=row.threshold,
-            image_sha256=row.image_sha256,
-            ood_score=row.ood_score,
-            ood_flag=row.ood_flag,
-            age=row.age,
-            sex=row.sex,
-            anatom_site=row.anatom_site,
-            latency_ms=row.latency_ms,
+    if None in append_day(log, rows):
+        raise RuntimeError(
+            f"the prediction log under {artifacts} lost a record of {day}; see the log warning"
         )
-        if case is None:
-            raise RuntimeError(
-                f"the prediction log under {artifacts} lost a record of {day}; see the log warning"
-            )
 
 
 def prepare_monitored_log(

@@ -13,7 +13,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 from conftest import TEST_SEED
-from monitor_helpers import SHIFTED, day_of_log, register_served_bundle
+from monitor_helpers import SHIFTED, append_day, day_of_log, register_served_bundle
 
 from melanoma_assets.assets.monitoring import serving_monitor
 from melanoma_assets.definitions import build_definitions
@@ -43,21 +43,8 @@ def instance_in(tmp_path: Path):
 
 def write_day(root: Path, manifest: BundleManifest, n: int) -> None:
     log = PredictionLog(root, clock=lambda: datetime(2026, 12, 1, 9, tzinfo=UTC))
-    for row in day_of_log(manifest, SHIFTED, n, TEST_SEED).itertuples(index=False):
-        fields = dict(
-            model_version=manifest.version,
-            probability=row.probability,
-            decision=row.decision,
-            positive=row.positive,
-            threshold=row.threshold,
-            image_sha256=row.image_sha256,
-            ood_score=row.ood_score,
-            ood_flag=row.ood_flag,
-            age=row.age,
-            sex=row.sex,
-            anatom_site=row.anatom_site,
-        )
-        assert log.append(source="app", **fields) is not None
+    rows = day_of_log(manifest, SHIFTED, n, TEST_SEED, version=manifest.version)
+    assert None not in append_day(log, rows)
 
 
 @pytest.mark.parametrize("n_cases", [100])
