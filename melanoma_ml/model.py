@@ -117,7 +117,7 @@ class MelanomaNet(nn.Module):
 
 def build_model(config: ModelConfig, n_meta_features: int) -> MelanomaNet:
     """Build the fused network described by ``config`` for ``n_meta_features`` metadata inputs."""
-    backbone = create_backbone(config.backbone, config.pretrained)
+    backbone = create_backbone(config.backbone, config.pretrained_for(config.backbone))
     return MelanomaNet(
         backbone,
         n_meta_features=n_meta_features,

@@ -74,7 +74,7 @@ def resolve_recipe(model: ModelConfig, training: TrainingConfig) -> Recipe:
     whole network at ``training.learning_rate`` with ``training.weight_decay`` and ``training.epochs``.
     """
     tune = training.finetune
-    auto: RecipeKind = "scratch" if model.pretrained is False else "finetune"
+    auto: RecipeKind = "scratch" if model.pretrained_for(model.backbone) is False else "finetune"
     kind: RecipeKind = auto if tune.recipe == "auto" else tune.recipe
     if kind == "scratch":
         return Recipe(
