@@ -19,6 +19,11 @@ Usage::
     .venv/bin/python benchmarks/pretrained_table.py --run A=/tmp/real/b0_128 --run B=/tmp/real/lite0_128 \\
         [--baseline A] [--json /tmp/real/table.json]
 
+A run that trained several backbones gives one row per backbone with ``--run NAME=WORKDIR@BACKBONE``
+(``--scores test-evaluation``: that backbone's fold-model mean), and ``@A+B`` names its ``serving.ensemble:
+top_k`` mean (OOF: the backbones' pooled out-of-fold predictions averaged per image, as the gate ranks it).
+With ``--scores served`` a run has one row, its promoted bundle, whatever it serves.
+
 Scores are cached per run in ``<workdir>/served_test_scores.parquet`` (delete it after re-promoting).
 """
 
@@ -44,7 +49,13 @@ SCORES_FILE = "served_test_scores.parquet"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run", action="append", required=True, help="NAME=WORKDIR of a finished run")
+    parser.add_argument(
+        "--run",
+        action="append",
+        required=True,
+        help="NAME=WORKDIR[@BACKBONE] of a finished run (BACKBONE: one of its backbones, or A+B for its "
+        "top_k mean)",
+    )
     parser.add_argument("--baseline", default=None, help="run NAME the differences are against (first run)")
     parser.add_argument("--json", type=Path, default=None, help="also write the table as JSON here")
     parser.add_argument(
@@ -108,17 +119,18 @@ def served_scores(run: FinishedRun, workdir: Path) -> Any:
     return table
 
 
-def test_evaluation_scores(run: FinishedRun) -> Any:
+def test_evaluation_scores(run: FinishedRun, backbone: str) -> Any:
     """The fold-model mean's test predictions the ``test_evaluation`` asset wrote (no TTA; no OOD flags): its
-    ``folds`` report folder, or the ``ensemble`` one of a run from before that name."""
+    ``folds`` report folder, or the ``ensemble`` one of a run from before that name; ``A+B``: the ``top_k``
+    folder."""
     import pandas as pd
 
     from melanoma_ml.evaluation.holdout import PREDICTIONS_FILE, written_report_folder
 
-    backbone = run.config.backbones[0]
+    kind = "top_k" if "+" in backbone else "folds"
     frames = []
     for folder in sorted(p for p in run.paths.test_reports.iterdir() if p.is_dir()):
-        predictions = written_report_folder(folder, backbone, "folds") / PREDICTIONS_FILE
+        predictions = written_report_folder(folder, backbone, kind) / PREDICTIONS_FILE
         if not predictions.is_file():
             raise SystemExit(f"{predictions} not found: the run's test_evaluation step did not finish")
         table = pd.read_parquet(predictions)
@@ -128,8 +140,24 @@ def test_evaluation_scores(run: FinishedRun) -> Any:
     return pd.concat(frames, ignore_index=True)
 
 
-def summarise(name: str, run: FinishedRun, scores: Any, baseline: Any | None) -> dict[str, Any]:
-    """The table row of one run (``baseline``: the baseline run's scores, for paired differences)."""
+def oof_auc(run: FinishedRun, backbone: str) -> Any:
+    """The out-of-fold AUC estimate of ``backbone``, or of ``A+B``'s top_k mean (pooled out-of-fold
+    predictions averaged per image with ``serving.ensemble_average``, as ``top_k_model`` fixes it)."""
+    from melanoma_ml.evaluation.ensemble import averaged_oof
+    from melanoma_ml.evaluation.report import evaluate_predictions
+
+    if "+" not in backbone:
+        return run.report(backbone).metric("auc")
+    pooled = [run.oof(b) for b in backbone.split("+")]
+    averaged = averaged_oof(pooled, run.config.serving.ensemble_average)
+    return evaluate_predictions(averaged, run.config.evaluation).metric("auc")
+
+
+def summarise(
+    name: str, run: FinishedRun, backbone: str, scores: Any, baseline: Any | None
+) -> dict[str, Any]:
+    """The table row of one run's ``backbone`` (``baseline``: the baseline row's scores, for paired
+    differences)."""
     import numpy as np
 
     from melanoma_ml.evaluation.compare import paired_auc_difference
@@ -137,13 +165,13 @@ def summarise(name: str, run: FinishedRun, scores: Any, baseline: Any | None) ->
     from melanoma_ml.evaluation.report import evaluate_predictions
 
     cfg = run.config.evaluation
-    backbone = run.config.backbones[0]
-    oof = run.report(backbone).metric("auc")
-    folds = run.fold_results(backbone)
+    oof = oof_auc(run, backbone)
+    parts = backbone.split("+")
+    folds = [f for part in parts for f in run.fold_results(part)]
     row: dict[str, Any] = {
         "run": name,
         "backbone": backbone,
-        "pretrained": str(run.config.model.pretrained),
+        "pretrained": "; ".join(str(run.config.model_for(part).pretrained) for part in parts),
         "image_size": run.config.data.image_size,
         "oof_auc": [oof.value, oof.lo, oof.hi],
         "train_img_per_s": statistics.mean(f.train_images_per_second for f in folds),
@@ -173,6 +201,27 @@ def summarise(name: str, run: FinishedRun, scores: Any, baseline: Any | None) ->
             entry["diff_vs_baseline"] = [diff["diff"], diff["lo"], diff["hi"]]
         row["sets"][str(test_set)] = entry
     return row
+
+
+def picked_backbone(run: FinishedRun, asked: str, scores: str) -> str:
+    """The backbone (or ``A+B`` top_k mean) a row reports: ``asked``, else the run's only backbone, else
+    (served scores) the backbones the promoted bundle serves."""
+    trained = run.config.backbones
+    if asked:
+        unknown = [part for part in asked.split("+") if part not in trained]
+        if unknown:
+            raise SystemExit(f"@{asked}: {unknown} not trained in {run.paths.root}; it trained {trained}")
+        if scores == "served" and len(trained) > 1:
+            raise SystemExit(
+                f"@{asked}: --scores served scores the run's promoted bundle; drop @ or use --scores test-evaluation"
+            )
+        return asked
+    if len(trained) == 1:
+        return trained[0]
+    if scores == "served":
+        members = [m.model_spec.backbone for m in run.served_bundle().manifest.ensemble.members]
+        return "+".join(dict.fromkeys(members))
+    raise SystemExit(f"{run.paths.root} trained {trained}: add @BACKBONE (or @A+B for their top_k mean)")
 
 
 def _set_name(run: FinishedRun, folder_name: str) -> str:
@@ -237,22 +286,31 @@ def main(argv: list[str] | None = None) -> None:
     for text in args.run:
         name, sep, where = text.partition("=")
         if not sep:
-            raise SystemExit(f"--run {text!r}: write NAME=WORKDIR")
-        runs.append((name, Path(where).expanduser().resolve()))
+            raise SystemExit(f"--run {text!r}: write NAME=WORKDIR[@BACKBONE]")
+        where, _, backbone = where.partition("@")
+        runs.append((name, Path(where).expanduser().resolve(), backbone))
     baseline_name = args.baseline or runs[0][0]
     scores = {}
     opened = {}
-    for name, workdir in runs:
+    chosen = {}
+    for name, workdir, backbone in runs:
         opened[name] = open_finished(workdir)
+        chosen[name] = picked_backbone(opened[name], backbone, args.scores)
         if args.scores == "served":
             scores[name] = served_scores(opened[name], workdir)
         else:
-            scores[name] = test_evaluation_scores(opened[name])
+            scores[name] = test_evaluation_scores(opened[name], chosen[name])
     if baseline_name not in scores:
         raise SystemExit(f"--baseline {baseline_name!r} is not one of the runs {list(scores)}")
     rows = [
-        summarise(name, opened[name], scores[name], None if name == baseline_name else scores[baseline_name])
-        for name, _ in runs
+        summarise(
+            name,
+            opened[name],
+            chosen[name],
+            scores[name],
+            None if name == baseline_name else scores[baseline_name],
+        )
+        for name, _, _ in runs
     ]
     print_table(rows, baseline_name)
     if args.json:

