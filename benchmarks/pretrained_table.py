@@ -130,7 +130,7 @@ def test_evaluation_scores(run: FinishedRun, backbone: str) -> Any:
     kind = "top_k" if "+" in backbone else "folds"
     frames = []
     for folder in sorted(p for p in run.paths.test_reports.iterdir() if p.is_dir()):
-        predictions = written_report_folder(folder, backbone, kind) / PREDICTIONS_FILE
+        predictions = written_report_folder(folder, _written_name(folder, backbone), kind) / PREDICTIONS_FILE
         if not predictions.is_file():
             raise SystemExit(f"{predictions} not found: the run's test_evaluation step did not finish")
         table = pd.read_parquet(predictions)
@@ -138,6 +138,16 @@ def test_evaluation_scores(run: FinishedRun, backbone: str) -> Any:
     if not frames:
         raise SystemExit(f"no test evaluation under {run.paths.test_reports}")
     return pd.concat(frames, ignore_index=True)
+
+
+def _written_name(set_dir: Path, backbone: str) -> str:
+    """``A+B`` as the test evaluation named its folder: the backbones in leaderboard order, which may be
+    ``B+A``."""
+    parts = set(backbone.split("+"))
+    for folder in sorted(set_dir.iterdir()) if "+" in backbone else []:
+        if set(folder.name.split("+")) == parts:
+            return folder.name
+    return backbone
 
 
 def oof_auc(run: FinishedRun, backbone: str) -> Any:
