@@ -147,7 +147,8 @@ def test_one_forward_pass_per_batch(bundle, images):
 def test_predict_returns_probabilities_independent_of_batching(bundle, images):
     p = predict(bundle, images, META)
     assert p.shape == (5,)
-    assert p.dtype == np.float64  # one dtype whether or not the bundle has a calibrator (calibrated_probabilities)
+    # one dtype whether or not the bundle has a calibrator (calibrated_probabilities)
+    assert p.dtype == np.float64
     assert np.all((p >= 0) & (p <= 1))
     np.testing.assert_allclose(predict(bundle, images, META, batch_size=2), p, atol=1e-6)
     encoded = np.stack(
