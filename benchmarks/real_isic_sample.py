@@ -207,7 +207,9 @@ def build_overrides(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     """Everything this run sets on top of the ``BASE_PROFILE`` profile."""
     backbones = args.backbone or ["efficientnet_b0"]
     pretrained = pretrained_setting(args.pretrained, backbones)
-    lr = args.lr if args.lr is not None else (1e-3 if pretrained is False else None)
+    # training.learning_rate is the scratch recipe's only: 1e-3 wherever some backbone starts from random init
+    specs = pretrained.values() if isinstance(pretrained, dict) else [pretrained]
+    lr = args.lr if args.lr is not None else (1e-3 if any(spec is False for spec in specs) else None)
     training: dict[str, Any] = {
         "epochs": args.epochs,
         "batch_size": args.batch_size,
